@@ -1,0 +1,475 @@
+"""The reversible core: couplings and `reversible_sequence`, in pure JAX (no Flax).
+
+A reversible unit works on two halves ``(x1, x2)`` of its input::
+
+    y1 = x1 (+) F(x2)
+    y2 = x2 (+) G(y1)
+
+where ``(+)`` is the coupling's combine rule. Because ``x2 = y2 (-) G(y1)`` and
+``x1 = y1 (-) F(x2)``, the backward pass can rebuild every unit's input from its output, so a
+sequence of n units stores only its output, whatever n is (Gomez et al., 2017).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+PyTree = Any
+
+__all__ = [
+    "Coupling",
+    "additive_coupling",
+    "affine_coupling",
+    "get_coupling",
+    "merge_halves",
+    "reversible_sequence",
+    "split_halves",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Couplings
+# --------------------------------------------------------------------------------------------
+
+
+class Coupling(NamedTuple):
+    """How a residual branch's output ``h`` is combined with the half it updates.
+
+    A coupling is pure math on arrays (the optax ``GradientTransformation`` pattern):
+
+    Attributes:
+      name: ``"additive"`` or ``"affine"``.
+      combine: ``(x, h) -> y``; the forward rule for one half.
+      uncombine: ``(y, h) -> x``; its exact inverse (up to rounding).
+    """
+
+    name: str
+    combine: Callable[[Array, Any], Array]
+    uncombine: Callable[[Array, Any], Array]
+
+    def forward(self, f: Callable, g: Callable, x1: Array, x2: Array) -> tuple[Array, Array]:
+        """One unit forward: ``y1 = combine(x1, f(x2))``, ``y2 = combine(x2, g(y1))``.
+
+        ``f`` and ``g`` are closures over their parameters (``x -> h``).
+        """
+        y1 = self.combine(x1, f(x2))
+        y2 = self.combine(x2, g(y1))
+        return y1, y2
+
+    def inverse(self, f: Callable, g: Callable, y1: Array, y2: Array) -> tuple[Array, Array]:
+        """One unit inverse: ``x2 = uncombine(y2, g(y1))``, ``x1 = uncombine(y1, f(x2))``."""
+        x2 = self.uncombine(y2, g(y1))
+        x1 = self.uncombine(y1, f(x2))
+        return x1, x2
+
+
+def _cast_like(h: Array, x: Array) -> Array:
+    # The carry keeps its own dtype: a bfloat16 branch added to a float32 half stays float32,
+    # which is what keeps the reconstruction in float32 under mixed precision.
+    return h.astype(x.dtype)
+
+
+def _additive_combine(x: Array, h: Array) -> Array:
+    return x + _cast_like(h, x)
+
+
+def _additive_uncombine(y: Array, h: Array) -> Array:
+    return y - _cast_like(h, y)
+
+
+#: Additive coupling: ``y = x + h``, inverse ``x = y - h``.
+additive_coupling = Coupling("additive", _additive_combine, _additive_uncombine)
+
+
+def affine_scale(log_scale: Array) -> Array:
+    """The affine coupling's scale: ``exp(tanh(s))``, strictly inside ``(1/e, e)``.
+
+    Bounded on both sides so the inverse (a division) always exists and never amplifies
+    rounding error by more than ``e`` per half; ``s = 0`` gives the identity scale 1.
+    """
+    return jnp.exp(jnp.tanh(log_scale))
+
+
+def _affine_parts(h: Any, x: Array) -> tuple[Array, Array]:
+    if not (isinstance(h, tuple | list) and len(h) == 2):
+        raise ValueError(
+            "The affine coupling needs F and G to return a pair (log_scale, shift), each shaped "
+            f"like the half they update; got {jax.tree.structure(h)}. Return a 2-tuple, or use "
+            "coupling='additive'."
+        )
+    log_scale, shift = h
+    return affine_scale(_cast_like(log_scale, x)), _cast_like(shift, x)
+
+
+def _affine_combine(x: Array, h: Any) -> Array:
+    scale, shift = _affine_parts(h, x)
+    return x * scale + shift
+
+
+def _affine_uncombine(y: Array, h: Any) -> Array:
+    scale, shift = _affine_parts(h, y)
+    return (y - shift) / scale
+
+
+#: Affine coupling: F and G return ``(s, t)``; ``y = x * exp(tanh(s)) + t``, inverse
+#: ``x = (y - t) / exp(tanh(s))``. The scale lies strictly in ``(1/e, e)``, so the inverse always
+#: exists and each half's rounding error is amplified by at most ``e`` per unit.
+affine_coupling = Coupling("affine", _affine_combine, _affine_uncombine)
+
+_COUPLINGS = {"additive": additive_coupling, "affine": affine_coupling}
+
+
+def get_coupling(coupling: str | Coupling) -> Coupling:
+    """Returns the `Coupling` named by ``coupling`` (``"additive"`` or ``"affine"``)."""
+    if isinstance(coupling, Coupling):
+        return coupling
+    try:
+        return _COUPLINGS[coupling]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"Unknown coupling {coupling!r}; expected one of {sorted(_COUPLINGS)} or a "
+            "revjax.Coupling."
+        ) from None
+
+
+# --------------------------------------------------------------------------------------------
+# Halves
+# --------------------------------------------------------------------------------------------
+
+
+def split_halves(x: Array, axis: int = -1) -> tuple[Array, Array]:
+    """Splits ``x`` into two equal halves along ``axis`` (the channel axis by default).
+
+    Raises:
+      ValueError: if the axis has an odd size.
+    """
+    size = x.shape[axis]
+    if size % 2:
+        raise ValueError(
+            f"Cannot split {size} channels (axis {axis} of shape {x.shape}) into two equal halves "
+            "for a reversible unit: use an even channel count, e.g. widen the layer before it to "
+            f"{size + 1}."
+        )
+    x1, x2 = jnp.split(x, 2, axis=axis)
+    return x1, x2
+
+
+def merge_halves(x1: Array, x2: Array, axis: int = -1) -> Array:
+    """Inverse of `split_halves`: concatenates the halves along ``axis``."""
+    return jnp.concatenate([x1, x2], axis=axis)
+
+
+# --------------------------------------------------------------------------------------------
+# reversible_sequence
+# --------------------------------------------------------------------------------------------
+
+
+def default_unroll(n: int) -> int:
+    """Scan unroll used when ``unroll=None``: full on CPU, rolled on GPU/TPU.
+
+    XLA:CPU runs convolution gradients inside a rolled ``lax.scan`` (a while loop) ~90x slower
+    than the same code unrolled (jax-ml/jax#12868, measured again here); GPU and TPU don't have
+    this problem and a rolled scan keeps compile time independent of depth there.
+    """
+    return max(n, 1) if jax.default_backend() == "cpu" else 1
+
+
+def _num_units(f_params: PyTree, g_params: PyTree) -> int:
+    leaves = jax.tree.leaves((f_params, g_params))
+    if not leaves:
+        raise ValueError(
+            "f_params and g_params have no array leaves, so the number of units is unknown: "
+            "give each unit's parameters a leading axis of length n (stack them)."
+        )
+    lengths = set()
+    for leaf in leaves:
+        shape = jnp.shape(leaf)
+        if not shape:
+            raise ValueError(
+                "Every leaf of f_params and g_params needs a leading unit axis; found a scalar "
+                "leaf. Stack per-unit parameters (e.g. jax.tree.map(lambda *a: jnp.stack(a), "
+                "*units))."
+            )
+        lengths.add(shape[0])
+    if len(lengths) != 1:
+        raise ValueError(
+            "f_params and g_params must share one leading axis (the number of units); found "
+            f"leading sizes {sorted(lengths)}. Stack every unit's parameters the same number of "
+            "times."
+        )
+    (n,) = lengths
+    if n < 1:
+        raise ValueError("reversible_sequence needs at least one unit (leading axis of size 0).")
+    return n
+
+
+def _unit_slice(tree: PyTree, i: int) -> PyTree:
+    return jax.tree.map(lambda a: a[i], tree)
+
+
+def _split_unit_key(key: Array | None) -> tuple[Array | None, Array | None]:
+    """One key per unit, split into independent keys for F and G."""
+    if key is None:
+        return None, None
+    kf, kg = jax.random.split(key)
+    return kf, kg
+
+
+class _Branch(NamedTuple):
+    """A residual function normalised to ``(params, x, key) -> (h, aux)``."""
+
+    fn: Callable
+    has_aux: bool
+    uses_key: bool
+
+    def __call__(self, params: PyTree, x: Array, key: Array | None) -> tuple[Any, Any]:
+        out = self.fn(params, x, key) if self.uses_key else self.fn(params, x)
+        if self.has_aux:
+            if not (isinstance(out, tuple | list) and len(out) == 2):
+                raise ValueError(
+                    "With has_aux=True, F and G must return a pair (output, aux); got "
+                    f"{jax.tree.structure(out)}."
+                )
+            return out[0], out[1]
+        return out, None
+
+
+def reversible_sequence(
+    f: Callable,
+    g: Callable,
+    f_params: PyTree,
+    g_params: PyTree,
+    x1: Array,
+    x2: Array,
+    *,
+    coupling: str | Coupling = "additive",
+    has_aux: bool = False,
+    keys: Array | None = None,
+    memory_saving: bool = True,
+    unroll: int | bool | None = None,
+    remat: bool = False,
+):
+    """Applies n reversible units in sequence, storing no per-unit activation.
+
+    Unit i computes ``y1 = x1 (+) F(x2)``, ``y2 = x2 (+) G(y1)`` with the i-th slice of the
+    stacked parameters; its output is unit i+1's input. With the additive coupling ``(+)`` is
+    ``+``; with the affine coupling F and G return ``(s, t)`` and ``x (+) (s, t) =
+    x * exp(tanh(s)) + t``.
+
+    With ``memory_saving=True`` the whole sequence is one `jax.custom_vjp`. Its forward saves
+    only ``(f_params, g_params, y1, y2, keys)``; its backward walks the units in reverse and
+    evaluates G(y1) and F(x2) once each through `jax.vjp`, using each primal output both to
+    rebuild the input (``x2 = y2 (-) G(y1)``, ``x1 = y1 (-) F(x2)``) and to pull back the
+    cotangent. Cost: one extra forward per unit; activation memory independent of n.
+
+    Args:
+      f: ``(params, x2) -> h`` (``(params, x2, key)`` when ``keys`` is given, returning
+        ``(h, aux)`` when ``has_aux``); ``h`` is shaped like ``x1`` (a pair for affine).
+      g: the same for the second half: ``(params, y1) -> h`` shaped like ``x2``.
+      f_params: pytree whose leaves all have a leading axis of length n.
+      g_params: the same for G, with the same n.
+      x1: first half of the input.
+      x2: second half of the input.
+      coupling: ``"additive"``, ``"affine"`` or a `Coupling`.
+      has_aux: F and G return ``(h, aux)``; the aux of the forward pass are returned stacked
+        over units (e.g. BatchNorm batch statistics). They are not differentiated (their
+        cotangents are ignored) and the backward recomputation discards its own.
+      keys: optional PRNG keys, one per unit (leading axis n, typed or raw ``uint32[n, 2]``).
+        Unit i splits ``keys[i]`` into one key for F and one for G; the backward recomputation
+        uses the same keys, so dropout inside F/G yields exactly plain autodiff's gradients.
+      memory_saving: if False, plain autodiff through the same scan (stores activations);
+        the reference for tests and benchmarks.
+      unroll: ``lax.scan`` unroll. ``None`` picks `default_unroll`: fully unrolled on CPU
+        (XLA:CPU runs conv gradients in a rolled scan ~90x slower, jax-ml/jax#12868), rolled
+        (1) on GPU/TPU, where compile time then stays independent of depth. An unrolled scan
+        still stores no activations, but its compiled temporary memory grows slightly with n
+        (per-unit parameter-gradient pieces before stacking).
+      remat: only with ``memory_saving=False``: wrap each unit in `jax.checkpoint`, so plain
+        autodiff stores each unit's input and recomputes its inside (the usual gradient
+        checkpointing baseline; memory still grows with n).
+
+    Returns:
+      ``(y1, y2)``, or ``((y1, y2), (f_aux, g_aux))`` when ``has_aux``.
+
+    Raises:
+      ValueError: unknown coupling, params without a common leading axis, a number of keys
+        different from n, or F/G outputs whose shapes don't fit the halves.
+    """
+    cpl = get_coupling(coupling)
+    n = _num_units(f_params, g_params)
+    if keys is not None:
+        n_keys = jnp.shape(keys)[0] if jnp.ndim(keys) else None
+        if n_keys != n:
+            raise ValueError(
+                f"keys must hold one PRNG key per unit: expected a leading axis of {n}, got "
+                f"shape {jnp.shape(keys)}. Use jax.random.split(key, {n})."
+            )
+    if unroll is None:
+        unroll = default_unroll(n)
+    f_branch = _Branch(f, has_aux, keys is not None)
+    g_branch = _Branch(g, has_aux, keys is not None)
+    _check_shapes(cpl, f_branch, g_branch, f_params, g_params, x1, x2, keys)
+
+    if memory_saving and remat:
+        raise ValueError(
+            "remat=True checkpoints units of the plain-autodiff path; with memory_saving=True "
+            "nothing is stored to begin with. Pass memory_saving=False with remat=True."
+        )
+    if memory_saving:
+        run = _make_memory_saving(cpl, f_branch, g_branch, unroll)
+    else:
+        run = lambda fp, gp, a, b, k: _scan_forward(
+            cpl, f_branch, g_branch, unroll, fp, gp, a, b, k, remat=remat
+        )
+    (y1, y2), aux = run(f_params, g_params, x1, x2, keys)
+    if has_aux:
+        return (y1, y2), aux
+    return y1, y2
+
+
+def _check_shapes(cpl, f_branch, g_branch, f_params, g_params, x1, x2, keys) -> None:
+    """Traces one unit abstractly and checks that F and G map the halves onto each other."""
+    fp0, gp0 = _unit_slice(f_params, 0), _unit_slice(g_params, 0)
+    kf, kg = _split_unit_key(None if keys is None else keys[0])
+
+    def expect(branch, params, x, key, like, name, half):
+        h = jax.eval_shape(lambda p, a, k: branch(p, a, k)[0], params, x, key)
+        parts = h if cpl.name == "affine" else (h,)
+        if cpl.name == "affine" and not (isinstance(h, tuple | list) and len(h) == 2):
+            raise ValueError(
+                f"The affine coupling needs {name} to return a pair (log_scale, shift); got "
+                f"{jax.tree.structure(h)}."
+            )
+        for part in parts:
+            if not hasattr(part, "shape") or tuple(part.shape) != tuple(jnp.shape(like)):
+                got = getattr(part, "shape", type(part).__name__)
+                raise ValueError(
+                    f"{name} must map its input to the shape of {half} {tuple(jnp.shape(like))} "
+                    f"for the {cpl.name} coupling, but returned {got}. Reversible units need "
+                    "halves of one shape: check the split and that F/G keep spatial size and "
+                    "channel count (no stride inside a reversible unit)."
+                )
+
+    expect(f_branch, fp0, x2, kf, x1, "F", "x1")
+    expect(g_branch, gp0, x1, kg, x2, "G", "x2")
+
+
+def _scan_forward(cpl, f_branch, g_branch, unroll, f_params, g_params, x1, x2, keys, remat=False):
+    """The forward sequence as a ``lax.scan``; also the plain-autodiff path."""
+
+    def body(carry, xs):
+        a1, a2 = carry
+        fp, gp, key = xs
+        kf, kg = _split_unit_key(key)
+        h_f, aux_f = f_branch(fp, a2, kf)
+        b1 = cpl.combine(a1, h_f)
+        h_g, aux_g = g_branch(gp, b1, kg)
+        b2 = cpl.combine(a2, h_g)
+        return (b1, b2), (aux_f, aux_g)
+
+    if remat:
+        body = jax.checkpoint(body)
+    (y1, y2), aux = lax.scan(body, (x1, x2), (f_params, g_params, keys), unroll=unroll)
+    return (y1, y2), aux
+
+
+def _make_memory_saving(cpl, f_branch, g_branch, unroll):
+    """Builds the custom-VJP sequence for one (coupling, F, G, unroll) combination."""
+
+    @jax.custom_vjp
+    def run(f_params, g_params, x1, x2, keys):
+        return _scan_forward(cpl, f_branch, g_branch, unroll, f_params, g_params, x1, x2, keys)
+
+    def run_fwd(f_params, g_params, x1, x2, keys):
+        (y1, y2), aux = _scan_forward(
+            cpl, f_branch, g_branch, unroll, f_params, g_params, x1, x2, keys
+        )
+        # The residuals: parameters, the sequence output and the keys. No activation.
+        return ((y1, y2), aux), (f_params, g_params, y1, y2, keys)
+
+    def run_bwd(residuals, cotangents):
+        f_params, g_params, y1, y2, keys = residuals
+        (dy1, dy2), _ = cotangents  # aux is not differentiated
+
+        def body(carry, xs):
+            b1, b2, db1, db2 = carry
+            fp, gp, key = xs
+            kf, kg = _split_unit_key(key)
+            # G(y1) once: its value rebuilds x2, its VJP pulls back the cotangent of y2.
+            h_g, g_vjp = jax.vjp(lambda p, a: g_branch(p, a, kg)[0], gp, b1)
+            a2 = cpl.uncombine(b2, h_g)
+            da2, dh_g = jax.vjp(cpl.combine, a2, h_g)[1](db2)
+            dgp, db1_from_g = g_vjp(dh_g)
+            db1 = db1 + db1_from_g
+            # F(x2) once: its value rebuilds x1, its VJP pulls back the cotangent of y1.
+            h_f, f_vjp = jax.vjp(lambda p, a: f_branch(p, a, kf)[0], fp, a2)
+            a1 = cpl.uncombine(b1, h_f)
+            da1, dh_f = jax.vjp(cpl.combine, a1, h_f)[1](db1)
+            dfp, da2_from_f = f_vjp(dh_f)
+            da2 = da2 + da2_from_f
+            return (a1, a2, da1, da2), (dfp, dgp)
+
+        (_, _, dx1, dx2), (dfp, dgp) = lax.scan(
+            body,
+            (y1, y2, dy1, dy2),
+            (f_params, g_params, keys),
+            reverse=True,
+            unroll=unroll,
+        )
+        return dfp, dgp, dx1, dx2, None
+
+    run.defvjp(run_fwd, run_bwd)
+    return run
+
+
+def inverse_sequence(
+    f: Callable,
+    g: Callable,
+    f_params: PyTree,
+    g_params: PyTree,
+    y1: Array,
+    y2: Array,
+    *,
+    coupling: str | Coupling = "additive",
+    has_aux: bool = False,
+    keys: Array | None = None,
+    unroll: int | bool | None = None,
+) -> tuple[Array, Array]:
+    """Rebuilds the input of `reversible_sequence` from its output (units in reverse).
+
+    Takes the same arguments as `reversible_sequence` (aux outputs of F/G are discarded).
+    Used to test reconstruction and to measure numerical drift.
+    """
+    cpl = get_coupling(coupling)
+    n = _num_units(f_params, g_params)
+    if unroll is None:
+        unroll = default_unroll(n)
+    f_branch = _Branch(f, has_aux, keys is not None)
+    g_branch = _Branch(g, has_aux, keys is not None)
+
+    def body(carry, xs):
+        b1, b2 = carry
+        fp, gp, key = xs
+        kf, kg = _split_unit_key(key)
+        a1, a2 = cpl.inverse(
+            lambda a: f_branch(fp, a, kf)[0], lambda a: g_branch(gp, a, kg)[0], b1, b2
+        )
+        return (a1, a2), None
+
+    (x1, x2), _ = lax.scan(body, (y1, y2), (f_params, g_params, keys), reverse=True, unroll=unroll)
+    return x1, x2
+
+
+def relative_error(a: PyTree, b: PyTree) -> Array:
+    """Global relative error ``||a - b|| / max(||b||, tiny)`` over all leaves of two pytrees."""
+    diff = sum(jnp.sum(jnp.square(x - y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    ref = sum(jnp.sum(jnp.square(y)) for y in jax.tree.leaves(b))
+    tiny = math.sqrt(float(jnp.finfo(jnp.result_type(*jax.tree.leaves(b))).tiny))
+    return jnp.sqrt(diff) / jnp.maximum(jnp.sqrt(ref), tiny)
