@@ -255,6 +255,7 @@ def reversible_sequence(
     memory_saving: bool = True,
     unroll: int | bool | None = None,
     remat: bool = False,
+    exact_every: int | None = None,
 ):
     """Applies n reversible units in sequence, storing no per-unit activation.
 
@@ -294,6 +295,11 @@ def reversible_sequence(
       remat: only with ``memory_saving=False``: wrap each unit in `jax.checkpoint`, so plain
         autodiff stores each unit's input and recomputes its inside (the usual gradient
         checkpointing baseline; memory still grows with n).
+      exact_every: with ``memory_saving=True``, also store the exact input of every k-th unit
+        (units 0, k, 2k, ...) and use it in the backward in place of the rebuilt one. Rounding
+        error of the reconstruction then accumulates over at most k units; memory grows with
+        ``n / k`` activations. ``k=1`` stores every input and gives plain autodiff's
+        gradients; ``None`` (default) stores none.
 
     Returns:
       ``(y1, y2)``, or ``((y1, y2), (f_aux, g_aux))`` when ``has_aux``.
@@ -322,8 +328,12 @@ def reversible_sequence(
             "remat=True checkpoints units of the plain-autodiff path; with memory_saving=True "
             "nothing is stored to begin with. Pass memory_saving=False with remat=True."
         )
+    if exact_every is not None and (
+        isinstance(exact_every, bool) or not isinstance(exact_every, int) or exact_every < 1
+    ):
+        raise ValueError(f"exact_every must be a positive int or None, got {exact_every!r}.")
     if memory_saving:
-        run = _make_memory_saving(cpl, f_branch, g_branch, unroll)
+        run = _make_memory_saving(cpl, f_branch, g_branch, unroll, exact_every)
     else:
         run = lambda fp, gp, a, b, k: _scan_forward(
             cpl, f_branch, g_branch, unroll, fp, gp, a, b, k, remat=remat
@@ -380,37 +390,84 @@ def _scan_forward(cpl, f_branch, g_branch, unroll, f_params, g_params, x1, x2, k
     return (y1, y2), aux
 
 
-def _make_memory_saving(cpl, f_branch, g_branch, unroll):
-    """Builds the custom-VJP sequence for one (coupling, F, G, unroll) combination."""
+def _scan_forward_with_boundaries(cpl, f_branch, g_branch, unroll, k, fp, gp, x1, x2, keys):
+    """The forward scan, also keeping the exact input of every k-th unit (units 0, k, 2k, ...).
+
+    The stored inputs live in a carried buffer of ``ceil(n / k)`` activations per half, updated
+    in place, so memory grows with ``n / k``.
+    """
+    n = _num_units(fp, gp)
+    n_stored = -(-n // k)
+    buf1 = jnp.zeros((n_stored, *x1.shape), x1.dtype)  # [ceil(n/k), *x1.shape]
+    buf2 = jnp.zeros((n_stored, *x2.shape), x2.dtype)
+
+    def body(carry, xs):
+        a1, a2, s1, s2 = carry
+        i, p_f, p_g, key = xs
+        slot = i // k
+        keep = i % k == 0
+        s1 = lax.dynamic_update_index_in_dim(s1, jnp.where(keep, a1, s1[slot]), slot, 0)
+        s2 = lax.dynamic_update_index_in_dim(s2, jnp.where(keep, a2, s2[slot]), slot, 0)
+        kf, kg = _split_unit_key(key)
+        h_f, aux_f = f_branch(p_f, a2, kf)
+        b1 = cpl.combine(a1, h_f)
+        h_g, aux_g = g_branch(p_g, b1, kg)
+        b2 = cpl.combine(a2, h_g)
+        return (b1, b2, s1, s2), (aux_f, aux_g)
+
+    (y1, y2, buf1, buf2), aux = lax.scan(
+        body, (x1, x2, buf1, buf2), (jnp.arange(n), fp, gp, keys), unroll=unroll
+    )
+    return (y1, y2), aux, (buf1, buf2)
+
+
+def _make_memory_saving(cpl, f_branch, g_branch, unroll, exact_every=None):
+    """Builds the custom-VJP sequence for one (coupling, F, G, unroll, exact_every) setting."""
 
     @jax.custom_vjp
     def run(f_params, g_params, x1, x2, keys):
         return _scan_forward(cpl, f_branch, g_branch, unroll, f_params, g_params, x1, x2, keys)
 
     def run_fwd(f_params, g_params, x1, x2, keys):
-        (y1, y2), aux = _scan_forward(
-            cpl, f_branch, g_branch, unroll, f_params, g_params, x1, x2, keys
-        )
-        # The residuals: parameters, the sequence output and the keys. No activation.
-        return ((y1, y2), aux), (f_params, g_params, y1, y2, keys)
+        if exact_every is None:
+            (y1, y2), aux = _scan_forward(
+                cpl, f_branch, g_branch, unroll, f_params, g_params, x1, x2, keys
+            )
+            stored = None
+        else:
+            (y1, y2), aux, stored = _scan_forward_with_boundaries(
+                cpl, f_branch, g_branch, unroll, exact_every, f_params, g_params, x1, x2, keys
+            )
+        # The residuals: parameters, the sequence output, the keys (and, with exact_every, the
+        # exact input of every k-th unit). No other activation.
+        return ((y1, y2), aux), (f_params, g_params, y1, y2, keys, stored)
 
     def run_bwd(residuals, cotangents):
-        f_params, g_params, y1, y2, keys = residuals
+        f_params, g_params, y1, y2, keys, stored = residuals
         (dy1, dy2), _ = cotangents  # aux is not differentiated
+        n = _num_units(f_params, g_params)
+
+        def exact(i, rebuilt, half):
+            # With exact_every=k, unit i's input (i % k == 0) was stored: use it instead of the
+            # rebuilt one, so rounding error never accumulates over more than k units.
+            if stored is None:
+                return rebuilt
+            slot = i // exact_every
+            return jnp.where(i % exact_every == 0, stored[half][slot], rebuilt)
 
         def body(carry, xs):
             b1, b2, db1, db2 = carry
-            fp, gp, key = xs
+            i, fp, gp, key = xs
             kf, kg = _split_unit_key(key)
             # G(y1) once: its value rebuilds x2, its VJP pulls back the cotangent of y2.
             h_g, g_vjp = jax.vjp(lambda p, a: g_branch(p, a, kg)[0], gp, b1)
-            a2 = cpl.uncombine(b2, h_g)
+            a2 = exact(i, cpl.uncombine(b2, h_g), 1)
             da2, dh_g = jax.vjp(cpl.combine, a2, h_g)[1](db2)
             dgp, db1_from_g = g_vjp(dh_g)
             db1 = db1 + db1_from_g
             # F(x2) once: its value rebuilds x1, its VJP pulls back the cotangent of y1.
             h_f, f_vjp = jax.vjp(lambda p, a: f_branch(p, a, kf)[0], fp, a2)
-            a1 = cpl.uncombine(b1, h_f)
+            a1 = exact(i, cpl.uncombine(b1, h_f), 0)
             da1, dh_f = jax.vjp(cpl.combine, a1, h_f)[1](db1)
             dfp, da2_from_f = f_vjp(dh_f)
             da2 = da2 + da2_from_f
@@ -419,7 +476,7 @@ def _make_memory_saving(cpl, f_branch, g_branch, unroll):
         (_, _, dx1, dx2), (dfp, dgp) = lax.scan(
             body,
             (y1, y2, dy1, dy2),
-            (f_params, g_params, keys),
+            (jnp.arange(n), f_params, g_params, keys),
             reverse=True,
             unroll=unroll,
         )
