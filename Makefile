@@ -20,7 +20,7 @@ $(VENV)/.test: $(VENV)/bin/python pyproject.toml
 	touch $@
 
 run: $(VENV)/.experiments
-	$(PY) -m experiments.bench_core --quick
+	$(PY) -m experiments.train --config digits --workdir workdirs/digits
 
 test: $(VENV)/.test
 	$(PY) -m ruff check .

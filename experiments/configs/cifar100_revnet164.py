@@ -1,0 +1,19 @@
+"""revnet164 on cifar100, the paper's recipe.
+
+Target (the RevNet authors' code): 76.4 % test accuracy.
+Expected GPU time (an estimate, not measured here):
+about 6.5 h on one modern GPU.
+This recipe is not run to convergence on CPU.
+
+Prepare the data once, then train::
+
+    python -m revjax.prepare cifar100 --data_dir ~/tensorflow_datasets
+    python -m experiments.train --config cifar100_revnet164 --workdir workdirs/cifar100_revnet164 \
+        --set data_dir=~/tensorflow_datasets
+"""
+
+from experiments.configs.common import make_config
+
+
+def get_config(quick: bool = False):
+    return make_config("revnet164", "cifar100", quick)

@@ -1,0 +1,20 @@
+"""resnet164 on cifar10, the paper's recipe.
+
+Target: the paper's ResNet baseline for revnet164; expect accuracy within a
+few tenths of a percent of revnet164 on the same dataset.
+Expected GPU time (an estimate, not measured here):
+about 5 h on one modern GPU.
+This recipe is not run to convergence on CPU.
+
+Prepare the data once, then train::
+
+    python -m revjax.prepare cifar10 --data_dir ~/tensorflow_datasets
+    python -m experiments.train --config cifar10_resnet164 --workdir workdirs/cifar10_resnet164 \
+        --set data_dir=~/tensorflow_datasets
+"""
+
+from experiments.configs.common import make_config
+
+
+def get_config(quick: bool = False):
+    return make_config("resnet164", "cifar10", quick)

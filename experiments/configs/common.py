@@ -1,0 +1,83 @@
+"""Shared builders for the configs in this folder (one file per row of the paper's tables)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from revjax.train import TrainConfig
+
+# The paper's CIFAR recipe (RevNet authors' configs): batch 100, SGD + momentum 0.9, lr 0.1,
+# x0.1 at 40k and 60k steps, 80k steps, weight decay 2e-4 on conv and dense kernels.
+CIFAR = dict(
+    batch_size=100,
+    eval_batch_size=500,
+    num_steps=80_000,
+    learning_rate=0.1,
+    lr_boundaries=(40_000, 60_000),
+    momentum=0.9,
+    weight_decay=2e-4,
+    log_every=100,
+    eval_every=4_000,
+    checkpoint_every=4_000,
+)
+
+# ImageNet: batch 256, lr 0.1 dropping 10x at 160k, 320k, 480k, 600k steps, weight decay 1e-4.
+IMAGENET = dict(
+    batch_size=256,
+    eval_batch_size=500,
+    num_steps=640_000,
+    learning_rate=0.1,
+    lr_boundaries=(160_000, 320_000, 480_000, 600_000),
+    momentum=0.9,
+    weight_decay=1e-4,
+    log_every=500,
+    eval_every=20_000,
+    checkpoint_every=10_000,
+    num_workers=8,
+)
+
+# ResNet twin of each RevNet in the paper's tables (similar parameter count).
+TWINS = {
+    "revnet38": "resnet32",
+    "revnet110": "resnet110",
+    "revnet164": "resnet164",
+    "revnet56": "resnet50",
+    "revnet104": "resnet101",
+}
+
+# Quick variants: a few steps of a narrow network, for tests and smoke runs.
+QUICK = dict(
+    batch_size=8,
+    eval_batch_size=8,
+    num_steps=2,
+    lr_boundaries=(1,),
+    log_every=1,
+    eval_every=0,
+    checkpoint_every=1,
+    memory_report=False,
+    num_workers=0,
+)
+
+
+def _quick_overrides(model: str, imagenet: bool) -> dict:
+    units = (2, 2, 2, 2) if imagenet else (2, 2, 2)
+    widths = (8, 8, 8, 16, 16) if imagenet else (8, 8, 16, 16)
+    return {"units_per_stage": units, "widths": widths}
+
+
+def make_config(model: str, dataset: str, quick: bool = False, **changes) -> TrainConfig:
+    """The paper's recipe for ``model`` on ``dataset`` (``quick``: a tiny smoke-test variant)."""
+    imagenet = dataset == "imagenet2012"
+    recipe = dict(IMAGENET if imagenet else CIFAR)
+    twin = TWINS.get(model)
+    config = TrainConfig(model=model, twin_model=twin, dataset=dataset, **recipe)
+    if quick:
+        overrides = _quick_overrides(model, imagenet)
+        config = dataclasses.replace(
+            config,
+            model_overrides=overrides,
+            twin_overrides=overrides,
+            image_size=32 if imagenet else None,
+            **QUICK,
+        )
+    return dataclasses.replace(config, **changes)

@@ -1,0 +1,661 @@
+"""The training recipe and loop: one trainer for every experiment.
+
+The paper's recipe (the RevNet authors' configs): SGD with momentum 0.9, weight decay added to the
+gradient before momentum and applied to conv and dense kernels only, and a piecewise-constant
+learning rate (CIFAR: 0.1, x0.1 at 40k and 60k steps, 80k steps at batch 100; ImageNet: 0.1, x0.1
+at 160k, 320k, 480k and 600k steps at batch 256, weight decay 1e-4).
+
+Data parallelism: a `jax.sharding.Mesh` over every device (all processes), the batch sharded
+along its ``"data"`` axis and the parameters replicated. XLA partitions the jitted step, so
+BatchNorm statistics are computed over the **global** batch, exactly as on one device. With
+several processes, `jax.distributed.initialize()` is called when the usual environment variables
+are present and each process reads its own shard of the data.
+
+Typical use::
+
+    from revjax.train import TrainConfig, train_and_evaluate
+    train_and_evaluate(TrainConfig(model="revnet38", dataset="digits", num_steps=400), "/tmp/w")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from revjax import models
+from revjax.measure import compiled_memory, device_peak_bytes
+
+__all__ = [
+    "NonFiniteLossError",
+    "TrainConfig",
+    "TrainState",
+    "create_train_state",
+    "evaluate",
+    "make_eval_step",
+    "make_mesh",
+    "make_optimizer",
+    "make_train_step",
+    "train_and_evaluate",
+    "train_step_memory",
+    "weight_decay_mask",
+]
+
+_log = logging.getLogger(__name__)
+
+DATA_AXIS = "data"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run needs; experiments/configs/*.py build these.
+
+    Attributes:
+      model: a preset name from `revjax.models` (``"revnet38"``, ``"resnet32"``, ...).
+      model_overrides: extra constructor arguments for the preset (widths, memory_saving, ...).
+      twin_model: the preset compared against for the memory report (e.g. ResNet-32 for
+        RevNet-38); ``None`` skips it.
+      twin_overrides: constructor arguments for the twin.
+      dataset: a name from `revjax.data.KNOWN_DATASETS`.
+      data_dir: TFDS data directory (``None``: TFDS default).
+      image_size: image side length (``None``: the dataset's).
+      batch_size: global batch size (over all devices and processes).
+      eval_batch_size: global evaluation batch size (``None``: ``batch_size``).
+      num_steps: optimizer steps.
+      learning_rate: initial learning rate.
+      lr_boundaries: steps at which the learning rate is multiplied by ``lr_decay``.
+      lr_decay: the factor at each boundary.
+      momentum: SGD momentum.
+      weight_decay: L2 coefficient added to the gradient of conv and dense kernels.
+      log_every: steps between train-metric records.
+      eval_every: steps between evaluations (0: only at the end).
+      checkpoint_every: steps between checkpoints (0: only at the end).
+      keep_checkpoints: how many checkpoints to keep.
+      seed: seed of initialisation, data order and augmentation.
+      num_devices: use the first n local devices (``None``: every device).
+      num_workers: Grain worker processes for the input pipeline.
+      memory_report: print and record compiled train-step memory vs plain / twin at start.
+      drift_every: steps between drift-monitor checks of the reversible stages (0: off).
+      drift_threshold: max relative reconstruction error above which the monitor warns.
+    """
+
+    model: str = "revnet38"
+    model_overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    twin_model: str | None = None
+    twin_overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    dataset: str = "digits"
+    data_dir: str | None = None
+    image_size: int | None = None
+    batch_size: int = 100
+    eval_batch_size: int | None = None
+    num_steps: int = 80_000
+    learning_rate: float = 0.1
+    lr_boundaries: tuple[int, ...] = (40_000, 60_000)
+    lr_decay: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 2e-4
+    log_every: int = 100
+    eval_every: int = 0
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 3
+    seed: int = 0
+    num_devices: int | None = None
+    num_workers: int = 0
+    memory_report: bool = True
+    drift_every: int = 0
+    drift_threshold: float = 1e-3
+
+
+@struct.dataclass
+class TrainState:
+    """Pure pytree of everything a step changes."""
+
+    step: jax.Array
+    params: nnx.State
+    batch_stats: nnx.State
+    opt_state: optax.OptState
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or Inf; ``step`` names the first such step."""
+
+    def __init__(self, step: int, workdir: str | os.PathLike | None = None):
+        self.step = step
+        where = f" The last good checkpoint is kept in {workdir}." if workdir else ""
+        super().__init__(
+            f"Training loss is NaN/Inf at step {step}; stopping.{where} Lower the learning rate, "
+            "check the input data, or resume from the checkpoint."
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizer
+# --------------------------------------------------------------------------------------------
+
+
+def weight_decay_mask(params: Any) -> Any:
+    """True for conv and dense kernels (leaves named ``kernel``), False for everything else
+    (BatchNorm scale and bias, dense bias)."""
+
+    def is_kernel(path, _):
+        names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+        names = [n for n in names if n != "value"]
+        return bool(names) and names[-1] == "kernel"
+
+    return jax.tree_util.tree_map_with_path(is_kernel, params)
+
+
+def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
+    """Piecewise-constant: ``learning_rate * lr_decay**k`` from the k-th boundary on.
+
+    Written out rather than `optax.piecewise_constant_schedule`, which mixes float and int
+    dtypes and so fails under ``jax_numpy_dtype_promotion="strict"``.
+    """
+    boundaries = sorted(int(b) for b in config.lr_boundaries)
+    values = [config.learning_rate * config.lr_decay**k for k in range(len(boundaries) + 1)]
+
+    def schedule(count):
+        if not boundaries:
+            return jnp.asarray(values[0], jnp.float32)
+        passed = jnp.sum(jnp.asarray(count, jnp.int32) >= jnp.asarray(boundaries, jnp.int32))
+        return jnp.asarray(values, jnp.float32)[passed]
+
+    return schedule
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """SGD + momentum with masked weight decay added to the gradient before momentum."""
+    return optax.chain(
+        optax.add_decayed_weights(config.weight_decay, mask=weight_decay_mask),
+        optax.sgd(learning_rate_schedule(config), momentum=config.momentum),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Model, state and steps
+# --------------------------------------------------------------------------------------------
+
+
+def build_model(name: str, overrides: Mapping[str, Any], num_classes: int, in_channels: int,
+                seed: int) -> nnx.Module:
+    """Builds a preset of `revjax.models` by name."""
+    preset = getattr(models, name, None)
+    if preset is None or not callable(preset) or name.startswith("_"):
+        known = [n for n in models.PRESETS] if hasattr(models, "PRESETS") else []
+        raise ValueError(f"Unknown model preset {name!r}. Known presets: {', '.join(known)}.")
+    overrides = dict(overrides)
+    overrides.setdefault("in_channels", in_channels)
+    return preset(num_classes, rngs=nnx.Rngs(seed), **overrides)
+
+
+def create_train_state(
+    config: TrainConfig, num_classes: int, in_channels: int
+) -> tuple[nnx.GraphDef, TrainState, optax.GradientTransformation]:
+    """Builds the model and optimizer; returns ``(graphdef, state, tx)``.
+
+    The NNX graph is split once here: training steps then work on pure pytrees.
+    """
+    model = build_model(config.model, config.model_overrides, num_classes, in_channels,
+                        config.seed)
+    graphdef, params, batch_stats = models.functional(model)
+    tx = make_optimizer(config)
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=tx.init(params),
+    )
+    return graphdef, state, tx
+
+
+def _loss_and_metrics(graphdef, params, batch_stats, batch, train):
+    logits, new_stats = models.apply(graphdef, params, batch_stats, batch["image"], train=train)
+    logits = logits.astype(jnp.float32)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+    correct = (jnp.argmax(logits, axis=-1) == batch["label"]).astype(jnp.float32)
+    return losses, correct, new_stats
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation) -> Callable:
+    """Returns the pure step ``(state, batch) -> (state, metrics)`` (not yet jitted)."""
+
+    def train_step(state: TrainState, batch: Mapping[str, jax.Array]):
+        def loss_fn(params):
+            losses, correct, new_stats = _loss_and_metrics(
+                graphdef, params, state.batch_stats, batch, train=True
+            )
+            return jnp.mean(losses), (jnp.mean(correct), new_stats)
+
+        (loss, (accuracy, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params
+        )
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_state = state.replace(
+            step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state
+        )
+        return new_state, {"loss": loss, "accuracy": accuracy}
+
+    return train_step
+
+
+def make_eval_step(graphdef: nnx.GraphDef) -> Callable:
+    """Returns ``(state, batch) -> {"correct", "loss", "count"}`` sums over the masked batch."""
+
+    def eval_step(state: TrainState, batch: Mapping[str, jax.Array]):
+        losses, correct, _ = _loss_and_metrics(
+            graphdef, state.params, state.batch_stats, batch, train=False
+        )
+        mask = batch["mask"]
+        return {
+            "correct": jnp.sum(correct * mask),
+            "loss": jnp.sum(losses * mask),
+            "count": jnp.sum(mask),
+        }
+
+    return eval_step
+
+
+# --------------------------------------------------------------------------------------------
+# Devices
+# --------------------------------------------------------------------------------------------
+
+
+def maybe_initialize_distributed() -> None:
+    """Calls `jax.distributed.initialize()` when a multi-process environment is configured."""
+    markers = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
+    multi = any(os.environ.get(m) for m in markers) or (
+        int(os.environ.get("SLURM_NTASKS", "1")) > 1
+        or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+    )
+    if multi and not jax.distributed.is_initialized():
+        jax.distributed.initialize()
+
+
+def make_mesh(num_devices: int | None = None) -> Mesh:
+    """A 1-D data-parallel mesh over every device (or the first ``num_devices`` local ones)."""
+    devices = jax.devices()
+    if num_devices is not None:
+        if jax.process_count() > 1:
+            raise ValueError("num_devices selects local devices; leave it None with multi-host.")
+        if not 1 <= num_devices <= len(devices):
+            raise ValueError(f"num_devices={num_devices}, but {len(devices)} devices exist.")
+        devices = devices[:num_devices]
+    return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def check_batch_size(batch_size: int, mesh: Mesh, what: str = "batch_size") -> None:
+    """Raises a clear error when the global batch does not split evenly over the devices."""
+    n = mesh.devices.size
+    if batch_size % n:
+        lower = batch_size // n * n
+        raise ValueError(
+            f"{what}={batch_size} is not divisible by the {n} devices of the data-parallel mesh. "
+            f"Use a multiple of {n} (e.g. {max(lower, n)} or {lower + n}), or fewer devices "
+            "(TrainConfig.num_devices)."
+        )
+
+
+def _global_batch(local: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """Assembles this process's part of the batch into one global array per key."""
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def _checkpoint_manager(workdir: Path, keep: int):
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+    return ocp.CheckpointManager(workdir / "checkpoints", options=options)
+
+
+def _save(manager, step: int, state: TrainState, data_state: Mapping[str, Any]) -> None:
+    import orbax.checkpoint as ocp
+
+    # Orbax writes to a temporary directory and renames it when complete: atomic.
+    manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(dict(data_state))
+        ),
+    )
+    manager.wait_until_finished()
+
+
+def _restore(manager, step: int, target: TrainState) -> tuple[TrainState, dict]:
+    import orbax.checkpoint as ocp
+
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()
+        ),
+    )
+    return restored["state"], restored["data"]
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------
+
+
+class MetricWriter:
+    """Writes metric records as JSON lines and TensorBoard scalars (process 0 only)."""
+
+    def __init__(self, workdir: Path):
+        self.enabled = jax.process_index() == 0
+        self.path = workdir / "metrics.jsonl"
+        self._tb = None
+        if self.enabled:
+            try:
+                from tensorboardX import SummaryWriter
+
+                self._tb = SummaryWriter(str(workdir / "tensorboard"))
+            except ImportError:  # tensorboardX is in the experiments extra
+                self._tb = None
+
+    def write(self, step: int, record: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), **{k: _to_py(v) for k, v in record.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, int | float) and math.isfinite(v):
+                    self._tb.add_scalar(k, v, int(step))
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _to_py(v):
+    if isinstance(v, np.ndarray | jax.Array | np.generic):
+        return np.asarray(v).item()
+    return v
+
+
+def _progress(total: int, initial: int):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
+                disable=jax.process_index() != 0, file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------
+# Memory report
+# --------------------------------------------------------------------------------------------
+
+
+def train_step_memory(
+    config: TrainConfig, num_classes: int, in_channels: int, image_shape: tuple[int, int, int],
+    batch_size: int | None = None,
+) -> dict[str, int]:
+    """Compiled temp bytes of one train step for the model, the same model with memory saving
+    off, and the twin (if configured).
+
+    Compiles on abstract shapes; nothing runs. Scans are compiled rolled (``unroll=1``), the
+    GPU/TPU configuration, so the figure is the one an accelerator sees even when measured on
+    CPU (where training itself runs unrolled for speed; see `revjax.default_unroll`).
+    """
+    batch_size = batch_size or config.batch_size
+    batch = {
+        "image": jax.ShapeDtypeStruct((batch_size, *image_shape), jnp.float32),
+        "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
+    }
+    rolled = {"unroll": 1}
+    variants = {"model": (config.model, {**config.model_overrides, **rolled})}
+    if config.model.startswith("revnet"):
+        variants["model_plain"] = (
+            config.model, {**config.model_overrides, **rolled, "memory_saving": False}
+        )
+    if config.twin_model:
+        variants["twin"] = (config.twin_model, {**config.twin_overrides, **rolled})
+    out = {}
+    for key, (name, overrides) in variants.items():
+        cfg = dataclasses.replace(config, model=name, model_overrides=overrides)
+        graphdef, state, tx = _abstract_state(cfg, num_classes, in_channels)
+        step = jax.jit(make_train_step(graphdef, tx))
+        out[key] = compiled_memory(step, state, batch)["temp"]
+    return out
+
+
+def _abstract_state(cfg, num_classes, in_channels):
+    """Shapes of the train state without allocating it."""
+    holder = {}
+
+    def build():
+        graphdef, state, tx = create_train_state(cfg, num_classes, in_channels)
+        holder["graphdef"], holder["tx"] = graphdef, tx
+        return state
+
+    state = jax.eval_shape(build)
+    return holder["graphdef"], state, holder["tx"]
+
+
+def format_memory_report(mem: Mapping[str, int], config: TrainConfig) -> str:
+    mib = lambda b: f"{b / 2**20:.1f} MiB"
+    lines = [f"Compiled train-step temporary memory (batch {config.batch_size}):"]
+    lines.append(f"  {config.model} (memory saving on): {mib(mem['model'])}")
+    if "model_plain" in mem:
+        lines.append(
+            f"  {config.model} (memory saving off): {mib(mem['model_plain'])} -> saved "
+            f"{mib(mem['model_plain'] - mem['model'])} "
+            f"({mem['model_plain'] / max(mem['model'], 1):.2f}x)"
+        )
+    if "twin" in mem:
+        lines.append(
+            f"  {config.twin_model} (ResNet twin): {mib(mem['twin'])} -> {config.model} uses "
+            f"{mem['model'] / max(mem['twin'], 1):.2f}x its activation memory"
+        )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation and the loop
+# --------------------------------------------------------------------------------------------
+
+
+def evaluate(eval_step: Callable, state: TrainState, batches: Iterator, sharding) -> dict:
+    """Exact accuracy and loss over a masked, padded evaluation stream."""
+    totals = {"correct": 0.0, "loss": 0.0, "count": 0.0}
+    for local in batches:
+        out = eval_step(state, _global_batch(local, sharding))
+        for k in totals:
+            totals[k] += float(out[k])
+    count = max(totals["count"], 1.0)
+    return {"eval_accuracy": totals["correct"] / count, "eval_loss": totals["loss"] / count}
+
+
+def _first_non_finite(pending: list[tuple[int, jax.Array]]) -> int | None:
+    for step, loss in pending:
+        if not np.isfinite(float(loss)):
+            return step
+    return None
+
+
+def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> dict[str, Any]:
+    """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and evaluates.
+
+    Args:
+      config: the run.
+      workdir: checkpoints (``checkpoints/``), ``metrics.jsonl`` and TensorBoard summaries
+        (``tensorboard/``) go here. A second call with the same workdir resumes, including the
+        position of the data iterator, so an interrupted run ends with the same weights as an
+        uninterrupted one.
+
+    Returns:
+      The final metrics: ``eval_accuracy``, ``eval_loss``, ``train_loss``, ``step``,
+      ``images_per_second``, and the memory report where computed.
+
+    Raises:
+      NonFiniteLossError: the loss became NaN/Inf (the last good checkpoint is kept).
+      revjax.data.DatasetNotPreparedError: the dataset is not prepared in ``data_dir``.
+      ValueError: a batch size the devices cannot split evenly, unknown names.
+    """
+    from revjax import data  # the input pipeline needs the experiments extra
+
+    maybe_initialize_distributed()
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    mesh = make_mesh(config.num_devices)
+    eval_batch_size = config.eval_batch_size or config.batch_size
+    check_batch_size(config.batch_size, mesh)
+    check_batch_size(eval_batch_size, mesh, "eval_batch_size")
+    info = data.get_dataset_info(config.dataset, config.image_size)
+    image_size = info.image_shape[0]
+    pidx, pcount = jax.process_index(), jax.process_count()
+
+    def train_iter():
+        return data.train_iterator(
+            config.dataset, batch_size=config.batch_size, seed=config.seed,
+            data_dir=config.data_dir, image_size=image_size, process_index=pidx,
+            process_count=pcount, num_workers=config.num_workers,
+        )
+
+    def eval_iter():
+        return data.eval_iterator(
+            config.dataset, batch_size=eval_batch_size, data_dir=config.data_dir,
+            image_size=image_size, process_index=pidx, process_count=pcount,
+            num_workers=config.num_workers,
+        )
+
+    train_it = train_iter()  # fails early, with the prepare command, if data are missing
+
+    graphdef, state, tx = create_train_state(config, info.num_classes, info.image_shape[2])
+    replicated = NamedSharding(mesh, P())
+    batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
+    state = jax.device_put(state, replicated)
+
+    manager = _checkpoint_manager(workdir, config.keep_checkpoints)
+    start = 0
+    latest = manager.latest_step()
+    if latest is not None:
+        state, data_state = _restore(manager, latest, state)
+        state = jax.device_put(state, replicated)
+        train_it.set_state(data_state)
+        start = int(latest)
+        _log.info("Resumed from step %d in %s", start, workdir)
+
+    train_step = jax.jit(
+        make_train_step(graphdef, tx),
+        in_shardings=(replicated, batch_sharding),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
+    eval_step = jax.jit(
+        make_eval_step(graphdef), in_shardings=(replicated, batch_sharding),
+        out_shardings=replicated,
+    )
+
+    writer = MetricWriter(workdir)
+    result: dict[str, Any] = {}
+    if config.memory_report and start == 0:
+        mem = train_step_memory(config, info.num_classes, info.image_shape[2], info.image_shape)
+        result["memory"] = mem
+        if pidx == 0:
+            print(format_memory_report(mem, config), flush=True)
+        writer.write(0, {f"compiled_temp_bytes/{k}": v for k, v in mem.items()})
+
+    drift_monitor = None
+    if config.drift_every:
+        from revjax.drift import DriftMonitor
+
+        drift_monitor = DriftMonitor(graphdef, threshold=config.drift_threshold)
+
+    schedule = learning_rate_schedule(config)
+    pending: list[tuple[int, jax.Array]] = []
+    window: list[dict[str, jax.Array]] = []
+    window_start = time.perf_counter()
+    images_per_second = float("nan")
+    bar = _progress(config.num_steps, start)
+    last_saved = start if latest is not None else None
+    step = start
+
+    def check_finite():
+        bad = _first_non_finite(pending)
+        pending.clear()
+        if bad is not None:
+            raise NonFiniteLossError(bad, workdir)
+
+    try:
+        while step < config.num_steps:
+            local = next(train_it)
+            batch = _global_batch(local, batch_sharding)
+            state, metrics = train_step(state, batch)
+            step += 1
+            pending.append((step, metrics["loss"]))
+            window.append(metrics)
+            if bar is not None:
+                bar.update(1)
+            if step % config.log_every == 0 or step == config.num_steps:
+                check_finite()
+                elapsed = time.perf_counter() - window_start
+                images_per_second = len(window) * config.batch_size / max(elapsed, 1e-9)
+                record = {
+                    "train_loss": float(np.mean([float(m["loss"]) for m in window])),
+                    "train_accuracy": float(np.mean([float(m["accuracy"]) for m in window])),
+                    "learning_rate": float(schedule(step - 1)),
+                    "images_per_second": images_per_second,
+                }
+                peak = device_peak_bytes()
+                if peak is not None:
+                    record["peak_device_bytes"] = peak
+                writer.write(step, record)
+                result.update(record)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{record['train_loss']:.3f}",
+                                    acc=f"{record['train_accuracy']:.3f}")
+                window.clear()
+                window_start = time.perf_counter()
+            if drift_monitor is not None and step % config.drift_every == 0:
+                drift = drift_monitor.check(state.params, state.batch_stats, batch["image"])
+                writer.write(step, {f"drift/{k}": v for k, v in drift.items()})
+            if config.eval_every and step % config.eval_every == 0 and step != config.num_steps:
+                record = evaluate(eval_step, state, eval_iter(), batch_sharding)
+                writer.write(step, record)
+            if config.checkpoint_every and step % config.checkpoint_every == 0:
+                check_finite()
+                _save(manager, step, state, train_it.get_state())
+                last_saved = step
+        check_finite()
+        if last_saved != step:
+            _save(manager, step, state, train_it.get_state())
+    finally:
+        if bar is not None:
+            bar.close()
+        manager.close()
+
+    record = evaluate(eval_step, state, eval_iter(), batch_sharding)
+    writer.write(step, record)
+    writer.close()
+    result.update(record)
+    result["step"] = step
+    result["state"] = state
+    return result

@@ -1,0 +1,253 @@
+"""Tests of the trainer: recipe, equivalence with plain autodiff, resume, devices, errors, data."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from revjax import data, train
+from revjax.train import TrainConfig
+
+# A tiny RevNet on digits: two stages of two units (one transition + one reversible unit each).
+TINY = TrainConfig(
+    model="revnet_tiny",
+    dataset="digits",
+    batch_size=16,
+    eval_batch_size=100,
+    num_steps=3,
+    lr_boundaries=(1000,),
+    log_every=1,
+    memory_report=False,
+    num_devices=1,
+)
+
+
+def _leaves_with_names(tree):
+    out = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+        out.append(([str(n) for n in names if n != "value"], leaf))
+    return out
+
+
+def _max_rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12))
+
+
+# ------------------------------------------------------------------------------------------
+# Recipe
+# ------------------------------------------------------------------------------------------
+
+
+def test_weight_decay_mask_covers_exactly_kernels():
+    _, state, _ = train.create_train_state(TINY, num_classes=10, in_channels=1)
+    mask = train.weight_decay_mask(state.params)
+    names_and_flags = _leaves_with_names(mask)
+    kernels = [n for n, flag in names_and_flags if flag]
+    others = [n for n, flag in names_and_flags if not flag]
+    assert kernels and all(n[-1] == "kernel" for n in kernels)
+    assert all(n[-1] in ("scale", "bias") for n in others), others
+    # Every conv and the dense layer carry a kernel; BatchNorm has scale and bias only.
+    leaves = dict((tuple(n), leaf) for n, leaf in _leaves_with_names(state.params))
+    assert any(leaf.ndim == 2 for n, leaf in leaves.items() if n[-1] == "kernel")  # dense
+    assert any(leaf.ndim >= 4 for n, leaf in leaves.items() if n[-1] == "kernel")  # convs
+    assert any(n[-1] == "bias" and "dense" in n for n in map(list, leaves))  # dense bias: no decay
+
+
+def test_learning_rate_schedule_matches_paper():
+    cfg = TrainConfig()  # CIFAR defaults: 0.1, x0.1 at 40k and 60k
+    lr = train.learning_rate_schedule(cfg)
+    for step, expected in [
+        (0, 0.1),
+        (39_999, 0.1),
+        (40_000, 0.01),
+        (59_999, 0.01),
+        (60_000, 0.001),
+        (79_999, 0.001),
+    ]:
+        assert float(lr(step)) == pytest.approx(expected, rel=1e-6), step
+
+
+def test_weight_decay_added_before_momentum():
+    cfg = TrainConfig(learning_rate=0.1, momentum=0.9, weight_decay=0.5, lr_boundaries=())
+    tx = train.make_optimizer(cfg)
+    params = {"conv": {"kernel": jnp.array([1.0, 2.0])}, "bn": {"scale": jnp.array([3.0])}}
+    grads = jax.tree.map(jnp.ones_like, params)
+    state = tx.init(params)
+    momentum = jax.tree.map(jnp.zeros_like, params)
+    for _ in range(2):
+        updates, state = tx.update(grads, state, params)
+        # Reference: g' = g + wd * w (kernels only); v = 0.9 v + g'; w -= lr * v.
+        decayed = {
+            "conv": {"kernel": grads["conv"]["kernel"] + 0.5 * params["conv"]["kernel"]},
+            "bn": grads["bn"],
+        }
+        momentum = jax.tree.map(lambda v, g: 0.9 * v + g, momentum, decayed)
+        expected = jax.tree.map(lambda w, v: w - 0.1 * v, params, momentum)
+        params = optax.apply_updates(params, updates)
+        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(expected)):
+            np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------
+# Reversible trainer == plain trainer
+# ------------------------------------------------------------------------------------------
+
+
+def _run_steps(config, n_steps):
+    graphdef, state, tx = train.create_train_state(config, 10, 1)
+    step = jax.jit(train.make_train_step(graphdef, tx))
+    it = data.train_iterator("digits", batch_size=config.batch_size, seed=config.seed)
+    for _ in range(n_steps):
+        batch = {k: jnp.asarray(v) for k, v in next(it).items()}
+        state, _ = step(state, batch)
+    return state
+
+
+def test_reversible_trainer_equals_plain():
+    rev = _run_steps(TINY, 3)
+    plain_cfg = dataclasses.replace(TINY, model_overrides={"memory_saving": False})
+    plain = _run_steps(plain_cfg, 3)
+    # float32: reconstruction rounding (~1e-6 relative) passes through 3 SGD steps and
+    # BatchNorm; 1e-4 relative per leaf is far below any real discrepancy (e.g. BN updated
+    # twice, or a missing gradient term, show up at 1e-2 or more).
+    for name in ("params", "batch_stats", "opt_state"):
+        a, b = getattr(rev, name), getattr(plain, name)
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            if np.issubdtype(np.asarray(y).dtype, np.floating):
+                assert _max_rel(x, y) <= 1e-4, name
+    assert int(rev.step) == int(plain.step) == 3
+
+
+# ------------------------------------------------------------------------------------------
+# The whole loop
+# ------------------------------------------------------------------------------------------
+
+
+def _strip(result):
+    return {k: v for k, v in result.items() if k != "state"}
+
+
+def test_digits_reaches_95_percent(tmp_path):
+    """A real convergence check on real (tiny) data: ~11 epochs of 1,497 training digits."""
+    cfg = dataclasses.replace(
+        TINY,
+        model_overrides={"widths": (16, 16, 32)},
+        batch_size=100,
+        num_steps=160,
+        lr_boundaries=(100, 140),
+        log_every=40,
+        eval_every=80,
+    )
+    result = train.train_and_evaluate(cfg, tmp_path)
+    assert result["eval_accuracy"] >= 0.95, _strip(result)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval_accuracy" in r for r in records)
+    assert {"train_loss", "train_accuracy", "learning_rate", "images_per_second"} <= set(records[0])
+    assert any((tmp_path / "tensorboard").iterdir())
+
+
+def test_resume_gives_identical_weights(tmp_path):
+    cfg = dataclasses.replace(TINY, num_steps=4, checkpoint_every=2)
+    full = train.train_and_evaluate(cfg, tmp_path / "full")
+    # "Interrupted" after 2 steps (a checkpoint was written), then restarted with the same
+    # workdir: resumes params, optimizer, batch stats and the data iterator position.
+    train.train_and_evaluate(dataclasses.replace(cfg, num_steps=2), tmp_path / "split")
+    resumed = train.train_and_evaluate(cfg, tmp_path / "split")
+    assert resumed["step"] == full["step"] == 4
+    for a, b in zip(jax.tree.leaves(resumed["state"]), jax.tree.leaves(full["state"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # bit-identical on CPU
+    assert sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir() if p.is_dir()) == [
+        "2",
+        "4",
+    ]
+
+
+def test_eight_devices_match_one(tmp_path):
+    assert jax.device_count() >= 8
+    cfg = dataclasses.replace(TINY, num_steps=2, batch_size=16, eval_batch_size=64)
+    one = train.train_and_evaluate(cfg, tmp_path / "one")
+    eight = train.train_and_evaluate(dataclasses.replace(cfg, num_devices=8), tmp_path / "eight")
+    # BatchNorm statistics are over the global batch in both; only reduction order differs.
+    for a, b in zip(jax.tree.leaves(eight["state"]), jax.tree.leaves(one["state"])):
+        if np.issubdtype(np.asarray(b).dtype, np.floating):
+            assert _max_rel(a, b) <= 1e-4
+    assert eight["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5)
+    assert eight["eval_accuracy"] == pytest.approx(one["eval_accuracy"], abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------------
+# Errors
+# ------------------------------------------------------------------------------------------
+
+
+def test_batch_not_divisible_by_devices(tmp_path):
+    cfg = dataclasses.replace(TINY, batch_size=12, num_devices=8)
+    with pytest.raises(ValueError, match="batch_size=12 is not divisible by the 8 devices"):
+        train.train_and_evaluate(cfg, tmp_path)
+
+
+def test_missing_dataset_names_prepare_command(tmp_path):
+    cfg = dataclasses.replace(TINY, dataset="cifar10", data_dir=str(tmp_path / "tfds"))
+    with pytest.raises(data.DatasetNotPreparedError, match="python -m revjax.prepare cifar10"):
+        train.train_and_evaluate(cfg, tmp_path / "work")
+
+
+def test_nan_guard_names_step_and_keeps_good_checkpoint(tmp_path):
+    cfg = dataclasses.replace(
+        TINY, num_steps=6, checkpoint_every=1, learning_rate=1e30, lr_boundaries=()
+    )
+    with pytest.raises(train.NonFiniteLossError, match=r"NaN/Inf at step (\d+)") as info:
+        train.train_and_evaluate(cfg, tmp_path)
+    bad = info.value.step
+    assert 1 < bad <= 6
+    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved and max(saved) < bad  # nothing at or after the bad step was written
+
+
+# ------------------------------------------------------------------------------------------
+# TFDS mock data through the real configs; the entry point
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "config_name", ["cifar10_revnet38", "cifar100_resnet32", "imagenet_revnet104"]
+)
+def test_trainer_on_mock_tfds(config_name, tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from experiments.train import load_config
+
+    cfg = dataclasses.replace(
+        load_config(config_name, quick=True), num_devices=1, data_dir=str(tmp_path / "tfds")
+    )
+    with tfds.testing.mock_data(num_examples=24):
+        result = train.train_and_evaluate(cfg, tmp_path / "work")
+    assert result["step"] == 2
+    assert np.isfinite(result["train_loss"])
+    assert 0.0 <= result["eval_accuracy"] <= 1.0
+
+
+def test_memory_report_shows_savings():
+    cfg = dataclasses.replace(TINY, twin_model="resnet_tiny", batch_size=32)
+    mem = train.train_step_memory(cfg, 10, 1, (16, 16, 1))
+    assert mem["model"] < mem["model_plain"]
+    report = train.format_memory_report(mem, cfg)
+    assert "memory saving off" in report and "resnet_tiny" in report
+
+
+def test_entry_point_quick(tmp_path, capsys):
+    from experiments.train import main
+
+    main(["--config", "digits", "--quick", "--workdir", str(tmp_path), "--set", "num_devices=1"])
+    out = capsys.readouterr().out
+    summary = json.loads(out[out.index("{") :])
+    assert summary["step"] == 2 and summary["dataset"] == "digits"
+    with pytest.raises(SystemExit, match="Unknown config 'nope'"):
+        main(["--config", "nope", "--workdir", str(tmp_path)])
