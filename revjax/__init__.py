@@ -15,10 +15,44 @@ from revjax._core import merge_halves as merge_halves
 from revjax._core import relative_error as relative_error
 from revjax._core import reversible_sequence as reversible_sequence
 from revjax._core import split_halves as split_halves
+from revjax.models import ResNet as ResNet
+from revjax.models import RevNet as RevNet
+from revjax.models import apply as apply
+from revjax.models import count_params as count_params
+from revjax.models import functional as functional
+from revjax.models import resnet32 as resnet32
+from revjax.models import resnet50 as resnet50
+from revjax.models import resnet101 as resnet101
+from revjax.models import resnet110 as resnet110
+from revjax.models import resnet164 as resnet164
+from revjax.models import resnet_tiny as resnet_tiny
+from revjax.models import revnet38 as revnet38
+from revjax.models import revnet56 as revnet56
+from revjax.models import revnet104 as revnet104
+from revjax.models import revnet110 as revnet110
+from revjax.models import revnet164 as revnet164
+from revjax.models import revnet_tiny as revnet_tiny
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ResNet",
+    "RevNet",
+    "apply",
+    "count_params",
+    "functional",
+    "resnet32",
+    "resnet50",
+    "resnet101",
+    "resnet110",
+    "resnet164",
+    "resnet_tiny",
+    "revnet38",
+    "revnet56",
+    "revnet104",
+    "revnet110",
+    "revnet164",
+    "revnet_tiny",
     "Coupling",
     "additive_coupling",
     "affine_coupling",

@@ -194,10 +194,10 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
 def build_model(name: str, overrides: Mapping[str, Any], num_classes: int, in_channels: int,
                 seed: int) -> nnx.Module:
     """Builds a preset of `revjax.models` by name."""
-    preset = getattr(models, name, None)
-    if preset is None or not callable(preset) or name.startswith("_"):
-        known = [n for n in models.PRESETS] if hasattr(models, "PRESETS") else []
-        raise ValueError(f"Unknown model preset {name!r}. Known presets: {', '.join(known)}.")
+    presets = [n for n in models.__all__ if n[:6] in ("revnet", "resnet")]
+    if name not in presets:
+        raise ValueError(f"Unknown model preset {name!r}. Known presets: {', '.join(presets)}.")
+    preset = getattr(models, name)
     overrides = dict(overrides)
     overrides.setdefault("in_channels", in_channels)
     return preset(num_classes, rngs=nnx.Rngs(seed), **overrides)

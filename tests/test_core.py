@@ -484,6 +484,21 @@ def test_public_api():
         "relative_error",
         "reversible_sequence",
         "split_halves",
+        "RevNet",
+        "ResNet",
+        "functional",
+        "apply",
+        "count_params",
+        "revnet38",
+        "revnet110",
+        "revnet164",
+        "revnet104",
+        "revnet56",
+        "resnet32",
+        "resnet110",
+        "resnet164",
+        "resnet101",
+        "resnet50",
     }
     assert expected <= set(revjax.__all__)
     for name in revjax.__all__:

@@ -1,0 +1,552 @@
+"""Building blocks of the model zoo: residual functions, shortcuts, units and stages.
+
+Everything follows the official RevNet code (renmengye/revnet-public, ``resnet_model.py`` and
+``revnet_model.py``):
+
+* residual functions are pre-activation (BN -> ReLU -> conv), convs have no bias and are
+  initialised with a truncated normal of std ``sqrt(2 / (k * k * out))``;
+* the first unit of every stage (the "entry" unit) may change stride and width; its shortcuts
+  are downsampled (basic: average pool then zero-pad channels evenly on both sides;
+  bottleneck: a strided 1x1 projection conv). The official code stores the input of every
+  entry unit, also in the first stage, and rebuilds only the other units: so do we;
+* a RevNet stage runs its remaining units through one `reversible_sequence` whose F and G
+  parameters are stacked on a leading axis (the NNX scan-over-layers pattern); a ResNet stage
+  runs its remaining units through one ``lax.scan`` over the same kind of stack.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+
+from revjax._core import default_unroll, reversible_sequence
+
+Array = jax.Array
+Dtype = Any
+
+BLOCKS = ("basic", "bottleneck")
+
+
+# --------------------------------------------------------------------------------------------
+# Layers
+# --------------------------------------------------------------------------------------------
+
+
+def conv_init(kernel_size: int, out_features: int) -> Callable:
+    """The official conv initialiser: truncated normal (at 2 std), std sqrt(2 / (k*k*out))."""
+    return nnx.initializers.truncated_normal(
+        stddev=math.sqrt(2.0 / (kernel_size * kernel_size * out_features))
+    )
+
+
+class LayerConfig:
+    """Options shared by every layer of one network (BatchNorm settings, dtypes, init).
+
+    Kept as a plain object (not a Module) so it is static: it lands in the GraphDef, never in
+    the parameter State.
+    """
+
+    def __init__(
+        self,
+        *,
+        bn_momentum: float = 0.99,
+        bn_epsilon: float = 1e-3,
+        zero_init_last_bn: bool = False,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+    ):
+        self.bn_momentum = bn_momentum
+        self.bn_epsilon = bn_epsilon
+        self.zero_init_last_bn = zero_init_last_bn
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+
+    def conv(
+        self, in_features: int, out_features: int, kernel_size: int, stride: int, rngs: nnx.Rngs
+    ) -> nnx.Conv:
+        """A bias-free SAME-padded conv with the official initialiser."""
+        return nnx.Conv(
+            in_features,
+            out_features,
+            (kernel_size, kernel_size),
+            strides=stride,
+            padding="SAME",
+            use_bias=False,
+            kernel_init=conv_init(kernel_size, out_features),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            rngs=rngs,
+        )
+
+    def batch_norm(self, features: int, rngs: nnx.Rngs, *, zero_scale: bool = False):
+        """BatchNorm as in the official configs (decay 0.99, epsilon 1e-3).
+
+        ``use_fast_variance=False``: the fast E[x^2] - E[x]^2 form loses ~1e-4 relative in
+        float32, which BatchNorm then amplifies in the rebuilt activations (NOTES.md).
+        """
+        bn = nnx.BatchNorm(
+            features,
+            momentum=self.bn_momentum,
+            epsilon=self.bn_epsilon,
+            use_fast_variance=False,
+            scale_init=nnx.initializers.zeros if zero_scale else nnx.initializers.ones,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            rngs=rngs,
+        )
+        # Flax keeps running averages in float32 whatever param_dtype is; a float64 model's
+        # float64 batch statistics would then be written into float32 buffers (a lossy scatter
+        # that JAX warns about). Keep them in param_dtype, but never below float32.
+        stats_dtype = self.param_dtype if jnp.finfo(self.param_dtype).bits >= 32 else jnp.float32
+        if bn.mean.dtype != stats_dtype:
+            bn.mean = nnx.BatchStat(bn.mean[...].astype(stats_dtype))
+            bn.var = nnx.BatchStat(bn.var[...].astype(stats_dtype))
+        return bn
+
+
+def _bn_relu(bn: nnx.BatchNorm, x: Array, train: bool) -> Array:
+    return jax.nn.relu(bn(x, use_running_average=not train))
+
+
+# --------------------------------------------------------------------------------------------
+# Residual functions
+# --------------------------------------------------------------------------------------------
+
+
+class BasicFunction(nnx.Module):
+    """Pre-activation basic residual function: (BN -> ReLU -> conv3x3) x 2.
+
+    Args:
+      in_features: input channels.
+      out_features: output channels.
+      stride: stride of the first conv.
+      preact: apply the leading BN-ReLU. False only for the network's very first unit, whose
+        input was just activated by the stem.
+      config: shared layer options.
+      rngs: initialisation keys.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        stride: int = 1,
+        preact: bool = True,
+        config: LayerConfig,
+        rngs: nnx.Rngs,
+    ):
+        self.bn1 = config.batch_norm(in_features, rngs) if preact else None
+        self.conv1 = config.conv(in_features, out_features, 3, stride, rngs)
+        self.bn2 = config.batch_norm(out_features, rngs, zero_scale=config.zero_init_last_bn)
+        self.conv2 = config.conv(out_features, out_features, 3, 1, rngs)
+
+    def __call__(self, x: Array, *, train: bool) -> Array:
+        """Applies the function. x: [N, H, W, in] -> [N, H/stride, W/stride, out]."""
+        h = x if self.bn1 is None else _bn_relu(self.bn1, x, train)
+        h = self.conv1(h)
+        h = _bn_relu(self.bn2, h, train)
+        return self.conv2(h)
+
+
+class BottleneckFunction(nnx.Module):
+    """Pre-activation bottleneck residual function.
+
+    BN -> ReLU -> conv1x1 (out/4, strided) -> BN -> ReLU -> conv3x3 (out/4) -> BN -> ReLU ->
+    conv1x1 (out). Args as `BasicFunction`.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        stride: int = 1,
+        preact: bool = True,
+        config: LayerConfig,
+        rngs: nnx.Rngs,
+    ):
+        mid = out_features // 4
+        self.bn1 = config.batch_norm(in_features, rngs) if preact else None
+        self.conv1 = config.conv(in_features, mid, 1, stride, rngs)
+        self.bn2 = config.batch_norm(mid, rngs)
+        self.conv2 = config.conv(mid, mid, 3, 1, rngs)
+        self.bn3 = config.batch_norm(mid, rngs, zero_scale=config.zero_init_last_bn)
+        self.conv3 = config.conv(mid, out_features, 1, 1, rngs)
+
+    def __call__(self, x: Array, *, train: bool) -> Array:
+        """Applies the function. x: [N, H, W, in] -> [N, H/stride, W/stride, out]."""
+        h = x if self.bn1 is None else _bn_relu(self.bn1, x, train)
+        h = self.conv1(h)  # [N, H/s, W/s, out/4]
+        h = self.conv2(_bn_relu(self.bn2, h, train))
+        return self.conv3(_bn_relu(self.bn3, h, train))
+
+
+def residual_function(block: str, *args, **kwargs) -> nnx.Module:
+    """Builds the residual function of a block type (``'basic'`` or ``'bottleneck'``)."""
+    if block == "basic":
+        return BasicFunction(*args, **kwargs)
+    if block == "bottleneck":
+        return BottleneckFunction(*args, **kwargs)
+    raise ValueError(f"Unknown block {block!r}: use one of {BLOCKS}.")
+
+
+# --------------------------------------------------------------------------------------------
+# Shortcuts
+# --------------------------------------------------------------------------------------------
+
+
+def pool_pad(x: Array, stride: int, out_features: int) -> Array:
+    """Parameter-free basic shortcut: average pool by ``stride``, zero-pad channels evenly.
+
+    Pools with SAME padding that does not count the padding, so odd sizes give the same
+    spatial shape as the strided SAME conv in F (even sizes: identical to VALID pooling).
+    """
+    if stride > 1:
+        x = nnx.avg_pool(
+            x, (stride, stride), strides=(stride, stride), padding="SAME", count_include_pad=False
+        )
+    extra = out_features - x.shape[-1]
+    if extra:
+        x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+    return x  # [N, H/s, W/s, out]
+
+
+class Shortcut(nnx.Module):
+    """Shortcut of an entry unit: identity, pool-and-pad (basic) or 1x1 projection (bottleneck).
+
+    Args:
+      block: ``'basic'`` or ``'bottleneck'``.
+      in_features: input channels.
+      out_features: output channels.
+      stride: spatial stride.
+      config: shared layer options.
+      rngs: initialisation keys.
+    """
+
+    def __init__(
+        self,
+        block: str,
+        in_features: int,
+        out_features: int,
+        *,
+        stride: int,
+        config: LayerConfig,
+        rngs: nnx.Rngs,
+    ):
+        self.stride = stride
+        self.out_features = out_features
+        changes = stride != 1 or in_features != out_features
+        if block == "bottleneck" and changes:
+            self.project = config.conv(in_features, out_features, 1, stride, rngs)
+        else:
+            self.project = None
+
+    def __call__(self, x: Array) -> Array:
+        """Maps x: [N, H, W, in] to [N, H/stride, W/stride, out]."""
+        if self.project is not None:
+            return self.project(x)
+        return pool_pad(x, self.stride, self.out_features)
+
+
+# --------------------------------------------------------------------------------------------
+# Units
+# --------------------------------------------------------------------------------------------
+
+
+class ResUnit(nnx.Module):
+    """An ordinary pre-activation residual unit: ``y = shortcut(x) + F(x)``.
+
+    Args:
+      block: ``'basic'`` or ``'bottleneck'``.
+      in_features: input channels.
+      out_features: output channels.
+      stride: spatial stride (carried by F and the shortcut).
+      preact: whether F starts with BN-ReLU (False for the network's first unit only).
+      config: shared layer options.
+      rngs: initialisation keys.
+    """
+
+    def __init__(
+        self,
+        block: str,
+        in_features: int,
+        out_features: int,
+        *,
+        stride: int = 1,
+        preact: bool = True,
+        config: LayerConfig,
+        rngs: nnx.Rngs,
+    ):
+        self.f = residual_function(
+            block, in_features, out_features, stride=stride, preact=preact, config=config, rngs=rngs
+        )
+        self.shortcut = Shortcut(
+            block, in_features, out_features, stride=stride, config=config, rngs=rngs
+        )
+
+    def __call__(self, x: Array, *, train: bool) -> Array:
+        """Applies the unit. x: [N, H, W, in] -> [N, H/stride, W/stride, out]."""
+        return self.shortcut(x) + self.f(x, train=train)
+
+
+class RevEntryUnit(nnx.Module):
+    """The first unit of a RevNet stage, on halves; not reversible (its input is stored).
+
+    ``y1 = S1(x1) + F(x2)``, ``y2 = S2(x2) + G(y1)``: F carries the stride and the width change
+    and both shortcuts S1, S2 are downsampled, so the input cannot be rebuilt from the output.
+
+    Args:
+      block: ``'basic'`` or ``'bottleneck'``.
+      in_features: total input channels (each half gets half).
+      out_features: total output channels.
+      stride: spatial stride.
+      preact: whether F starts with BN-ReLU (False for the network's first unit only).
+      config: shared layer options.
+      rngs: initialisation keys.
+    """
+
+    def __init__(
+        self,
+        block: str,
+        in_features: int,
+        out_features: int,
+        *,
+        stride: int = 1,
+        preact: bool = True,
+        config: LayerConfig,
+        rngs: nnx.Rngs,
+    ):
+        cin, cout = in_features // 2, out_features // 2
+        self.f = residual_function(
+            block, cin, cout, stride=stride, preact=preact, config=config, rngs=rngs
+        )
+        self.g = residual_function(block, cout, cout, config=config, rngs=rngs)
+        self.shortcut1 = Shortcut(block, cin, cout, stride=stride, config=config, rngs=rngs)
+        self.shortcut2 = Shortcut(block, cin, cout, stride=stride, config=config, rngs=rngs)
+
+    def __call__(self, x1: Array, x2: Array, *, train: bool) -> tuple[Array, Array]:
+        """Applies the unit to halves [N, H, W, in/2] -> halves [N, H/s, W/s, out/2]."""
+        y1 = self.shortcut1(x1) + self.f(x2, train=train)
+        y2 = self.shortcut2(x2) + self.g(y1, train=train)
+        return y1, y2
+
+
+# --------------------------------------------------------------------------------------------
+# Stacking and pure calls
+# --------------------------------------------------------------------------------------------
+
+
+def stacked(n: int, make: Callable[[nnx.Rngs], nnx.Module], rngs: nnx.Rngs) -> nnx.Module:
+    """Builds ``n`` copies of a module with independent weights, stacked on a leading axis.
+
+    The NNX scan-over-layers pattern: every Param and BatchStat of the result has a leading
+    axis of length n, and slice i is the i-th unit.
+    """
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def build(rngs: nnx.Rngs) -> nnx.Module:
+        return make(rngs)
+
+    return build(rngs)
+
+
+def pure_call(graphdef: nnx.GraphDef) -> Callable:
+    """A pure ``(state, *args) -> (output, new_batch_stats)`` version of a module's call.
+
+    ``copy=True``: without it the merged module's BatchNorm writes into the caller's State,
+    which fails under `jax.vjp` / `jax.jit` (a mutation from another trace level).
+    """
+
+    def call(state: nnx.State, *args, **kwargs):
+        m = nnx.merge(graphdef, state, copy=True)
+        out = m(*args, **kwargs)
+        return out, nnx.state(m, nnx.BatchStat)
+
+    return call
+
+
+def call_rematerialised(module: nnx.Module, *args, train: bool) -> Any:
+    """Calls ``module`` under `jax.checkpoint`: its activations are recomputed in the backward.
+
+    The forward's new batch statistics are written back once; the recomputation's are dropped
+    (it sees the same batch, so it normalises identically).
+    """
+    graphdef, state = nnx.split(module)
+    call = pure_call(graphdef)
+    out, new_stats = jax.checkpoint(lambda s, *a: call(s, *a, train=train))(state, *args)
+    if train:
+        nnx.update(module, new_stats)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Stages
+# --------------------------------------------------------------------------------------------
+
+
+class RevStage(nnx.Module):
+    """A RevNet stage: one entry unit, then ``units - 1`` reversible units with stacked weights.
+
+    Args:
+      block: ``'basic'`` or ``'bottleneck'``.
+      units: number of units (entry unit included), at least 1.
+      in_features: total input channels.
+      out_features: total output channels.
+      stride: stride of the entry unit.
+      first: whether this is the network's first stage (its entry F skips the BN-ReLU).
+      config: shared layer options.
+      rngs: initialisation keys.
+    """
+
+    def __init__(
+        self,
+        block: str,
+        units: int,
+        in_features: int,
+        out_features: int,
+        *,
+        stride: int,
+        first: bool,
+        config: LayerConfig,
+        rngs: nnx.Rngs,
+    ):
+        self.entry = RevEntryUnit(
+            block,
+            in_features,
+            out_features,
+            stride=stride,
+            preact=not first,
+            config=config,
+            rngs=rngs,
+        )
+        half = out_features // 2
+        make = lambda r: residual_function(block, half, half, config=config, rngs=r)
+        self.num_reversible = units - 1
+        if self.num_reversible:
+            self.f = stacked(self.num_reversible, make, rngs)
+            self.g = stacked(self.num_reversible, make, rngs)
+        else:
+            self.f = self.g = None
+
+    def __call__(
+        self,
+        x1: Array,
+        x2: Array,
+        *,
+        train: bool,
+        memory_saving: bool = True,
+        remat_entry: bool = False,
+        unroll: int | bool | None = None,
+    ) -> tuple[Array, Array]:
+        """Applies the stage to halves [N, H, W, in/2] -> [N, H/s, W/s, out/2].
+
+        Args:
+          x1: first half of the input.
+          x2: second half of the input.
+          train: batch statistics (and one running-average update) vs running averages.
+          memory_saving: rebuild activations in the backward (custom VJP) vs plain autodiff.
+          remat_entry: recompute the entry unit's activations in the backward.
+          unroll: scan unroll of the reversible units (None: `default_unroll`).
+        """
+        if remat_entry:
+            y1, y2 = call_rematerialised(self.entry, x1, x2, train=train)
+        else:
+            y1, y2 = self.entry(x1, x2, train=train)
+        if not self.num_reversible:
+            return y1, y2
+        f_def, f_state = nnx.split(self.f)
+        g_def, g_state = nnx.split(self.g)
+        f_call, g_call = pure_call(f_def), pure_call(g_def)
+        (y1, y2), (f_stats, g_stats) = reversible_sequence(
+            lambda p, x: f_call(p, x, train=train),
+            lambda p, x: g_call(p, x, train=train),
+            f_state,
+            g_state,
+            y1,
+            y2,
+            has_aux=True,
+            memory_saving=memory_saving,
+            unroll=unroll,
+        )
+        if train:
+            # The forward's statistics, stacked over units: one update per call, as plain.
+            nnx.update(self.f, f_stats)
+            nnx.update(self.g, g_stats)
+        return y1, y2
+
+
+class ResStage(nnx.Module):
+    """A ResNet stage: one entry unit, then ``units - 1`` ordinary units with stacked weights.
+
+    Args as `RevStage`; widths are the unit's full channel counts.
+    """
+
+    def __init__(
+        self,
+        block: str,
+        units: int,
+        in_features: int,
+        out_features: int,
+        *,
+        stride: int,
+        first: bool,
+        config: LayerConfig,
+        rngs: nnx.Rngs,
+    ):
+        self.entry = ResUnit(
+            block,
+            in_features,
+            out_features,
+            stride=stride,
+            preact=not first,
+            config=config,
+            rngs=rngs,
+        )
+        make = lambda r: ResUnit(block, out_features, out_features, config=config, rngs=r)
+        self.num_stacked = units - 1
+        self.units = stacked(self.num_stacked, make, rngs) if self.num_stacked else None
+
+    def __call__(
+        self,
+        x: Array,
+        *,
+        train: bool,
+        remat_units: bool = False,
+        unroll: int | bool | None = None,
+    ) -> Array:
+        """Applies the stage: x [N, H, W, in] -> [N, H/s, W/s, out].
+
+        Args:
+          x: input activations.
+          train: batch statistics (and one running-average update) vs running averages.
+          remat_units: `jax.checkpoint` every unit (each stores only its input).
+          unroll: scan unroll of the stacked units (None: `default_unroll`).
+        """
+        if remat_units:
+            h = call_rematerialised(self.entry, x, train=train)
+        else:
+            h = self.entry(x, train=train)
+        if not self.num_stacked:
+            return h
+        graphdef, state = nnx.split(self.units)
+        call = pure_call(graphdef)
+
+        def body(carry, unit_state):
+            return call(unit_state, carry, train=train)
+
+        if remat_units:
+            body = jax.checkpoint(body)
+        if unroll is None:
+            unroll = default_unroll(self.num_stacked)
+        h, new_stats = lax.scan(body, h, state, unroll=unroll)
+        if train:
+            nnx.update(self.units, new_stats)
+        return h

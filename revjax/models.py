@@ -1,0 +1,607 @@
+"""The model zoo: `RevNet` and its `ResNet` twin as Flax NNX modules, with the paper's presets.
+
+Architecture of the official code (renmengye/revnet-public), see `revjax._blocks`::
+
+    stem   CIFAR:    conv3x3 (stride 1) -> BN -> ReLU
+           ImageNet: conv7x7 (stride 2) -> BN -> ReLU -> maxpool 3x3 / 2
+    stage  entry unit (may stride / widen; stores its input)
+           + (units - 1) units: reversible (RevNet, one `reversible_sequence`) or ordinary
+    head   BN -> ReLU -> global average pool -> dense
+
+Widths are total channels (each RevNet half gets half); bottleneck models multiply the stage
+widths (not the stem's) by 4.
+
+Parameter counts, derived from these rules (``k*k*in*out`` per conv, ``2*c`` per BN, the dense
+layer ``C*classes + classes``) and checked in ``tests/test_models.py``; e.g. ``revnet38`` on
+CIFAR-10:
+
+* stem: 3*3*3*32 + 2*32 = 928;
+* stage 1 (halves 16): the entry unit's F skips its leading BN (the stem just activated the
+  input): 9*16*16 + 32 + 9*16*16 = 4640; its G and the other 2 units' F and G are full basic
+  functions, 32 + 4640 = 4672 each: 4640 + 5 * 4672 = 28,000;
+* stage 2 (halves 16 -> 32, shortcuts pool-and-pad, no parameters): entry F 32 + 9*16*32 + 64 +
+  9*32*32 = 14,432, then 5 full functions of 32 -> 32 at 64 + 2*9216 + 64 = 18,560: 107,232;
+* stage 3 (halves 32 -> 56): entry F 64 + 9*32*56 + 112 + 9*56*56 = 44,528, then 5 functions of
+  56 -> 56 at 112 + 2*28,224 + 112 = 56,672: 327,888;
+* head: BN 2*112 = 224, dense 112*10 + 10 = 1130;
+* total 928 + 28,000 + 107,232 + 327,888 + 224 + 1130 = 464,890 (the table's figure).
+
+Bottleneck RevNets add, in each entry unit whose stride or width changes (every stage's, the
+first included since the stem is narrower than the stage), one 1x1 projection conv per half.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from revjax._blocks import BLOCKS, LayerConfig, ResStage, RevStage
+from revjax._core import merge_halves, split_halves
+
+Array = jax.Array
+Dtype = Any
+
+STEMS = ("cifar", "imagenet")
+
+__all__ = [
+    "ResNet",
+    "RevNet",
+    "apply",
+    "count_params",
+    "functional",
+    "resnet32",
+    "resnet50",
+    "resnet101",
+    "resnet110",
+    "resnet164",
+    "resnet_tiny",
+    "revnet38",
+    "revnet56",
+    "revnet104",
+    "revnet110",
+    "revnet164",
+    "revnet_tiny",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Stem and head
+# --------------------------------------------------------------------------------------------
+
+
+class Stem(nnx.Module):
+    """CIFAR stem (conv3x3 -> BN -> ReLU) or ImageNet stem (conv7x7/2 -> BN -> ReLU -> maxpool).
+
+    Args:
+      kind: ``'cifar'`` or ``'imagenet'``.
+      in_channels: image channels.
+      width: output channels.
+      config: shared layer options.
+      rngs: initialisation keys.
+    """
+
+    def __init__(
+        self, kind: str, in_channels: int, width: int, *, config: LayerConfig, rngs: nnx.Rngs
+    ):
+        self.kind = kind
+        if kind == "cifar":
+            self.conv = config.conv(in_channels, width, 3, 1, rngs)
+        else:
+            self.conv = config.conv(in_channels, width, 7, 2, rngs)
+        self.bn = config.batch_norm(width, rngs)
+
+    def __call__(self, x: Array, *, train: bool) -> Array:
+        """Maps images [N, H, W, in] to [N, H', W', width] (H' = H/4 for ImageNet)."""
+        h = jax.nn.relu(self.bn(self.conv(x), use_running_average=not train))
+        if self.kind == "imagenet":
+            h = nnx.max_pool(h, (3, 3), strides=(2, 2), padding="SAME")
+        return h
+
+
+class Head(nnx.Module):
+    """BN -> ReLU -> global average pool -> dense (uniform unit-scaling init, zero bias).
+
+    Args:
+      width: input channels.
+      num_classes: number of logits.
+      config: shared layer options.
+      rngs: initialisation keys.
+    """
+
+    def __init__(self, width: int, num_classes: int, *, config: LayerConfig, rngs: nnx.Rngs):
+        self.bn = config.batch_norm(width, rngs)
+        # The official "uniform_scaling" with factor 1: U(-sqrt(3/fan_in), +sqrt(3/fan_in)).
+        self.dense = nnx.Linear(
+            width,
+            num_classes,
+            kernel_init=nnx.initializers.variance_scaling(1.0, "fan_in", "uniform"),
+            bias_init=nnx.initializers.zeros,
+            dtype=config.dtype,
+            param_dtype=config.param_dtype,
+            rngs=rngs,
+        )
+
+    def __call__(self, x: Array, *, train: bool) -> Array:
+        """Maps features [N, H, W, width] to logits [N, num_classes]."""
+        h = jax.nn.relu(self.bn(x, use_running_average=not train))
+        return self.dense(jnp.mean(h, axis=(1, 2)))  # [N, width] -> [N, classes]
+
+
+# --------------------------------------------------------------------------------------------
+# Networks
+# --------------------------------------------------------------------------------------------
+
+
+def _default_strides(num_stages: int) -> tuple[int, ...]:
+    return (1,) + (2,) * (num_stages - 1)
+
+
+class _Network(nnx.Module):
+    """What RevNet and ResNet share: configuration checks, stem, head and input checks."""
+
+    def _setup(
+        self,
+        units_per_stage: Sequence[int],
+        widths: Sequence[int],
+        *,
+        block: str,
+        stem: str,
+        num_classes: int,
+        in_channels: int,
+        strides: Sequence[int] | None,
+        unroll: int | bool | None,
+        dtype: Dtype | None,
+        param_dtype: Dtype,
+        bn_momentum: float,
+        bn_epsilon: float,
+        zero_init_last_bn: bool,
+        halves: bool,
+        rngs: nnx.Rngs,
+    ) -> tuple[LayerConfig, list[tuple[int, int, int, int]]]:
+        """Checks the configuration, builds stem and head; returns per-stage (units, in, out, s)."""
+        name = type(self).__name__
+        units_per_stage = tuple(int(u) for u in units_per_stage)
+        widths = tuple(int(w) for w in widths)
+        if block not in BLOCKS:
+            raise ValueError(f"{name}: unknown block {block!r}; use one of {BLOCKS}.")
+        if stem not in STEMS:
+            raise ValueError(f"{name}: unknown stem {stem!r}; use one of {STEMS}.")
+        if not units_per_stage or min(units_per_stage) < 1:
+            raise ValueError(
+                f"{name}: units_per_stage must list at least one stage of >= 1 unit, got "
+                f"{units_per_stage}."
+            )
+        if len(widths) != len(units_per_stage) + 1:
+            raise ValueError(
+                f"{name}: widths lists the stem width then one width per stage, so it needs "
+                f"{len(units_per_stage) + 1} entries for units_per_stage={units_per_stage}; got "
+                f"{widths}."
+            )
+        strides = _default_strides(len(units_per_stage)) if strides is None else tuple(strides)
+        if len(strides) != len(units_per_stage):
+            raise ValueError(
+                f"{name}: strides needs one entry per stage ({len(units_per_stage)}), got "
+                f"{strides}."
+            )
+        mult = 4 if block == "bottleneck" else 1
+        stage_widths = [w * mult for w in widths[1:]]
+        channels = [widths[0], *stage_widths]
+        split = 2 if halves else 1
+        for c in channels:
+            if c % split:
+                raise ValueError(
+                    f"{name}: every width must be even, since each reversible half gets half "
+                    f"the channels; got widths {channels} (bottleneck stage widths x4)."
+                )
+        if block == "bottleneck":
+            for c in stage_widths:
+                if (c // split) % 4:
+                    raise ValueError(
+                        f"{name}: bottleneck functions narrow to a quarter of their output, so "
+                        f"each stage width{' per half' if halves else ''} must be divisible by "
+                        f"4; got stage widths {stage_widths}."
+                    )
+        else:
+            for c_in, c_out in zip(channels, stage_widths):
+                if c_out < c_in:
+                    raise ValueError(
+                        f"{name}: basic shortcuts zero-pad channels, so widths may not shrink "
+                        f"from one stage to the next; got {channels}."
+                    )
+
+        self.block = block
+        self.units_per_stage = units_per_stage
+        self.widths = widths
+        self.strides = strides
+        self.num_classes = num_classes
+        self.in_channels = in_channels
+        self.unroll = unroll
+        self.dtype = param_dtype if dtype is None else dtype
+        self.param_dtype = param_dtype
+        config = LayerConfig(
+            bn_momentum=bn_momentum,
+            bn_epsilon=bn_epsilon,
+            zero_init_last_bn=zero_init_last_bn,
+            dtype=self.dtype,
+            param_dtype=param_dtype,
+        )
+        self.stem = Stem(stem, in_channels, widths[0], config=config, rngs=rngs)
+        self.head = Head(channels[-1], num_classes, config=config, rngs=rngs)
+        plan = [
+            (units, c_in, c_out, stride)
+            for units, c_in, c_out, stride in zip(units_per_stage, channels, stage_widths, strides)
+        ]
+        return config, plan
+
+    def _check_input(self, x: Array) -> Array:
+        """Validates an image batch and casts it to the compute dtype."""
+        name = type(self).__name__
+        if jnp.ndim(x) != 4:
+            raise ValueError(
+                f"{name} expects NHWC images of rank 4 [batch, height, width, channels]; got "
+                f"shape {jnp.shape(x)}. Add a batch axis (x[None]) for a single image."
+            )
+        if x.shape[-1] != self.in_channels:
+            raise ValueError(
+                f"{name} was built for in_channels={self.in_channels} but the input has "
+                f"{x.shape[-1]} channels (shape {x.shape}). Inputs are NHWC (channels last): "
+                "transpose NCHW data with x.transpose(0, 2, 3, 1), or build the model with "
+                f"in_channels={x.shape[-1]}."
+            )
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(
+                f"{name} expects floating-point images; got dtype {x.dtype}. Cast to float "
+                "first, e.g. x.astype(jnp.float32) / 255."
+            )
+        return x.astype(self.dtype)
+
+    def _logits(self, h: Array, train: bool) -> Array:
+        logits = self.head(h, train=train)
+        # Half-precision compute still returns float32 logits, for a stable softmax.
+        if jnp.finfo(self.dtype).bits < 32:
+            logits = logits.astype(jnp.float32)
+        return logits
+
+
+class RevNet(_Network):
+    """Reversible residual network (Gomez et al., 2017) on NHWC images.
+
+    Each stage: one entry unit (stride / width change; stores its input, optionally
+    rematerialised), then ``units - 1`` reversible units through one `reversible_sequence`
+    whose backward rebuilds their activations instead of storing them.
+
+    Args:
+      units_per_stage: units per stage (the entry unit included), e.g. ``(3, 3, 3)``.
+      widths: total channels ``[stem, stage 1, ...]``; bottleneck stage widths are multiplied
+        by 4 (the stem's is not), as in the official configs.
+      block: ``'basic'`` or ``'bottleneck'``.
+      stem: ``'cifar'`` (conv3x3) or ``'imagenet'`` (conv7x7/2 + maxpool).
+      num_classes: number of logits.
+      in_channels: image channels.
+      strides: per-stage stride of the entry unit; default ``(1, 2, 2, ...)``.
+      memory_saving: rebuild activations in the backward (custom VJP); False runs the same
+        parameters through plain autodiff. Also settable as an attribute.
+      remat_transitions: `jax.checkpoint` the entry units, so they store only their input.
+      zero_init_last_bn: zero-initialise the scale of each residual function's last BN (every
+        unit starts as the identity); not the paper's default.
+      unroll: scan unroll of reversible units; None: full on CPU, rolled on GPU/TPU.
+      dtype: compute dtype (default: ``param_dtype``); inputs are cast to it.
+      param_dtype: parameter dtype.
+      bn_momentum: BatchNorm running-average decay.
+      bn_epsilon: BatchNorm epsilon.
+      rngs: initialisation keys (``params`` stream).
+    """
+
+    def __init__(
+        self,
+        units_per_stage: Sequence[int],
+        widths: Sequence[int],
+        *,
+        block: str = "basic",
+        stem: str = "cifar",
+        num_classes: int = 10,
+        in_channels: int = 3,
+        strides: Sequence[int] | None = None,
+        memory_saving: bool = True,
+        remat_transitions: bool = False,
+        zero_init_last_bn: bool = False,
+        unroll: int | bool | None = None,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        bn_momentum: float = 0.99,
+        bn_epsilon: float = 1e-3,
+        rngs: nnx.Rngs,
+    ):
+        config, plan = self._setup(
+            units_per_stage,
+            widths,
+            block=block,
+            stem=stem,
+            num_classes=num_classes,
+            in_channels=in_channels,
+            strides=strides,
+            unroll=unroll,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            bn_momentum=bn_momentum,
+            bn_epsilon=bn_epsilon,
+            zero_init_last_bn=zero_init_last_bn,
+            halves=True,
+            rngs=rngs,
+        )
+        self.memory_saving = memory_saving
+        self.remat_transitions = remat_transitions
+        self.stages = nnx.List(
+            [
+                RevStage(
+                    block, units, c_in, c_out, stride=stride, first=i == 0, config=config, rngs=rngs
+                )
+                for i, (units, c_in, c_out, stride) in enumerate(plan)
+            ]
+        )
+
+    def __call__(self, x: Array, *, train: bool) -> Array:
+        """Computes logits.
+
+        Args:
+          x: images [N, H, W, in_channels], floating point.
+          train: True: BatchNorm uses batch statistics and updates its running averages once;
+            False: it uses the running averages and nothing changes.
+
+        Returns:
+          logits [N, num_classes] (float32 for half-precision compute).
+
+        Raises:
+          ValueError: for a rank other than 4, a wrong channel count or an integer dtype.
+        """
+        h = self.stem(self._check_input(x), train=train)
+        h1, h2 = split_halves(h)  # [N, H, W, C/2] each
+        for stage in self.stages:
+            h1, h2 = stage(
+                h1,
+                h2,
+                train=train,
+                memory_saving=self.memory_saving,
+                remat_entry=self.remat_transitions,
+                unroll=self.unroll,
+            )
+        return self._logits(merge_halves(h1, h2), train)
+
+
+class ResNet(_Network):
+    """Pre-activation ResNet, the RevNet's twin: same blocks, ordinary residual units.
+
+    Args as `RevNet`, without ``memory_saving`` / ``remat_transitions``, plus:
+      remat_units: `jax.checkpoint` every unit (each stores only its input); a baseline for
+        the memory benchmark. Also settable as an attribute.
+    """
+
+    def __init__(
+        self,
+        units_per_stage: Sequence[int],
+        widths: Sequence[int],
+        *,
+        block: str = "basic",
+        stem: str = "cifar",
+        num_classes: int = 10,
+        in_channels: int = 3,
+        strides: Sequence[int] | None = None,
+        remat_units: bool = False,
+        zero_init_last_bn: bool = False,
+        unroll: int | bool | None = None,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        bn_momentum: float = 0.99,
+        bn_epsilon: float = 1e-3,
+        rngs: nnx.Rngs,
+    ):
+        config, plan = self._setup(
+            units_per_stage,
+            widths,
+            block=block,
+            stem=stem,
+            num_classes=num_classes,
+            in_channels=in_channels,
+            strides=strides,
+            unroll=unroll,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            bn_momentum=bn_momentum,
+            bn_epsilon=bn_epsilon,
+            zero_init_last_bn=zero_init_last_bn,
+            halves=False,
+            rngs=rngs,
+        )
+        self.remat_units = remat_units
+        self.stages = nnx.List(
+            [
+                ResStage(
+                    block, units, c_in, c_out, stride=stride, first=i == 0, config=config, rngs=rngs
+                )
+                for i, (units, c_in, c_out, stride) in enumerate(plan)
+            ]
+        )
+
+    def __call__(self, x: Array, *, train: bool) -> Array:
+        """Computes logits; arguments, return value and errors as `RevNet.__call__`."""
+        h = self.stem(self._check_input(x), train=train)
+        for stage in self.stages:
+            h = stage(h, train=train, remat_units=self.remat_units, unroll=self.unroll)
+        return self._logits(h, train)
+
+
+# --------------------------------------------------------------------------------------------
+# Pure functional path (for jit-compiled training steps)
+# --------------------------------------------------------------------------------------------
+
+
+def functional(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """Splits a model once into ``(graphdef, params, batch_stats)`` for pure training steps.
+
+    ``graphdef`` is static (hashable; pass it by closure or as a static argument) and holds the
+    configuration, including ``memory_saving`` and the remat flags; ``params`` (trainable) and
+    ``batch_stats`` (BatchNorm running averages) are pytrees of arrays.
+    """
+    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    return graphdef, params, batch_stats
+
+
+def apply(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    batch_stats: nnx.State,
+    x: Array,
+    *,
+    train: bool,
+) -> tuple[Array, nnx.State]:
+    """Runs a model split by `functional` as a pure function (usable inside `jax.jit`).
+
+    Args:
+      graphdef: from `functional`.
+      params: trainable parameters (differentiate with respect to these).
+      batch_stats: BatchNorm running averages.
+      x: images [N, H, W, C].
+      train: batch statistics and updated running averages (True) or running averages.
+
+    Returns:
+      ``(logits, new_batch_stats)``; in eval mode ``new_batch_stats`` equals ``batch_stats``.
+    """
+    model = nnx.merge(graphdef, params, batch_stats, copy=True)
+    logits = model(x, train=train)
+    return logits, nnx.state(model, nnx.BatchStat)
+
+
+def count_params(model: nnx.Module) -> int:
+    """Number of trainable parameters (works on abstract models from `nnx.eval_shape`)."""
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+# --------------------------------------------------------------------------------------------
+# Presets
+# --------------------------------------------------------------------------------------------
+
+
+def _preset(name: str, cls: type, summary: str, **arch) -> Callable[..., nnx.Module]:
+    """A preset constructor ``(num_classes=..., *, rngs, **overrides) -> model``."""
+    default_classes = 1000 if arch.get("stem") == "imagenet" else 10
+
+    def build(num_classes: int = default_classes, *, rngs: nnx.Rngs, **overrides) -> nnx.Module:
+        return cls(**{**arch, "num_classes": num_classes, **overrides}, rngs=rngs)
+
+    build.__name__ = build.__qualname__ = name
+    build.__doc__ = (
+        f"{summary}\n\n"
+        f"Architecture: {cls.__name__}({', '.join(f'{k}={v!r}' for k, v in arch.items())}).\n"
+        "Args:\n"
+        f"  num_classes: number of logits (default {default_classes}).\n"
+        "  rngs: initialisation keys.\n"
+        f"  **overrides: any other {cls.__name__} argument (memory_saving, dtype, ...).\n"
+    )
+    return build
+
+
+_CIFAR_BASIC = dict(block="basic", stem="cifar")
+_CIFAR_BOTTLENECK = dict(block="bottleneck", stem="cifar")
+_IMAGENET = dict(block="bottleneck", stem="imagenet")
+
+resnet32 = _preset(
+    "resnet32",
+    ResNet,
+    "ResNet-32 (CIFAR): 464,154 parameters for 10 classes.",
+    units_per_stage=(5, 5, 5),
+    widths=(16, 16, 32, 64),
+    **_CIFAR_BASIC,
+)
+revnet38 = _preset(
+    "revnet38",
+    RevNet,
+    "RevNet-38 (CIFAR): 464,890 parameters for 10 classes.",
+    units_per_stage=(3, 3, 3),
+    widths=(32, 32, 64, 112),
+    **_CIFAR_BASIC,
+)
+resnet110 = _preset(
+    "resnet110",
+    ResNet,
+    "ResNet-110 (CIFAR): 1,727,962 parameters for 10 classes.",
+    units_per_stage=(18, 18, 18),
+    widths=(16, 16, 32, 64),
+    **_CIFAR_BASIC,
+)
+revnet110 = _preset(
+    "revnet110",
+    RevNet,
+    "RevNet-110 (CIFAR): 1,729,194 parameters for 10 classes.",
+    units_per_stage=(9, 9, 9),
+    widths=(32, 32, 64, 128),
+    **_CIFAR_BASIC,
+)
+resnet164 = _preset(
+    "resnet164",
+    ResNet,
+    "ResNet-164 (CIFAR, bottleneck): 1,703,258 parameters for 10 classes.",
+    units_per_stage=(18, 18, 18),
+    widths=(16, 16, 32, 64),
+    **_CIFAR_BOTTLENECK,
+)
+revnet164 = _preset(
+    "revnet164",
+    RevNet,
+    "RevNet-164 (CIFAR, bottleneck): 1,748,778 parameters for 10 classes.",
+    units_per_stage=(9, 9, 9),
+    widths=(32, 32, 64, 128),
+    **_CIFAR_BOTTLENECK,
+)
+resnet50 = _preset(
+    "resnet50",
+    ResNet,
+    "Pre-activation ResNet-50 (ImageNet).",
+    units_per_stage=(3, 4, 6, 3),
+    widths=(64, 64, 128, 256, 512),
+    **_IMAGENET,
+)
+revnet56 = _preset(
+    "revnet56",
+    RevNet,
+    "RevNet-56 (ImageNet), the RevNet-104 widths with 2-2-3-2 units.",
+    units_per_stage=(2, 2, 3, 2),
+    widths=(128, 128, 256, 512, 832),
+    **_IMAGENET,
+)
+resnet101 = _preset(
+    "resnet101",
+    ResNet,
+    "Pre-activation ResNet-101 (ImageNet): 44,541,480 parameters.",
+    units_per_stage=(3, 4, 23, 3),
+    widths=(64, 64, 128, 256, 512),
+    **_IMAGENET,
+)
+revnet104 = _preset(
+    "revnet104",
+    RevNet,
+    "RevNet-104 (ImageNet): 45,428,072 parameters.",
+    units_per_stage=(2, 2, 11, 2),
+    widths=(128, 128, 256, 512, 832),
+    **_IMAGENET,
+)
+revnet_tiny = _preset(
+    "revnet_tiny",
+    RevNet,
+    "A tiny RevNet for tests (two stages of two units, widths 8/8/16).",
+    units_per_stage=(2, 2),
+    widths=(8, 8, 16),
+    **_CIFAR_BASIC,
+)
+resnet_tiny = _preset(
+    "resnet_tiny",
+    ResNet,
+    "The tiny RevNet's ResNet twin, for tests.",
+    units_per_stage=(2, 2),
+    widths=(8, 8, 16),
+    **_CIFAR_BASIC,
+)
