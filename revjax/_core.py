@@ -421,6 +421,20 @@ def _scan_forward_with_boundaries(cpl, f_branch, g_branch, unroll, k, fp, gp, x1
     return (y1, y2), aux, (buf1, buf2)
 
 
+def _after(b1, b2, db1, db2):
+    """Makes ``(b1, b2)`` data-dependent on the cotangents ``(db1, db2)`` at no real cost.
+
+    The rebuilt activations depend only on residuals, so XLA may schedule a unit's
+    reconstruction long before its cotangent exists, e.g. during a later stage's forward pass,
+    which keeps every rebuilt activation alive at once (seen on XLA:CPU with unrolled scans,
+    where optimisation barriers do not prevent it). Adding ``0 * ct`` (not folded away for
+    floats, since ``0 * nan`` is ``nan``) forces the reconstruction to wait for the cotangent.
+    A non-finite cotangent then makes the rebuilt input non-finite too, but the gradients are
+    non-finite in that case anyway.
+    """
+    return b1 + (db1 * 0).astype(b1.dtype), b2 + (db2 * 0).astype(b2.dtype)
+
+
 def _make_memory_saving(cpl, f_branch, g_branch, unroll, exact_every=None):
     """Builds the custom-VJP sequence for one (coupling, F, G, unroll, exact_every) setting."""
 
@@ -459,6 +473,7 @@ def _make_memory_saving(cpl, f_branch, g_branch, unroll, exact_every=None):
             b1, b2, db1, db2 = carry
             i, fp, gp, key = xs
             kf, kg = _split_unit_key(key)
+            b1, b2 = _after(b1, b2, db1, db2)
             # G(y1) once: its value rebuilds x2, its VJP pulls back the cotangent of y2.
             h_g, g_vjp = jax.vjp(lambda p, a: g_branch(p, a, kg)[0], gp, b1)
             a2 = exact(i, cpl.uncombine(b2, h_g), 1)
