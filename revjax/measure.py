@@ -4,13 +4,20 @@ Memory figures come from XLA itself: ``jax.jit(fn).lower(...).compile().memory_a
 (deterministic, available on every backend, including CPU) and, on GPU/TPU,
 ``device.memory_stats()``. On CPU the compiled ``peak_memory_in_bytes`` only counts arguments and
 outputs, so compare ``temp`` bytes there.
+
+Used by the trainer's metrics (`revjax.train`) and the benchmarks in ``experiments/``::
+
+    mem = compiled_memory(jax.jit(step), abstract_state, abstract_batch)  # nothing runs
+    mem.temp, mem.total                      # bytes
+    device_peak_bytes()                      # None on CPU
+    time_fn(step, state, batch)["median"]    # seconds
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -18,8 +25,11 @@ import jax
 __all__ = [
     "CompiledMemory",
     "compiled_memory",
+    "device_memory_limit_bytes",
     "device_peak_bytes",
+    "is_out_of_memory",
     "time_fn",
+    "time_interleaved",
 ]
 
 _FIELDS = {
@@ -40,7 +50,13 @@ class CompiledMemory(dict):
     not report is absent rather than zero.
     """
 
-    __getattr__ = dict.__getitem__
+    def __getattr__(self, name: str) -> int:
+        try:
+            return self[name]
+        except KeyError:  # AttributeError keeps hasattr / copy / pickle working
+            raise AttributeError(
+                f"{name!r} is not reported by this backend / jaxlib; present: {sorted(self)}"
+            ) from None
 
     @property
     def total(self) -> int:
@@ -70,7 +86,10 @@ def compiled_memory(fn: Callable | Any, *args: Any, **kwargs: Any) -> CompiledMe
     if not hasattr(compiled, "memory_analysis"):
         jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
         compiled = jitted.lower(*args, **kwargs).compile()
-    analysis = compiled.memory_analysis()
+    try:
+        analysis = compiled.memory_analysis()
+    except (NotImplementedError, RuntimeError):  # backends without an analysis
+        analysis = None
     if isinstance(analysis, list | tuple):  # older jaxlibs: one entry per device program
         analysis = analysis[0] if analysis else None
     out = CompiledMemory()
@@ -83,20 +102,47 @@ def compiled_memory(fn: Callable | Any, *args: Any, **kwargs: Any) -> CompiledMe
     return out
 
 
-def device_peak_bytes(device: jax.Device | None = None) -> int | None:
-    """Peak bytes in use on ``device`` since start-up (GPU/TPU), or ``None`` where the backend
-    does not report it (CPU)."""
+def _memory_stats(device: jax.Device | None) -> dict[str, Any] | None:
+    """``device.memory_stats()``, or ``None`` where the backend has none (CPU) or it fails."""
     device = device or jax.local_devices()[0]
     try:
         stats = device.memory_stats()
     except (AttributeError, NotImplementedError, RuntimeError):
         return None
-    if not stats:
+    return stats or None
+
+
+def device_peak_bytes(device: jax.Device | None = None) -> int | None:
+    """Peak bytes in use on ``device`` since the process started (GPU/TPU), or ``None`` where the
+    backend does not report it (CPU).
+
+    The figure is the allocator's high-water mark (``peak_bytes_in_use``): it never goes down, so
+    to measure one configuration, run it in a fresh process (or in order of growing memory).
+    Other fields (``largest_alloc_size``, ``bytes_in_use``) are not peaks and are not used.
+    """
+    stats = _memory_stats(device)
+    if stats is None or "peak_bytes_in_use" not in stats:
         return None
-    for key in ("peak_bytes_in_use", "largest_alloc_size", "bytes_in_use"):
-        if key in stats:
-            return int(stats[key])
-    return None
+    return int(stats["peak_bytes_in_use"])
+
+
+def device_memory_limit_bytes(device: jax.Device | None = None) -> int | None:
+    """Bytes the allocator may use on ``device`` (``bytes_limit``; on GPU this is
+    ``XLA_PYTHON_CLIENT_MEM_FRACTION`` of the device, 75% by default), or ``None`` (CPU)."""
+    stats = _memory_stats(device)
+    if stats is None or "bytes_limit" not in stats:
+        return None
+    return int(stats["bytes_limit"])
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is XLA running out of device memory (at compile or at run time).
+
+    XLA reports it as ``XlaRuntimeError`` / ``JaxRuntimeError`` with a ``RESOURCE_EXHAUSTED``
+    status, whose exact class has moved between jaxlib versions, so the message is checked.
+    """
+    text = f"{type(error).__name__}: {error}".lower()
+    return "resource_exhausted" in text or "out of memory" in text
 
 
 def time_fn(
@@ -127,3 +173,46 @@ def time_fn(
         jax.block_until_ready(out)
         samples.append((time.perf_counter() - start) / number)
     return {"median": statistics.median(samples), "min": min(samples), "compile": first}
+
+
+def time_interleaved(
+    fns: Mapping[str, tuple[Callable, Sequence[Any]]],
+    *,
+    warmup: int = 2,
+    repeats: int = 5,
+    number: int = 1,
+) -> dict[str, dict[str, float]]:
+    """Median wall times of several functions, sampled round-robin so they share the same load.
+
+    On a shared machine the load drifts over seconds; timing A fully, then B, puts that drift
+    into the ratio A/B. Interleaving the samples (A, B, A, B, ...) cancels most of it, which is
+    what ratios such as reversible / plain need.
+
+    Args:
+      fns: ``{name: (fn, args)}``; outputs are waited for with `jax.block_until_ready`.
+      warmup: untimed calls of each function first (the first one compiles).
+      repeats: timed rounds; each round times every function once.
+      number: calls per sample.
+
+    Returns:
+      ``{name: {"median": s, "min": s, "compile": s}}`` as `time_fn`.
+    """
+    first = {}
+    for name, (fn, args) in fns.items():
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        first[name] = time.perf_counter() - start
+        for _ in range(max(warmup - 1, 0)):
+            jax.block_until_ready(fn(*args))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, (fn, args) in fns.items():
+            start = time.perf_counter()
+            for _ in range(number):
+                out = fn(*args)
+            jax.block_until_ready(out)
+            samples[name].append((time.perf_counter() - start) / number)
+    return {
+        name: {"median": statistics.median(s), "min": min(s), "compile": first[name]}
+        for name, s in samples.items()
+    }
