@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from revjax import reversible_sequence
-from revjax.measure import compiled_memory, time_fn
+from revjax.measure import compiled_memory, time_interleaved
 
 MODES = {
     "reversible": {"memory_saving": True},
@@ -72,11 +72,14 @@ def run(depths, channels, batch, size, repeats):
     for n in depths:
         problem = make_problem(n, channels, batch, size, key)
         row = {"units": n}
+        steps = {}
         for mode in MODES:
             row[f"mem_rolled_{mode}"] = compiled_memory(make_step(mode, 1), *problem)["temp"]
-            step = make_step(mode, None)
-            row[f"mem_default_{mode}"] = compiled_memory(step, *problem)["temp"]
-            t = time_fn(step, *problem, warmup=2, repeats=repeats)
+            steps[mode] = (make_step(mode, None), problem)
+            row[f"mem_default_{mode}"] = compiled_memory(steps[mode][0], *problem)["temp"]
+        # Round-robin timing: the three modes share the machine's load, so ratios are fair.
+        times = time_interleaved(steps, warmup=2, repeats=repeats)
+        for mode, t in times.items():
             row[f"time_{mode}"] = t["median"]
             row[f"compile_{mode}"] = t["compile"]
         rows.append(row)

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from experiments import _report, bench_batch, bench_memory, bench_speed, gpu_check
+from experiments import _report, bench_batch, bench_core, bench_memory, bench_speed, gpu_check
 
 
 def _table_rows(text: str) -> list[list[str]]:
@@ -122,3 +122,14 @@ def test_report_helpers(tmp_path):
     assert _report.command_line("experiments.x", ["--quick", "a b"]) == (
         "python -m experiments.x --quick 'a b'"
     )
+
+
+def test_bench_core_quick(tmp_path):
+    out = tmp_path / "bench_core.md"
+    rows = bench_core.main(["--quick", "--out", str(out)])
+    table = out.read_text()
+    assert [r["units"] for r in rows] == [2, 4]
+    assert table.count("\n| 2 |") == 1 and table.count("\n| 4 |") == 1
+    # The compiled figure is deterministic: reversible memory does not grow with depth.
+    assert rows[1]["mem_rolled_reversible"] <= 1.1 * rows[0]["mem_rolled_reversible"]
+    assert rows[1]["mem_rolled_plain"] > rows[0]["mem_rolled_plain"]
