@@ -19,6 +19,7 @@ import argparse
 import datetime
 import os
 import platform
+import sys
 from pathlib import Path
 
 import jax
@@ -125,6 +126,7 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=None, help="spatial size (square)")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("results/bench_core.md"))
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     quick = dict(depths=[2, 4], channels=4, batch=2, size=8, repeats=2)
     full = dict(depths=[4, 8, 16, 32, 64], channels=16, batch=32, size=32, repeats=5)
@@ -135,8 +137,8 @@ def main(argv=None):
     header = (
         f"Core benchmark ({datetime.date.today()}, {describe_hardware()}, jax {jax.__version__}): "
         f"conv F/G, {cfg['channels']} channels per half, batch {cfg['batch']}, "
-        f"{cfg['size']}x{cfg['size']}, float32; `python -m experiments.bench_core"
-        f"{' --quick' if args.quick else ''}`"
+        f"{cfg['size']}x{cfg['size']}, float32; step time: median of {cfg['repeats']} "
+        f"interleaved rounds; `python -m experiments.bench_core {' '.join(argv)}`"
     )
     print(header, flush=True)
     rows = run(cfg["depths"], cfg["channels"], cfg["batch"], cfg["size"], cfg["repeats"])
