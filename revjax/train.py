@@ -522,7 +522,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> dict[
     from revjax import data  # the input pipeline needs the experiments extra
 
     maybe_initialize_distributed()
-    workdir = Path(workdir)
+    workdir = Path(workdir).expanduser().absolute()  # Orbax requires absolute paths
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = make_mesh(config.num_devices)
     eval_batch_size = config.eval_batch_size or config.batch_size

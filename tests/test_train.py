@@ -242,10 +242,12 @@ def test_memory_report_shows_savings():
     assert "memory saving off" in report and "resnet_tiny" in report
 
 
-def test_entry_point_quick(tmp_path, capsys):
+def test_entry_point_quick(tmp_path, capsys, monkeypatch):
     from experiments.train import main
 
-    main(["--config", "digits", "--quick", "--workdir", str(tmp_path), "--set", "num_devices=1"])
+    monkeypatch.chdir(tmp_path)  # a relative workdir, as in the README (Orbax needs absolute)
+    main(["--config", "digits", "--quick", "--workdir", "work", "--set", "num_devices=1"])
+    assert (tmp_path / "work" / "checkpoints" / "2").is_dir()
     out = capsys.readouterr().out
     summary = json.loads(out[out.index("{") :])
     assert summary["step"] == 2 and summary["dataset"] == "digits"
