@@ -24,7 +24,7 @@ run: $(VENV)/.experiments
 
 test: $(VENV)/.test
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 bench: $(VENV)/.experiments
 	$(PY) -m experiments.bench_core

@@ -15,6 +15,10 @@ from revjax._core import merge_halves as merge_halves
 from revjax._core import relative_error as relative_error
 from revjax._core import reversible_sequence as reversible_sequence
 from revjax._core import split_halves as split_halves
+from revjax.drift import DriftMonitor as DriftMonitor
+from revjax.drift import DriftWarning as DriftWarning
+from revjax.drift import gradient_agreement as gradient_agreement
+from revjax.drift import reconstruction_error as reconstruction_error
 from revjax.models import ResNet as ResNet
 from revjax.models import RevNet as RevNet
 from revjax.models import apply as apply
@@ -36,6 +40,10 @@ from revjax.models import revnet_tiny as revnet_tiny
 __version__ = "0.1.0"
 
 __all__ = [
+    "DriftMonitor",
+    "DriftWarning",
+    "gradient_agreement",
+    "reconstruction_error",
     "ResNet",
     "RevNet",
     "apply",

@@ -57,12 +57,14 @@ class LayerConfig:
         *,
         bn_momentum: float = 0.99,
         bn_epsilon: float = 1e-3,
+        bn_fast_variance: bool = False,
         zero_init_last_bn: bool = False,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
     ):
         self.bn_momentum = bn_momentum
         self.bn_epsilon = bn_epsilon
+        self.bn_fast_variance = bn_fast_variance
         self.zero_init_last_bn = zero_init_last_bn
         self.dtype = dtype
         self.param_dtype = param_dtype
@@ -87,14 +89,15 @@ class LayerConfig:
     def batch_norm(self, features: int, rngs: nnx.Rngs, *, zero_scale: bool = False):
         """BatchNorm as in the official configs (decay 0.99, epsilon 1e-3).
 
-        ``use_fast_variance=False``: the fast E[x^2] - E[x]^2 form loses ~1e-4 relative in
-        float32, which BatchNorm then amplifies in the rebuilt activations (NOTES.md).
+        Two-pass variance by default (``bn_fast_variance=False``): the fast E[x^2] - E[x]^2
+        form loses ~1e-4 relative in float32, which BatchNorm then amplifies in the rebuilt
+        activations (NOTES.md; measured in ``experiments/bench_drift.py``).
         """
         bn = nnx.BatchNorm(
             features,
             momentum=self.bn_momentum,
             epsilon=self.bn_epsilon,
-            use_fast_variance=False,
+            use_fast_variance=self.bn_fast_variance,
             scale_init=nnx.initializers.zeros if zero_scale else nnx.initializers.ones,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
@@ -332,9 +335,17 @@ class RevEntryUnit(nnx.Module):
         self.shortcut2 = Shortcut(block, cin, cout, stride=stride, config=config, rngs=rngs)
 
     def __call__(self, x1: Array, x2: Array, *, train: bool) -> tuple[Array, Array]:
-        """Applies the unit to halves [N, H, W, in/2] -> halves [N, H/s, W/s, out/2]."""
-        y1 = self.shortcut1(x1) + self.f(x2, train=train)
-        y2 = self.shortcut2(x2) + self.g(y1, train=train)
+        """Applies the unit to halves [N, H, W, in/2] -> halves [N, H/s, W/s, out/2].
+
+        The halves keep their own dtype (the carry dtype): F and G may compute in a lower
+        precision, and their outputs are cast to the halves' dtype before the addition, as the
+        reversible units do.
+        """
+        # Pooling promotes bfloat16 to float32 (its counts): cast back to the carry dtype.
+        s1 = self.shortcut1(x1).astype(x1.dtype)
+        y1 = s1 + self.f(x2, train=train).astype(s1.dtype)
+        s2 = self.shortcut2(x2).astype(x2.dtype)
+        y2 = s2 + self.g(y1, train=train).astype(s2.dtype)
         return y1, y2
 
 
@@ -445,6 +456,7 @@ class RevStage(nnx.Module):
         memory_saving: bool = True,
         remat_entry: bool = False,
         unroll: int | bool | None = None,
+        exact_every: int | None = None,
     ) -> tuple[Array, Array]:
         """Applies the stage to halves [N, H, W, in/2] -> [N, H/s, W/s, out/2].
 
@@ -455,6 +467,8 @@ class RevStage(nnx.Module):
           memory_saving: rebuild activations in the backward (custom VJP) vs plain autodiff.
           remat_entry: recompute the entry unit's activations in the backward.
           unroll: scan unroll of the reversible units (None: `default_unroll`).
+          exact_every: with memory saving, also store the exact input of every k-th reversible
+            unit, bounding accumulated reconstruction error (see `reversible_sequence`).
         """
         if remat_entry:
             y1, y2 = call_rematerialised(self.entry, x1, x2, train=train)
@@ -475,6 +489,7 @@ class RevStage(nnx.Module):
             has_aux=True,
             memory_saving=memory_saving,
             unroll=unroll,
+            exact_every=exact_every if memory_saving else None,
         )
         if train:
             # The forward's statistics, stacked over units: one update per call, as plain.

@@ -159,6 +159,7 @@ class _Network(nnx.Module):
         param_dtype: Dtype,
         bn_momentum: float,
         bn_epsilon: float,
+        bn_fast_variance: bool,
         zero_init_last_bn: bool,
         halves: bool,
         rngs: nnx.Rngs,
@@ -226,6 +227,7 @@ class _Network(nnx.Module):
         config = LayerConfig(
             bn_momentum=bn_momentum,
             bn_epsilon=bn_epsilon,
+            bn_fast_variance=bn_fast_variance,
             zero_init_last_bn=zero_init_last_bn,
             dtype=self.dtype,
             param_dtype=param_dtype,
@@ -293,7 +295,25 @@ class RevNet(_Network):
       dtype: compute dtype (default: ``param_dtype``); inputs are cast to it.
       param_dtype: parameter dtype.
       bn_momentum: BatchNorm running-average decay.
-      bn_epsilon: BatchNorm epsilon.
+      bn_epsilon: BatchNorm epsilon. 1e-3 (the paper's code) rather than Flax's 1e-5: BatchNorm
+        divides the rebuilt activations' rounding error by ``sqrt(var + epsilon)``, which is
+        large for near-constant channels (see `revjax.drift` and ``results/bench_drift.md``).
+      bn_fast_variance: BatchNorm's one-pass ``E[x^2] - E[x]^2`` variance (Flax's default).
+        Off by default: it loses ~1e-4 relative in float32, in plain and reversible mode alike.
+      exact_every: with memory saving, also store the exact input of every k-th reversible unit
+        of each stage (a checkpoint inside the sequence), so rounding error of the rebuilt
+        activations accumulates over at most k units, at the cost of ``ceil((units - 1) / k)``
+        stored activations per stage (memory O(depth / k)). Default 8: without it, float32
+        gradients of deep stages lose up to ~1e-2 relative, because the backward recomputes
+        ReLU masks and BatchNorm statistics from rebuilt activations whose error grows towards
+        the stage's first unit (`revjax.drift`, ``results/bench_drift.md``); with 8 they match
+        plain float32 autodiff. ``None``: store none (activation memory flat in depth). Also
+        settable as an attribute.
+      carry_dtype: dtype of the two halves carried between units (default: the compute
+        ``dtype``). With ``dtype=jnp.bfloat16, carry_dtype=jnp.float32`` F and G compute in
+        bfloat16 but the halves are added and rebuilt in float32, so mixed-precision training
+        keeps a float32 reconstruction; ``jnp.float64`` (with x64 enabled) does the same for a
+        float32 model.
       rngs: initialisation keys (``params`` stream).
     """
 
@@ -315,6 +335,9 @@ class RevNet(_Network):
         param_dtype: Dtype = jnp.float32,
         bn_momentum: float = 0.99,
         bn_epsilon: float = 1e-3,
+        bn_fast_variance: bool = False,
+        exact_every: int | None = 8,
+        carry_dtype: Dtype | None = None,
         rngs: nnx.Rngs,
     ):
         config, plan = self._setup(
@@ -330,10 +353,19 @@ class RevNet(_Network):
             param_dtype=param_dtype,
             bn_momentum=bn_momentum,
             bn_epsilon=bn_epsilon,
+            bn_fast_variance=bn_fast_variance,
             zero_init_last_bn=zero_init_last_bn,
             halves=True,
             rngs=rngs,
         )
+        if exact_every is not None and (
+            isinstance(exact_every, bool) or not isinstance(exact_every, int) or exact_every < 1
+        ):
+            raise ValueError(
+                f"RevNet: exact_every must be a positive int or None, got {exact_every!r}."
+            )
+        self.exact_every = exact_every
+        self.carry_dtype = self.dtype if carry_dtype is None else jnp.dtype(carry_dtype)
         self.memory_saving = memory_saving
         self.remat_transitions = remat_transitions
         self.stages = nnx.List(
@@ -359,8 +391,7 @@ class RevNet(_Network):
         Raises:
           ValueError: for a rank other than 4, a wrong channel count or an integer dtype.
         """
-        h = self.stem(self._check_input(x), train=train)
-        h1, h2 = split_halves(h)  # [N, H, W, C/2] each
+        h1, h2 = self.stem_halves(x, train=train)
         for stage in self.stages:
             h1, h2 = stage(
                 h1,
@@ -369,14 +400,25 @@ class RevNet(_Network):
                 memory_saving=self.memory_saving,
                 remat_entry=self.remat_transitions,
                 unroll=self.unroll,
+                exact_every=self.exact_every,
             )
-        return self._logits(merge_halves(h1, h2), train)
+        return self._logits(merge_halves(h1, h2).astype(self.dtype), train)
+
+    def stem_halves(self, x: Array, *, train: bool) -> tuple[Array, Array]:
+        """The stem's output split into the halves the first stage takes, in the carry dtype.
+
+        Maps images [N, H, W, in] to two halves [N, H', W', C/2]; also used by `revjax.drift`.
+        """
+        h = self.stem(self._check_input(x), train=train)
+        h1, h2 = split_halves(h)  # [N, H', W', C/2] each
+        return h1.astype(self.carry_dtype), h2.astype(self.carry_dtype)
 
 
 class ResNet(_Network):
     """Pre-activation ResNet, the RevNet's twin: same blocks, ordinary residual units.
 
-    Args as `RevNet`, without ``memory_saving`` / ``remat_transitions``, plus:
+    Args as `RevNet`, without ``memory_saving`` / ``remat_transitions`` / ``exact_every`` /
+    ``carry_dtype``, plus:
       remat_units: `jax.checkpoint` every unit (each stores only its input); a baseline for
         the memory benchmark. Also settable as an attribute.
     """
@@ -398,6 +440,7 @@ class ResNet(_Network):
         param_dtype: Dtype = jnp.float32,
         bn_momentum: float = 0.99,
         bn_epsilon: float = 1e-3,
+        bn_fast_variance: bool = False,
         rngs: nnx.Rngs,
     ):
         config, plan = self._setup(
@@ -413,6 +456,7 @@ class ResNet(_Network):
             param_dtype=param_dtype,
             bn_momentum=bn_momentum,
             bn_epsilon=bn_epsilon,
+            bn_fast_variance=bn_fast_variance,
             zero_init_last_bn=zero_init_last_bn,
             halves=False,
             rngs=rngs,

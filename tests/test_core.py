@@ -499,6 +499,10 @@ def test_public_api():
         "resnet164",
         "resnet101",
         "resnet50",
+        "DriftMonitor",
+        "DriftWarning",
+        "gradient_agreement",
+        "reconstruction_error",
     }
     assert expected <= set(revjax.__all__)
     for name in revjax.__all__:

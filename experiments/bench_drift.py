@@ -1,0 +1,633 @@
+"""Drift benchmark: how far the reversible backward's float32 gradients drift, and what helps.
+
+For one reversible stage of basic units (stem 32 channels, halves of 16, digits images 8x8,
+batch 16, BatchNorm in train mode), at initialisation and after training on digits:
+
+1. **Depth sweep** (units per stage 2..64), raw drift (``exact_every=None``): reconstruction
+   error of the rebuilt unit inputs (`revjax.drift.reconstruction_error`) and gradient
+   agreement (relative error, cosine) of the reversible path against plain autodiff on the same
+   weights and against a float64 plain reference, in float32 and with bfloat16 compute (float32
+   carries); the default ``exact_every=8`` beside it. Gives the depth at which the float32 error
+   passes 1e-4 relative.
+2. **Options** (9, 18, 32 units): the default (``exact_every=8``, epsilon 1e-3, two-pass
+   variance), ``exact_every`` None / 2 / 4, BatchNorm epsilon 1e-5 and one-pass variance (with
+   ``exact_every=None``, to show their effect on the raw drift), bfloat16 compute with float32
+   or bfloat16 carries: gradient error of the reversible path and of the plain path of the same
+   model against float64, the worst per-leaf ratio of the two, and compiled temporary memory
+   of loss + grad (rolled scans, the GPU/TPU setting).
+3. **Per unit** (18 units): where the error sits.
+
+Writes ``<out-dir>/bench_drift.md`` and ``bench_drift.png``::
+
+    python -m experiments.bench_drift                 # ~10 minutes on 2 CPU cores
+    python -m experiments.bench_drift --quick         # seconds, for CI
+
+Scans are rolled (``unroll=1``) throughout: XLA:CPU compiles a fully unrolled 32-unit
+backward for minutes, and at 8x8 images the slow rolled conv gradients (jax-ml/jax#12868)
+cost little. Weights are drawn with NumPy from the constructor's distributions, since every
+random init of a new shape costs an XLA compile on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from experiments import _report
+from revjax import models
+from revjax.data import DigitsSource
+from revjax.drift import gradient_agreement, reconstruction_error
+from revjax.train import TrainConfig, make_optimizer
+
+NAME = "bench_drift"
+MODULE = "experiments.bench_drift"
+
+BATCH = 16
+WIDTHS = (32, 32)  # stem, stage: halves of 16 channels
+DEPTHS = (2, 4, 9, 18, 32, 64)
+QUICK_DEPTHS = (2,)
+OPTION_DEPTHS = (9, 18, 32)
+QUICK_OPTION_DEPTHS = (2,)
+TRAIN_STEPS = 60
+QUICK_TRAIN_STEPS = 1
+FLOAT32_TARGET = 1e-4
+
+#: name -> RevNet overrides. The first is the default; ``None`` marks "same as default".
+OPTIONS: dict[str, dict[str, Any]] = {
+    "default (exact_every=8, eps 1e-3, two-pass var)": {},
+    "exact_every=None": {"exact_every": None},
+    "exact_every=2": {"exact_every": 2},
+    "exact_every=4": {"exact_every": 4},
+    "exact_every=None, eps 1e-5": {"exact_every": None, "bn_epsilon": 1e-5},
+    "exact_every=None, fast variance": {"exact_every": None, "bn_fast_variance": True},
+    "bf16 compute, f32 carry": {"dtype": jnp.bfloat16, "carry_dtype": jnp.float32},
+    "bf16 compute, bf16 carry": {"dtype": jnp.bfloat16},
+}
+OPTION_DEFAULT = "default (exact_every=8, eps 1e-3, two-pass var)"
+QUICK_OPTIONS = (
+    "default (exact_every=8, eps 1e-3, two-pass var)",
+    "exact_every=None",
+    "bf16 compute, f32 carry",
+)
+# Options that change the computed function (so they need their own plain and float64
+# references); exact_every and the carry only change how the backward gets its activations.
+_BN_KEYS = ("bn_epsilon", "bn_fast_variance")
+
+
+# --------------------------------------------------------------------------------------------
+# Models, weights, data
+# --------------------------------------------------------------------------------------------
+
+
+def _draw(rng: np.random.Generator, path: str, shape: tuple[int, ...]) -> np.ndarray:
+    """One leaf from the constructor's distribution (see `revjax._blocks.conv_init`)."""
+    leaf = path.rsplit("'", 2)[-2] if "'" in path else path
+    if "kernel" in path and len(shape) >= 4:  # conv: truncated normal, std sqrt(2/(k*k*out))
+        std = math.sqrt(2.0 / (shape[-4] * shape[-3] * shape[-1]))
+        z = rng.standard_normal(shape)
+        while np.any(bad := np.abs(z) > 2):
+            z[bad] = rng.standard_normal(int(bad.sum()))
+        return z * std
+    if "kernel" in path:  # dense: U(-sqrt(3/fan_in), sqrt(3/fan_in))
+        bound = math.sqrt(3.0 / shape[-2])
+        return rng.uniform(-bound, bound, shape)
+    if leaf in ("scale", "var"):
+        return np.ones(shape)
+    return np.zeros(shape)  # biases, BN shifts and running means
+
+
+def build(units: int, *, seed: int = 0, **overrides) -> nnx.Module:
+    """A one-stage RevNet for digits (``units`` per stage), weights drawn with NumPy."""
+    model = nnx.eval_shape(
+        lambda: models.RevNet(
+            (units,), WIDTHS, in_channels=1, unroll=1, rngs=nnx.Rngs(0), **overrides
+        )
+    )
+    return fill(model, seed)
+
+
+def fill(model: nnx.Module, seed: int = 0) -> nnx.Module:
+    """Fills an abstract model (`nnx.eval_shape`) with weights from the constructor's
+    distributions, drawn with NumPy (no XLA compile)."""
+    rng = np.random.default_rng(seed)
+    state = nnx.state(model)
+
+    def draw(path, leaf):
+        return jnp.asarray(_draw(rng, jax.tree_util.keystr(path), leaf.shape), leaf.dtype)
+
+    nnx.update(model, jax.tree_util.tree_map_with_path(draw, state))
+    return model
+
+
+def digits_batches(batch: int, seed: int = 0):
+    """Endless shuffled digits batches: ``(images [batch, 8, 8, 1] in [0, 1], labels)``."""
+    src = DigitsSource("train")
+    images = np.stack([src[i]["image"] for i in range(len(src))]).astype(np.float32) / 255.0
+    labels = np.asarray([src[i]["label"] for i in range(len(src))], np.int32)
+    rng = np.random.default_rng(seed)
+    while True:
+        order = rng.permutation(len(labels))
+        for start in range(0, len(order) - batch + 1, batch):
+            idx = order[start : start + batch]
+            yield jnp.asarray(images[idx]), jnp.asarray(labels[idx])
+
+
+def cast(tree: Any, dtype) -> Any:
+    """Every floating leaf of ``tree`` cast to ``dtype``."""
+    return jax.tree.map(
+        lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree
+    )
+
+
+def variant(model: nnx.Module, **overrides) -> nnx.GraphDef:
+    """The graphdef of ``model``'s architecture built with ``overrides`` (same weights fit).
+
+    Options not given (memory saving, exact_every, dtypes, BatchNorm) take their defaults.
+    """
+    cfg = dict(
+        units_per_stage=model.units_per_stage,
+        widths=model.widths,
+        block=model.block,
+        stem=model.stem.kind,
+        strides=model.strides,
+        num_classes=model.num_classes,
+        in_channels=model.in_channels,
+        unroll=model.unroll,
+    )
+    cfg.update(overrides)
+    abstract = nnx.eval_shape(lambda: models.RevNet(**cfg, rngs=nnx.Rngs(0)))
+    graphdef, _, _ = models.functional(abstract)
+    return graphdef
+
+
+# --------------------------------------------------------------------------------------------
+# Gradients
+# --------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _grad_fn(graphdef: nnx.GraphDef):
+    def loss(params, batch_stats, x, y):
+        logits, _ = models.apply(graphdef, params, batch_stats, x, train=True)
+        logits = logits.astype(jnp.float32 if logits.dtype != jnp.float64 else jnp.float64)
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+
+    return jax.jit(jax.grad(loss))
+
+
+def gradients(graphdef, params, batch_stats, x, y) -> Any:
+    """Loss gradients with respect to ``params`` (BatchNorm in train mode), one compile per
+    graphdef and shapes."""
+    return _grad_fn(graphdef)(params, batch_stats, x, y)
+
+
+def float64_gradients(model: nnx.Module, params, batch_stats, x, y, **overrides) -> Any:
+    """Plain-autodiff gradients of the same weights in float64 (x64 enabled inside)."""
+    with jax.enable_x64(True), jax.numpy_dtype_promotion("standard"):
+        graphdef = variant(
+            model, param_dtype=jnp.float64, dtype=jnp.float64, memory_saving=False, **overrides
+        )
+        g = gradients(
+            graphdef,
+            cast(params, jnp.float64),
+            cast(batch_stats, jnp.float64),
+            x.astype(jnp.float64),
+            y,
+        )
+        return jax.device_get(g)
+
+
+def reference_gradients(model, params, batch_stats, x, y, **overrides):
+    """``(plain float32 gradients, float64 gradients)`` of the model with ``overrides``."""
+    with jax.numpy_dtype_promotion("standard"):
+        plain = gradients(
+            variant(model, memory_saving=False, **overrides), params, batch_stats, x, y
+        )
+    return jax.device_get(plain), float64_gradients(model, params, batch_stats, x, y, **overrides)
+
+
+def train(model: nnx.Module, steps: int, *, seed: int = 0):
+    """``steps`` SGD steps of the paper's recipe (lr 0.1, momentum 0.9, weight decay 2e-4) on
+    digits; returns ``(params, batch_stats, final loss)``."""
+    graphdef, params, batch_stats = models.functional(model)
+    tx = make_optimizer(TrainConfig(lr_boundaries=()))
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def step(params, batch_stats, opt_state, x, y):
+        def loss(p):
+            logits, new_stats = models.apply(graphdef, p, batch_stats, x, train=True)
+            xent = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+            return jnp.mean(xent), new_stats
+
+        (value, new_stats), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), new_stats, opt_state, value
+
+    data = digits_batches(64, seed)
+    value = jnp.nan
+    for _ in range(steps):
+        x, y = next(data)
+        params, batch_stats, opt_state, value = step(params, batch_stats, opt_state, x, y)
+    return params, batch_stats, float(value)
+
+
+def temp_bytes(model: nnx.Module, **overrides) -> int:
+    """Compiled temporary bytes of loss + grad (rolled scan, abstract: nothing runs)."""
+    graphdef = variant(model, **overrides)
+    _, params, batch_stats = models.functional(model)
+    params, batch_stats = jax.eval_shape(lambda t: t, (params, batch_stats))
+    x = jax.ShapeDtypeStruct((BATCH, 8, 8, model.in_channels), jnp.float32)
+    y = jax.ShapeDtypeStruct((BATCH,), jnp.int32)
+    options = _report.CPU_MEMORY_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
+    with jax.numpy_dtype_promotion("standard"):
+        lowered = _grad_fn(graphdef).lower(params, batch_stats, x, y)
+    return lowered.compile(compiler_options=options).memory_analysis().temp_size_in_bytes
+
+
+# --------------------------------------------------------------------------------------------
+# Measurements
+# --------------------------------------------------------------------------------------------
+
+
+def _with_promotion(fn, *args, **kwargs):
+    # Flax's BatchNorm promotes bfloat16 statistics with float32, which strict promotion
+    # (the test suite's setting) rejects.
+    with jax.numpy_dtype_promotion("standard"):
+        return fn(*args, **kwargs)
+
+
+def measure_depth(
+    n: int, steps: int, x, y, *, options: Sequence[str] = (), per_unit: bool = False
+) -> dict:
+    """Everything measured at ``n`` units per stage, at init and after ``steps`` of training.
+
+    Returns ``{"sweep": [rows], "options": [rows], "per_unit": [rows]}``.
+    """
+    model = build(n)
+    graphdef, params, batch_stats = models.functional(model)
+    t0 = time.perf_counter()
+    trained = train(model, steps)
+    states = {"init": (params, batch_stats), "trained": trained[:2]}
+    out: dict[str, list] = {"sweep": [], "options": [], "per_unit": []}
+    raw = variant(model, exact_every=None)  # the drift itself: no stored inputs
+    bf16 = {"dtype": jnp.bfloat16, "carry_dtype": jnp.float32, "exact_every": None}
+    for state_name, (p, s) in states.items():
+        rec = reconstruction_error(raw, p, s, x)["stage0"]
+        g_raw = jax.device_get(gradients(raw, p, s, x, y))
+        g_def = jax.device_get(gradients(graphdef, p, s, x, y))
+        g_plain, g64 = reference_gradients(model, p, s, x, y)
+        raw_plain = gradient_agreement(g_raw, g_plain)
+        gd_b = variant(model, **bf16)
+        rec_b = _with_promotion(reconstruction_error, gd_b, p, s, x)["stage0"]
+        gb_rev = _with_promotion(gradients, gd_b, p, s, x, y)
+        gb_plain = _with_promotion(
+            gradients, variant(model, memory_saving=False, **bf16), p, s, x, y
+        )
+        bf_plain = gradient_agreement(gb_rev, gb_plain)
+        out["sweep"].append(
+            {
+                "units": n,
+                "state": state_name,
+                "rec_max_rel": rec["max_rel"],
+                "rec_channel_rel": rec["channel_rel"],
+                "rev_plain_rel": raw_plain["rel"],
+                "rev_plain_cos": raw_plain["cos"],
+                "default_plain_rel": gradient_agreement(g_def, g_plain)["rel"],
+                "rev_f64_rel": gradient_agreement(g_raw, g64)["rel"],
+                "plain_f64_rel": gradient_agreement(g_plain, g64)["rel"],
+                "bf16_rec_max_rel": rec_b["max_rel"],
+                "bf16_rev_plain_rel": bf_plain["rel"],
+                "bf16_rev_plain_cos": bf_plain["cos"],
+            }
+        )
+        known = {"exact_every=None": (g_raw, rec), OPTION_DEFAULT: (g_def, None)}
+        if options:
+            out["options"] += _options_rows(
+                model, state_name, (p, s, x, y), (g_plain, g64), known, options
+            )
+        if per_unit:
+            out["per_unit"] += _per_unit_rows(n, state_name, rec, g_raw, g_def, g_plain, g64)
+    print(
+        f"  {n} units: {time.perf_counter() - t0:.0f} s (train loss {trained[2]:.3f})", flush=True
+    )
+    return out
+
+
+def _options_rows(model, state_name, data, refs, known, names):
+    p, s, x, y = data
+    rows = []
+    n = model.units_per_stage[0]
+    for name in names:
+        opts = OPTIONS[name]
+        gd = variant(model, **opts)
+        rev, rec = known.get(name, (None, None))
+        if rev is None:
+            rev = jax.device_get(_with_promotion(gradients, gd, p, s, x, y))
+        if rec is None:
+            rec = _with_promotion(reconstruction_error, gd, p, s, x)["stage0"]
+        bn = {k: v for k, v in opts.items() if k in _BN_KEYS}
+        if bn:
+            plain, ref = reference_gradients(model, p, s, x, y, **bn)
+        elif "dtype" in opts:
+            plain_gd = variant(model, **{**opts, "memory_saving": False})
+            plain, ref = jax.device_get(_with_promotion(gradients, plain_gd, p, s, x, y)), refs[1]
+        else:
+            plain, ref = refs
+        rev64, plain64 = gradient_agreement(rev, ref), gradient_agreement(plain, ref)
+        ratios = [
+            rev64["leaves"][k]["rel"] / max(plain64["leaves"][k]["rel"], 1e-30)
+            for k, leaf in rev64["leaves"].items()
+            if leaf["significant"]
+        ]
+        rows.append(
+            {
+                "units": n,
+                "state": state_name,
+                "option": name,
+                "rev_f64_rel": rev64["rel"],
+                "plain_f64_rel": plain64["rel"],
+                "worst_leaf_ratio": max(ratios),
+                "rec_max_rel": rec["max_rel"],
+                "temp": temp_bytes(model, **opts) if state_name == "init" else None,
+            }
+        )
+    return rows
+
+
+def _unit_slices(grads, i: int) -> list[np.ndarray]:
+    """Gradient leaves of reversible unit ``i`` (F and G) of the first stage."""
+    out = []
+    for path, leaf in jax.tree_util.tree_leaves_with_path(grads):
+        key = jax.tree_util.keystr(path)
+        if key.startswith("['stages'][0]['f']") or key.startswith("['stages'][0]['g']"):
+            out.append(np.asarray(leaf[i], np.float64))
+    return out
+
+
+def _per_unit_rows(n, state_name, rec, g_raw, g_def, g_plain, g64) -> list[dict]:
+    rows = []
+    per = rec["per_unit"]
+    for i in range(n - 1):
+        ref = _unit_slices(g64, i)
+        norm = math.sqrt(sum(float(np.sum(r * r)) for r in ref))
+
+        def err(g, ref=ref, norm=norm, i=i):
+            d = sum(float(np.sum((a - b) ** 2)) for a, b in zip(_unit_slices(g, i), ref))
+            return math.sqrt(d) / max(norm, 1e-300)
+
+        rows.append(
+            {
+                "units": n,
+                "state": state_name,
+                "unit": i,
+                "rec_rel": float(per["rel"][i]),
+                "rec_channel_rel": float(per["channel_rel"][i]),
+                "scale": float(per["scale"][i]),
+                "rev_f64_rel": err(g_raw),
+                "default_f64_rel": err(g_def),
+                "plain_f64_rel": err(g_plain),
+            }
+        )
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+
+def _e(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1e}"
+
+
+def first_depth_above(rows: Sequence[Mapping], key: str, limit: float) -> dict[str, int | None]:
+    """Per state, the smallest depth whose ``key`` exceeds ``limit`` (None: none does)."""
+    out: dict[str, int | None] = {}
+    for r in sorted(rows, key=lambda r: r["units"]):
+        out.setdefault(r["state"], None)
+        if out[r["state"]] is None and r[key] > limit:
+            out[r["state"]] = r["units"]
+    return out
+
+
+def report(results: dict, command: str, steps: int) -> str:
+    sweep, options, per_unit = results["sweep"], results["options"], results["per_unit"]
+    lines = [
+        _report.header(
+            "Numerical drift of reversible float32 gradients",
+            f"one RevNet stage of basic units (halves of 16 channels), digits 8x8, batch {BATCH}, "
+            f"BatchNorm in train mode, init and after {steps} SGD steps on digits",
+            command,
+        ),
+        "",
+        "## Depth sweep",
+        "",
+        "The raw drift (`exact_every=None`): largest error of a rebuilt unit input relative to "
+        "that unit's largest activation (`max_rel`), and in units of each channel's batch std "
+        "(what the next BatchNorm sees); global relative error and cosine of the reversible "
+        "gradients against plain autodiff on the same weights and dtype, and of both against "
+        "a float64 plain reference. `default (k=8)`: the default `exact_every=8`. bf16: F and G "
+        "compute in bfloat16, halves carried in float32.",
+        "",
+    ]
+    cols = [
+        "units",
+        "weights",
+        "rebuild max_rel",
+        "rebuild per-channel",
+        "rev vs plain",
+        "cos",
+        "default (k=8) vs plain",
+        "rev vs f64",
+        "plain f32 vs f64",
+        "bf16 rebuild max_rel",
+        "bf16 rev vs plain",
+        "bf16 cos",
+    ]
+    rows = [
+        [
+            r["units"],
+            r["state"],
+            _e(r["rec_max_rel"]),
+            _e(r["rec_channel_rel"]),
+            _e(r["rev_plain_rel"]),
+            f"{r['rev_plain_cos']:.7f}",
+            _e(r["default_plain_rel"]),
+            _e(r["rev_f64_rel"]),
+            _e(r["plain_f64_rel"]),
+            _e(r["bf16_rec_max_rel"]),
+            _e(r["bf16_rev_plain_rel"]),
+            f"{r['bf16_rev_plain_cos']:.5f}",
+        ]
+        for r in sorted(sweep, key=lambda r: (r["state"], r["units"]))
+    ]
+    lines += [_report.markdown_table(cols, rows), ""]
+    above = first_depth_above(sweep, "rev_plain_rel", FLOAT32_TARGET)
+    lines.append(
+        "Depth at which the float32 reversible gradient differs from plain float32 autodiff by "
+        f"more than {FLOAT32_TARGET:g} (relative): "
+        + ", ".join(
+            f"{k}: {v if v is not None else 'none up to ' + str(max(r['units'] for r in sweep))}"
+            for k, v in above.items()
+        )
+        + "."
+    )
+    lines.append("")
+    if options:
+        lines += [
+            "## Options",
+            "",
+            "Gradient error of the reversible path and of plain autodiff of the same model, both "
+            "against float64 plain autodiff of that model; worst ratio of the two over parameter "
+            "leaves with a non-negligible gradient (norm >= 1e-3 x the largest); compiled temp "
+            "memory of loss + grad (rolled scan, XLA memory_analysis).",
+            "",
+        ]
+        unit, scale = _report.byte_unit([r["temp"] for r in options if r["temp"]])
+        cols = [
+            "units",
+            "weights",
+            "option",
+            "rev vs f64",
+            "plain vs f64",
+            "worst leaf ratio",
+            "rebuild max_rel",
+            f"temp {unit}",
+        ]
+        temps = {(r["units"], r["option"]): r["temp"] for r in options if r["temp"] is not None}
+        rows = [
+            [
+                r["units"],
+                r["state"],
+                r["option"],
+                _e(r["rev_f64_rel"]),
+                _e(r["plain_f64_rel"]),
+                f"{r['worst_leaf_ratio']:.2f}",
+                _e(r["rec_max_rel"]),
+                f"{temps[r['units'], r['option']] / scale:.1f}",
+            ]
+            for r in sorted(options, key=lambda r: (r["state"], r["units"]))
+        ]
+        lines += [_report.markdown_table(cols, rows), ""]
+    if per_unit:
+        lines += [
+            "## Per unit",
+            "",
+            "Reversible unit i of the stage (0 = first after the entry unit), raw drift "
+            "(`exact_every=None`): rebuilt-input error (relative, and per channel in batch-std "
+            "units), largest activation, and the relative error of that unit's F and G "
+            "parameter gradients against float64 (raw, default `exact_every=8`, plain).",
+            "",
+        ]
+        cols = [
+            "weights",
+            "unit",
+            "rebuild rel",
+            "rebuild per-channel",
+            "max |x|",
+            "rev grad vs f64",
+            "plain grad vs f64",
+        ]
+        rows = [
+            [
+                r["state"],
+                r["unit"],
+                _e(r["rec_rel"]),
+                _e(r["rec_channel_rel"]),
+                f"{r['scale']:.1f}",
+                _e(r["rev_f64_rel"]),
+                _e(r["plain_f64_rel"]),
+            ]
+            for r in per_unit
+        ]
+        lines += [_report.markdown_table(cols, rows), ""]
+    return "\n".join(lines)
+
+
+def plot(path: Path, sweep: Sequence[Mapping]) -> Path:
+    """Log-scale errors against depth (matplotlib object API with the Agg canvas)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 4.5), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    lines = {
+        "rebuild max_rel": "rec_max_rel",
+        "rev vs plain (f32, exact_every=None)": "rev_plain_rel",
+        "default exact_every=8 vs plain": "default_plain_rel",
+        "plain f32 vs f64": "plain_f64_rel",
+        "bf16 rev vs plain": "bf16_rev_plain_rel",
+    }
+    markers = "osD^v<>"
+    for state, dash in (("init", "-"), ("trained", "--")):
+        rows = sorted((r for r in sweep if r["state"] == state), key=lambda r: r["units"])
+        for i, (label, key) in enumerate(lines.items()):
+            ax.plot(
+                [r["units"] for r in rows],
+                [max(r[key], 1e-12) for r in rows],
+                marker=markers[i],
+                linestyle=dash,
+                color=f"C{i}",
+                markerfacecolor="none",
+                label=f"{label} ({state})",
+            )
+    ax.axhline(FLOAT32_TARGET, color="grey", linewidth=0.8, linestyle=":")
+    ax.set_yscale("log")
+    ax.set_xscale("log", base=2)
+    ax.set_title("Reversible drift vs depth (relative errors)", fontsize=10)
+    ax.set_xlabel("units per stage")
+    ax.set_ylabel("relative error")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny depths, seconds (CI)")
+    parser.add_argument("--out-dir", default="results", help="where the .md and .png go")
+    args = parser.parse_args(argv)
+    depths = QUICK_DEPTHS if args.quick else DEPTHS
+    option_depths = QUICK_OPTION_DEPTHS if args.quick else OPTION_DEPTHS
+    per_unit_depth = 2 if args.quick else 18
+    names = QUICK_OPTIONS if args.quick else tuple(OPTIONS)
+    steps = QUICK_TRAIN_STEPS if args.quick else TRAIN_STEPS
+    x, y = next(digits_batches(BATCH, seed=1))
+    results: dict[str, list] = {"sweep": [], "options": [], "per_unit": []}
+    for n in sorted(set(depths) | set(option_depths)):
+        out = measure_depth(
+            n,
+            steps,
+            x,
+            y,
+            options=names if n in option_depths else (),
+            per_unit=n == per_unit_depth,
+        )
+        for key in results:
+            if key != "sweep" or n in depths:
+                results[key] += out[key]
+    out_dir = Path(args.out_dir)
+    text = report(results, _report.command_line(MODULE, argv), steps)
+    _report.write_report(out_dir, NAME, text)
+    plot(out_dir / f"{NAME}.png", results["sweep"])
+    return results
+
+
+if __name__ == "__main__":
+    main()
