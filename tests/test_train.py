@@ -253,3 +253,13 @@ def test_entry_point_quick(tmp_path, capsys, monkeypatch):
     assert summary["step"] == 2 and summary["dataset"] == "digits"
     with pytest.raises(SystemExit, match="Unknown config 'nope'"):
         main(["--config", "nope", "--workdir", str(tmp_path)])
+
+
+def test_drift_monitor_during_training(tmp_path):
+    cfg = dataclasses.replace(TINY, num_steps=2, drift_every=1)
+    train.train_and_evaluate(cfg, tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    drift = [r for r in records if any(k.startswith("drift/") for k in r)]
+    assert [r["step"] for r in drift] == [1, 2]
+    values = [v for r in drift for k, v in r.items() if k.startswith("drift/")]
+    assert values and all(np.isfinite(v) and v < 1e-3 for v in values), drift
