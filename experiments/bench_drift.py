@@ -538,6 +538,7 @@ def report(results: dict, command: str, steps: int) -> str:
             "rebuild per-channel",
             "max |x|",
             "rev grad vs f64",
+            "default (k=8) vs f64",
             "plain grad vs f64",
         ]
         rows = [
@@ -548,6 +549,7 @@ def report(results: dict, command: str, steps: int) -> str:
                 _e(r["rec_channel_rel"]),
                 f"{r['scale']:.1f}",
                 _e(r["rev_f64_rel"]),
+                _e(r["default_f64_rel"]),
                 _e(r["plain_f64_rel"]),
             ]
             for r in per_unit
