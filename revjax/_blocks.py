@@ -385,14 +385,42 @@ def pure_call(graphdef: nnx.GraphDef) -> Callable:
 
 
 def call_rematerialised(module: nnx.Module, *args, train: bool) -> Any:
-    """Calls ``module`` under `jax.checkpoint`: its activations are recomputed in the backward.
+    """Calls ``module`` storing only its inputs: its activations are recomputed in the backward.
 
-    The forward's new batch statistics are written back once; the recomputation's are dropped
-    (it sees the same batch, so it normalises identically).
+    A `jax.custom_vjp` rather than `jax.checkpoint`: on XLA:CPU common-subexpression
+    elimination merges a `jax.checkpoint` recomputation back into the forward pass (it saved
+    nothing there). Here the recomputation's inputs are tied to the incoming cotangent
+    (`revjax._core._after`), so it cannot run before the backward reaches this module. The
+    forward's new batch statistics are written back once; the recomputation's are dropped (it
+    sees the same batch, so it normalises identically).
     """
     graphdef, state = nnx.split(module)
     call = pure_call(graphdef)
-    out, new_stats = jax.checkpoint(lambda s, *a: call(s, *a, train=train))(state, *args)
+
+    @jax.custom_vjp
+    def run(state, args):
+        return call(state, *args, train=train)
+
+    def run_fwd(state, args):
+        return call(state, *args, train=train), (state, args)
+
+    def run_bwd(residuals, cotangents):
+        state, args = residuals
+        out_ct, _ = cotangents  # the batch statistics are not differentiated
+        first_ct = jax.tree.leaves(out_ct)[0]
+        args = jax.tree.map(
+            lambda a: (
+                a + (first_ct.reshape(-1)[:1] * 0).astype(a.dtype).reshape((1,) * a.ndim)
+                if jnp.issubdtype(a.dtype, jnp.floating)
+                else a
+            ),
+            args,
+        )
+        _, vjp = jax.vjp(lambda s, a: call(s, *a, train=train)[0], state, args)
+        return vjp(out_ct)
+
+    run.defvjp(run_fwd, run_bwd)
+    out, new_stats = run(state, tuple(args))
     if train:
         nnx.update(module, new_stats)
     return out

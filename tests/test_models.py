@@ -372,3 +372,29 @@ def test_zero_init_last_bn(block):
     for fn in functions:
         np.testing.assert_array_equal(getattr(fn, last).scale[...], 0.0)
         np.testing.assert_array_equal(fn.bn2.scale[...] if last == "bn3" else 1.0, 1.0)
+
+
+def test_remat_transitions_cut_memory():
+    """The entry units stored only their inputs: compiled temp memory drops (on every backend;
+    a plain `jax.checkpoint` saved nothing on XLA:CPU, 8.2 MiB either way for this model)."""
+    from revjax.measure import compiled_memory
+    from revjax.train import TrainConfig, _abstract_state, make_train_step
+
+    batch = {
+        "image": jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.float32),
+        "label": jax.ShapeDtypeStruct((8,), jnp.int32),
+    }
+    temp = {}
+    for remat in (False, True):
+        overrides = {
+            "unroll": 1,
+            "remat_transitions": remat,
+            "units_per_stage": (3, 3),
+            "widths": (16, 16, 32),
+        }
+        graphdef, state, tx = _abstract_state(
+            TrainConfig(model="revnet_tiny", model_overrides=overrides), 10, 3
+        )
+        step = jax.jit(make_train_step(graphdef, tx))
+        temp[remat] = compiled_memory(step, state, batch)["temp"]
+    assert temp[True] <= 0.75 * temp[False], temp  # measured 4.8 vs 8.2 MiB
