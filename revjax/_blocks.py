@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from revjax._core import default_unroll, reversible_sequence
+from revjax._core import default_unroll, reversible_sequence, tie_to_cotangent
 
 Array = jax.Array
 Dtype = Any
@@ -390,7 +390,7 @@ def call_rematerialised(module: nnx.Module, *args, train: bool) -> Any:
     A `jax.custom_vjp` rather than `jax.checkpoint`: on XLA:CPU common-subexpression
     elimination merges a `jax.checkpoint` recomputation back into the forward pass (it saved
     nothing there). Here the recomputation's inputs are tied to the incoming cotangent
-    (`revjax._core._after`), so it cannot run before the backward reaches this module. The
+    (`revjax._core.tie_to_cotangent`), so it cannot run before the backward reaches this module. The
     forward's new batch statistics are written back once; the recomputation's are dropped (it
     sees the same batch, so it normalises identically).
     """
@@ -407,15 +407,7 @@ def call_rematerialised(module: nnx.Module, *args, train: bool) -> Any:
     def run_bwd(residuals, cotangents):
         state, args = residuals
         out_ct, _ = cotangents  # the batch statistics are not differentiated
-        first_ct = jax.tree.leaves(out_ct)[0]
-        args = jax.tree.map(
-            lambda a: (
-                a + (first_ct.reshape(-1)[:1] * 0).astype(a.dtype).reshape((1,) * a.ndim)
-                if jnp.issubdtype(a.dtype, jnp.floating)
-                else a
-            ),
-            args,
-        )
+        args = tie_to_cotangent(args, out_ct)
         _, vjp = jax.vjp(lambda s, a: call(s, *a, train=train)[0], state, args)
         return vjp(out_ct)
 

@@ -435,6 +435,24 @@ def _after(b1, b2, db1, db2):
     return b1 + (db1 * 0).astype(b1.dtype), b2 + (db2 * 0).astype(b2.dtype)
 
 
+def tie_to_cotangent(tree: PyTree, cotangent: PyTree) -> PyTree:
+    """Makes every floating leaf of ``tree`` data-dependent on ``cotangent`` (adds ``0 * c``).
+
+    For a recomputation inside a custom backward whose inputs are residuals of any shape: it
+    then cannot be scheduled before the backward reaches it (see `_after`, the elementwise
+    form used when the shapes match).
+    """
+    first = jax.tree.leaves(cotangent)[0]
+    zero = first.reshape(-1)[:1] * 0  # [1]
+
+    def tie(a):
+        if not jnp.issubdtype(a.dtype, jnp.floating):
+            return a
+        return a + zero.astype(a.dtype).reshape((1,) * a.ndim)
+
+    return jax.tree.map(tie, tree)
+
+
 def _make_memory_saving(cpl, f_branch, g_branch, unroll, exact_every=None):
     """Builds the custom-VJP sequence for one (coupling, F, G, unroll, exact_every) setting."""
 
