@@ -35,7 +35,7 @@ from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
 
-from experiments import _report  # noqa: E402
+from experiments import _report, aot  # noqa: E402
 from revjax.measure import (  # noqa: E402
     compiled_memory,
     device_memory_limit_bytes,
@@ -258,6 +258,258 @@ def plot(rows: list[dict], path: Path, title: str, limit: int | None) -> Path:
     )
 
 
+# --------------------------------------------------------------------------------------------
+# Simulated: compiled for a target device ahead of time (--target), nothing runs
+# --------------------------------------------------------------------------------------------
+
+# The issue-10 comparison: preset -> (image side, classes), and the pairs it reports.
+TARGET_MODELS = {
+    "revnet38": (32, 10),
+    "resnet32": (32, 10),
+    "revnet110": (32, 10),
+    "resnet110": (32, 10),
+    "revnet164": (32, 10),
+    "resnet164": (32, 10),
+    "revnet104": (224, 1000),
+    "resnet101": (224, 1000),
+}
+TARGET_PAIRS = [
+    ("revnet38", "resnet32"),
+    ("revnet110", "resnet110"),
+    ("revnet164", "resnet164"),
+    ("revnet104", "resnet101"),
+]
+
+
+def largest_fitting_batch(
+    total_of: Callable[[int], float],
+    budget: float,
+    *,
+    start: int,
+    multiple: int = 8,
+    max_batch: int = 2**20,
+    max_compiles: int = 12,
+) -> tuple[int | None, int | None, list[tuple[int, float]]]:
+    """The largest multiple of ``multiple`` whose compiled bytes fit in ``budget``.
+
+    Compiled memory is close to affine in the batch (fixed state + bytes per image), so the
+    search predicts instead of bisecting: from one point it scales proportionally (an
+    under-estimate when the point fits, since the fixed part is ignored), from two or more it
+    fits a line through the two points nearest the boundary, and it stops once a fitting batch
+    and the next multiple, which does not fit, have both been compiled. Usually 3-4 compiles.
+
+    Args:
+      total_of: compiled bytes at a batch size (``inf`` for a compile that runs out of memory).
+      budget: bytes available.
+      start: first batch to compile (rounded down to a multiple, at least ``multiple``).
+      multiple: batch granularity.
+      max_batch: never compile above this (the result is then a lower bound).
+      max_compiles: give up after this many compiles (the bracket found so far is returned).
+
+    Returns:
+      ``(largest, first_failure, tries)``: the largest fitting multiple (``None`` if ``multiple``
+      itself does not fit), the smallest failing one compiled (``None`` if the cap was reached),
+      and every ``(batch, bytes)`` compiled, in order.
+    """
+    g = int(multiple)
+    down = lambda b: max(g, int(b) // g * g)
+    tries: list[tuple[int, float]] = []
+    points: dict[int, float] = {}
+    lo = hi = None  # largest fitting, smallest failing
+
+    def measure(b: int) -> None:
+        nonlocal lo, hi
+        total = float(total_of(b))
+        tries.append((b, total))
+        points[b] = total
+        if total <= budget:
+            lo = b if lo is None else max(lo, b)
+        else:
+            hi = b if hi is None else min(hi, b)
+
+    measure(min(down(start), down(max_batch)))
+    while len(tries) < max_compiles:
+        if hi is not None and (hi == g if lo is None else hi - lo <= g):
+            break
+        finite = sorted((b, t) for b, t in points.items() if math.isfinite(t))
+        if hi is not None and math.isinf(points[hi]) and not any(t > budget for _, t in finite):
+            # the only failures ran out of memory while compiling (no bytes known above the
+            # boundary): bisect, in log space, between the last fit and the first failure
+            pred = math.sqrt((lo or 1) * hi)
+        elif len(finite) >= 2:
+            # the two points nearest the boundary: the largest fitting and smallest failing, or
+            # the last two on one side
+            below = [p for p in finite if p[1] <= budget]
+            above = [p for p in finite if p[1] > budget]
+            pair = (below[-1:] + above[:1]) if below and above else (below or above)[-2:]
+            if len(pair) < 2:
+                pair = finite[-2:]
+            (b1, t1), (b2, t2) = pair
+            slope = (t2 - t1) / (b2 - b1)
+            pred = b1 + (budget - t1) / slope if slope > 0 else 2 * max(points)
+        elif finite:
+            b1, t1 = finite[0]
+            pred = b1 * budget / t1
+        else:  # only out-of-memory compiles so far
+            pred = min(points) / 2
+        cand = down(pred)
+        if lo is not None:
+            cand = max(cand, lo + g)
+        if hi is not None:
+            cand = min(cand, hi - g)
+        if cand in points:  # the prediction lands on a compiled batch: step off it
+            cand = cand + g if points[cand] <= budget else cand - g
+        if cand > max_batch:  # compile the cap itself once: the result is then a lower bound
+            cand = down(max_batch)
+        if cand < g or cand in points:
+            break
+        measure(cand)
+    return lo, hi, tries
+
+
+def _simulate_model(compiler, model: str, size: int, classes: int, budget: float, args) -> dict:
+    records = {}
+
+    def total_of(batch: int) -> float:
+        spec = aot.job(model, {"unroll": 1}, batch=batch, size=size, num_classes=classes)
+        spec["donate"] = True  # as the training loop: old and new state share buffers
+        r = compiler.compile(spec)
+        if "error" in r:
+            if not aot.is_out_of_memory_error(r["error"]):
+                raise SystemExit(f"{NAME}: compiling {model} at batch {batch} failed: {r['error']}")
+            r["total"] = math.inf
+        records[batch] = r
+        fits = r["total"] <= budget
+        print(
+            f"  {model} {size}x{size}: batch {batch}: {r['total'] / 2**30:.2f} GiB "
+            f"({'fits' if fits else 'does not fit'}; compile {r.get('compile_s', 0):.0f} s)",
+            flush=True,
+        )
+        return r["total"]
+
+    start = args.start or (128 if size <= 64 else 32)
+    largest, failed, tries = largest_fitting_batch(
+        total_of, budget, start=start, multiple=args.multiple, max_batch=args.max_batch
+    )
+    finite = sorted((b, t) for b, t in tries if math.isfinite(t))
+    per_image = None
+    if len(finite) >= 2:
+        (b1, t1), (b2, t2) = finite[-2:]
+        per_image = (t2 - t1) / (b2 - b1)
+    params = next(iter(records.values())).get("params")
+    return {
+        "model": model,
+        "size": size,
+        "params": params,
+        "largest": largest,
+        "first_failure": failed,
+        "tries": tries,
+        "records": records,
+        "bytes_per_image": per_image,
+    }
+
+
+def simulate_on_target(args) -> tuple[dict, list[dict], float]:
+    """Largest batch of every model, compiled for ``args.target`` (one child process)."""
+    target = aot.get_target(args.target)
+    if target.memory_bytes is None:
+        raise SystemExit(
+            f"{NAME}: target {target.name!r} has no device memory to budget against; pick a "
+            f"GPU/TPU target ({', '.join(t for t in aot.TARGETS if t != 'cpu')}) or pass "
+            "--memory-gib"
+        )
+    memory = args.memory_gib * 2**30 if args.memory_gib else target.memory_bytes
+    budget = memory * (1 - args.reserve)
+    models = args.models or list(TARGET_MODELS)
+    rows = []
+    with aot.TargetCompiler(target, python=args.aot_python) as compiler:
+        for model in models:
+            size, classes = TARGET_MODELS.get(model, (args.size or 32, 10))
+            if args.size:
+                size = args.size
+            rows.append(_simulate_model(compiler, model, size, classes, budget, args))
+        info = compiler.info
+    return info, rows, budget
+
+
+def to_markdown_target(rows: list[dict], head: str, budget: float, multiple: int) -> str:
+    columns = [
+        "model",
+        "image",
+        "params",
+        f"largest batch (multiple of {multiple})",
+        "next multiple (does not fit)",
+        "compiled GiB at largest",
+        "temp GiB at largest",
+        "MiB per image",
+        "batches compiled (GiB)",
+    ]
+    table = []
+    for r in rows:
+        best = r["largest"]
+        rec = r["records"].get(best, {}) if best else {}
+        fail = r["first_failure"]
+        table.append(
+            [
+                r["model"],
+                f"{r['size']}x{r['size']}",
+                f"{r['params']:,}" if r["params"] else "-",
+                "-" if best is None else f"{best:,}",
+                "none up to the cap" if fail is None else f"{fail:,}",
+                "-" if not rec else f"{rec['total'] / 2**30:.2f}",
+                "-" if not rec else f"{rec['temp'] / 2**30:.2f}",
+                "-" if r["bytes_per_image"] is None else f"{r['bytes_per_image'] / 2**20:.2f}",
+                ", ".join(
+                    f"{b:,} ({t / 2**30:.1f})" if math.isfinite(t) else f"{b:,} (OOM)"
+                    for b, t in r["tries"]
+                ),
+            ]
+        )
+    by_model = {r["model"]: r for r in rows}
+    ratios = []
+    for rev, res in TARGET_PAIRS:
+        a, b = by_model.get(rev), by_model.get(res)
+        if a and b and a["largest"] and b["largest"]:
+            capped = a["first_failure"] is None or b["first_failure"] is None
+            ratios.append(
+                [
+                    f"{rev} / {res}",
+                    f"{a['size']}x{a['size']}",
+                    f"{a['largest']:,} / {b['largest']:,}",
+                    f"{a['largest'] / b['largest']:.1f}x" + (" (lower bound)" if capped else ""),
+                ]
+            )
+    lines = [head, "", _report.markdown_table(columns, table), ""]
+    if ratios:
+        lines += [
+            _report.markdown_table(["pair", "image", "largest batch", "RevNet / ResNet"], ratios),
+            "",
+        ]
+    lines += [
+        f"Fits: compiled arguments + outputs + temporaries - aliased (the state is donated, as "
+        f"in the training loop) <= {budget / 2**30:.2f} GiB. Targets (issue 10, H100): "
+        "RevNet-164 >= 10x ResNet-164, RevNet-104 >= 4x ResNet-101.",
+        "",
+        aot.LOWER_BOUND_NOTE,
+    ]
+    return "\n".join(lines)
+
+
+def plot_target(rows: list[dict], path: Path, title: str, budget: float) -> Path:
+    """Compiled GiB of every batch compiled, per model, against the budget (log batch axis)."""
+    series = {}
+    for r in rows:
+        pts = sorted((b, t) for b, t in r["tries"] if math.isfinite(t))
+        label = f"{r['model']} ({r['size']}x{r['size']})"
+        series[label] = ([b for b, _ in pts], [t / 2**30 for _, t in pts])
+    xs = sorted({b for bs, _ in series.values() for b in bs})
+    if xs:
+        series["budget"] = ([xs[0], xs[-1]], [budget / 2**30] * 2)
+    return _report.plot_lines(
+        path, series, title=title, xlabel="batch size", ylabel="compiled GiB", logx=True
+    )
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -291,12 +543,54 @@ def main(argv=None):
     parser.add_argument("--out-dir", type=Path, default=Path("results"))
     parser.add_argument("--probe", nargs=2, metavar=("MODEL", "BATCH"), help=argparse.SUPPRESS)
     parser.add_argument("--overrides", default="{}", help=argparse.SUPPRESS)
+    aot.add_target_arguments(parser)
+    parser.add_argument(
+        "--reserve",
+        type=float,
+        default=0.10,
+        help="with --target: fraction of device memory kept free (CUDA context, cuDNN "
+        "workspace, fragmentation; default 0.10)",
+    )
+    parser.add_argument(
+        "--multiple", type=int, default=8, help="with --target: batch granularity (default 8)"
+    )
+    parser.add_argument(
+        "--memory-gib", type=float, default=None, help="with --target: override device memory"
+    )
     args = parser.parse_args(argv)
     if args.size is None:
         args.size = 8 if args.quick else 32
     if args.probe:
         _probe_worker(args)
         return None
+    if args.target:
+        target = aot.get_target(args.target)
+        args.max_batch = args.max_batch or 2**20
+        if args.quick:
+            raise SystemExit(f"{NAME}: --quick has no meaning with --target; use --models")
+        info, rows, budget = simulate_on_target(args)
+        details = (
+            "largest batch that fits, simulated: the trainer's train step (SGD + momentum, "
+            "state donated), rolled scans (unroll=1), float32, compiled for the target at "
+            f"candidate batch sizes; device memory {target.memory_label} "
+            f"({target.memory_source}) minus a {args.reserve:.0%} reserve = "
+            f"{budget / 2**30:.2f} GiB"
+        )
+        head = _report.target_header(
+            "Largest batch", details, _report.command_line(MODULE, argv), aot.describe(target, info)
+        )
+        name = f"{NAME}_{target.name}"
+        _report.write_report(
+            args.out_dir, name, to_markdown_target(rows, head, budget, args.multiple)
+        )
+        png = plot_target(
+            rows,
+            args.out_dir / f"{name}.png",
+            f"Compiled train-step memory vs batch, {target.description}",
+            budget,
+        )
+        print(f"wrote {png}")
+        return rows
 
     backend = _report.require_accelerator(NAME, allow_cpu=args.allow_cpu)
     on_cpu = backend == "cpu"
