@@ -252,13 +252,15 @@ def job(
     num_classes: int = 10,
     in_channels: int = 3,
     donate: bool = False,
+    compile: bool = True,
     key: Any = None,
 ) -> dict:
     """One compile job: the trainer's train step of a preset on abstract inputs.
 
     ``overrides`` are constructor arguments; ``unroll`` defaults to 1 (rolled scans) because the
     child's default backend is the CPU. ``donate`` donates the train state as the training loop
-    does (old and new state share buffers: counted in ``alias``). ``key`` comes back in the
+    does (old and new state share buffers: counted in ``alias``). ``compile=False`` only traces
+    and lowers (FLOPs of the unoptimised program, ``lowered_flops``). ``key`` comes back in the
     record, to match records to jobs.
     """
     return {
@@ -269,6 +271,7 @@ def job(
         "num_classes": int(num_classes),
         "in_channels": int(in_channels),
         "donate": bool(donate),
+        "compile": bool(compile),
         "key": key,
     }
 
@@ -358,7 +361,12 @@ class TargetCompiler:
             except (BrokenPipeError, subprocess.TimeoutExpired):
                 self.proc.kill()
                 self.proc.wait()
-        self._stderr.close()
+        for stream in (self.proc.stdin, self.proc.stdout, self._stderr):
+            if stream is not None and not stream.closed:
+                try:
+                    stream.close()
+                except BrokenPipeError:
+                    pass
 
     def __enter__(self) -> TargetCompiler:
         return self
@@ -489,24 +497,40 @@ def _compile_one(spec: Mapping[str, Any], sharding, options) -> dict:
     start = time.perf_counter()
     lowered = step.lower(*placed)  # trace + lower
     lower_s = time.perf_counter() - start
-    start = time.perf_counter()
-    compiled = lowered.compile(compiler_options=options)
-    compile_s = time.perf_counter() - start
-    mem = compiled_memory(compiled)
-    cost = compiled.cost_analysis()
-    if isinstance(cost, list | tuple):
-        cost = cost[0] if cost else {}
-    cost = cost or {}
-    return {
-        **mem,
-        "total": mem.total,
-        "flops": cost.get("flops"),
-        "bytes_accessed": cost.get("bytes accessed"),
+    record = {
         "params": params,
         "build_s": build_s,
         "trace_lower_s": lower_s,
-        "compile_s": compile_s,
+        # XLA's cost analysis of the unoptimised HLO: the program as JAX wrote it, the same for
+        # every target (only a backend with a client computes it: not a deviceless GPU)
+        "lowered_flops": _cost(lowered).get("flops"),
     }
+    if not spec.get("compile", True):
+        return record
+    start = time.perf_counter()
+    compiled = lowered.compile(compiler_options=spec.get("compiler_options") or options)
+    record["compile_s"] = time.perf_counter() - start
+    mem = compiled_memory(compiled)
+    cost = _cost(compiled)
+    return {
+        **mem,
+        "total": mem.total,
+        # after the target's optimisations; None where the backend has no cost analysis
+        "flops": cost.get("flops"),
+        "bytes_accessed": cost.get("bytes accessed"),
+        **record,
+    }
+
+
+def _cost(obj) -> dict:
+    """``cost_analysis()`` as a dict, empty where the backend offers none."""
+    try:
+        cost = obj.cost_analysis()
+    except Exception:  # noqa: BLE001 - e.g. no client for a compile-only platform
+        return {}
+    if isinstance(cost, list | tuple):
+        cost = cost[0] if cost else {}
+    return dict(cost or {})
 
 
 def _child_main(name: str) -> None:
@@ -605,7 +629,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(record["error"])
     for field in ("temp", "argument", "output", "alias", "total"):
         print(f"{field:>9s}: {record[field] / 2**20:10.1f} MiB")
-    print(f"    flops: {record['flops']:.4g} (a rolled loop's body counts once)")
+    if record.get("flops") is not None:
+        print(f"    flops: {record['flops']:.4g} (a rolled loop's body counts once)")
     print(f"  compile: {record['trace_lower_s']:.1f} s trace + lower, {record['compile_s']:.1f} s")
 
 

@@ -28,6 +28,8 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import argparse  # noqa: E402
+import ast  # noqa: E402
+import inspect  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 from collections.abc import Callable  # noqa: E402
@@ -42,6 +44,7 @@ from revjax.measure import (  # noqa: E402
     device_peak_bytes,
     is_out_of_memory,
 )
+from revjax.models import RevNet  # noqa: E402
 
 NAME = "bench_batch"
 MODULE = f"experiments.{NAME}"
@@ -367,11 +370,43 @@ def largest_fitting_batch(
     return lo, hi, tries
 
 
-def _simulate_model(compiler, model: str, size: int, classes: int, budget: float, args) -> dict:
+def parse_model_spec(spec: str) -> tuple[str, dict]:
+    """``"revnet164:remat_transitions=True,exact_every=None"`` -> preset and overrides (values
+    are Python literals; anything else is a string)."""
+    preset, _, rest = spec.partition(":")
+    overrides = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise SystemExit(f"{NAME}: model spec {spec!r}: expected key=value, got {item!r}")
+        try:
+            overrides[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            overrides[key.strip()] = value.strip()
+    return preset, overrides
+
+
+def default_target_models() -> list[str]:
+    """The issue-10 presets, plus RevNet-164 / RevNet-104 with the transition setting that is
+    not the default, and with invertible downsampling where the installed RevNet has it."""
+    params = inspect.signature(RevNet.__init__).parameters
+    other = not params["remat_transitions"].default
+    extra = [f"revnet164:remat_transitions={other}", f"revnet104:remat_transitions={other}"]
+    if "downsample" in params:
+        extra.append("revnet164:downsample=invertible")
+    return list(TARGET_MODELS) + extra
+
+
+def _simulate_model(compiler, spec: str, budget: float, args) -> dict:
+    model, overrides = parse_model_spec(spec)
+    size, classes = TARGET_MODELS.get(model, (32, 10))
+    size = args.size or size
     records = {}
 
     def total_of(batch: int) -> float:
-        spec = aot.job(model, {"unroll": 1}, batch=batch, size=size, num_classes=classes)
+        spec = aot.job(
+            model, {**overrides, "unroll": 1}, batch=batch, size=size, num_classes=classes
+        )
         spec["donate"] = True  # as the training loop: old and new state share buffers
         r = compiler.compile(spec)
         if "error" in r:
@@ -389,16 +424,25 @@ def _simulate_model(compiler, model: str, size: int, classes: int, budget: float
 
     start = args.start or (128 if size <= 64 else 32)
     largest, failed, tries = largest_fitting_batch(
-        total_of, budget, start=start, multiple=args.multiple, max_batch=args.max_batch
+        total_of,
+        budget,
+        start=start,
+        multiple=args.multiple,
+        max_batch=args.max_batch,
+        max_compiles=args.max_compiles,
     )
     finite = sorted((b, t) for b, t in tries if math.isfinite(t))
-    per_image = None
+    per_image = predicted = None
     if len(finite) >= 2:
-        (b1, t1), (b2, t2) = finite[-2:]
+        # the line through the two compiles nearest the budget
+        (b1, t1), (b2, t2) = sorted(finite, key=lambda p: abs(p[1] - budget))[:2]
         per_image = (t2 - t1) / (b2 - b1)
+        if per_image > 0:
+            predicted = int(b1 + (budget - t1) / per_image) // args.multiple * args.multiple
     params = next(iter(records.values())).get("params")
     return {
-        "model": model,
+        "model": spec,
+        "predicted": predicted,
         "size": size,
         "params": params,
         "largest": largest,
@@ -412,7 +456,7 @@ def _simulate_model(compiler, model: str, size: int, classes: int, budget: float
 def simulate_on_target(args) -> tuple[dict, list[dict], float]:
     """Largest batch of every model, compiled for ``args.target`` (one child process)."""
     target = aot.get_target(args.target)
-    if target.memory_bytes is None:
+    if target.memory_bytes is None and not args.memory_gib:
         raise SystemExit(
             f"{NAME}: target {target.name!r} has no device memory to budget against; pick a "
             f"GPU/TPU target ({', '.join(t for t in aot.TARGETS if t != 'cpu')}) or pass "
@@ -420,19 +464,18 @@ def simulate_on_target(args) -> tuple[dict, list[dict], float]:
         )
     memory = args.memory_gib * 2**30 if args.memory_gib else target.memory_bytes
     budget = memory * (1 - args.reserve)
-    models = args.models or list(TARGET_MODELS)
+    models = args.models or default_target_models()
     rows = []
     with aot.TargetCompiler(target, python=args.aot_python) as compiler:
-        for model in models:
-            size, classes = TARGET_MODELS.get(model, (args.size or 32, 10))
-            if args.size:
-                size = args.size
-            rows.append(_simulate_model(compiler, model, size, classes, budget, args))
+        for spec in models:
+            rows.append(_simulate_model(compiler, spec, budget, args))
         info = compiler.info
     return info, rows, budget
 
 
-def to_markdown_target(rows: list[dict], head: str, budget: float, multiple: int) -> str:
+def to_markdown_target(
+    rows: list[dict], head: str, budget: float, multiple: int, max_compiles: int
+) -> str:
     columns = [
         "model",
         "image",
@@ -442,6 +485,7 @@ def to_markdown_target(rows: list[dict], head: str, budget: float, multiple: int
         "compiled GiB at largest",
         "temp GiB at largest",
         "MiB per image",
+        "line's prediction",
         "batches compiled (GiB)",
     ]
     table = []
@@ -459,6 +503,7 @@ def to_markdown_target(rows: list[dict], head: str, budget: float, multiple: int
                 "-" if not rec else f"{rec['total'] / 2**30:.2f}",
                 "-" if not rec else f"{rec['temp'] / 2**30:.2f}",
                 "-" if r["bytes_per_image"] is None else f"{r['bytes_per_image'] / 2**20:.2f}",
+                "-" if r["predicted"] is None else f"{r['predicted']:,}",
                 ", ".join(
                     f"{b:,} ({t / 2**30:.1f})" if math.isfinite(t) else f"{b:,} (OOM)"
                     for b, t in r["tries"]
@@ -467,13 +512,14 @@ def to_markdown_target(rows: list[dict], head: str, budget: float, multiple: int
         )
     by_model = {r["model"]: r for r in rows}
     ratios = []
-    for rev, res in TARGET_PAIRS:
-        a, b = by_model.get(rev), by_model.get(res)
-        if a and b and a["largest"] and b["largest"]:
+    twins = dict(TARGET_PAIRS)
+    for a in rows:
+        b = by_model.get(twins.get(a["model"].split(":")[0], ""))
+        if b and a["largest"] and b["largest"]:
             capped = a["first_failure"] is None or b["first_failure"] is None
             ratios.append(
                 [
-                    f"{rev} / {res}",
+                    f"{a['model']} / {b['model']}",
                     f"{a['size']}x{a['size']}",
                     f"{a['largest']:,} / {b['largest']:,}",
                     f"{a['largest'] / b['largest']:.1f}x" + (" (lower bound)" if capped else ""),
@@ -487,8 +533,13 @@ def to_markdown_target(rows: list[dict], head: str, budget: float, multiple: int
         ]
     lines += [
         f"Fits: compiled arguments + outputs + temporaries - aliased (the state is donated, as "
-        f"in the training loop) <= {budget / 2**30:.2f} GiB. Targets (issue 10, H100): "
-        "RevNet-164 >= 10x ResNet-164, RevNet-104 >= 4x ResNet-101.",
+        f"in the training loop) <= {budget / 2**30:.2f} GiB. Search: compile a first batch "
+        "(128 at 32x32, 32 at 224x224), scale it to the budget, then follow the line through "
+        "the two compiles nearest the budget until a batch that fits and the next multiple, "
+        f"which does not, have both been compiled (at most {max_compiles} compiles per "
+        "model; where that cap stopped the search, the next multiple is not confirmed). "
+        "Line's prediction: the largest multiple that line puts within the budget. Targets "
+        "(issue 10, H100): RevNet-164 >= 10x ResNet-164, RevNet-104 >= 4x ResNet-101.",
         "",
         aot.LOWER_BOUND_NOTE,
     ]
@@ -557,6 +608,12 @@ def main(argv=None):
     parser.add_argument(
         "--memory-gib", type=float, default=None, help="with --target: override device memory"
     )
+    parser.add_argument(
+        "--max-compiles",
+        type=int,
+        default=8,
+        help="with --target: compiles per model at most (default 8; TPU compiles take minutes)",
+    )
     args = parser.parse_args(argv)
     if args.size is None:
         args.size = 8 if args.quick else 32
@@ -581,7 +638,9 @@ def main(argv=None):
         )
         name = f"{NAME}_{target.name}"
         _report.write_report(
-            args.out_dir, name, to_markdown_target(rows, head, budget, args.multiple)
+            args.out_dir,
+            name,
+            to_markdown_target(rows, head, budget, args.multiple, args.max_compiles),
         )
         png = plot_target(
             rows,
