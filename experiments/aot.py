@@ -382,8 +382,9 @@ def compile_for_target(
     python: str | None = None,
     timeout: float | None = None,
     on_record: Callable[[dict], None] | None = None,
+    processes: int = 1,
 ) -> tuple[dict, list[dict]]:
-    """Compiles every job for ``target`` in one child process (a `TargetCompiler`).
+    """Compiles every job for ``target`` in child processes (`TargetCompiler`).
 
     Args:
       target: a `TARGETS` name or a `Target`.
@@ -391,20 +392,57 @@ def compile_for_target(
       python: the interpreter (default: `target_python`).
       timeout: seconds per compile (``None``: no limit).
       on_record: called with each record as it arrives (progress of long TPU compiles).
+      processes: child processes compiling at once (XLA compiles mostly on one core).
 
     Returns:
       ``(info, records)``: the child's description of the target (``device_kind``, versions,
-      host) and one record per job, in order: the job's fields, the compiled memory
-      (``temp``, ``argument``, ``output``, ``alias``, ``total``), ``flops``, ``trace_lower_s``,
-      ``compile_s``, ``params``; or ``error`` when that job failed to compile.
+      host) and one record per job, in the order of ``jobs``: the job's fields, the compiled
+      memory (``temp``, ``argument``, ``output``, ``alias``, ``total``), ``flops``,
+      ``lowered_flops``, ``trace_lower_s``, ``compile_s``, ``params``; or ``error`` when that
+      job failed to compile.
     """
-    records = []
-    with TargetCompiler(target, python=python, timeout=timeout) as compiler:
-        for spec in jobs:
-            records.append(compiler.compile(spec))
-            if on_record is not None:
-                on_record(records[-1])
-        return compiler.info, records
+    pending = list(enumerate(jobs))
+    records: list[dict | None] = [None] * len(pending)
+    infos: list[dict] = []
+    lock = threading.Lock()
+
+    def work() -> None:
+        with TargetCompiler(target, python=python, timeout=timeout) as compiler:
+            infos.append(compiler.info)
+            while True:
+                with lock:
+                    if not pending:
+                        return
+                    i, spec = pending.pop(0)
+                records[i] = record = compiler.compile(spec)
+                if on_record is not None:
+                    with lock:
+                        on_record(record)
+
+    run_in_threads(work, min(max(1, processes), max(1, len(pending))))
+    return infos[0], [r for r in records if r is not None]
+
+
+def run_in_threads(work: Callable[[], None], n: int) -> None:
+    """Runs ``work`` in ``n`` threads (each owns its child process); re-raises the first error."""
+    if n == 1:
+        work()
+        return
+    errors: list[BaseException] = []
+
+    def guarded() -> None:
+        try:
+            work()
+        except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=guarded) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
 
 
 def is_out_of_memory_error(message: str) -> bool:
@@ -581,6 +619,12 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="compile ahead of time for this device instead of measuring this host "
         "(experiments/aot.py; nothing runs)",
+    )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="with --target: child processes compiling at once (default 1)",
     )
     parser.add_argument(
         "--aot-python",

@@ -15,6 +15,15 @@ until one does: usually two or three tries per model.
     python -m experiments.bench_batch                                  # RevNet-164 vs ResNet-164
     python -m experiments.bench_batch --models revnet110 resnet110
     python -m experiments.bench_batch --allow-cpu --quick              # CI: tiny models, CPU
+    python -m experiments.bench_batch --target h100                    # simulated, no GPU needed
+
+``--target NAME`` simulates the search for a GPU/TPU this host does not have: the train step is
+compiled ahead of time for the target (`experiments.aot`, nothing runs) at candidate batch sizes,
+and a batch fits when its compiled bytes (arguments + outputs + temporaries - aliased, state
+donated) are within the target's memory minus ``--reserve``. It reports the largest multiple of
+``--multiple`` (8) that fits, confirmed by compiling it and the next multiple, for the issue-10
+presets (RevNet-38/110/164 vs ResNet-32/110/164 at 32x32, RevNet-104 vs ResNet-101 at 224x224)
+or ``--models`` (``preset[:key=value,...]``), into ``bench_batch_<target>.md`` / ``.png``.
 
 Refuses to run on CPU (where nothing runs out of memory) unless ``--allow-cpu``; there the
 search stops at ``--max-batch``. Writes ``<out-dir>/bench_batch.md`` and ``.png``.
@@ -32,6 +41,7 @@ import ast  # noqa: E402
 import inspect  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import threading  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -465,12 +475,23 @@ def simulate_on_target(args) -> tuple[dict, list[dict], float]:
     memory = args.memory_gib * 2**30 if args.memory_gib else target.memory_bytes
     budget = memory * (1 - args.reserve)
     models = args.models or default_target_models()
-    rows = []
-    with aot.TargetCompiler(target, python=args.aot_python) as compiler:
-        for spec in models:
-            rows.append(_simulate_model(compiler, spec, budget, args))
-        info = compiler.info
-    return info, rows, budget
+    pending = list(enumerate(models))
+    rows: list[dict | None] = [None] * len(models)
+    infos: list[dict] = []
+    lock = threading.Lock()
+
+    def work() -> None:  # one child process per thread; models shared out as they finish
+        with aot.TargetCompiler(target, python=args.aot_python) as compiler:
+            infos.append(compiler.info)
+            while True:
+                with lock:
+                    if not pending:
+                        return
+                    i, spec = pending.pop(0)
+                rows[i] = _simulate_model(compiler, spec, budget, args)
+
+    aot.run_in_threads(work, min(max(1, args.processes), len(models)))
+    return infos[0], [r for r in rows if r is not None], budget
 
 
 def to_markdown_target(

@@ -19,6 +19,10 @@ the headline: the RevNet line is flat.
     python -m experiments.bench_memory                       # 1..18 units per stage
     python -m experiments.bench_memory --depths 1 2 4 9 18   # fewer points
     python -m experiments.bench_memory --quick               # seconds, for CI
+    python -m experiments.bench_memory --target h100 --depths 1 2 4 9 18   # compiled for an H100
+
+``--target NAME`` compiles every point ahead of time for that GPU/TPU (`experiments.aot`; nothing
+runs) and writes ``bench_memory_<target>.md`` / ``.png``.
 
 Writes ``<out-dir>/bench_memory.md`` and ``<out-dir>/bench_memory.png``.
 """
@@ -154,7 +158,9 @@ def run(cfg: dict, *, device_peak: bool, worker_timeout: float) -> dict[str, lis
     return results
 
 
-def run_on_target(cfg: dict, target: str, python: str | None) -> tuple[dict, dict]:
+def run_on_target(
+    cfg: dict, target: str, python: str | None, processes: int = 1
+) -> tuple[dict, dict]:
     """Every line at every depth, compiled ahead of time for ``target`` (one child process)."""
     jobs = [
         aot.job(
@@ -173,7 +179,9 @@ def run_on_target(cfg: dict, target: str, python: str | None) -> tuple[dict, dic
         what = r["error"][:200] if "error" in r else f"temp {_report.fmt_mib(r['temp'])} MiB"
         print(f"  {LINES[key][0]}: {units} units per stage, {what}", flush=True)
 
-    info, records = aot.compile_for_target(target, jobs, python=python, on_record=progress)
+    info, records = aot.compile_for_target(
+        target, jobs, python=python, on_record=progress, processes=processes
+    )
     failed = [r for r in records if "error" in r]
     if failed:
         raise SystemExit(f"{NAME}: {len(failed)} compiles failed, first: {failed[0]['error']}")
@@ -368,7 +376,7 @@ def _main_target(args, cfg: dict, argv) -> dict:
     target = aot.get_target(args.target)
     stages = len(cfg["widths"]) - 1
     print(f"compiling {len(LINES) * len(cfg['depths'])} train steps for {target.name}", flush=True)
-    info, results = run_on_target(cfg, target.name, args.aot_python)
+    info, results = run_on_target(cfg, target.name, args.aot_python, args.processes)
     head = _report.target_header(
         "Memory vs depth",
         f"train step (SGD + momentum, BatchNorm) of RevNet / ResNet, basic blocks, {stages} "

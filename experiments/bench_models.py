@@ -19,6 +19,12 @@ step time at most 1.30x plain.
     python -m experiments.bench_models --presets revnet38 --batch 32  # one pair, smaller batch
     python -m experiments.bench_models --quick                      # seconds, tiny models, CPU
     python -m experiments.bench_models --no-time                    # memory only (compile only)
+    python -m experiments.bench_models --target h100 --flops        # compiled for an H100
+
+``--target NAME`` compiles every line ahead of time for a GPU/TPU this host does not have
+(`experiments.aot`; nothing runs) and writes ``<out-dir>/bench_models_<target>.md``: one row per
+model and variant, with the compiled bytes; ``--flops`` adds the FLOPs of the RevNets with their
+stage-entry units stored vs recomputed.
 
 Writes ``<out-dir>/bench_models.md``.
 """
@@ -236,11 +242,17 @@ def measure_on_target(pairs: dict, datasets: dict, base: dict, args) -> tuple[di
 
     print(f"{len(memory_jobs)} compiles for target {args.target}", flush=True)
     info, records = aot.compile_for_target(
-        args.target, memory_jobs, python=args.aot_python, on_record=progress
+        args.target,
+        memory_jobs,
+        python=args.aot_python,
+        on_record=progress,
+        processes=args.processes,
     )
     if flops_jobs:
         print(f"{len(flops_jobs)} lowerings for FLOPs (CPU child)", flush=True)
-        records += aot.compile_for_target("cpu", flops_jobs, on_record=progress)[1]
+        records += aot.compile_for_target(
+            "cpu", flops_jobs, on_record=progress, processes=args.processes
+        )[1]
     failed = [r for r in records if "error" in r]
     if failed:
         raise SystemExit(f"{NAME}: {len(failed)} compiles failed, first: {failed[0]['error']}")

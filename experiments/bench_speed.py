@@ -22,6 +22,11 @@ that of RevNet-38.
     python -m experiments.bench_speed                                  # 38 / 110 / 164
     python -m experiments.bench_speed --models revnet38 revnet110 --batch 32
     python -m experiments.bench_speed --quick                          # seconds, for CI
+    python -m experiments.bench_speed --target h100                    # compile time, H100
+
+``--target NAME`` measures compile time only (trace + lower + XLA compile, rolled scans), for a
+GPU/TPU compiled ahead of time on this host (`experiments.aot`), and writes
+``bench_speed_<target>.md`` / ``.png``.
 
 Writes ``<out-dir>/bench_speed.md`` and ``<out-dir>/bench_speed.png``.
 """
@@ -204,7 +209,7 @@ def compile_on_target(entries, *, batch: int, size: int, repeats: int, args) -> 
         print(f"  {label}, {variant} (round {i + 1}): {what}", flush=True)
 
     info, records = aot.compile_for_target(
-        args.target, jobs, python=args.aot_python, on_record=progress
+        args.target, jobs, python=args.aot_python, on_record=progress, processes=args.processes
     )
     failed = [r for r in records if "error" in r]
     if failed:

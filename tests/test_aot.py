@@ -47,13 +47,14 @@ def test_child_env_drops_cpu_settings(monkeypatch):
 
 def test_child_compiles_what_this_process_compiles():
     """The child's figures are those of the same step compiled here; a bad job is reported as an
-    error record without killing the child, and later jobs still compile."""
+    error record without killing the child, and later jobs still compile; two children share
+    the jobs and the records come back in the jobs' order."""
     jobs = [
         aot.job("revnet_tiny", TINY, batch=2, size=8, key="ok"),
         aot.job("no_such_preset", {}, batch=2, size=8, key="bad"),
         aot.job("revnet_tiny", TINY, batch=4, size=8, key="ok4", donate=True),
     ]
-    info, records = aot.compile_for_target("cpu", jobs, timeout=300)
+    info, records = aot.compile_for_target("cpu", jobs, timeout=300, processes=2)
     assert info["platform"] == "cpu" and info["default_backend"] == "cpu"
     ok, bad, ok4 = records
     assert [r["key"] for r in records] == ["ok", "bad", "ok4"]
