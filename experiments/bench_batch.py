@@ -463,8 +463,9 @@ def _simulate_model(compiler, spec: str, budget: float, args) -> dict:
     }
 
 
-def simulate_on_target(args) -> tuple[dict, list[dict], float]:
-    """Largest batch of every model, compiled for ``args.target`` (one child process)."""
+def simulate_on_target(args, on_row=None) -> tuple[dict, list[dict], float]:
+    """Largest batch of every model, compiled for ``args.target`` (``args.processes`` child
+    processes); ``on_row(info, rows_so_far, budget)`` after each model (partial tables)."""
     target = aot.get_target(args.target)
     if target.memory_bytes is None and not args.memory_gib:
         raise SystemExit(
@@ -489,6 +490,9 @@ def simulate_on_target(args) -> tuple[dict, list[dict], float]:
                         return
                     i, spec = pending.pop(0)
                 rows[i] = _simulate_model(compiler, spec, budget, args)
+                if on_row is not None:
+                    with lock:
+                        on_row(compiler.info, [r for r in rows if r is not None], budget)
 
     aot.run_in_threads(work, min(max(1, args.processes), len(models)))
     return infos[0], [r for r in rows if r is not None], budget
@@ -646,30 +650,38 @@ def main(argv=None):
         args.max_batch = args.max_batch or 2**20
         if args.quick:
             raise SystemExit(f"{NAME}: --quick has no meaning with --target; use --models")
-        info, rows, budget = simulate_on_target(args)
-        details = (
-            "largest batch that fits, simulated: the trainer's train step (SGD + momentum, "
-            "state donated), rolled scans (unroll=1), float32, compiled for the target at "
-            f"candidate batch sizes; device memory {target.memory_label} "
-            f"({target.memory_source}) minus a {args.reserve:.0%} reserve = "
-            f"{budget / 2**30:.2f} GiB"
-        )
-        head = _report.target_header(
-            "Largest batch", details, _report.command_line(MODULE, argv), aot.describe(target, info)
-        )
-        name = f"{NAME}_{target.name}"
-        _report.write_report(
-            args.out_dir,
-            name,
-            to_markdown_target(rows, head, budget, args.multiple, args.max_compiles),
-        )
-        png = plot_target(
-            rows,
-            args.out_dir / f"{name}.png",
-            f"Compiled train-step memory vs batch, {target.description}",
-            budget,
-        )
-        print(f"wrote {png}")
+
+        def report(info, rows, budget, final=False):
+            done = "" if final else f" (partial: {len(rows)} models so far)"
+            details = (
+                "largest batch that fits, simulated: the trainer's train step (SGD + momentum, "
+                "state donated), rolled scans (unroll=1), float32, compiled for the target at "
+                f"candidate batch sizes; device memory {target.memory_label} "
+                f"({target.memory_source}) minus a {args.reserve:.0%} reserve = "
+                f"{budget / 2**30:.2f} GiB{done}"
+            )
+            head = _report.target_header(
+                "Largest batch",
+                details,
+                _report.command_line(MODULE, argv),
+                aot.describe(target, info),
+            )
+            name = f"{NAME}_{target.name}"
+            _report.write_report(
+                args.out_dir,
+                name,
+                to_markdown_target(rows, head, budget, args.multiple, args.max_compiles),
+            )
+            png = plot_target(
+                rows,
+                args.out_dir / f"{name}.png",
+                f"Compiled train-step memory vs batch, {target.description}",
+                budget,
+            )
+            print(f"wrote {png}")
+
+        info, rows, budget = simulate_on_target(args, on_row=report)
+        report(info, rows, budget, final=True)
         return rows
 
     backend = _report.require_accelerator(NAME, allow_cpu=args.allow_cpu)
