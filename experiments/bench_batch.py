@@ -640,7 +640,7 @@ def main(argv=None):
         help="with --target: compiles per model at most (default 8; TPU compiles take minutes)",
     )
     args = parser.parse_args(argv)
-    if args.size is None:
+    if args.size is None and not args.target:  # with --target each preset has its own size
         args.size = 8 if args.quick else 32
     if args.probe:
         _probe_worker(args)
