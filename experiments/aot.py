@@ -415,6 +415,7 @@ def compile_for_target(
                         return
                     i, spec = pending.pop(0)
                 records[i] = record = compiler.compile(spec)
+                record["target_info"] = compiler.info  # for partial reports
                 if on_record is not None:
                     with lock:
                         on_record(record)

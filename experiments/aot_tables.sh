@@ -21,8 +21,8 @@ what=${1:-all}
 
 if [[ $what == all || $what == gpu ]]; then
   # Presets on the H100: every memory line, compile times, FLOPs of the transition setting.
-  "$PY" -m experiments.bench_models --target h100 --flops --presets revnet38 revnet110 revnet164 \
-    --processes "$N"
+  "$PY" -m experiments.bench_models --target h100 --flops --presets revnet164 revnet110 revnet38 \
+    --lines rev rev_transitions rev_invertible res --processes "$N"
   # Largest batch (simulated) on the H100.
   "$PY" -m experiments.bench_batch --target h100 --processes "$N" --max-compiles 3 \
     --models revnet164 resnet164 revnet104 resnet101 revnet110 resnet110 revnet38 resnet32 \

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import threading
 from pathlib import Path
 
 import jax
@@ -192,7 +193,9 @@ def to_markdown(results: dict, head: str) -> str:
     return "\n".join([head, "", _report.markdown_table(columns, rows), "", notes])
 
 
-def measure_on_target(pairs: dict, datasets: dict, base: dict, args) -> tuple[dict, dict]:
+def measure_on_target(
+    pairs: dict, datasets: dict, base: dict, args, on_partial=None
+) -> tuple[dict, dict]:
     """Every memory line of every pair, compiled ahead of time for ``args.target`` in one child
     process (`experiments.aot`); with ``--flops``, the FLOPs of the RevNet with transitions
     stored and recomputed, from the unoptimised program (lowered, fully unrolled, in a CPU child:
@@ -203,6 +206,8 @@ def measure_on_target(pairs: dict, datasets: dict, base: dict, args) -> tuple[di
         size, num_classes, batch = datasets[dataset]
         batch = args.batch or batch
         for key, (_, which, overrides) in MEMORY_LINES.items():
+            if args.lines and key not in args.lines:
+                continue
             memory_jobs.append(
                 aot.job(
                     (rev, res)[which],
@@ -240,30 +245,68 @@ def measure_on_target(pairs: dict, datasets: dict, base: dict, args) -> tuple[di
             )
         print(f"  {r['model']} ({key}, {kind}): {what}", flush=True)
 
-    print(f"{len(memory_jobs)} compiles for target {args.target}", flush=True)
-    info, records = aot.compile_for_target(
-        args.target,
-        memory_jobs,
-        python=args.aot_python,
-        on_record=progress,
-        processes=args.processes,
+    done: list[dict] = []
+    infos: list[dict] = []
+    lock = threading.Lock()
+
+    def collect(r: dict) -> None:
+        with lock:
+            progress(r)
+            done.append(r)
+            if on_partial is not None and "error" not in r:
+                on_partial(r["target_info"], _assemble(done, pairs))
+
+    def memory() -> None:
+        info, _ = aot.compile_for_target(
+            args.target,
+            memory_jobs,
+            python=args.aot_python,
+            on_record=collect,
+            processes=args.processes,
+        )
+        infos.append(info)
+
+    print(
+        f"{len(memory_jobs)} compiles for target {args.target}"
+        + (f", {len(flops_jobs)} lowerings for FLOPs (CPU child)" if flops_jobs else ""),
+        flush=True,
     )
-    if flops_jobs:
-        print(f"{len(flops_jobs)} lowerings for FLOPs (CPU child)", flush=True)
-        records += aot.compile_for_target(
-            "cpu", flops_jobs, on_record=progress, processes=args.processes
-        )[1]
-    failed = [r for r in records if "error" in r]
+    if flops_jobs:  # at the same time, in their own CPU child
+        errors: list[BaseException] = []
+
+        def flops() -> None:
+            try:
+                aot.compile_for_target("cpu", flops_jobs, on_record=collect)
+            except BaseException as error:  # noqa: BLE001 - re-raised below
+                errors.append(error)
+
+        thread = threading.Thread(target=flops)
+        thread.start()
+        memory()
+        thread.join()
+        if errors:
+            raise errors[0]
+    else:
+        memory()
+    failed = [r for r in done if "error" in r]
     if failed:
         raise SystemExit(f"{NAME}: {len(failed)} compiles failed, first: {failed[0]['error']}")
+    return infos[0], _assemble(done, pairs)
+
+
+def _assemble(records: list[dict], pairs: dict) -> dict:
+    """``{rev: {"twin", "batch", "size", "lines": {key: {"memory"|"flops": record}}}}``."""
     results = {}
-    for r in records:
-        rev, key, kind = r["key"]
-        entry = results.setdefault(
-            rev, {"twin": pairs[rev][0], "batch": r["batch"], "size": r["size"], "lines": {}}
-        )
-        entry["lines"].setdefault(key, {})[kind] = r
-    return info, results
+    for rev in pairs:  # in the order of the pairs, whatever order the records came in
+        for r in records:
+            if r["key"][0] != rev or "error" in r:
+                continue
+            _, key, kind = r["key"]
+            entry = results.setdefault(
+                rev, {"twin": pairs[rev][0], "batch": r["batch"], "size": r["size"], "lines": {}}
+            )
+            entry["lines"].setdefault(key, {})[kind] = r
+    return results
 
 
 def to_markdown_target(results: dict, head: str, target: aot.Target) -> str:
@@ -281,9 +324,11 @@ def to_markdown_target(results: dict, head: str, target: aot.Target) -> str:
     ]
     rows, flops_rows = [], []
     for rev, r in results.items():
-        res_temp = r["lines"]["res"]["memory"]["temp"]
+        res = r["lines"].get("res", {}).get("memory")
         for key, (label, which, _) in MEMORY_LINES.items():
-            m = r["lines"][key]["memory"]
+            m = r["lines"].get(key, {}).get("memory")
+            if m is None:
+                continue
             rows.append(
                 [
                     (rev, r["twin"])[which],
@@ -291,12 +336,12 @@ def to_markdown_target(results: dict, head: str, target: aot.Target) -> str:
                     r["batch"],
                     f"{m['params']:,}",
                     _report.fmt_mib(m["temp"]),
-                    f"{m['temp'] / res_temp:.3f}",
+                    "-" if res is None else f"{m['temp'] / res['temp']:.3f}",
                     _report.fmt_mib(m["argument"] + m["output"]),
                     f"{m['trace_lower_s'] + m['compile_s']:.1f}",
                 ]
             )
-        if "flops" in r["lines"]["rev"]:
+        if all("flops" in r["lines"].get(k, {}) for k in ("rev", "rev_transitions")):
             base = r["lines"]["rev"]["flops"]["lowered_flops"]
             other = r["lines"]["rev_transitions"]["flops"]["lowered_flops"]
             on, off = (base, other) if REMAT_DEFAULT else (other, base)
@@ -352,6 +397,12 @@ def main(argv: list[str] | None = None) -> dict:
     )
     aot.add_target_arguments(parser)
     parser.add_argument(
+        "--lines",
+        nargs="+",
+        choices=list(MEMORY_LINES),
+        help="with --target: only these memory lines (default all)",
+    )
+    parser.add_argument(
         "--flops",
         action="store_true",
         help="with --target: also FLOPs of the RevNets with transitions stored vs recomputed",
@@ -366,15 +417,21 @@ def main(argv: list[str] | None = None) -> dict:
         base, datasets = {}, DATASETS
     if args.target:
         target = aot.get_target(args.target)
-        info, results = measure_on_target(pairs, datasets, base, args)
-        details = "RevNet presets vs ResNet twins: compiled train-step memory" + (
-            " (quick: tiny models)" if args.quick else ""
-        )
-        head = _report.target_header(
-            NAME, details, _report.command_line(MODULE, argv), aot.describe(target, info)
-        )
-        name = f"{NAME}_{target.name}"
-        _report.write_report(args.out, name, to_markdown_target(results, head, target))
+
+        def write(info: dict, results: dict, partial: bool = True) -> None:
+            details = (
+                "RevNet presets vs ResNet twins: compiled train-step memory"
+                + (" (quick: tiny models)" if args.quick else "")
+                + (" (partial: written as compiles finish)" if partial else "")
+            )
+            head = _report.target_header(
+                NAME, details, _report.command_line(MODULE, argv), aot.describe(target, info)
+            )
+            name = f"{NAME}_{target.name}"
+            _report.write_report(args.out, name, to_markdown_target(results, head, target))
+
+        info, results = measure_on_target(pairs, datasets, base, args, on_partial=write)
+        write(info, results, partial=False)
         return results
     results = {}
     for rev, (res, dataset) in pairs.items():
