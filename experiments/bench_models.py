@@ -399,8 +399,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--lines",
         nargs="+",
-        choices=list(MEMORY_LINES),
-        help="with --target: only these memory lines (default all)",
+        help="with --target: only these memory lines (default all): "
+        "rev rev_transitions rev_invertible (where RevNet has downsample=) rev_plain res res_ckpt",
     )
     parser.add_argument(
         "--flops",
@@ -417,6 +417,12 @@ def main(argv: list[str] | None = None) -> dict:
         base, datasets = {}, DATASETS
     if args.target:
         target = aot.get_target(args.target)
+        known = {"rev", "rev_transitions", "rev_invertible", "rev_plain", "res", "res_ckpt"}
+        unknown = set(args.lines or ()) - known
+        if unknown:
+            raise SystemExit(f"{NAME}: unknown --lines {sorted(unknown)}; known: {sorted(known)}")
+        if "res" not in (args.lines or ["res"]):
+            raise SystemExit(f"{NAME}: --lines must include res (the ratios are against it)")
 
         def write(info: dict, results: dict, partial: bool = True) -> None:
             details = (
