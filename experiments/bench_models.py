@@ -253,8 +253,10 @@ def measure_on_target(
         with lock:
             progress(r)
             done.append(r)
-            if on_partial is not None and "error" not in r:
-                on_partial(r["target_info"], _assemble(done, pairs))
+            if r["key"][2] == "memory":
+                infos[:] = [r["target_info"]]  # the target's, not the FLOPs child's (CPU)
+            if on_partial is not None and "error" not in r and infos:
+                on_partial(infos[0], _assemble(done, pairs))
 
     def memory() -> None:
         info, _ = aot.compile_for_target(
@@ -264,7 +266,7 @@ def measure_on_target(
             on_record=collect,
             processes=args.processes,
         )
-        infos.append(info)
+        infos[:] = [info]
 
     print(
         f"{len(memory_jobs)} compiles for target {args.target}"
