@@ -505,8 +505,8 @@ def to_markdown_target(
         "model",
         "image",
         "params",
-        f"largest batch (multiple of {multiple})",
-        "next multiple (does not fit)",
+        f"largest batch (multiple of {multiple}) that fits",
+        "smallest batch compiled that does not fit",
         "compiled GiB at largest",
         "temp GiB at largest",
         "MiB per image",
@@ -524,7 +524,7 @@ def to_markdown_target(
                 f"{r['size']}x{r['size']}",
                 f"{r['params']:,}" if r["params"] else "-",
                 "-" if best is None else f"{best:,}",
-                "none up to the cap" if fail is None else f"{fail:,}",
+                "none compiled" if fail is None else f"{fail:,}",
                 "-" if not rec else f"{rec['total'] / 2**30:.2f}",
                 "-" if not rec else f"{rec['temp'] / 2**30:.2f}",
                 "-" if r["bytes_per_image"] is None else f"{r['bytes_per_image'] / 2**20:.2f}",
@@ -541,13 +541,17 @@ def to_markdown_target(
     for a in rows:
         b = by_model.get(twins.get(a["model"].split(":")[0], ""))
         if b and a["largest"] and b["largest"]:
-            capped = a["first_failure"] is None or b["first_failure"] is None
+            capped = any(
+                r["first_failure"] is None or r["first_failure"] - r["largest"] > multiple
+                for r in (a, b)
+            )
             ratios.append(
                 [
                     f"{a['model']} / {b['model']}",
                     f"{a['size']}x{a['size']}",
                     f"{a['largest']:,} / {b['largest']:,}",
-                    f"{a['largest'] / b['largest']:.1f}x" + (" (lower bound)" if capped else ""),
+                    f"{a['largest'] / b['largest']:.1f}x"
+                    + (" (bracket not closed: see the line's prediction)" if capped else ""),
                 ]
             )
     lines = [head, "", _report.markdown_table(columns, table), ""]

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from experiments import _report, aot, bench_batch, bench_memory, bench_models, bench_speed
+from experiments import _report, aot, bench_batch, bench_models
 
 TINY = {"units_per_stage": [1], "widths": [4, 8]}
 
@@ -118,27 +118,23 @@ def _first_line(path):
 
 
 def test_benchmarks_compile_for_a_target(tmp_path):
-    """bench_models / bench_memory / bench_speed / bench_batch with ``--target cpu``: the same
-    tables, compiled in the child, headed by the target."""
+    """bench_models and bench_batch with ``--target cpu``: compiled in the child, the tables
+    headed by the target (bench_memory / bench_speed share the same `aot.compile_for_target`)."""
     out = str(tmp_path)
-    results = bench_models.main(["--quick", "--target", "cpu", "--flops", "--out", out])
+    results = bench_models.main(
+        ["--quick", "--target", "cpu", "--flops", "--lines", "rev", "rev_plain", "res"]
+        + ["--out", out]
+    )
     text = (tmp_path / "bench_models_cpu.md").read_text()
     assert "target **cpu**" in _first_line(tmp_path / "bench_models_cpu.md")
     assert "lower bound" in text and "extra" in text
     lines = results["revnet_tiny"]["lines"]
+    assert "memory" not in lines.get("res_ckpt", {})  # --lines
     assert lines["rev"]["memory"]["temp"] < lines["rev_plain"]["memory"]["temp"]
     remat_on, remat_off = lines["rev"]["flops"], lines["rev_transitions"]["flops"]
     if not bench_models.REMAT_DEFAULT:
         remat_on, remat_off = remat_off, remat_on
     assert remat_on["lowered_flops"] > remat_off["lowered_flops"]  # the recomputation
-
-    bench_memory.main(["--quick", "--depths", "2", "--target", "cpu", "--out-dir", out])
-    assert "target **cpu**" in _first_line(tmp_path / "bench_memory_cpu.md")
-    assert (tmp_path / "bench_memory_cpu.png").exists()
-
-    rows = bench_speed.main(["--quick", "--repeats", "1", "--target", "cpu", "--out-dir", out])
-    assert all(r["compile_reversible"] > 0 for r in rows)
-    assert "target **cpu**" in _first_line(tmp_path / "bench_speed_cpu.md")
 
     with pytest.raises(SystemExit, match="no device memory"):
         bench_batch.main(["--target", "cpu", "--models", "revnet_tiny", "--out-dir", out])
