@@ -576,7 +576,13 @@ def imagenet_train_transform(
 def imagenet_eval_transform(
     example: Mapping[str, Any], image_size: int = 224
 ) -> dict[str, np.ndarray]:
-    """ImageNet evaluation: resize the shorter side to `image_size / 0.875`, central crop.
+    """ImageNet evaluation, as in the RevNet authors' code: central 87.5 % crop, then resize.
+
+    The crop keeps the central `IMAGENET_EVAL_CENTRAL_FRACTION` (0.875) of each side, with
+    `tf.image.central_crop`'s rounding (offset `int((h - 0.875 h) / 2)`, size `h - 2 offset`),
+    and is resized bilinearly to `image_size` squared, so a non-square image is squashed to a
+    square, as the training crops are. The authors resize with TensorFlow's bilinear kernel; here
+    PIL's, which also antialiases when shrinking.
 
     Args:
       example: `{"image": uint8[H, W, 3], "label": int}` of any size.
@@ -586,15 +592,18 @@ def imagenet_eval_transform(
       `{"image": float32[image_size, image_size, 3]` in [-1, 1], `"label": int32}`.
     """
     image = np.asarray(example["image"])
-    h, w = image.shape[:2]
-    short = int(round(image_size / IMAGENET_EVAL_CENTRAL_FRACTION))
-    scale = short / min(h, w)
-    new_h, new_w = max(short, int(round(h * scale))), max(short, int(round(w * scale)))
-    image = _resize(image, new_h, new_w)
-    top, left = (new_h - image_size) // 2, (new_w - image_size) // 2
-    image = image[top : top + image_size, left : left + image_size]
+    top, left, h, w = _central_crop_box(image.shape[0], image.shape[1])
+    image = _resize(image[top : top + h, left : left + w], image_size, image_size)
     image = image.astype(np.float32) / 255.0
     return {"image": image * 2.0 - 1.0, "label": _label(example)}
+
+
+def _central_crop_box(height: int, width: int) -> tuple[int, int, int, int]:
+    """`(top, left, h, w)` of `tf.image.central_crop(image, IMAGENET_EVAL_CENTRAL_FRACTION)`."""
+    fraction = IMAGENET_EVAL_CENTRAL_FRACTION
+    top = int((height - height * fraction) / 2)
+    left = int((width - width * fraction) / 2)
+    return top, left, height - 2 * top, width - 2 * left
 
 
 def _digits_image(example: Mapping[str, Any], image_size: int) -> np.ndarray:

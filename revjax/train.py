@@ -3,7 +3,7 @@
 The paper's recipe (the RevNet authors' configs): SGD with momentum 0.9, weight decay added to the
 gradient before momentum and applied to conv and dense kernels only, and a piecewise-constant
 learning rate (CIFAR: 0.1, x0.1 at 40k and 60k steps, 80k steps at batch 100; ImageNet: 0.1, x0.1
-at 160k, 320k, 480k and 600k steps at batch 256, weight decay 1e-4).
+at 160k, 320k and 480k steps, 600k steps at batch 256, weight decay 1e-4).
 
 Data parallelism: a `jax.sharding.Mesh` over every device (all processes), the batch sharded
 along its ``"data"`` axis and the parameters replicated. XLA partitions the jitted step, so
