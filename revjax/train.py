@@ -92,6 +92,13 @@ class TrainConfig:
       memory_report: print and record compiled train-step memory vs plain / twin at start.
       drift_every: steps between drift-monitor checks of the reversible stages (0: off).
       drift_threshold: max relative reconstruction error above which the monitor warns.
+      input_pipeline: ``"device"``: the training split lives in device memory and each batch is
+        shuffled and augmented inside the jitted train step (CIFAR, digits; see
+        `revjax.data.device_pipeline`); ``"grain"``: Grain workers on the host and device
+        prefetch (every dataset; ImageNet's only option); ``"auto"``: device where the dataset
+        supports it and fits, else Grain. The two give different (equally random) orders, so a
+        run resumes only with the pipeline it started with.
+      prefetch: batches the Grain pipeline copies to the devices ahead of the step.
     """
 
     model: str = "revnet38"
@@ -119,6 +126,8 @@ class TrainConfig:
     memory_report: bool = True
     drift_every: int = 0
     drift_threshold: float = 1e-3
+    input_pipeline: str = "auto"
+    prefetch: int = 2
 
 
 @struct.dataclass
@@ -312,10 +321,86 @@ def check_batch_size(batch_size: int, mesh: Mesh, what: str = "batch_size") -> N
 
 
 def _global_batch(local: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-    """Assembles this process's part of the batch into one global array per key."""
+    """Assembles this process's part of the batch into one global array per key (arrays that
+    are already global `jax.Array`s, from the device pipeline, pass through)."""
     return {
-        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()
+        k: v if isinstance(v, jax.Array)
+        else jax.make_array_from_process_local_data(sharding, np.asarray(v))
+        for k, v in local.items()
     }
+
+
+# --------------------------------------------------------------------------------------------
+# Input
+# --------------------------------------------------------------------------------------------
+
+INPUT_PIPELINES = ("auto", "device", "grain")
+
+
+def resolve_input_pipeline(config: TrainConfig) -> str:
+    """``"device"`` or ``"grain"`` for ``config`` (``"auto"``: device where the dataset supports
+    it; `make_train_input` then also checks that it fits in device memory)."""
+    from revjax import data
+
+    choice = config.input_pipeline
+    if choice not in INPUT_PIPELINES:
+        raise ValueError(
+            f"input_pipeline={choice!r}; use one of {', '.join(map(repr, INPUT_PIPELINES))}."
+        )
+    supported = config.dataset in data.DEVICE_DATASETS
+    if choice == "device" and not supported:
+        raise ValueError(
+            f"input_pipeline='device' supports {', '.join(data.DEVICE_DATASETS)}, not "
+            f"{config.dataset!r} (it does not fit in device memory); use input_pipeline='grain'."
+        )
+    if choice == "auto":
+        return "device" if supported else "grain"
+    return choice
+
+
+def make_train_input(config: TrainConfig, mesh: Mesh, image_size: int):
+    """The training input of ``config``: a `revjax.data.DeviceTrainInput` or
+    `revjax.data.GrainTrainInput` (same interface: ``wrap_step``, ``step_args``,
+    ``arg_shardings``, ``batch_at``, ``get_state`` / ``set_state``, ``close``)."""
+    from revjax import data
+
+    batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
+    if resolve_input_pipeline(config) == "device":
+        info = data.get_dataset_info(config.dataset)
+        arrays = data.load_split(config.dataset, info.train_split, config.data_dir, image_size)
+        nbytes = arrays[0].nbytes + arrays[1].nbytes
+        if config.input_pipeline == "device" or data.fits_on_devices(nbytes):
+            return data.DeviceTrainInput(
+                config.dataset, batch_size=config.batch_size, seed=config.seed,
+                batch_sharding=batch_sharding, data_dir=config.data_dir, arrays=arrays,
+            )
+        _log.warning("The %s training split (%d bytes) does not fit beside the model on every "
+                     "device: using the Grain pipeline", config.dataset, nbytes)
+    it = data.train_iterator(
+        config.dataset, batch_size=config.batch_size, seed=config.seed,
+        data_dir=config.data_dir, image_size=image_size, process_index=jax.process_index(),
+        process_count=jax.process_count(), num_workers=config.num_workers,
+    )
+    return data.GrainTrainInput(it, batch_sharding, config.prefetch)
+
+
+def make_eval_input(config: TrainConfig, mesh: Mesh, image_size: int, kind: str,
+                    batch_size: int) -> Callable[[], Iterator]:
+    """A function returning one pass over the evaluation split as global masked batches:
+    resident on the devices when ``kind == "device"``, else through Grain."""
+    from revjax import data
+
+    if kind == "device":
+        resident = data.DeviceEvalInput(
+            config.dataset, batch_size=batch_size, batch_sharding=NamedSharding(mesh, P(DATA_AXIS)),
+            data_dir=config.data_dir, image_size=image_size,
+        )
+        return lambda: iter(resident)
+    return lambda: data.eval_iterator(
+        config.dataset, batch_size=batch_size, data_dir=config.data_dir, image_size=image_size,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        num_workers=config.num_workers,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -530,23 +615,11 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> dict[
     check_batch_size(eval_batch_size, mesh, "eval_batch_size")
     info = data.get_dataset_info(config.dataset, config.image_size)
     image_size = info.image_shape[0]
-    pidx, pcount = jax.process_index(), jax.process_count()
+    pidx = jax.process_index()
 
-    def train_iter():
-        return data.train_iterator(
-            config.dataset, batch_size=config.batch_size, seed=config.seed,
-            data_dir=config.data_dir, image_size=image_size, process_index=pidx,
-            process_count=pcount, num_workers=config.num_workers,
-        )
-
-    def eval_iter():
-        return data.eval_iterator(
-            config.dataset, batch_size=eval_batch_size, data_dir=config.data_dir,
-            image_size=image_size, process_index=pidx, process_count=pcount,
-            num_workers=config.num_workers,
-        )
-
-    train_it = train_iter()  # fails early, with the prepare command, if data are missing
+    # Fails early, with the prepare command, if data are missing.
+    train_input = make_train_input(config, mesh, image_size)
+    eval_iter = make_eval_input(config, mesh, image_size, train_input.kind, eval_batch_size)
 
     graphdef, state, tx = create_train_state(config, info.num_classes, info.image_shape[2])
     replicated = NamedSharding(mesh, P())
@@ -559,13 +632,13 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> dict[
     if latest is not None:
         state, data_state = _restore(manager, latest, state)
         state = jax.device_put(state, replicated)
-        train_it.set_state(data_state)
+        train_input.set_state(data_state)
         start = int(latest)
         _log.info("Resumed from step %d in %s", start, workdir)
 
     train_step = jax.jit(
-        make_train_step(graphdef, tx),
-        in_shardings=(replicated, batch_sharding),
+        train_input.wrap_step(make_train_step(graphdef, tx)),
+        in_shardings=(replicated, *train_input.arg_shardings()),
         out_shardings=(replicated, replicated),
         donate_argnums=0,
     )
@@ -606,9 +679,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> dict[
 
     try:
         while step < config.num_steps:
-            local = next(train_it)
-            batch = _global_batch(local, batch_sharding)
-            state, metrics = train_step(state, batch)
+            state, metrics = train_step(state, *train_input.step_args(step))
             step += 1
             pending.append((step, metrics["loss"]))
             window.append(metrics)
@@ -635,22 +706,24 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> dict[
                 window.clear()
                 window_start = time.perf_counter()
             if drift_monitor is not None and step % config.drift_every == 0:
-                drift = drift_monitor.check(state.params, state.batch_stats, batch["image"])
+                image = train_input.batch_at(step - 1)["image"]
+                drift = drift_monitor.check(state.params, state.batch_stats, image)
                 writer.write(step, {f"drift/{k}": v for k, v in drift.items()})
             if config.eval_every and step % config.eval_every == 0 and step != config.num_steps:
                 record = evaluate(eval_step, state, eval_iter(), batch_sharding)
                 writer.write(step, record)
             if config.checkpoint_every and step % config.checkpoint_every == 0:
                 check_finite()
-                _save(manager, step, state, train_it.get_state())
+                _save(manager, step, state, train_input.get_state())
                 last_saved = step
         check_finite()
         if last_saved != step:
-            _save(manager, step, state, train_it.get_state())
+            _save(manager, step, state, train_input.get_state())
     finally:
         if bar is not None:
             bar.close()
         manager.close()
+        train_input.close()
 
     record = evaluate(eval_step, state, eval_iter(), batch_sharding)
     writer.write(step, record)
