@@ -57,6 +57,7 @@ from revjax.data.sources import get_dataset_info as get_dataset_info
 from revjax.data.sources import make_source as make_source
 from revjax.data.sources import mean_image as mean_image
 from revjax.data.sources import prepare_command as prepare_command
+from revjax.data.transforms import PIXEL_SCALE as PIXEL_SCALE
 from revjax.data.transforms import cifar_eval_transform as cifar_eval_transform
 from revjax.data.transforms import cifar_train_transform as cifar_train_transform
 from revjax.data.transforms import imagenet_eval_transform as imagenet_eval_transform
@@ -73,6 +74,7 @@ __all__ = [
     "DigitsSource",
     "GrainTrainInput",
     "KNOWN_DATASETS",
+    "PIXEL_SCALE",
     "TFDS_DATASETS",
     "augment_spec",
     "cifar_eval_transform",

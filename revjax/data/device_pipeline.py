@@ -16,7 +16,7 @@ Per step k (with `steps_per_epoch = N // batch_size`, the last incomplete batch 
   `0..2 * pad` per axis and a left-right flip with probability 1/2 for each example;
 - the transform is the one of `revjax.data.transforms`, in JAX: CIFAR subtracts the per-pixel
   mean image of the training split, zero-pads by 2 to 36x36, crops 32x32 at the offsets and
-  flips (0..255 units); digits (resized once on the host) are divided by 255 and, when
+  flips (0..255 units); digits (resized once on the host) are scaled to [0, 1] and, when
   augmented, shifted by up to one pixel. The result equals the numpy transform bit for bit for
   the same offsets and flips (tests/test_device_pipeline.py).
 
@@ -47,7 +47,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from revjax.data.sources import _check_name, _resolve_image_size, make_source, mean_image
-from revjax.data.transforms import CIFAR_PAD, _digits_image
+from revjax.data.transforms import CIFAR_PAD, PIXEL_SCALE, _digits_image
 
 __all__ = [
     "DEVICE_DATASETS",
@@ -57,6 +57,7 @@ __all__ = [
     "augment_spec",
     "draw_augmentation",
     "fits_on_devices",
+    "gather_transform",
     "load_split",
     "transform_batch",
 ]
@@ -79,13 +80,14 @@ class AugmentSpec:
       pad: zero padding on each side before a random crop of the original size (0: no crop).
       flip: random left-right flips with probability 1/2.
       subtract_mean: subtract the training split's per-pixel mean image (CIFAR).
-      divide_255: divide by 255 (digits; CIFAR stays in 0..255 units, as the authors' code).
+      unit_range: scale 0..255 to [0, 1] by `PIXEL_SCALE` (digits; CIFAR stays in 0..255
+        units, as in the authors' code).
     """
 
     pad: int
     flip: bool
     subtract_mean: bool
-    divide_255: bool
+    unit_range: bool
 
 
 def augment_spec(name: str, augment: bool) -> AugmentSpec:
@@ -183,29 +185,59 @@ def transform_batch(
     Args:
       images: uint8 `[B, H, W, C]`.
       mean: float32 `[H, W, C]` when `spec.subtract_mean`.
-      offsets: int32 `[B, 2]` (top, left) in the padded image, when `spec.pad`.
+      offsets: int32 `[B, 2]` (top, left) of the crop in the padded image, when `spec.pad`.
       flips: bool `[B]`, when `spec.flip`.
       spec: what to apply.
 
     Returns:
       float32 `[B, H, W, C]`.
     """
-    x = images.astype(jnp.float32)
-    if spec.subtract_mean:
-        x = x - mean[None]
-    if spec.divide_255:
-        x = x / jnp.float32(255.0)
-    if spec.pad:
-        _, h, w, c = x.shape
-        p = spec.pad
-        padded = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))  # [B, H + 2p, W + 2p, C]
+    index = jnp.arange(images.shape[0], dtype=jnp.int32)
+    return gather_transform(images, index, mean, offsets, flips, spec)
 
-        def crop(image, offset):
-            return jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (h, w, c))
 
-        x = jax.vmap(crop)(padded, offsets)
+def gather_transform(
+    images: jax.Array,
+    index: jax.Array,
+    mean: jax.Array | None,
+    offsets: jax.Array | None,
+    flips: jax.Array | None,
+    spec: AugmentSpec,
+) -> jax.Array:
+    """`transform_batch(images[index], ...)` as one gather from the resident split.
+
+    Padding, cropping and flipping only move pixels, so they fold into the gather's indices:
+    output pixel (b, i, j) reads row `top_b + i - pad` and column `left_b + j - pad` (mirrored,
+    `left_b + W - 1 - j - pad`, when flipped) of example `index[b]`, and is 0 where that falls in
+    the padding. The arithmetic (uint8 -> float32, minus the mean at the same pixel, x 1/255) is
+    the numpy transform's, so the result is bit-identical to it.
+
+    Args:
+      images: uint8 `[N, H, W, C]`, the split.
+      index: int32 `[B]`, the examples to take.
+      mean, offsets, flips, spec: as `transform_batch`.
+
+    Returns:
+      float32 `[B, H, W, C]`.
+    """
+    _, h, w, _ = images.shape
+    b = index.shape[0]
+    rows = jnp.broadcast_to(jnp.arange(h, dtype=jnp.int32), (b, h))  # [B, H]
+    cols = jnp.broadcast_to(jnp.arange(w, dtype=jnp.int32), (b, w))  # [B, W]
     if spec.flip:
-        x = jnp.where(flips[:, None, None, None], x[:, :, ::-1], x)
+        cols = jnp.where(flips[:, None], w - 1 - cols, cols)
+    if spec.pad:
+        rows = rows + offsets[:, :1] - spec.pad
+        cols = cols + offsets[:, 1:] - spec.pad
+    inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
+    rows, cols = jnp.clip(rows, 0, h - 1)[:, :, None], jnp.clip(cols, 0, w - 1)[:, None, :]
+    x = images[index[:, None, None], rows, cols].astype(jnp.float32)  # [B, H, W, C]
+    if spec.subtract_mean:
+        x = x - mean[rows, cols]
+    if spec.unit_range:
+        x = x * jnp.float32(PIXEL_SCALE)
+    if spec.pad:
+        x = jnp.where(inside[..., None], x, jnp.float32(0.0))
     return x
 
 
@@ -302,13 +334,14 @@ class DeviceTrainInput:
         idx = jax.lax.dynamic_slice_in_dim(perm, position * self.batch_size, self.batch_size)
         # Under jit with a sharded output, each device gathers only its rows.
         idx = jax.lax.with_sharding_constraint(idx, self.batch_sharding)
-        images = jnp.take(data["images"], idx, axis=0, mode="clip")  # uint8 [B, H, W, C]
         labels = jnp.take(data["labels"], idx, axis=0, mode="clip")
         offsets = flips = None
         if self.spec.pad or self.spec.flip:
             key = jax.random.fold_in(_keys(self.seed)[1], step)
             offsets, flips = draw_augmentation(key, self.batch_size, self.spec)
-        image = transform_batch(images, data.get("mean"), offsets, flips, self.spec)
+        image = gather_transform(
+            data["images"], idx, data.get("mean"), offsets, flips, self.spec
+        )
         return {
             "image": jax.lax.with_sharding_constraint(image, self.batch_sharding),
             "label": jax.lax.with_sharding_constraint(labels, self.batch_sharding),

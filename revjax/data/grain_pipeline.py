@@ -31,6 +31,7 @@ import numpy as np
 
 from revjax.data.sources import _check_name, _resolve_image_size, make_source, mean_image
 from revjax.data.transforms import (
+    PIXEL_SCALE,
     _digits_image,
     _label,
     cifar_eval_transform,
@@ -66,7 +67,7 @@ class _TrainTransform:
             padded = np.pad(image, ((1, 1), (1, 1), (0, 0)))
             top, left = rng.integers(0, 3, size=2)
             image = padded[top : top + h, left : left + w]
-        return {"image": image.astype(np.float32) / 255.0, "label": _label(example)}
+        return {"image": image.astype(np.float32) * PIXEL_SCALE, "label": _label(example)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +83,7 @@ class _EvalTransform:
             out = imagenet_eval_transform(example, self.image_size)
         else:
             image = _digits_image(example, self.image_size)
-            out = {"image": image.astype(np.float32) / 255.0, "label": _label(example)}
+            out = {"image": image.astype(np.float32) * PIXEL_SCALE, "label": _label(example)}
         out["mask"] = np.float32(1.0)
         return out
 

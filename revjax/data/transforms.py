@@ -27,6 +27,11 @@ IMAGENET_EVAL_CENTRAL_FRACTION = 0.875
 
 CIFAR_PAD = 2  # 32x32 -> 36x36, then a random 32x32 crop
 
+# Digits are scaled to [0, 1] by this float32 factor (a multiplication, not a division by 255:
+# XLA turns a division by a constant into this multiplication, so numpy does the same and the
+# device pipeline matches it bit for bit).
+PIXEL_SCALE = np.float32(1.0 / 255.0)
+
 # --------------------------------------------------------------------------------------------
 # Per-example transforms (numpy + PIL). Each returns {"image": float32[H, W, C], "label": int32}.
 # --------------------------------------------------------------------------------------------
