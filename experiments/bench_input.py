@@ -45,7 +45,6 @@ from jax.sharding import PartitionSpec as P
 from experiments import _report
 from revjax import data, train
 from revjax.data import grain_pipeline
-from revjax.measure import time_interleaved
 
 NAME = "bench_input"
 MODULE = f"experiments.{NAME}"
@@ -142,14 +141,46 @@ def _grain_batches(source, transform, batch, workers, *, seed=0):
                                   num_workers=workers)
 
 
-def _repeat(fn, k):
-    def run():
-        out = None
-        for _ in range(k):
-            out = fn()
-        return out
+def _interleaved(fns, *, warmup: int, repeats: int) -> dict[str, dict[str, float]]:
+    """Per call of each ``fn()``: median and min wall seconds, median process CPU seconds.
 
-    return run
+    Samples are taken round-robin (A, B, C, A, B, C, ...) so ratios share the load. CPU time is
+    `time.process_time()` of this process (all its threads: XLA's and Grain's reader threads),
+    the work a call costs whatever else runs on the machine.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            jax.block_until_ready(fn())
+    wall = {name: [] for name in fns}
+    cpu = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            jax.block_until_ready(fn())
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    return {
+        name: {"wall": float(np.median(wall[name])), "wall_min": min(wall[name]),
+               "cpu": float(np.median(cpu[name]))}
+        for name in fns
+    }
+
+
+def _sustained(it, batches: int, warmup: int = 2) -> float:
+    """Seconds per batch over ``batches`` consecutive batches (after ``warmup``): for worker
+    pipelines, whose buffers would fill while other variants are timed if interleaved."""
+    for _ in range(warmup):
+        next(it)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    return (time.perf_counter() - start) / batches
+
+
+def _close(it) -> None:
+    close = getattr(it, "close", None)
+    if close is not None:
+        close()
 
 
 def input_only(args) -> list[dict]:
@@ -162,49 +193,57 @@ def input_only(args) -> list[dict]:
     batch_fn = jax.jit(inp.batch)
     counter = iter(range(10**9))
 
-    def device_batch():
-        k = next(counter)
-        return batch_fn(*inp.step_args(k), np.int32(k))
+    def device_batches():
+        out = None
+        for _ in range(args.device_batches):
+            k = next(counter)
+            out = batch_fn(*inp.step_args(k), np.int32(k))
+        return out
 
     g = args.grain_examples
     source, transform = ArraySource(images[:g], labels[:g]), CifarAugment(mean)
-    fns = {"device": (_repeat(device_batch, args.device_batches), [])}
-    iterators = {}
-    for w in args.workers:
-        it = _grain_batches(source, transform, args.batch, w)
-        iterators[w] = it
-        fns[f"grain, {w} workers"] = (_repeat(lambda it=it: next(it), args.grain_batches), [])
-    times = time_interleaved(fns, warmup=2, repeats=args.repeats)
-    for it in iterators.values():
-        close = getattr(it, "close", None)
-        if close:
-            close()
+    it0 = _grain_batches(source, transform, args.batch, 0)
+
+    def grain_batches():
+        return [next(it0) for _ in range(args.grain_batches)][-1]
+
+    # In-process variants side by side (wall and CPU time per image).
+    times = _interleaved({"device": device_batches, "grain, 0 workers": grain_batches},
+                         warmup=2, repeats=args.repeats)
+    _close(it0)
     rows = []
     for name, t in times.items():
-        k = args.device_batches if name == "device" else args.grain_batches
-        rows.append({"pipeline": name, "images_per_s": k * args.batch / t["median"]})
+        n = (args.device_batches if name == "device" else args.grain_batches) * args.batch
+        rows.append({"pipeline": name, "images_per_s": n / t["wall"],
+                     "images_per_cpu_s": n / max(t["cpu"], 1e-9)})
+    # Worker processes: sustained rate, one after the other.
+    for w in [w for w in args.workers if w > 0]:
+        it = _grain_batches(source, transform, args.batch, w)
+        per_batch = _sustained(it, args.sustained_batches)
+        _close(it)
+        rows.append({"pipeline": f"grain, {w} workers", "images_per_s": args.batch / per_batch,
+                     "images_per_cpu_s": None})
     return rows
 
 
 def imagenet_like(args) -> list[dict]:
-    """Images/s of ImageNet-like JPEG decoding + augmentation with Grain workers."""
+    """Images/s of ImageNet-like JPEG decoding + augmentation: per host core (CPU time of one
+    reader thread in this process) and with Grain worker processes (sustained wall rate)."""
     jpegs = fabricate_jpegs(args.jpegs, *args.jpeg_size)
     labels = np.zeros(len(jpegs), np.int32)
     source, transform = JpegSource(jpegs, labels), ImagenetAugment(args.image_size)
-    fns, iterators = {}, []
-    for w in args.workers:
-        it = _grain_batches(source, transform, args.jpeg_batch, w)
-        iterators.append(it)
-        fns[w] = (_repeat(lambda it=it: next(it), args.jpeg_batches), [])
-    times = time_interleaved(fns, warmup=2, repeats=args.repeats)
-    for it in iterators:
-        close = getattr(it, "close", None)
-        if close:
-            close()
     rows = []
-    for w, t in times.items():
-        rate = args.jpeg_batches * args.jpeg_batch / t["median"]
-        rows.append({"workers": w, "images_per_s": rate, "per_core": rate / max(w, 1)})
+    it = _grain_batches(source, transform, args.jpeg_batch, 0)
+    t = _interleaved({"0": lambda: next(it)}, warmup=1, repeats=args.jpeg_batches)["0"]
+    _close(it)
+    rows.append({"workers": 0, "images_per_s": args.jpeg_batch / t["wall"],
+                 "images_per_cpu_s": args.jpeg_batch / max(t["cpu"], 1e-9)})
+    for w in [w for w in args.workers if w > 0]:
+        it = _grain_batches(source, transform, args.jpeg_batch, w)
+        per_batch = _sustained(it, args.jpeg_batches, warmup=1)
+        _close(it)
+        rows.append({"workers": w, "images_per_s": args.jpeg_batch / per_batch,
+                     "images_per_cpu_s": None})
     return rows
 
 
@@ -228,19 +267,23 @@ def train_steps(args) -> list[dict]:
         sharding, prefetch=2,
     )
     fns = {
-        "synthetic (fixed batch on device)": (lambda: plain(state, synthetic), []),
-        "device pipeline (fused)": (lambda: fused(state, *inp.step_args(0)), []),
-        "grain, 0 workers + prefetch": (lambda: plain(state, *grain_in.step_args(0)), []),
+        "synthetic (fixed batch on device)": lambda: plain(state, synthetic),
+        "device pipeline (fused)": lambda: fused(state, *inp.step_args(0)),
+        "grain, 0 workers + prefetch": lambda: plain(state, *grain_in.step_args(0)),
     }
-    times = time_interleaved(fns, warmup=2, repeats=args.repeats)
+    times = _interleaved(fns, warmup=2, repeats=args.repeats)
     grain_in.close()
-    ceiling = times["synthetic (fixed batch on device)"]["median"]
+    ceiling = times["synthetic (fixed batch on device)"]
     return [
         {
             "input": name,
-            "ms": t["median"] * 1e3,
-            "images_per_s": args.train_batch / t["median"],
-            "vs_ceiling": ceiling / t["median"],
+            "ms": t["wall"] * 1e3,
+            "ms_min": t["wall_min"] * 1e3,
+            "cpu_ms": t["cpu"] * 1e3,
+            "images_per_s": args.train_batch / t["wall"],
+            "vs_ceiling": ceiling["wall"] / t["wall"],
+            "vs_ceiling_min": ceiling["wall_min"] / t["wall_min"],
+            "vs_ceiling_cpu": ceiling["cpu"] / t["cpu"],
         }
         for name, t in times.items()
     ]
@@ -251,6 +294,10 @@ def train_steps(args) -> list[dict]:
 # --------------------------------------------------------------------------------------------
 
 
+def _fmt(value, digits=0) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
 def report(args, argv, inputs, jpeg_rows, steps) -> str:
     command = _report.command_line(MODULE, argv)
     grain0 = next((r["images_per_s"] for r in inputs if r["pipeline"] == "grain, 0 workers"),
@@ -258,49 +305,54 @@ def report(args, argv, inputs, jpeg_rows, steps) -> str:
     head = _report.header(
         "Input pipeline throughput",
         f"CIFAR-shaped uint8 32x32x3 (fabricated), batch {args.batch}, device split of "
-        f"{args.num_examples} images, Grain source of {args.grain_examples}; median of "
-        f"{args.repeats} interleaved rounds",
+        f"{args.num_examples} images, Grain source of {args.grain_examples} (one reader thread "
+        f"without workers); device and Grain 0 workers: median of {args.repeats} interleaved "
+        f"rounds; Grain with workers: sustained rate over {args.sustained_batches} batches, "
+        "run one after the other (interleaved, their buffers fill while others are timed)",
         command,
     )
     table1 = _report.markdown_table(
-        ["input only", "images/s", "x grain 0 workers"],
+        ["CIFAR input only", "images/s (wall)", "images per CPU-second", "x grain 0 workers"],
         [
-            [r["pipeline"], f"{r['images_per_s']:,.0f}",
+            [r["pipeline"], _fmt(r["images_per_s"]), _fmt(r["images_per_cpu_s"]),
              f"{r['images_per_s'] / grain0:.1f}" if grain0 else "-"]
             for r in inputs
         ],
     )
-    one_core = next((r["images_per_s"] for r in jpeg_rows if r["workers"] == 0), None)
+    one_core = next((r["images_per_cpu_s"] for r in jpeg_rows if r["workers"] == 0), None)
     table2 = _report.markdown_table(
-        ["Grain workers", "images/s", "images/s per worker",
-         f"host cores for {args.gpu_images_per_s:,.0f} images/s"],
+        ["ImageNet-like, Grain workers", "images/s (wall)", "images per CPU-second"],
         [
-            [str(r["workers"]) if r["workers"] else "0 (one thread)",
-             f"{r['images_per_s']:,.1f}", f"{r['per_core']:,.1f}",
-             f"{args.gpu_images_per_s / r['per_core']:.0f}"]
+            [str(r["workers"]) if r["workers"] else "0 (one reader thread)",
+             _fmt(r["images_per_s"], 1), _fmt(r["images_per_cpu_s"], 1)]
             for r in jpeg_rows
         ],
     )
     table3 = _report.markdown_table(
-        ["train step input", "ms / step", "images/s", "x synthetic ceiling"],
-        [[r["input"], f"{r['ms']:.1f}", f"{r['images_per_s']:,.1f}", f"{r['vs_ceiling']:.3f}"]
+        ["train step input", "ms / step (median)", "ms (min)", "CPU ms", "images/s",
+         "x ceiling (median)", "x ceiling (min)", "x ceiling (CPU)"],
+        [[r["input"], f"{r['ms']:.1f}", f"{r['ms_min']:.1f}", f"{r['cpu_ms']:.1f}",
+          f"{r['images_per_s']:,.1f}", f"{r['vs_ceiling']:.3f}", f"{r['vs_ceiling_min']:.3f}",
+          f"{r['vs_ceiling_cpu']:.3f}"]
          for r in steps],
     )
     model = args.model + (f" {dict(args.model_overrides)}" if args.model_overrides else "")
+    cores = (f"One host core decodes and augments {one_core:,.1f} ImageNet-like images per "
+             f"CPU-second, so one GPU training at an assumed {args.gpu_images_per_s:,.0f} "
+             f"images/s needs about {args.gpu_images_per_s / one_core:.0f} host cores of Grain "
+             "workers (the throughput is an assumption, `--gpu-images-per-s`, not measured "
+             "here).") if one_core else ""
     lines = [
         head, "", table1, "",
         f"ImageNet-like: {args.jpegs} fabricated JPEGs of {args.jpeg_size[1]}x"
         f"{args.jpeg_size[0]} (quality 90), PIL decode + random resized crop to "
-        f"{args.image_size}, flip, colour jitter; batch {args.jpeg_batch}. Host cores needed "
-        f"= assumed GPU train-step throughput / images/s per worker; the throughput, "
-        f"{args.gpu_images_per_s:,.0f} images/s, is an assumption (`--gpu-images-per-s`), "
-        "not a measurement.", "", table2, "",
+        f"{args.image_size}, flip, colour jitter; batch {args.jpeg_batch}. " + cores, "",
+        table2, "",
         f"Train step: {model}, batch {args.train_batch}, 32x32x3, SGD + momentum, BatchNorm; "
-        "the ceiling is the same step on a fixed batch already on the device.", "", table3, "",
+        "the ceiling is the same step on a fixed batch already on the device; median of "
+        f"{args.repeats} interleaved rounds; CPU ms is this process's CPU time per step (all "
+        "threads), the work whatever the load.", "", table3, "",
     ]
-    if one_core:
-        lines.insert(-1, f"One host core decodes and augments {one_core:,.1f} ImageNet-like "
-                         "images/s.")
     return "\n".join(lines)
 
 
@@ -349,14 +401,14 @@ def main(argv=None) -> dict:
                         help="assumed train-step throughput of one GPU on ImageNet")
     args = parser.parse_args(argv)
     args.model_overrides = ()
-    args.device_batches, args.grain_batches = 20, 4
-    args.jpeg_size, args.jpeg_batch, args.jpeg_batches, args.image_size = (375, 500), 16, 2, 224
+    args.device_batches, args.grain_batches, args.sustained_batches = 20, 2, 20
+    args.jpeg_size, args.jpeg_batch, args.jpeg_batches, args.image_size = (375, 500), 8, 3, 224
     if args.quick:
         args.num_examples, args.grain_examples, args.batch = 512, 256, 32
-        args.workers, args.repeats, args.jpegs = [0], 2, 8
+        args.workers, args.repeats, args.jpegs = [0, 1], 2, 8
         args.model, args.train_batch = "revnet_tiny", 16
         args.model_overrides = (("widths", (8, 8, 16)),)
-        args.device_batches, args.grain_batches = 4, 2
+        args.device_batches, args.grain_batches, args.sustained_batches = 4, 1, 2
         args.jpeg_size, args.jpeg_batch, args.jpeg_batches, args.image_size = (60, 80), 4, 1, 32
 
     start = time.perf_counter()
