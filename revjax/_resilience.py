@@ -224,6 +224,8 @@ def restore_latest(manager, target: Any, workdir: Path) -> tuple[int, Any, dict]
     for step in steps:
         try:
             on_disk = _arrays(manager.item_metadata(step)["state"])
+            if not on_disk:
+                raise FileNotFoundError("no array metadata (state/_METADATA missing)")
         except Exception as err:  # unreadable metadata: a damaged checkpoint
             damaged.append((step, _short(err)))
             continue

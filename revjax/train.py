@@ -455,14 +455,23 @@ def make_eval_step(graphdef: nnx.GraphDef) -> Callable:
 
 
 def maybe_initialize_distributed() -> None:
-    """Calls `jax.distributed.initialize()` when a multi-process environment is configured."""
+    """Calls `jax.distributed.initialize()` when a multi-process environment is configured.
+
+    By hand (e.g. two processes on one machine): set ``JAX_COORDINATOR_ADDRESS=host:port``,
+    ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` in each process.
+    """
     markers = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
     multi = any(os.environ.get(m) for m in markers) or (
         int(os.environ.get("SLURM_NTASKS", "1")) > 1
         or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
     )
     if multi and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
+        # JAX reads the coordinator address from the environment but not these two (outside
+        # SLURM / Open MPI / Kubernetes / Cloud TPU, which it detects itself).
+        count, index = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")
+        jax.distributed.initialize(
+            num_processes=int(count) if count else None, process_id=int(index) if index else None
+        )
 
 
 def make_mesh(num_devices: int | None = None) -> Mesh:
