@@ -731,7 +731,11 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> dict[
 
     manager = _checkpoint_manager(workdir, config.keep_checkpoints)
     start, latest = 0, None
-    restored = restore_latest(manager, state, workdir)  # skips damaged, names mismatched
+    try:
+        restored = restore_latest(manager, state, workdir)  # skips damaged, names mismatched
+    except BaseException:
+        manager.close()
+        raise
     if restored is not None:
         latest, state, data_state = restored
         state = jax.device_put(state, replicated)
