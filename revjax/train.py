@@ -80,6 +80,9 @@ DATA_AXIS = "data"
 class TrainConfig:
     """Everything one training run needs; experiments/configs/*.py build these.
 
+    Every field is checked (type, range, known names) when the config is made, so a bad value
+    raises `ConfigError` naming the field and the fix before anything runs.
+
     Attributes:
       model: a preset name from `revjax.models` (``"revnet38"``, ``"resnet32"``, ...).
       model_overrides: extra constructor arguments for the preset (widths, memory_saving, ...).
