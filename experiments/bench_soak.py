@@ -83,7 +83,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--checkpoint-every", type=int, default=500)
-    parser.add_argument("--warmup", type=float, default=0.1, help="fraction of steps skipped")
+    parser.add_argument("--warmup", type=float, default=0.1,
+                        help="fraction of steps skipped (at least up to the first eval and "
+                        "checkpoint)")
     parser.add_argument("--workdir", default=None, help="default: a temporary directory")
     parser.add_argument("--quick", action="store_true", help="40 steps of the tiny RevNet")
     parser.add_argument("--out-dir", default="results")
@@ -92,7 +94,9 @@ def main(argv=None) -> dict:
         args.steps, args.model, args.batch_size = 40, "revnet_tiny", 16
         args.log_every, args.eval_every, args.checkpoint_every = 4, 20, 20
     config = soak_config(args)
-    warmup_steps = max(int(args.steps * args.warmup), args.log_every)
+    # Warm-up ends after the first evaluation and checkpoint (their compilation and buffers).
+    firsts = [n for n in (args.eval_every, args.checkpoint_every) if 0 < n < args.steps]
+    warmup_steps = max([int(args.steps * args.warmup), args.log_every, *firsts])
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.workdir or tmp)

@@ -358,3 +358,16 @@ def test_two_processes_match_one_and_stop_together(tmp_path):
         # Same examples per global batch, in another order: only reduction order differs.
         assert np.max(np.abs(a - b)) <= 1e-5 * max(np.max(np.abs(b)), 1e-12), i
     print(f"agreement on the stop flag: {reports[0]['agreement_ms']:.2f} ms per all-gather")
+
+
+def test_trainer_records_host_memory_for_the_soak_benchmark(uninterrupted):
+    from experiments import bench_soak
+
+    records = _records(uninterrupted)
+    rss = [r["host_rss_bytes"] for r in records if "train_loss" in r]
+    assert len(rss) == 6 and all(isinstance(b, int) and b > 2**20 for b in rss)
+    out = bench_soak.summarize(records, batch_size=16, warmup_steps=1)
+    assert out["steps"] == 6 and out["rss_start"] == rss[1] and out["rss_end"] == rss[-1]
+    assert out["step_ms_first"] > 0 and out["step_ms_last"] > 0
+    with pytest.raises(ValueError, match="need >= 4 records after warm-up step 4"):
+        bench_soak.summarize(records, batch_size=16, warmup_steps=4)
