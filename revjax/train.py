@@ -291,10 +291,9 @@ def _validate_config(config: TrainConfig) -> None:
         try:
             normalised = check(value)
         except _Bad as bad:
-            example = f"{field.name}={field.default!r}" if field.default is not (
-                dataclasses.MISSING) else None
-            eg = f" (default: {example})" if example else ""
-            problems.append(f"{field.name}={value!r} is invalid: expected {bad}{eg}")
+            has_default = field.default is not dataclasses.MISSING
+            default = f" (default: {field.name}={field.default!r})" if has_default else ""
+            problems.append(f"{field.name}={value!r} is invalid: expected {bad}{default}")
             continue
         if normalised is not value:
             object.__setattr__(config, field.name, normalised)
