@@ -39,10 +39,25 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from revjax import models
+from revjax._resilience import (
+    CheckpointMismatchError,
+    DamagedCheckpointWarning,
+    NoReadableCheckpointError,
+    Preempted,
+    StopSignals,
+    checkpoint_manager,
+    restore_latest,
+    save,
+)
 from revjax.measure import compiled_memory, device_peak_bytes
 
 __all__ = [
+    "CheckpointMismatchError",
+    "ConfigError",
+    "DamagedCheckpointWarning",
+    "NoReadableCheckpointError",
     "NonFiniteLossError",
+    "Preempted",
     "TrainConfig",
     "TrainState",
     "create_train_state",
@@ -64,6 +79,9 @@ DATA_AXIS = "data"
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything one training run needs; experiments/configs/*.py build these.
+
+    Every field is checked (type, range, known names) when the config is made, so a bad value
+    raises `ConfigError` naming the field and the fix before anything runs.
 
     Attributes:
       model: a preset name from `revjax.models` (``"revnet38"``, ``"resnet32"``, ...).
@@ -99,6 +117,8 @@ class TrainConfig:
         supports it and fits, else Grain. The two give different (equally random) orders, so a
         run resumes only with the pipeline it started with.
       prefetch: batches the Grain pipeline copies to the devices ahead of the step.
+      preemption_sync_every: with several processes, steps between their agreement on a
+        SIGTERM/SIGINT (one all-gather of an int); one process checks after every step for free.
     """
 
     model: str = "revnet38"
@@ -128,6 +148,168 @@ class TrainConfig:
     drift_threshold: float = 1e-3
     input_pipeline: str = "auto"
     prefetch: int = 2
+    preemption_sync_every: int = 1
+
+    def __post_init__(self):
+        _validate_config(self)
+
+
+# --------------------------------------------------------------------------------------------
+# Config validation: one declarative line per TrainConfig field in _FIELD_CHECKS (a test fails
+# when a field has none), checked when the config is made.
+# --------------------------------------------------------------------------------------------
+
+
+class ConfigError(ValueError):
+    """A `TrainConfig` value has the wrong type, range or name; the message says the fix."""
+
+
+def _model_presets() -> list[str]:
+    return [n for n in models.__all__ if n[:6] in ("revnet", "resnet")]
+
+
+def _dataset_names() -> list[str] | None:
+    try:
+        from revjax.data import KNOWN_DATASETS  # needs the experiments extra (Grain)
+    except ImportError:
+        return None
+    return list(KNOWN_DATASETS)
+
+
+class _Bad(Exception):
+    """Raised by a field check with the expected-value text."""
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int | np.integer) and not isinstance(v, bool | np.bool_)
+
+
+def _integer(minimum: int, optional: bool = False):
+    def check(v):
+        if v is None and optional:
+            return None
+        if not _is_int(v) or v < minimum:
+            none = " or None" if optional else ""
+            raise _Bad(f"an integer >= {minimum}{none}")
+        return int(v)
+
+    return check
+
+
+def _number(minimum: float, maximum: float = math.inf, open_min: bool = False,
+            open_max: bool = False):
+    def check(v):
+        ok = (_is_int(v) or isinstance(v, float | np.floating)) and not isinstance(v, bool)
+        if ok:
+            v = float(v)
+            ok = math.isfinite(v) and (v > minimum if open_min else v >= minimum)
+            ok = ok and (v < maximum if open_max else v <= maximum)
+        if not ok:
+            lo = f"{'>' if open_min else '>='} {minimum:g}"
+            hi = "" if maximum == math.inf else f" and {'<' if open_max else '<='} {maximum:g}"
+            raise _Bad(f"a finite number {lo}{hi}")
+        return v
+
+    return check
+
+
+def _boolean(v):
+    if not isinstance(v, bool | np.bool_):
+        raise _Bad("True or False")
+    return bool(v)
+
+
+def _path(v):
+    if v is None:
+        return None
+    if not isinstance(v, str | os.PathLike):
+        raise _Bad("a directory path (text) or None")
+    return os.fspath(v)
+
+
+def _mapping(v):
+    if not isinstance(v, Mapping) or not all(isinstance(k, str) for k in v):
+        raise _Bad("a dict of constructor arguments with text keys, e.g. {'widths': (16, 16, 32)}")
+    return v
+
+
+def _steps(v):
+    if isinstance(v, str) or not isinstance(v, tuple | list) or not all(
+        _is_int(b) and b >= 0 for b in v
+    ):
+        raise _Bad("a tuple of step numbers >= 0, e.g. (40000, 60000), or () for none")
+    return tuple(int(b) for b in v)
+
+
+def _name(known: Callable[[], list[str] | None], what: str, optional: bool = False):
+    def check(v):
+        if v is None and optional:
+            return None
+        names = known()
+        if not isinstance(v, str) or (names is not None and v not in names):
+            import difflib
+
+            close = difflib.get_close_matches(str(v), names or [], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            none = " or None" if optional else ""
+            listed = f": {', '.join(names)}" if names else " (text)"
+            raise _Bad(f"a known {what}{none}{hint}{listed}")
+        return v
+
+    return check
+
+
+_FIELD_CHECKS: dict[str, Callable[[Any], Any]] = {
+    "model": _name(_model_presets, "model preset"),
+    "model_overrides": _mapping,
+    "twin_model": _name(_model_presets, "model preset", optional=True),
+    "twin_overrides": _mapping,
+    "dataset": _name(_dataset_names, "dataset"),
+    "data_dir": _path,
+    "image_size": _integer(1, optional=True),
+    "batch_size": _integer(1),
+    "eval_batch_size": _integer(1, optional=True),
+    "num_steps": _integer(1),
+    "learning_rate": _number(0.0, open_min=True),
+    "lr_boundaries": _steps,
+    "lr_decay": _number(0.0, open_min=True),
+    "momentum": _number(0.0, 1.0, open_max=True),
+    "weight_decay": _number(0.0),
+    "log_every": _integer(1),
+    "eval_every": _integer(0),
+    "checkpoint_every": _integer(0),
+    "keep_checkpoints": _integer(1),
+    "seed": _integer(0),
+    "num_devices": _integer(1, optional=True),
+    "num_workers": _integer(0),
+    "memory_report": _boolean,
+    "drift_every": _integer(0),
+    "drift_threshold": _number(0.0, open_min=True),
+    "input_pipeline": _name(lambda: ["auto", "device", "grain"], "input pipeline"),
+    "prefetch": _integer(0),
+    "preemption_sync_every": _integer(1),
+}
+
+
+def _validate_config(config: TrainConfig) -> None:
+    """Checks (and normalises: numpy scalars to Python, lists to tuples) every field."""
+    problems = []
+    for field in dataclasses.fields(config):
+        check = _FIELD_CHECKS.get(field.name)
+        if check is None:  # tests/test_reliability.py fails on a field without a check
+            continue
+        value = getattr(config, field.name)
+        try:
+            normalised = check(value)
+        except _Bad as bad:
+            has_default = field.default is not dataclasses.MISSING
+            default = f" (default: {field.name}={field.default!r})" if has_default else ""
+            problems.append(f"{field.name}={value!r} is invalid: expected {bad}{default}")
+            continue
+        if normalised is not value:
+            object.__setattr__(config, field.name, normalised)
+    if problems:
+        raise ConfigError("; ".join(problems) + ".")
 
 
 @struct.dataclass
@@ -203,7 +385,7 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
 def build_model(name: str, overrides: Mapping[str, Any], num_classes: int, in_channels: int,
                 seed: int) -> nnx.Module:
     """Builds a preset of `revjax.models` by name."""
-    presets = [n for n in models.__all__ if n[:6] in ("revnet", "resnet")]
+    presets = _model_presets()
     if name not in presets:
         raise ValueError(f"Unknown model preset {name!r}. Known presets: {', '.join(presets)}.")
     preset = getattr(models, name)
@@ -286,14 +468,23 @@ def make_eval_step(graphdef: nnx.GraphDef) -> Callable:
 
 
 def maybe_initialize_distributed() -> None:
-    """Calls `jax.distributed.initialize()` when a multi-process environment is configured."""
+    """Calls `jax.distributed.initialize()` when a multi-process environment is configured.
+
+    By hand (e.g. two processes on one machine): set ``JAX_COORDINATOR_ADDRESS=host:port``,
+    ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` in each process.
+    """
     markers = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
     multi = any(os.environ.get(m) for m in markers) or (
         int(os.environ.get("SLURM_NTASKS", "1")) > 1
         or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
     )
     if multi and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
+        # JAX reads the coordinator address from the environment but not these two (outside
+        # SLURM / Open MPI / Kubernetes / Cloud TPU, which it detects itself).
+        count, index = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")
+        jax.distributed.initialize(
+            num_processes=int(count) if count else None, process_id=int(index) if index else None
+        )
 
 
 def make_mesh(num_devices: int | None = None) -> Mesh:
@@ -408,37 +599,10 @@ def make_eval_input(config: TrainConfig, mesh: Mesh, image_size: int, kind: str,
 # --------------------------------------------------------------------------------------------
 
 
-def _checkpoint_manager(workdir: Path, keep: int):
-    import orbax.checkpoint as ocp
-
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-    return ocp.CheckpointManager(workdir / "checkpoints", options=options)
-
-
-def _save(manager, step: int, state: TrainState, data_state: Mapping[str, Any]) -> None:
-    import orbax.checkpoint as ocp
-
-    # Orbax writes to a temporary directory and renames it when complete: atomic.
-    manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(dict(data_state))
-        ),
-    )
-    manager.wait_until_finished()
-
-
-def _restore(manager, step: int, target: TrainState) -> tuple[TrainState, dict]:
-    import orbax.checkpoint as ocp
-
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()
-        ),
-    )
-    return restored["state"], restored["data"]
+# Orbax manager, atomic save, and a restore that skips damaged checkpoints and names
+# mismatched ones: revjax/_resilience.py.
+_checkpoint_manager = checkpoint_manager
+_save = save
 
 
 # --------------------------------------------------------------------------------------------
@@ -482,6 +646,15 @@ def _to_py(v):
     if isinstance(v, np.ndarray | jax.Array | np.generic):
         return np.asarray(v).item()
     return v
+
+
+def _host_rss_bytes() -> int | None:
+    """This process's resident host memory (Linux), for leak checks (experiments/bench_soak)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _progress(total: int, initial: int):
@@ -599,7 +772,14 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> dict[
       The final metrics: ``eval_accuracy``, ``eval_loss``, ``train_loss``, ``step``,
       ``images_per_second``, and the memory report where computed.
 
+    On SIGTERM or SIGINT the step in flight finishes, a checkpoint is written and `Preempted`
+    is raised (every process stops at the same step); calling again resumes. A damaged newest
+    checkpoint is skipped with a `DamagedCheckpointWarning` (moved to ``damaged_checkpoints/``).
+
     Raises:
+      Preempted: stopped by a signal after saving a checkpoint (``exit_code``: 128 + signal).
+      CheckpointMismatchError: the workdir's checkpoint holds a different model's arrays.
+      NoReadableCheckpointError: the workdir has checkpoints but none can be read.
       NonFiniteLossError: the loss became NaN/Inf (the last good checkpoint is kept).
       revjax.data.DatasetNotPreparedError: the dataset is not prepared in ``data_dir``.
       ValueError: a batch size the devices cannot split evenly, unknown names.
@@ -627,10 +807,14 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> dict[
     state = jax.device_put(state, replicated)
 
     manager = _checkpoint_manager(workdir, config.keep_checkpoints)
-    start = 0
-    latest = manager.latest_step()
-    if latest is not None:
-        state, data_state = _restore(manager, latest, state)
+    start, latest = 0, None
+    try:
+        restored = restore_latest(manager, state, workdir)  # skips damaged, names mismatched
+    except BaseException:
+        manager.close()
+        raise
+    if restored is not None:
+        latest, state, data_state = restored
         state = jax.device_put(state, replicated)
         train_input.set_state(data_state)
         start = int(latest)
@@ -677,6 +861,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> dict[
         if bad is not None:
             raise NonFiniteLossError(bad, workdir)
 
+    stop = StopSignals(config.preemption_sync_every)  # SIGTERM/SIGINT: save, then stop
+    stop.install()
     try:
         while step < config.num_steps:
             state, metrics = train_step(state, *train_input.step_args(step))
@@ -695,6 +881,9 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> dict[
                     "learning_rate": float(schedule(step - 1)),
                     "images_per_second": images_per_second,
                 }
+                rss = _host_rss_bytes()
+                if rss is not None:
+                    record["host_rss_bytes"] = rss
                 peak = device_peak_bytes()
                 if peak is not None:
                     record["peak_device_bytes"] = peak
@@ -716,10 +905,17 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> dict[
                 check_finite()
                 _save(manager, step, state, train_input.get_state())
                 last_saved = step
+            signum = stop.agreed(step)  # the same decision on every process
+            if signum is not None:
+                check_finite()
+                if last_saved != step:
+                    _save(manager, step, state, train_input.get_state())
+                raise Preempted(step, signum, workdir)
         check_finite()
         if last_saved != step:
             _save(manager, step, state, train_input.get_state())
     finally:
+        stop.restore()
         if bar is not None:
             bar.close()
         manager.close()
