@@ -198,6 +198,21 @@ class ReversibleSequence(nnx.Module):
         # The call with every setting explicit, for containers (the RevNet's stages) that own
         # the settings themselves.
         _check_exact_every(exact_every)
+        for i, item in enumerate(context):
+            is_nnx = lambda a: isinstance(a, nnx.Module | nnx.Variable)
+            if any(is_nnx(leaf) for leaf in jax.tree.leaves(item, is_leaf=is_nnx)):
+                raise ValueError(
+                    f"context argument {i} holds an NNX Module or Variable; context must be a "
+                    "pytree of arrays. Call the module first and pass its output, or make it a "
+                    "submodule of F/G (built by make_f / make_g)."
+                )
+        for name, value in kwargs.items():
+            if any(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(value)):
+                raise ValueError(
+                    f"Keyword argument {name}= of ReversibleSequence is an array; keyword "
+                    "arguments are static options (train=, deterministic=). Pass arrays "
+                    "positionally, as context: seq(x1, x2, *context)."
+                )
         f_def, f_state = nnx.split(self.f)
         g_def, g_state = nnx.split(self.g)
         (y1, y2), (f_new, g_new) = reversible_sequence(

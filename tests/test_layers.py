@@ -228,16 +228,16 @@ def _temp_bytes(units: int, memory_saving: bool) -> int:
     seq = ReversibleSequence(
         _MemAttention, _MemMlp, units, rngs=nnx.Rngs(0), memory_saving=memory_saving, unroll=1
     )
-    graphdef, state = nnx.split(seq)
+    graphdef, params, rest = nnx.split(seq, nnx.Param, ...)  # rest: the attention's RNG state
     x = jnp.ones((MEM_N, MEM_L, MEM_D))
     bias = jnp.zeros((MEM_D,))
 
-    def loss(state, x1, x2, bias):
-        y1, y2 = nnx.merge(graphdef, state)(x1, x2, bias)
+    def loss(params, x1, x2, bias):
+        y1, y2 = nnx.merge(graphdef, params, rest)(x1, x2, bias)
         return jnp.sum(y1 * y2)
 
     grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
-    return grad.lower(state, x, x, bias).compile().memory_analysis().temp_size_in_bytes
+    return grad.lower(params, x, x, bias).compile().memory_analysis().temp_size_in_bytes
 
 
 def test_compiled_memory_flat_in_depth():
@@ -274,7 +274,19 @@ def test_error_context_is_not_arrays(context):
     )
     x = jnp.ones((N, L, D))
     with pytest.raises(ValueError, match="context must be a pytree of arrays"):
-        seq(x, x, context)
+        seq(x, x, x, context)
+
+
+def test_error_array_as_keyword_argument():
+    seq = ReversibleSequence(
+        lambda rngs: nnx.Linear(D, D, rngs=rngs),
+        lambda rngs: nnx.Linear(D, D, rngs=rngs),
+        2,
+        rngs=nnx.Rngs(0),
+    )
+    x = jnp.ones((N, L, D))
+    with pytest.raises(ValueError, match="Pass arrays positionally, as context"):
+        seq(x, x, scale=jnp.ones(()))
 
 
 @pytest.mark.parametrize("num_units", [0, -1, 2.5, True])
