@@ -19,6 +19,7 @@ from revjax.drift import DriftMonitor as DriftMonitor
 from revjax.drift import DriftWarning as DriftWarning
 from revjax.drift import gradient_agreement as gradient_agreement
 from revjax.drift import reconstruction_error as reconstruction_error
+from revjax.layers import ReversibleSequence as ReversibleSequence
 from revjax.models import ResNet as ResNet
 from revjax.models import RevNet as RevNet
 from revjax.models import apply as apply
@@ -52,6 +53,7 @@ from revjax.vit import vit_tiny as vit_tiny
 __version__ = "0.1.0"
 
 __all__ = [
+    "ReversibleSequence",
     "DriftMonitor",
     "DriftWarning",
     "gradient_agreement",
