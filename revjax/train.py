@@ -391,7 +391,9 @@ def create_train_state(
     """
     model = build_model(config.model, _model_overrides(config), num_classes, in_channels,
                         config.seed)
-    graphdef, params, batch_stats = models.functional(model)
+    # Everything that is not a Param rides in `batch_stats`: BatchNorm statistics and model
+    # constants such as the ViTs' block indices (for the RevNet zoo: `models.functional`).
+    graphdef, params, batch_stats = nnx.split(model, nnx.Param, ...)
     tx = make_optimizer(config)
     state = TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -403,16 +405,15 @@ def create_train_state(
 
 
 def _apply(graphdef, params, batch_stats, x, *, train, key=None):
-    """`models.apply`, giving ``key`` to models that draw random numbers in training (dropout,
-    drop-path: `revjax.ViT` / `revjax.RevViT`); other models never see it."""
-    if key is None or not train:
-        return models.apply(graphdef, params, batch_stats, x, train=train)
+    """`models.apply` for any model: returns every non-Param variable after the call, and gives
+    ``key`` to models that draw random numbers in training (dropout, drop-path: `revjax.ViT` /
+    `revjax.RevViT`); other models never see it."""
     model = nnx.merge(graphdef, params, batch_stats, copy=True)
-    if getattr(model, "uses_dropout_rng", False):
+    if train and key is not None and getattr(model, "uses_dropout_rng", False):
         logits = model(x, train=True, rngs=key)
     else:
-        logits = model(x, train=True)
-    return logits, nnx.state(model, nnx.BatchStat)
+        logits = model(x, train=train)
+    return logits, nnx.state(model, nnx.Not(nnx.Param))
 
 
 def _loss_and_metrics(graphdef, params, batch_stats, batch, train, key=None, label_smoothing=0.0):

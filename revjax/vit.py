@@ -14,17 +14,18 @@ Both share the patch embedding, the learned position embedding and the pre-LN su
 
       y1 = x1 + F(x2),    y2 = x2 + G(y1)
 
-  run through one `revjax.reversible_sequence` (the backward rebuilds each block's input from
+  run through one `revjax.ReversibleSequence` (the backward rebuilds each block's input from
   its output, so activation memory does not grow with depth). At the end the streams are
   concatenated (``[N, T, 2D]``), normalised by a LayerNorm over ``2D`` and mean-pooled over the
   tokens (no class token), then the head maps ``2D`` features to logits: the RevViT authors'
-  layout (facebookresearch/SlowFast, ``reversible_mvit.py``; the paper, section 3).
+  layout (facebookresearch/SlowFast, ``reversible_mvit.py``, as the paper describes it).
 
 Dropout and drop-path (stochastic depth) take their randomness from one PRNG key per call
-(``model(x, train=True, rngs=key)``): the model splits it into one key per block, and the
-reversible backward replays each block's key, so its gradients equal plain autodiff's with the
-same key. Drop-path rates grow linearly over the blocks from 0 to ``drop_path_rate`` (timm,
-DeiT and the RevViT code do the same).
+(``model(x, train=True, rngs=key)``, the trainer passes a key derived from the step): every
+block folds its `BlockIndex` (a stacked, untrained variable) into that key, and the reversible
+backward replays the same keys, so its gradients equal plain autodiff's with the same key. The
+models hold no RNG state. Drop-path rates grow linearly over the blocks from 0 to
+``drop_path_rate`` (as in timm and DeiT).
 
 Precision: ``dtype`` is the compute dtype of every layer; the residual streams (both RevViT
 streams, the ViT residual) are kept in ``carry_dtype`` (default: float32, or float64 for a
@@ -46,8 +47,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from revjax._blocks import stacked
-from revjax._core import default_unroll, merge_halves, reversible_sequence
+from revjax._core import default_unroll, merge_halves
+from revjax.layers import ReversibleSequence, stacked
 
 Array = jax.Array
 Dtype = Any
@@ -118,11 +119,10 @@ def _as_key(rngs: Any) -> Array | None:
         return rngs.dropout()
     if isinstance(rngs, nnx.RngStream):
         return rngs()
-    if isinstance(rngs, jax.Array | jnp.ndarray) and (
-        jnp.issubdtype(rngs.dtype, jax.dtypes.prng_key)
-        or (rngs.dtype == jnp.uint32 and rngs.shape == (2,))
-    ):
+    if isinstance(rngs, jax.Array) and jnp.issubdtype(rngs.dtype, jax.dtypes.prng_key):
         return rngs
+    if isinstance(rngs, jax.Array) and rngs.dtype == jnp.uint32 and rngs.shape == (2,):
+        return jax.random.wrap_key_data(rngs)  # a raw jax.random.PRNGKey
     raise ValueError(
         f"rngs must be a PRNG key (jax.random.key(0)), an nnx.Rngs with a 'dropout' stream, or "
         f"None; got {type(rngs).__name__} {getattr(rngs, 'shape', '')}."
@@ -192,7 +192,39 @@ class PatchEmbed(nnx.Module):
         return h.reshape(h.shape[0], -1, h.shape[-1])
 
 
-class AttentionBranch(nnx.Module):
+class BlockIndex(nnx.Variable):
+    """A block's position in its stack (0 .. depth - 1): not trained, set once at construction.
+
+    It picks the block's own random stream (``fold_in(key, index)``) and its drop-path rate
+    from the one key a call receives, so F and G need no RNG state of their own.
+    """
+
+
+class _Branch(nnx.Module):
+    """What both sub-blocks share: the block index, the random stream and the drop-path rate."""
+
+    def _init_branch(self, *, stream: int, depth: int, drop_path_rate: float, dtype) -> None:
+        self.stream = stream  # 0: attention, 1: MLP (different masks from the same block key)
+        self.depth = depth
+        self.drop_path_rate = drop_path_rate
+        self.compute_dtype = dtype
+        self.index = BlockIndex(jnp.zeros((), jnp.int32))
+
+    def _randomness(self, key_data: Array | None) -> tuple[tuple, Array | None]:
+        """``((k_a, k_b, k_path), drop-path rate)`` of this block; Nones when deterministic."""
+        if key_data is None:
+            return (None, None, None), None
+        index = self.index[...]
+        key = jax.random.fold_in(jax.random.wrap_key_data(key_data), index)
+        keys = tuple(jax.random.split(jax.random.fold_in(key, self.stream), 3))
+        rate = None
+        if self.drop_path_rate > 0.0:
+            # Linear in depth: 0 for the first block, drop_path_rate for the last.
+            rate = self.drop_path_rate * index.astype(jnp.float32) / float(max(self.depth - 1, 1))
+        return keys, rate
+
+
+class AttentionBranch(_Branch):
     """``drop_path(dropout(proj(MHSA(LayerNorm(x)))))``: the F of a RevViT unit.
 
     One fused ``qkv`` projection (D -> 3D) and an output projection (D -> D), as timm's ViT:
@@ -203,14 +235,18 @@ class AttentionBranch(nnx.Module):
       num_heads: attention heads (D must be divisible by it).
       attention_dropout: dropout on the attention weights.
       dropout: dropout on the projected output.
+      depth: blocks in the stack (for the drop-path rate).
+      drop_path_rate: drop-path rate of the last block.
       dtype: compute dtype.
       param_dtype: parameter dtype.
       rngs: initialisation keys.
     """
 
     def __init__(
-        self, dim, num_heads, *, attention_dropout, dropout, dtype, param_dtype, rngs
+        self, dim, num_heads, *, attention_dropout, dropout, depth, drop_path_rate, dtype,
+        param_dtype, rngs,
     ):
+        self._init_branch(stream=0, depth=depth, drop_path_rate=drop_path_rate, dtype=dtype)
         self.num_heads = num_heads
         self.attention_dropout = attention_dropout
         self.dropout = dropout
@@ -218,17 +254,17 @@ class AttentionBranch(nnx.Module):
         self.qkv = _linear(dim, 3 * dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.proj = _linear(dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x: Array, key: Array | None = None, rate: Array | None = None) -> Array:
+    def __call__(self, x: Array, key_data: Array | None = None) -> Array:
         """Maps tokens [N, T, D] to the branch output [N, T, D] (compute dtype).
 
         Args:
-          x: tokens.
-          key: PRNG key for the dropouts and drop-path; ``None``: deterministic.
-          rate: this block's drop-path rate (None: no drop-path).
+          x: tokens (any float dtype; computed in the compute dtype).
+          key_data: the call's PRNG key data (``jax.random.key_data``), shared by all blocks;
+            ``None``: deterministic (evaluation).
         """
+        (k_attn, k_out, k_path), rate = self._randomness(key_data)
         n, t, d = x.shape
-        k_attn, k_out, k_path = (None,) * 3 if key is None else jax.random.split(key, 3)
-        h = self.norm(x)
+        h = self.norm(x.astype(self.compute_dtype))
         qkv = self.qkv(h).reshape(n, t, 3, self.num_heads, d // self.num_heads)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [N, T, heads, D/heads] each
         q = q * jnp.asarray(1.0 / math.sqrt(d // self.num_heads), q.dtype)
@@ -241,40 +277,39 @@ class AttentionBranch(nnx.Module):
         return drop_path(h, rate, k_path)
 
 
-class MlpBranch(nnx.Module):
+class MlpBranch(_Branch):
     """``drop_path(dropout(fc2(dropout(gelu(fc1(LayerNorm(x)))))))``: the G of a RevViT unit.
 
     Args:
       dim: token width D.
       hidden: hidden width (``mlp_ratio * D``).
       dropout: dropout after the activation and after ``fc2``.
+      depth: blocks in the stack (for the drop-path rate).
+      drop_path_rate: drop-path rate of the last block.
       dtype: compute dtype.
       param_dtype: parameter dtype.
       rngs: initialisation keys.
     """
 
-    def __init__(self, dim, hidden, *, dropout, dtype, param_dtype, rngs):
+    def __init__(self, dim, hidden, *, dropout, depth, drop_path_rate, dtype, param_dtype, rngs):
+        self._init_branch(stream=1, depth=depth, drop_path_rate=drop_path_rate, dtype=dtype)
         self.dropout = dropout
         self.norm = _layer_norm(dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.fc1 = _linear(dim, hidden, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.fc2 = _linear(hidden, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x: Array, key: Array | None = None, rate: Array | None = None) -> Array:
+    def __call__(self, x: Array, key_data: Array | None = None) -> Array:
         """Maps tokens [N, T, D] to the branch output [N, T, D]; arguments as `AttentionBranch`."""
-        k_hidden, k_out, k_path = (None,) * 3 if key is None else jax.random.split(key, 3)
-        h = jax.nn.gelu(self.fc1(self.norm(x)), approximate=False)  # [N, T, hidden]
-        h = dropout(h, self.dropout, k_hidden)
+        (k_hidden, k_out, k_path), rate = self._randomness(key_data)
+        h = self.fc1(self.norm(x.astype(self.compute_dtype)))  # [N, T, hidden]
+        h = dropout(jax.nn.gelu(h, approximate=False), self.dropout, k_hidden)
         h = dropout(self.fc2(h), self.dropout, k_out)
         return drop_path(h, rate, k_path)
 
 
-def _pure_branch(graphdef: nnx.GraphDef) -> Callable:
-    """``(state, x, key, rate) -> h``: a stacked branch's call for one unit's state slice."""
-
-    def call(state, x, key=None, rate=None):
-        return nnx.merge(graphdef, state, copy=True)(x, key, rate)
-
-    return call
+def _number_blocks(stack: nnx.Module, depth: int) -> None:
+    """Sets the `BlockIndex` of every block of a stacked branch: 0 .. depth - 1."""
+    stack.index[...] = jnp.arange(depth, dtype=jnp.int32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -372,12 +407,22 @@ class _VisionTransformer(nnx.Module):
                 num_heads,
                 attention_dropout=attention_dropout,
                 dropout=dropout,
+                depth=depth,
+                drop_path_rate=float(drop_path_rate),
                 **layer,
                 rngs=r,
             )
 
         def make_mlp(r):
-            return MlpBranch(embed_dim, hidden, dropout=dropout, **layer, rngs=r)
+            return MlpBranch(
+                embed_dim,
+                hidden,
+                dropout=dropout,
+                depth=depth,
+                drop_path_rate=float(drop_path_rate),
+                **layer,
+                rngs=r,
+            )
 
         return dict(make_attn=make_attn, make_mlp=make_mlp, layer=layer)
 
@@ -387,7 +432,10 @@ class _VisionTransformer(nnx.Module):
         return max(self.dropout, self.attention_dropout, self.drop_path_rate) > 0.0
 
     def _keys(self, rngs: Any, train: bool) -> tuple[Array | None, Array | None]:
-        """``(embedding key, per-block keys [depth])``, or Nones when nothing is random."""
+        """``(embedding key, the blocks' key data)``, or Nones when nothing is random.
+
+        Every block gets the same key data and folds in its own `BlockIndex`.
+        """
         if not (train and self.uses_dropout_rng):
             return None, None
         key = _as_key(rngs)
@@ -399,13 +447,7 @@ class _VisionTransformer(nnx.Module):
                 "model(x, train=True, rngs=jax.random.key(step)), or build it with all rates 0."
             )
         k_embed, k_blocks = jax.random.split(key)
-        return k_embed, jax.random.split(k_blocks, self.depth)
-
-    def _drop_path_rates(self, train: bool) -> Array | None:
-        """Per-block drop-path rates, linear from 0 to ``drop_path_rate`` [depth]; or None."""
-        if not (train and self.drop_path_rate > 0.0):
-            return None
-        return jnp.linspace(0.0, self.drop_path_rate, self.depth, dtype=jnp.float32)
+        return k_embed, jax.random.key_data(k_blocks)
 
     def _embed(self, x: Array, key: Array | None) -> Array:
         """Images [N, H, W, C] -> tokens [N, T, D] in the carry dtype (class token first)."""
@@ -522,6 +564,8 @@ class ViT(_VisionTransformer):
         self.remat_blocks = remat_blocks
         self.attn = stacked(depth, parts["make_attn"], rngs)
         self.mlp = stacked(depth, parts["make_mlp"], rngs)
+        _number_blocks(self.attn, depth)
+        _number_blocks(self.mlp, depth)
         self.norm = _layer_norm(embed_dim, **parts["layer"], rngs=rngs)
         self.head = _linear(embed_dim, num_classes, **parts["layer"], rngs=rngs)
 
@@ -541,24 +585,22 @@ class ViT(_VisionTransformer):
           ValueError: wrong rank, channels, image size or dtype; a training call with dropout
             and no ``rngs``.
         """
-        k_embed, keys = self._keys(rngs, train)
-        rates = self._drop_path_rates(train)
+        k_embed, key_data = self._keys(rngs, train)
         h = self._embed(x, k_embed)  # [N, T, D], carry dtype
         attn_def, attn_state = nnx.split(self.attn)
         mlp_def, mlp_state = nnx.split(self.mlp)
-        attn, mlp = _pure_branch(attn_def), _pure_branch(mlp_def)
 
-        def block(h, xs):
-            a_state, m_state, key, rate = xs
-            k_a, k_m = (None, None) if key is None else jax.random.split(key)
-            h = h + attn(a_state, h.astype(self.dtype), k_a, rate).astype(h.dtype)
-            h = h + mlp(m_state, h.astype(self.dtype), k_m, rate).astype(h.dtype)
+        def block(h, states):
+            attn = nnx.merge(attn_def, states[0], copy=True)
+            mlp = nnx.merge(mlp_def, states[1], copy=True)
+            h = h + attn(h, key_data).astype(h.dtype)
+            h = h + mlp(h, key_data).astype(h.dtype)
             return h, None
 
         if self.remat_blocks:
             block = jax.checkpoint(block)
         unroll = default_unroll(self.depth) if self.unroll is None else self.unroll
-        h, _ = lax.scan(block, h, (attn_state, mlp_state, keys, rates), unroll=unroll)
+        h, _ = lax.scan(block, h, (attn_state, mlp_state), unroll=unroll)
         h = self.norm(h.astype(self.dtype))
         features = h[:, 0] if self.pool == "cls" else jnp.mean(h, axis=1)  # [N, D]
         return self._logits(features)
@@ -632,8 +674,11 @@ class RevViT(_VisionTransformer):
         )
         self.memory_saving = memory_saving
         self.exact_every = exact_every
-        self.f = stacked(depth, parts["make_attn"], rngs)
-        self.g = stacked(depth, parts["make_mlp"], rngs)
+        self.blocks = ReversibleSequence(
+            parts["make_attn"], parts["make_mlp"], depth, rngs=rngs, unroll=unroll
+        )
+        _number_blocks(self.blocks.f, depth)
+        _number_blocks(self.blocks.g, depth)
         self.norm = _layer_norm(2 * embed_dim, **parts["layer"], rngs=rngs)
         self.head = _linear(2 * embed_dim, num_classes, **parts["layer"], rngs=rngs)
 
@@ -647,35 +692,19 @@ class RevViT(_VisionTransformer):
         self, x: Array, *, train: bool = False, rngs: Any = None
     ) -> tuple[Array, Array]:
         """The two streams after the last block, [N, T, D] each, in the carry dtype."""
-        k_embed, keys = self._keys(rngs, train)
-        rates = self._drop_path_rates(train)
+        k_embed, key_data = self._keys(rngs, train)
         tokens = self._embed(x, k_embed)  # [N, T, D]
-        f_def, f_state = nnx.split(self.f)
-        g_def, g_state = nnx.split(self.g)
-        f_call, g_call = _pure_branch(f_def), _pure_branch(g_def)
-        dtype = self.dtype
-
-        # Per-block drop-path rates travel with the parameters (one entry per unit); their
-        # cotangent is zero and dropped.
-        def f(p, a, key=None):
-            state, rate = p
-            return f_call(state, a.astype(dtype), key, rate)
-
-        def g(p, a, key=None):
-            state, rate = p
-            return g_call(state, a.astype(dtype), key, rate)
-
-        return reversible_sequence(
-            f,
-            g,
-            (f_state, rates),
-            (g_state, rates),
+        # The blocks' key data is a context input (shared by every unit; integer, so it gets
+        # no gradient); each block folds in its index, and the backward replays the same keys.
+        context = () if key_data is None else (key_data,)
+        return self.blocks._apply(
             tokens,
             tokens,
-            keys=keys,
+            context,
+            {},
             memory_saving=self.memory_saving,
+            exact_every=self.exact_every,
             unroll=self.unroll,
-            exact_every=self.exact_every if self.memory_saving else None,
         )
 
 

@@ -71,12 +71,12 @@ TINY = dict(in_channels=1, depth=3, dropout=0.1, attention_dropout=0.1, drop_pat
 
 def _grads(model, x, key):
     """Gradients w.r.t. parameters and input of a loss touching every logit, jitted."""
-    graphdef, params = nnx.split(model, nnx.Param)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     @jax.jit
     def grad(params, x):
         def loss(params, x):
-            logits = nnx.merge(graphdef, params, copy=True)(x, train=True, rngs=key)
+            logits = nnx.merge(graphdef, params, rest, copy=True)(x, train=True, rngs=key)
             return jnp.sum(jnp.sin(logits))
 
         return jax.grad(loss, argnums=(0, 1))(params, x)
@@ -151,7 +151,7 @@ def test_dropout_keyed_and_eval_deterministic(tiny_models, name):
 
 def test_bfloat16_compute_keeps_float32_streams():
     model = revjax.revvit_tiny(in_channels=1, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
-    assert model.carry_dtype == jnp.float32 and model.f.qkv.kernel.dtype == jnp.float32
+    assert model.carry_dtype == jnp.float32 and model.blocks.f.qkv.kernel.dtype == jnp.float32
     x = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
     y1, y2 = model.streams(x)
     assert y1.dtype == y2.dtype == jnp.float32
