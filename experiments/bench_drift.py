@@ -371,7 +371,7 @@ def _unit_slices(grads, i: int) -> list[np.ndarray]:
     out = []
     for path, leaf in jax.tree_util.tree_leaves_with_path(grads):
         key = jax.tree_util.keystr(path)
-        if key.startswith("['stages'][0]['f']") or key.startswith("['stages'][0]['g']"):
+        if key.startswith(("['stages'][0]['reversible']['f']", "['stages'][0]['reversible']['g']")):
             out.append(np.asarray(leaf[i], np.float64))
     return out
 

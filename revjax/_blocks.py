@@ -9,9 +9,10 @@ Everything follows the official RevNet code (renmengye/revnet-public, ``resnet_m
   are downsampled (basic: average pool then zero-pad channels evenly on both sides;
   bottleneck: a strided 1x1 projection conv). The official code stores the input of every
   entry unit, also in the first stage, and rebuilds only the other units: so do we;
-* a RevNet stage runs its remaining units through one `reversible_sequence` whose F and G
-  parameters are stacked on a leading axis (the NNX scan-over-layers pattern); a ResNet stage
-  runs its remaining units through one ``lax.scan`` over the same kind of stack.
+* a RevNet stage runs its remaining units through one `revjax.ReversibleSequence` (the public
+  NNX reversible layer: F and G stacked on a leading axis, the NNX scan-over-layers pattern,
+  one `reversible_sequence`); a ResNet stage runs its remaining units through one ``lax.scan``
+  over the same kind of stack.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from revjax._core import default_unroll, reversible_sequence, tie_to_cotangent
+from revjax._core import default_unroll, tie_to_cotangent
+from revjax.layers import ReversibleSequence, stacked
 
 Array = jax.Array
 Dtype = Any
@@ -354,21 +356,6 @@ class RevEntryUnit(nnx.Module):
 # --------------------------------------------------------------------------------------------
 
 
-def stacked(n: int, make: Callable[[nnx.Rngs], nnx.Module], rngs: nnx.Rngs) -> nnx.Module:
-    """Builds ``n`` copies of a module with independent weights, stacked on a leading axis.
-
-    The NNX scan-over-layers pattern: every Param and BatchStat of the result has a leading
-    axis of length n, and slice i is the i-th unit.
-    """
-
-    @nnx.split_rngs(splits=n)
-    @nnx.vmap(in_axes=(0,), out_axes=0)
-    def build(rngs: nnx.Rngs) -> nnx.Module:
-        return make(rngs)
-
-    return build(rngs)
-
-
 def pure_call(graphdef: nnx.GraphDef) -> Callable:
     """A pure ``(state, *args) -> (output, new_batch_stats)`` version of a module's call.
 
@@ -424,7 +411,11 @@ def call_rematerialised(module: nnx.Module, *args, train: bool) -> Any:
 
 
 class RevStage(nnx.Module):
-    """A RevNet stage: one entry unit, then ``units - 1`` reversible units with stacked weights.
+    """A RevNet stage: one entry unit, then ``units - 1`` reversible units.
+
+    The reversible units are a `revjax.ReversibleSequence` (``self.reversible``, ``None`` for a
+    one-unit stage) of residual functions F and G: parameters at ``reversible.f`` and
+    ``reversible.g``, stacked over units.
 
     Args:
       block: ``'basic'`` or ``'bottleneck'``.
@@ -461,11 +452,11 @@ class RevStage(nnx.Module):
         half = out_features // 2
         make = lambda r: residual_function(block, half, half, config=config, rngs=r)
         self.num_reversible = units - 1
-        if self.num_reversible:
-            self.f = stacked(self.num_reversible, make, rngs)
-            self.g = stacked(self.num_reversible, make, rngs)
-        else:
-            self.f = self.g = None
+        self.reversible = (
+            ReversibleSequence(make, make, self.num_reversible, rngs=rngs)
+            if self.num_reversible
+            else None
+        )
 
     def __call__(
         self,
@@ -494,28 +485,19 @@ class RevStage(nnx.Module):
             y1, y2 = call_rematerialised(self.entry, x1, x2, train=train)
         else:
             y1, y2 = self.entry(x1, x2, train=train)
-        if not self.num_reversible:
+        if self.reversible is None:
             return y1, y2
-        f_def, f_state = nnx.split(self.f)
-        g_def, g_state = nnx.split(self.g)
-        f_call, g_call = pure_call(f_def), pure_call(g_def)
-        (y1, y2), (f_stats, g_stats) = reversible_sequence(
-            lambda p, x: f_call(p, x, train=train),
-            lambda p, x: g_call(p, x, train=train),
-            f_state,
-            g_state,
+        # The settings belong to the RevNet (settable attributes there): passed per call.
+        # Batch statistics are written back once, from the forward pass.
+        return self.reversible._apply(
             y1,
             y2,
-            has_aux=True,
+            (),
+            {"train": train},
             memory_saving=memory_saving,
+            exact_every=exact_every,
             unroll=unroll,
-            exact_every=exact_every if memory_saving else None,
         )
-        if train:
-            # The forward's statistics, stacked over units: one update per call, as plain.
-            nnx.update(self.f, f_stats)
-            nnx.update(self.g, g_stats)
-        return y1, y2
 
 
 class ResStage(nnx.Module):

@@ -73,8 +73,8 @@ def _stage_reconstruction(stage, h1: Array, h2: Array, exact_every: int | None):
     if not stage.num_reversible:
         return (y1, y2), None
     n = stage.num_reversible
-    f_def, f_state = nnx.split(stage.f)
-    g_def, g_state = nnx.split(stage.g)
+    f_def, f_state = nnx.split(stage.reversible.f)
+    g_def, g_state = nnx.split(stage.reversible.g)
     f_call, g_call = pure_call(f_def), pure_call(g_def)
     # Train mode, batch statistics: what the forward and the backward's recomputation use.
     f = lambda p, a: f_call(p, a, train=True)[0]

@@ -38,7 +38,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from revjax import models
+from revjax import models, vit
 from revjax._resilience import (
     CheckpointMismatchError,
     DamagedCheckpointWarning,
@@ -61,11 +61,13 @@ __all__ = [
     "TrainConfig",
     "TrainState",
     "create_train_state",
+    "cross_entropy",
     "evaluate",
     "make_eval_step",
     "make_mesh",
     "make_optimizer",
     "make_train_step",
+    "warmup_schedule",
     "train_and_evaluate",
     "train_step_memory",
     "weight_decay_mask",
@@ -119,6 +121,26 @@ class TrainConfig:
       prefetch: batches the Grain pipeline copies to the devices ahead of the step.
       preemption_sync_every: with several processes, steps between their agreement on a
         SIGTERM/SIGINT (one all-gather of an int); one process checks after every step for free.
+
+    Transformer options (see "Optimizer options" below; the defaults keep the paper's SGD
+    recipe above unchanged):
+      optimizer: ``"sgd"`` (the recipe above) or ``"adamw"`` (Adam with decoupled weight decay,
+        Loshchilov & Hutter: each step also subtracts ``lr_t * weight_decay * w`` from the
+        kernels, outside the adaptive scaling; ``weight_decay`` then means that coefficient).
+      adam_b1: AdamW's first-moment decay.
+      adam_b2: AdamW's second-moment decay.
+      adam_eps: AdamW's epsilon.
+      lr_schedule: ``"piecewise"`` (``lr_boundaries`` / ``lr_decay``) or ``"cosine"`` (from
+        ``learning_rate`` after the warmup to ``end_learning_rate`` at ``num_steps``).
+      warmup_steps: linear warmup from 0 to the schedule over the first steps (0: none).
+      end_learning_rate: the cosine schedule's final value.
+      label_smoothing: training targets ``(1 - a) * one_hot + a / classes`` (0: plain labels;
+        evaluation always reports the plain cross-entropy).
+      grad_clip_norm: clip the gradient to this global L2 norm before the optimizer (``None``:
+        off).
+      compute_dtype: ``"bfloat16"`` (or another float dtype name) for the model's compute
+        dtype, with float32 parameters and, in reversible models, float32 streams
+        (``carry_dtype``); ``None``: the model's default. ``model_overrides`` take precedence.
     """
 
     model: str = "revnet38"
@@ -149,6 +171,17 @@ class TrainConfig:
     input_pipeline: str = "auto"
     prefetch: int = 2
     preemption_sync_every: int = 1
+    # Transformer options (defaults: the SGD recipe above, unchanged).
+    optimizer: str = "sgd"
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    adam_eps: float = 1e-8
+    lr_schedule: str = "piecewise"
+    warmup_steps: int = 0
+    end_learning_rate: float = 0.0
+    label_smoothing: float = 0.0
+    grad_clip_norm: float | None = None
+    compute_dtype: str | None = None
 
     def __post_init__(self):
         _validate_config(self)
@@ -165,7 +198,8 @@ class ConfigError(ValueError):
 
 
 def _model_presets() -> list[str]:
-    return [n for n in models.__all__ if n[:6] in ("revnet", "resnet")]
+    presets = [n for n in models.__all__ if n[:6] in ("revnet", "resnet")]
+    return presets + [n for n in vit.__all__ if n[0].islower()]
 
 
 def _dataset_names() -> list[str] | None:
@@ -211,6 +245,28 @@ def _number(minimum: float, maximum: float = math.inf, open_min: bool = False,
         return v
 
     return check
+
+
+def _optional(check):
+    def optional(v):
+        if v is None:
+            return None
+        try:
+            return check(v)
+        except _Bad as bad:
+            raise _Bad(f"{bad} or None") from None
+
+    return optional
+
+
+def _float_dtype_name(v):
+    try:
+        ok = isinstance(v, str) and jnp.issubdtype(jnp.dtype(v), jnp.floating)
+    except TypeError:
+        ok = False
+    if not ok:
+        raise _Bad("a float dtype name such as 'bfloat16'")
+    return v
 
 
 def _boolean(v):
@@ -288,6 +344,16 @@ _FIELD_CHECKS: dict[str, Callable[[Any], Any]] = {
     "input_pipeline": _name(lambda: ["auto", "device", "grain"], "input pipeline"),
     "prefetch": _integer(0),
     "preemption_sync_every": _integer(1),
+    "optimizer": _name(lambda: list(OPTIMIZERS), "optimizer"),
+    "adam_b1": _number(0.0, 1.0, open_max=True),
+    "adam_b2": _number(0.0, 1.0, open_max=True),
+    "adam_eps": _number(0.0, open_min=True),
+    "lr_schedule": _name(lambda: list(LR_SCHEDULES), "learning-rate schedule"),
+    "warmup_steps": _integer(0),
+    "end_learning_rate": _number(0.0),
+    "label_smoothing": _number(0.0, 1.0, open_max=True),
+    "grad_clip_norm": _optional(_number(0.0, open_min=True)),
+    "compute_dtype": _optional(_float_dtype_name),
 }
 
 
@@ -355,8 +421,11 @@ def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
     """Piecewise-constant: ``learning_rate * lr_decay**k`` from the k-th boundary on.
 
     Written out rather than `optax.piecewise_constant_schedule`, which mixes float and int
-    dtypes and so fails under ``jax_numpy_dtype_promotion="strict"``.
+    dtypes and so fails under ``jax_numpy_dtype_promotion="strict"``. With
+    ``lr_schedule="cosine"`` or ``warmup_steps > 0``: `warmup_schedule`.
     """
+    if config.lr_schedule != "piecewise" or config.warmup_steps:
+        return warmup_schedule(config)
     boundaries = sorted(int(b) for b in config.lr_boundaries)
     values = [config.learning_rate * config.lr_decay**k for k in range(len(boundaries) + 1)]
 
@@ -370,11 +439,140 @@ def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
 
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    """SGD + momentum with masked weight decay added to the gradient before momentum."""
-    return optax.chain(
-        optax.add_decayed_weights(config.weight_decay, mask=weight_decay_mask),
-        optax.sgd(learning_rate_schedule(config), momentum=config.momentum),
+    """SGD + momentum with masked weight decay added to the gradient before momentum.
+
+    With ``optimizer="adamw"``: `adamw`. With ``grad_clip_norm``: the gradient is first clipped
+    to that global norm (`optax.clip_by_global_norm`), before weight decay and momentum.
+    """
+    check_optimizer_options(config)
+    if config.optimizer == "adamw":
+        tx = adamw(config)
+    else:
+        tx = optax.chain(
+            optax.add_decayed_weights(config.weight_decay, mask=weight_decay_mask),
+            optax.sgd(learning_rate_schedule(config), momentum=config.momentum),
+        )
+    if config.grad_clip_norm is not None:
+        tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
+    return tx
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizer options for transformers (AdamW, warmup + cosine, label smoothing, clipping)
+# --------------------------------------------------------------------------------------------
+
+OPTIMIZERS = ("sgd", "adamw")
+LR_SCHEDULES = ("piecewise", "cosine")
+
+
+def check_optimizer_options(config: TrainConfig) -> None:
+    """Raises a ValueError naming the field and the fix for a bad optimizer / loss option."""
+
+    def bad(field, why):
+        raise ValueError(f"TrainConfig.{field}={getattr(config, field)!r}: {why}")
+
+    if config.optimizer not in OPTIMIZERS:
+        bad("optimizer", f"use one of {OPTIMIZERS}.")
+    if config.lr_schedule not in LR_SCHEDULES:
+        bad("lr_schedule", f"use one of {LR_SCHEDULES}.")
+    if isinstance(config.warmup_steps, bool) or not isinstance(config.warmup_steps, int) or (
+        config.warmup_steps < 0
+    ):
+        bad("warmup_steps", "must be an int >= 0 (0: no warmup).")
+    if config.lr_schedule == "cosine" and config.warmup_steps >= config.num_steps:
+        bad("warmup_steps", f"must be below num_steps={config.num_steps} for the cosine decay.")
+    if not 0.0 <= config.label_smoothing < 1.0:
+        bad("label_smoothing", "must lie in [0, 1) (0: plain labels).")
+    if config.grad_clip_norm is not None and not config.grad_clip_norm > 0:
+        bad("grad_clip_norm", "must be a positive global norm, or None for no clipping.")
+    for field in ("adam_b1", "adam_b2"):
+        if not 0.0 <= getattr(config, field) < 1.0:
+            bad(field, "must lie in [0, 1).")
+    if not config.adam_eps > 0:
+        bad("adam_eps", "must be positive.")
+    if config.compute_dtype is not None:
+        try:
+            floating = jnp.issubdtype(jnp.dtype(config.compute_dtype), jnp.floating)
+        except TypeError:
+            floating = False
+        if not floating:
+            bad("compute_dtype", "use a float dtype name such as 'bfloat16', or None.")
+
+
+def warmup_schedule(config: TrainConfig) -> optax.Schedule:
+    """Linear warmup, then the piecewise or the cosine schedule.
+
+    ``lr(t) = base(t) * min(t / warmup_steps, 1)``; the cosine base is
+    ``end + (lr - end) * (1 + cos(pi * s)) / 2`` with ``s = (t - warmup) / (num_steps - warmup)``
+    clipped to [0, 1]: the values of `optax.warmup_cosine_decay_schedule` (init 0, peak
+    ``learning_rate``, ``decay_steps=num_steps``), written without mixing int and float dtypes,
+    which ``jax_numpy_dtype_promotion="strict"`` rejects.
+    """
+    warmup = int(config.warmup_steps)
+    peak, end = float(config.learning_rate), float(config.end_learning_rate)
+    if config.lr_schedule == "cosine":
+        span = float(max(config.num_steps - warmup, 1))
+
+        def base(count):
+            s = jnp.clip((count.astype(jnp.float32) - float(warmup)) / span, 0.0, 1.0)
+            return end + (peak - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * s))
+
+    else:
+        base = learning_rate_schedule(dataclasses.replace(config, warmup_steps=0))
+
+    def schedule(count):
+        count = jnp.asarray(count, jnp.int32)
+        lr = jnp.asarray(base(count), jnp.float32)
+        if warmup:
+            lr = lr * jnp.minimum(count.astype(jnp.float32) / float(warmup), 1.0)
+        return lr
+
+    return schedule
+
+
+def _standard_promotion(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """Runs ``tx.update`` under standard dtype promotion.
+
+    optax's Adam bias correction computes ``b1 ** count`` (a Python float and an int32 count),
+    which ``jax_numpy_dtype_promotion="strict"`` (the test suite's setting) rejects.
+    """
+
+    def update(updates, state, params=None, **extra):
+        with jax.numpy_dtype_promotion("standard"):
+            return tx.update(updates, state, params, **extra)
+
+    return optax.GradientTransformation(tx.init, update)
+
+
+def adamw(config: TrainConfig) -> optax.GradientTransformation:
+    """AdamW with decoupled weight decay on kernels only (`weight_decay_mask`).
+
+    ``w -= lr_t * (adam_update + weight_decay * w)`` for conv and dense kernels; biases,
+    LayerNorm / BatchNorm scales and offsets, position embeddings and class tokens are not
+    decayed (their leaves are not named ``kernel``), as in timm / DeiT.
+    """
+    return _standard_promotion(
+        optax.adamw(
+            learning_rate_schedule(config),
+            b1=config.adam_b1,
+            b2=config.adam_b2,
+            eps=config.adam_eps,
+            weight_decay=config.weight_decay,
+            mask=weight_decay_mask,
+        )
     )
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0):
+    """Per-example softmax cross-entropy against integer labels, optionally label-smoothed.
+
+    With smoothing ``a`` the target is ``(1 - a) * one_hot + a / classes``
+    (`optax.smooth_labels`); ``a = 0`` is `optax.softmax_cross_entropy_with_integer_labels`.
+    """
+    if not label_smoothing:
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
+    return optax.softmax_cross_entropy(logits, optax.smooth_labels(targets, label_smoothing))
 
 
 # --------------------------------------------------------------------------------------------
@@ -388,10 +586,23 @@ def build_model(name: str, overrides: Mapping[str, Any], num_classes: int, in_ch
     presets = _model_presets()
     if name not in presets:
         raise ValueError(f"Unknown model preset {name!r}. Known presets: {', '.join(presets)}.")
-    preset = getattr(models, name)
+    preset = getattr(models if hasattr(models, name) else vit, name)
     overrides = dict(overrides)
     overrides.setdefault("in_channels", in_channels)
     return preset(num_classes, rngs=nnx.Rngs(seed), **overrides)
+
+
+def _model_overrides(config: TrainConfig) -> dict[str, Any]:
+    """``model_overrides`` plus what other options imply: the compute dtype (reversible models
+    keep float32 streams) and a transformer's image size."""
+    overrides = dict(config.model_overrides)
+    if config.compute_dtype is not None:
+        overrides.setdefault("dtype", jnp.dtype(config.compute_dtype))
+        if config.model.startswith("rev"):
+            overrides.setdefault("carry_dtype", jnp.float32)
+    if config.image_size is not None and config.model in vit.__all__:
+        overrides.setdefault("image_size", config.image_size)
+    return overrides
 
 
 def create_train_state(
@@ -401,9 +612,11 @@ def create_train_state(
 
     The NNX graph is split once here: training steps then work on pure pytrees.
     """
-    model = build_model(config.model, config.model_overrides, num_classes, in_channels,
+    model = build_model(config.model, _model_overrides(config), num_classes, in_channels,
                         config.seed)
-    graphdef, params, batch_stats = models.functional(model)
+    # Everything that is not a Param rides in `batch_stats`: BatchNorm statistics and model
+    # constants such as the ViTs' block indices (for the RevNet zoo: `models.functional`).
+    graphdef, params, batch_stats = nnx.split(model, nnx.Param, ...)
     tx = make_optimizer(config)
     state = TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -414,21 +627,51 @@ def create_train_state(
     return graphdef, state, tx
 
 
-def _loss_and_metrics(graphdef, params, batch_stats, batch, train):
-    logits, new_stats = models.apply(graphdef, params, batch_stats, batch["image"], train=train)
+def _apply(graphdef, params, batch_stats, x, *, train, key=None):
+    """`models.apply` for any model: returns every non-Param variable after the call, and gives
+    ``key`` to models that draw random numbers in training (dropout, drop-path: `revjax.ViT` /
+    `revjax.RevViT`); other models never see it."""
+    model = nnx.merge(graphdef, params, batch_stats, copy=True)
+    if train and key is not None and getattr(model, "uses_dropout_rng", False):
+        logits = model(x, train=True, rngs=key)
+    else:
+        logits = model(x, train=train)
+    return logits, nnx.state(model, nnx.Not(nnx.Param))
+
+
+def _loss_and_metrics(graphdef, params, batch_stats, batch, train, key=None, label_smoothing=0.0):
+    logits, new_stats = _apply(graphdef, params, batch_stats, batch["image"], train=train, key=key)
     logits = logits.astype(jnp.float32)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+    losses = cross_entropy(logits, batch["label"], label_smoothing)
     correct = (jnp.argmax(logits, axis=-1) == batch["label"]).astype(jnp.float32)
     return losses, correct, new_stats
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation) -> Callable:
-    """Returns the pure step ``(state, batch) -> (state, metrics)`` (not yet jitted)."""
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    *,
+    label_smoothing: float = 0.0,
+    seed: int = 0,
+) -> Callable:
+    """Returns the pure step ``(state, batch) -> (state, metrics)`` (not yet jitted).
+
+    Args:
+      graphdef: the model's static part (`revjax.models.functional`).
+      tx: the optimizer.
+      label_smoothing: smoothing of the training targets (`cross_entropy`); the reported loss
+        is the smoothed one.
+      seed: models with dropout / drop-path get the key ``fold_in(fold_in(key(seed), 1),
+        step)``: a function of the step, so a resumed run draws the same masks.
+    """
 
     def train_step(state: TrainState, batch: Mapping[str, jax.Array]):
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 1), state.step)
+
         def loss_fn(params):
             losses, correct, new_stats = _loss_and_metrics(
-                graphdef, params, state.batch_stats, batch, train=True
+                graphdef, params, state.batch_stats, batch, train=True, key=key,
+                label_smoothing=label_smoothing,
             )
             return jnp.mean(losses), (jnp.mean(correct), new_stats)
 
@@ -689,7 +932,7 @@ def train_step_memory(
     }
     rolled = {"unroll": 1}
     variants = {"model": (config.model, {**config.model_overrides, **rolled})}
-    if config.model.startswith("revnet"):
+    if config.model.startswith(("revnet", "revvit")):
         variants["model_plain"] = (
             config.model, {**config.model_overrides, **rolled, "memory_saving": False}
         )
@@ -699,9 +942,14 @@ def train_step_memory(
     for key, (name, overrides) in variants.items():
         cfg = dataclasses.replace(config, model=name, model_overrides=overrides)
         graphdef, state, tx = _abstract_state(cfg, num_classes, in_channels)
-        step = jax.jit(make_train_step(graphdef, tx))
+        step = jax.jit(make_train_step(graphdef, tx, **_step_options(config)))
         out[key] = compiled_memory(step, state, batch)["temp"]
     return out
+
+
+def _step_options(config: TrainConfig) -> dict[str, Any]:
+    """The `make_train_step` keywords a config implies."""
+    return {"label_smoothing": config.label_smoothing, "seed": config.seed}
 
 
 def _abstract_state(cfg, num_classes, in_channels):
@@ -821,7 +1069,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> dict[
         _log.info("Resumed from step %d in %s", start, workdir)
 
     train_step = jax.jit(
-        train_input.wrap_step(make_train_step(graphdef, tx)),
+        train_input.wrap_step(make_train_step(graphdef, tx, **_step_options(config))),
         in_shardings=(replicated, *train_input.arg_shardings()),
         out_shardings=(replicated, replicated),
         donate_argnums=0,

@@ -116,7 +116,7 @@ def test_monitor_warns_on_corrupted_stage(tiny):
     corrupted = jax.tree_util.tree_map_with_path(
         lambda path, a: (
             a.at[1].multiply(1e6)
-            if "['stages'][1]['g']['conv2']" in jax.tree_util.keystr(path)
+            if "['stages'][1]['reversible']['g']['conv2']" in jax.tree_util.keystr(path)
             else a
         ),
         params,
