@@ -75,14 +75,24 @@ def measure(
         )
         temp = _report.compiled_step_memory(step, state, data)["temp"]
         row = {"params": _report.num_params(state), "temp": temp}
-        step, state, data = _report.concrete_train_step(
-            preset, overrides, batch_size=batch, image_size=size
-        )
-        t0 = time.perf_counter()
-        compiled = step.lower(state, data).compile()
+        if timing:
+            step, state, data = _report.concrete_train_step(
+                preset, overrides, batch_size=batch, image_size=size
+            )
+            t0 = time.perf_counter()
+            compiled = step.lower(state, data).compile()
+            runs[name] = (compiled, state, data)
+        else:  # abstract, backend optimisation off: the same HLO flops, nothing runs
+            step, state, data = _report.abstract_train_step(
+                preset, overrides, batch_size=batch, image_size=size
+            )
+            t0 = time.perf_counter()
+            options = (
+                _report.CPU_MEMORY_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
+            )
+            compiled = step.lower(state, data).compile(compiler_options=options)
         row["compile"] = time.perf_counter() - t0
         row["flops"] = _flops(compiled)
-        runs[name] = (compiled, state, data)
         out[name] = row
         print(
             f"  {preset} {name}: params {row['params']:,}, temp {temp / 2**20:.1f} MiB, "

@@ -274,9 +274,10 @@ class _Network(nnx.Module):
 class RevNet(_Network):
     """Reversible residual network (Gomez et al., 2017) on NHWC images.
 
-    Each stage: one entry unit (stride / width change; stores its input, optionally
-    rematerialised), then ``units - 1`` reversible units through one `reversible_sequence`
-    whose backward rebuilds their activations instead of storing them.
+    Each stage: one entry unit (stride / width change; stores its input and, by default,
+    recomputes its activations in the backward), then ``units - 1`` reversible units through
+    one `reversible_sequence` whose backward rebuilds their activations instead of storing
+    them.
 
     Args:
       units_per_stage: units per stage (the entry unit included), e.g. ``(3, 3, 3)``.
@@ -292,8 +293,10 @@ class RevNet(_Network):
       remat_transitions: the entry units store only their input and recompute their
         activations in the backward (a custom VJP whose recomputation is tied to the incoming
         cotangent, `revjax._blocks.call_rematerialised`; on XLA:CPU a `jax.checkpoint` saved
-        nothing). ``False`` keeps the paper's code's behaviour: entry units store their
-        activations. Also settable as an attribute.
+        nothing). Default True: the same gradients for a fraction of the memory (RevNet-164:
+        about half), for one extra forward of three units (``results/bench_transitions.md``).
+        ``False`` is the paper's code: entry units store their activations. Also settable as
+        an attribute.
       downsample: ``'pool'`` (the paper's entry units: average-pool-and-pad or projection
         shortcuts, not invertible) or ``'invertible'`` (i-RevNet, Jacobsen et al. 2018: the
         entry unit's shortcut is space-to-depth plus zero channels, so every unit is
@@ -312,10 +315,12 @@ class RevNet(_Network):
         large for near-constant channels (see `revjax.drift` and ``results/bench_drift.md``).
       bn_fast_variance: BatchNorm's one-pass ``E[x^2] - E[x]^2`` variance (Flax's default).
         Off by default: it loses ~1e-4 relative in float32, in plain and reversible mode alike.
-      exact_every: with memory saving, also store the exact input of every k-th reversible unit
-        of each stage (a checkpoint inside the sequence), so rounding error of the rebuilt
-        activations accumulates over at most k units, at the cost of ``ceil((units - 1) / k)``
-        stored activations per stage (memory O(depth / k)). Default 8: without it, float32
+      exact_every: with memory saving, bound the chain of rebuilt reversible units at k: each
+        stage also stores the exact inputs of its reversible units ``n-k, n-2k, ...`` (n =
+        ``units - 1``; rebuilding starts from the exact stage output), so rounding error of
+        the rebuilt activations accumulates over at most k units, at the cost of
+        ``(n - 1) // k`` stored activations per stage: none for stages of up to k + 1 units
+        (all the CIFAR presets), memory O(depth / k) beyond. Default 8: without it, float32
         gradients of deep stages lose up to ~1e-2 relative, because the backward recomputes
         ReLU masks and BatchNorm statistics from rebuilt activations whose error grows towards
         the stage's first unit (`revjax.drift`, ``results/bench_drift.md``); with 8 they match
@@ -340,7 +345,7 @@ class RevNet(_Network):
         in_channels: int = 3,
         strides: Sequence[int] | None = None,
         memory_saving: bool = True,
-        remat_transitions: bool = False,
+        remat_transitions: bool = True,
         downsample: str = "pool",
         zero_init_last_bn: bool = False,
         unroll: int | bool | None = None,
