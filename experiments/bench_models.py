@@ -5,7 +5,8 @@ on CIFAR at batch 128; RevNet-56 / ResNet-50 and RevNet-104 / ResNet-101 on Imag
 batch 32) it reports the compiled temporary memory of the trainer's full train step (forward,
 backward, optimizer; `memory_analysis()` on abstract shapes, nothing allocated) for
 
-- the RevNet with memory saving on, off, and with rematerialised transition (entry) units,
+- the RevNet with memory saving on (defaults: transition units recomputed), off, with stored
+  transition (entry) units (the paper's code), and with invertible downsampling,
 - its ResNet twin, and the ResNet with `jax.checkpoint` around every unit,
 
 with rolled scans (``unroll=1``, what GPU/TPU run; on XLA:CPU straight-line code lets the
@@ -50,7 +51,8 @@ DATASETS = {"cifar": (32, 10, 128), "imagenet": (224, 1000, 32)}
 MEMORY_LINES = {
     "rev": ("RevNet", 0, {}),
     "rev_plain": ("RevNet, saving off", 0, {"memory_saving": False}),
-    "rev_remat": ("RevNet, remat transitions", 0, {"remat_transitions": True}),
+    "rev_store": ("RevNet, stored transitions", 0, {"remat_transitions": False}),
+    "rev_inv": ("RevNet, invertible downsampling", 0, {"downsample": "invertible"}),
     "res": ("ResNet twin", 1, {}),
     "res_ckpt": ("ResNet, checkpoint per unit", 1, {"remat_units": True}),
 }

@@ -358,11 +358,13 @@ def reversible_sequence(
       remat: only with ``memory_saving=False``: wrap each unit in `jax.checkpoint`, so plain
         autodiff stores each unit's input and recomputes its inside (the usual gradient
         checkpointing baseline; memory still grows with n).
-      exact_every: with ``memory_saving=True``, also store the exact input of every k-th unit
-        (units 0, k, 2k, ...) and use it in the backward in place of the rebuilt one. Rounding
-        error of the reconstruction then accumulates over at most k units; memory grows with
-        ``n / k`` activations. ``k=1`` stores every input and gives plain autodiff's
-        gradients; ``None`` (default) stores none.
+      exact_every: with ``memory_saving=True``, bound the chain of rebuilt units at k: store
+        the exact input of units ``n-k, n-2k, ...`` (those > 0; see `exact_units`) and use it
+        in the backward in place of the rebuilt one. Rebuilding starts from the exact output,
+        so no input is rounded through more than k inverse units, with ``(n - 1) // k`` stored
+        activations: none when ``n <= k``. ``k=1`` stores every input but unit 0's (rebuilt
+        through one unit from unit 1's), so gradients equal plain autodiff's up to one unit's
+        rounding; ``None`` (default) stores none.
       context: optional side inputs shared by every unit (a pytree of arrays, not stacked),
         passed to F and G as their last argument. Inexact leaves receive gradients summed over
         the units; other leaves (boolean masks, integer positions) get none.
@@ -461,24 +463,49 @@ def _scan_forward(
     return (y1, y2), aux
 
 
+def exact_units(n: int, k: int | None) -> tuple[int, ...]:
+    """The units whose exact input ``exact_every=k`` stores in a sequence of n units.
+
+    Units ``n-k, n-2k, ...`` down to the first one above 0, in increasing order: rebuilding
+    starts from the exact sequence output, so each stored input ends a chain of k rebuilt units,
+    and unit 0 (whose input is at most k units from the next stored one) is never needed.
+    Empty when ``n <= k`` or ``k`` is None.
+    """
+    if k is None:
+        return ()
+    return tuple(range(n - k, 0, -k))[::-1]
+
+
+def _exact_slot(i: Array, n: int, k: int) -> tuple[Array, Array]:
+    """For unit ``i`` (traced): ``(is unit i's input stored, its slot in the buffer)``."""
+    first = n - (n - 1) // k * k  # the lowest stored unit, in [1, k]
+    keep = (i >= first) & ((i - first) % k == 0)
+    slot = jnp.clip((i - first) // k, 0, max((n - 1) // k - 1, 0))
+    return keep, slot
+
+
 def _scan_forward_with_boundaries(
     cpl, f_branch, g_branch, unroll, k, fp, gp, x1, x2, keys, context=None
 ):
-    """The forward scan, also keeping the exact input of every k-th unit (units 0, k, 2k, ...).
+    """The forward scan, also keeping the exact inputs of `exact_units` (n-k, n-2k, ... > 0).
 
-    The stored inputs live in a carried buffer of ``ceil(n / k)`` activations per half, updated
-    in place, so memory grows with ``n / k``.
+    The stored inputs live in a carried buffer of ``(n - 1) // k`` activations per half,
+    updated in place, so memory grows with ``n / k``; with ``n <= k`` it is the plain scan.
     """
     n = _num_units(fp, gp)
-    n_stored = -(-n // k)
-    buf1 = jnp.zeros((n_stored, *x1.shape), x1.dtype)  # [ceil(n/k), *x1.shape]
+    n_stored = len(exact_units(n, k))
+    if not n_stored:
+        (y1, y2), aux = _scan_forward(
+            cpl, f_branch, g_branch, unroll, fp, gp, x1, x2, keys, context
+        )
+        return (y1, y2), aux, None
+    buf1 = jnp.zeros((n_stored, *x1.shape), x1.dtype)  # [(n-1)//k, *x1.shape]
     buf2 = jnp.zeros((n_stored, *x2.shape), x2.dtype)
 
     def body(carry, xs):
         a1, a2, s1, s2 = carry
         i, p_f, p_g, key = xs
-        slot = i // k
-        keep = i % k == 0
+        keep, slot = _exact_slot(i, n, k)
         s1 = lax.dynamic_update_index_in_dim(s1, jnp.where(keep, a1, s1[slot]), slot, 0)
         s2 = lax.dynamic_update_index_in_dim(s2, jnp.where(keep, a2, s2[slot]), slot, 0)
         kf, kg = _split_unit_key(key)
@@ -547,7 +574,7 @@ def _make_memory_saving(cpl, f_branch, g_branch, unroll, exact_every=None):
                 cpl, f_branch, g_branch, unroll, exact_every, *inputs
             )
         # The residuals: parameters, the sequence output, the keys, the side inputs (and, with
-        # exact_every, the exact input of every k-th unit). No other activation.
+        # exact_every, the exact inputs of `exact_units`). No other activation.
         return ((y1, y2), aux), (f_params, g_params, y1, y2, keys, context, stored)
 
     def run_bwd(residuals, cotangents):
@@ -560,12 +587,12 @@ def _make_memory_saving(cpl, f_branch, g_branch, unroll, exact_every=None):
         )
 
         def exact(i, rebuilt, half):
-            # With exact_every=k, unit i's input (i % k == 0) was stored: use it instead of the
-            # rebuilt one, so rounding error never accumulates over more than k units.
+            # With exact_every=k, the inputs of units n-k, n-2k, ... were stored: use them
+            # instead of the rebuilt ones, so no chain of rebuilt units is longer than k.
             if stored is None:
                 return rebuilt
-            slot = i // exact_every
-            return jnp.where(i % exact_every == 0, stored[half][slot], rebuilt)
+            keep, slot = _exact_slot(i, n, exact_every)
+            return jnp.where(keep, stored[half][slot], rebuilt)
 
         def body(carry, xs):
             b1, b2, db1, db2, dctx = carry

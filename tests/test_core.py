@@ -17,6 +17,7 @@ from jax.ad_checkpoint import print_saved_residuals
 
 import revjax
 from revjax import inverse_sequence, relative_error, reversible_sequence
+from revjax._core import _Branch, _scan_forward_with_boundaries, additive_coupling, exact_units
 
 C = 4  # channels per half
 HW = 8
@@ -574,8 +575,41 @@ def test_exact_every_memory_grows_with_depth_over_k():
     # 32 units with k=8 store 4 inputs, 8 units store 1: +3 activations, not +24.
     assert m32 - m8 <= 4 * act, (m8, m32)
     assert m32 - m8 >= 2 * act, (m8, m32)  # the stored inputs really are kept
-    assert m32_k4 - m32 >= 3 * act  # halving k doubles what is stored (8 vs 4 inputs)
-    assert m8 >= base
+    assert m32_k4 - m32 >= 3 * act  # halving k doubles what is stored (7 vs 3 inputs)
+    # 8 units with k=8: the rebuilt chain is 8 units long without any stored input.
+    assert m8 == base, (m8, base)
+
+
+def test_exact_units_placement():
+    # Rebuilding starts from the exact output: stored inputs sit at n-k, n-2k, ... above 0.
+    assert exact_units(8, None) == () and exact_units(8, 8) == () and exact_units(5, 8) == ()
+    assert exact_units(8, 4) == (4,) and exact_units(9, 4) == (1, 5)
+    assert exact_units(32, 8) == (8, 16, 24) and exact_units(4, 1) == (1, 2, 3)
+
+
+def test_exact_every_stores_the_inputs_of_exact_units():
+    n, k = 7, 3
+    branch = _Branch(residual, False, False)
+
+    @jax.jit
+    def run(fp, gp, x1, x2):
+        inputs = [(x1, x2)]  # every unit's input, unit by unit
+        for i in range(n - 1):
+            f = lambda x, i=i: residual(jax.tree.map(lambda a: a[i], fp), x)
+            g = lambda x, i=i: residual(jax.tree.map(lambda a: a[i], gp), x)
+            inputs.append(additive_coupling.forward(f, g, *inputs[-1]))
+        _, _, stored = _scan_forward_with_boundaries(
+            additive_coupling, branch, branch, 1, k, fp, gp, x1, x2, None
+        )
+        return inputs, stored
+
+    inputs, stored = run(*setup(n, jnp.float32))
+    x1 = inputs[0][0]
+    assert exact_units(n, k) == (1, 4)
+    for half in (0, 1):
+        assert stored[half].shape == (2, *x1.shape)  # units 1 and 4 only, not unit 0
+        for slot, unit in enumerate((1, 4)):
+            np.testing.assert_allclose(stored[half][slot], inputs[unit][half], rtol=1e-6)
 
 
 def test_exact_every_rejects_bad_values():
