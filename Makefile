@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: run test lint bench clean package-check
+.PHONY: run test lint bench clean package-check aot-venvs aot-tables
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,3 +46,19 @@ bench: $(VENV)/.experiments
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build dist
+
+# Ahead-of-time compilation for GPU / TPU targets (experiments/aot.py): one venv per plugin,
+# jax pinned to the main venv's version. Not part of `make test` (CI never downloads them).
+AOT_JAX = $(shell $(PY) -c "import jax; print(jax.__version__)" 2>/dev/null)
+AOT_PIN = $(if $(AOT_JAX),==$(AOT_JAX))
+
+.venv-aot-cuda/bin/python .venv-aot-tpu/bin/python:
+	$(PYTHON) -m venv $(dir $(@D))
+
+aot-venvs: $(VENV)/.experiments .venv-aot-cuda/bin/python .venv-aot-tpu/bin/python
+	.venv-aot-cuda/bin/python -m pip install -e . 'jax[cuda12]$(AOT_PIN)'
+	.venv-aot-tpu/bin/python -m pip install -e . 'jax[tpu]$(AOT_PIN)'
+
+# The committed GPU/TPU tables in results/ (compiles only; ~1-2 h on 2 busy cores).
+aot-tables: aot-venvs
+	PYTHON=$(PY) bash experiments/aot_tables.sh

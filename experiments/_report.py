@@ -47,6 +47,7 @@ __all__ = [
     "markdown_table",
     "num_params",
     "plot_lines",
+    "target_header",
     "require_accelerator",
     "run_json_worker",
     "write_report",
@@ -85,6 +86,12 @@ def header(title: str, details: str, command: str) -> str:
         f"{title} ({datetime.date.today()}, {hardware_label()}, jax {jax.__version__}): "
         f"{details}; `{command}`"
     )
+
+
+def target_header(title: str, details: str, command: str, target: str) -> str:
+    """As `header`, for a program compiled ahead of time for another device (`experiments.aot`):
+    ``target`` names the device, the versions and this host."""
+    return f"{title} ({datetime.date.today()}, {target}): {details}; `{command}`"
 
 
 def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -133,6 +140,7 @@ def plot_lines(
     title: str,
     xlabel: str,
     ylabel: str,
+    logx: bool = False,
 ) -> Path:
     """Writes a line plot (one line per ``{label: (xs, ys)}``) as PNG.
 
@@ -157,7 +165,10 @@ def plot_lines(
             markerfacecolor="none",
             label=label,
         )
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    if logx:
+        ax.set_xscale("log", base=2)
+    else:
+        ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_title(title, fontsize=10)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -207,6 +218,7 @@ def abstract_train_step(
     image_size: int,
     in_channels: int = 3,
     num_classes: int = 10,
+    donate: bool = False,
 ):
     """The trainer's jitted step for a preset, with abstract state and batch (nothing allocated).
 
@@ -217,6 +229,7 @@ def abstract_train_step(
       image_size: square side length.
       in_channels: image channels.
       num_classes: logits.
+      donate: donate the state as the training loop does (old and new state share buffers).
 
     Returns:
       ``(step, state, batch)``: ``jax.jit(make_train_step(...))`` and `jax.ShapeDtypeStruct`
@@ -231,7 +244,10 @@ def abstract_train_step(
         return state
 
     state = jax.eval_shape(build)
-    step = jax.jit(train.make_train_step(holder["graphdef"], holder["tx"]))
+    step = jax.jit(
+        train.make_train_step(holder["graphdef"], holder["tx"]),
+        donate_argnums=0 if donate else (),
+    )
     return step, state, _batch_shapes(batch_size, image_size, in_channels)
 
 

@@ -15,6 +15,15 @@ until one does: usually two or three tries per model.
     python -m experiments.bench_batch                                  # RevNet-164 vs ResNet-164
     python -m experiments.bench_batch --models revnet110 resnet110
     python -m experiments.bench_batch --allow-cpu --quick              # CI: tiny models, CPU
+    python -m experiments.bench_batch --target h100                    # simulated, no GPU needed
+
+``--target NAME`` simulates the search for a GPU/TPU this host does not have: the train step is
+compiled ahead of time for the target (`experiments.aot`, nothing runs) at candidate batch sizes,
+and a batch fits when its compiled bytes (arguments + outputs + temporaries - aliased, state
+donated) are within the target's memory minus ``--reserve``. It reports the largest multiple of
+``--multiple`` (8) that fits, confirmed by compiling it and the next multiple, for the issue-10
+presets (RevNet-38/110/164 vs ResNet-32/110/164 at 32x32, RevNet-104 vs ResNet-101 at 224x224)
+or ``--models`` (``preset[:key=value,...]``), into ``bench_batch_<target>.md`` / ``.png``.
 
 Refuses to run on CPU (where nothing runs out of memory) unless ``--allow-cpu``; there the
 search stops at ``--max-batch``. Writes ``<out-dir>/bench_batch.md`` and ``.png``.
@@ -28,20 +37,24 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import argparse  # noqa: E402
+import ast  # noqa: E402
+import inspect  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import threading  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
 
-from experiments import _report  # noqa: E402
+from experiments import _report, aot  # noqa: E402
 from revjax.measure import (  # noqa: E402
     compiled_memory,
     device_memory_limit_bytes,
     device_peak_bytes,
     is_out_of_memory,
 )
+from revjax.models import RevNet  # noqa: E402
 
 NAME = "bench_batch"
 MODULE = f"experiments.{NAME}"
@@ -258,6 +271,321 @@ def plot(rows: list[dict], path: Path, title: str, limit: int | None) -> Path:
     )
 
 
+# --------------------------------------------------------------------------------------------
+# Simulated: compiled for a target device ahead of time (--target), nothing runs
+# --------------------------------------------------------------------------------------------
+
+# The issue-10 comparison: preset -> (image side, classes), and the pairs it reports.
+TARGET_MODELS = {
+    "revnet38": (32, 10),
+    "resnet32": (32, 10),
+    "revnet110": (32, 10),
+    "resnet110": (32, 10),
+    "revnet164": (32, 10),
+    "resnet164": (32, 10),
+    "revnet104": (224, 1000),
+    "resnet101": (224, 1000),
+}
+TARGET_PAIRS = [
+    ("revnet38", "resnet32"),
+    ("revnet110", "resnet110"),
+    ("revnet164", "resnet164"),
+    ("revnet104", "resnet101"),
+]
+
+
+def largest_fitting_batch(
+    total_of: Callable[[int], float],
+    budget: float,
+    *,
+    start: int,
+    multiple: int = 8,
+    max_batch: int = 2**20,
+    max_compiles: int = 12,
+) -> tuple[int | None, int | None, list[tuple[int, float]]]:
+    """The largest multiple of ``multiple`` whose compiled bytes fit in ``budget``.
+
+    Compiled memory is close to affine in the batch (fixed state + bytes per image), so the
+    search predicts instead of bisecting: from one point it scales proportionally (an
+    under-estimate when the point fits, since the fixed part is ignored), from two or more it
+    fits a line through the two points nearest the boundary, and it stops once a fitting batch
+    and the next multiple, which does not fit, have both been compiled. Usually 3-4 compiles.
+
+    Args:
+      total_of: compiled bytes at a batch size (``inf`` for a compile that runs out of memory).
+      budget: bytes available.
+      start: first batch to compile (rounded down to a multiple, at least ``multiple``).
+      multiple: batch granularity.
+      max_batch: never compile above this (the result is then a lower bound).
+      max_compiles: give up after this many compiles (the bracket found so far is returned).
+
+    Returns:
+      ``(largest, first_failure, tries)``: the largest fitting multiple (``None`` if ``multiple``
+      itself does not fit), the smallest failing one compiled (``None`` if the cap was reached),
+      and every ``(batch, bytes)`` compiled, in order.
+    """
+    g = int(multiple)
+    down = lambda b: max(g, int(b) // g * g)
+    tries: list[tuple[int, float]] = []
+    points: dict[int, float] = {}
+    lo = hi = None  # largest fitting, smallest failing
+
+    def measure(b: int) -> None:
+        nonlocal lo, hi
+        total = float(total_of(b))
+        tries.append((b, total))
+        points[b] = total
+        if total <= budget:
+            lo = b if lo is None else max(lo, b)
+        else:
+            hi = b if hi is None else min(hi, b)
+
+    measure(min(down(start), down(max_batch)))
+    while len(tries) < max_compiles:
+        if hi is not None and (hi == g if lo is None else hi - lo <= g):
+            break
+        finite = sorted((b, t) for b, t in points.items() if math.isfinite(t))
+        if hi is not None and math.isinf(points[hi]) and not any(t > budget for _, t in finite):
+            # the only failures ran out of memory while compiling (no bytes known above the
+            # boundary): bisect, in log space, between the last fit and the first failure
+            pred = math.sqrt((lo or 1) * hi)
+        elif len(finite) >= 2:
+            # the two points nearest the boundary: the largest fitting and smallest failing, or
+            # the last two on one side
+            below = [p for p in finite if p[1] <= budget]
+            above = [p for p in finite if p[1] > budget]
+            pair = (below[-1:] + above[:1]) if below and above else (below or above)[-2:]
+            if len(pair) < 2:
+                pair = finite[-2:]
+            (b1, t1), (b2, t2) = pair
+            slope = (t2 - t1) / (b2 - b1)
+            pred = b1 + (budget - t1) / slope if slope > 0 else 2 * max(points)
+        elif finite:
+            b1, t1 = finite[0]
+            pred = b1 * budget / t1
+        else:  # only out-of-memory compiles so far
+            pred = min(points) / 2
+        cand = down(pred)
+        if lo is not None:
+            cand = max(cand, lo + g)
+        if hi is not None:
+            cand = min(cand, hi - g)
+        if cand in points:  # the prediction lands on a compiled batch: step off it
+            cand = cand + g if points[cand] <= budget else cand - g
+        if cand > max_batch:  # compile the cap itself once: the result is then a lower bound
+            cand = down(max_batch)
+        if cand < g or cand in points:
+            break
+        measure(cand)
+    return lo, hi, tries
+
+
+def parse_model_spec(spec: str) -> tuple[str, dict]:
+    """``"revnet164:remat_transitions=True,exact_every=None"`` -> preset and overrides (values
+    are Python literals; anything else is a string)."""
+    preset, _, rest = spec.partition(":")
+    overrides = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise SystemExit(f"{NAME}: model spec {spec!r}: expected key=value, got {item!r}")
+        try:
+            overrides[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            overrides[key.strip()] = value.strip()
+    return preset, overrides
+
+
+def default_target_models() -> list[str]:
+    """The issue-10 presets, plus RevNet-164 / RevNet-104 with the transition setting that is
+    not the default, and with invertible downsampling where the installed RevNet has it."""
+    params = inspect.signature(RevNet.__init__).parameters
+    other = not params["remat_transitions"].default
+    extra = [f"revnet164:remat_transitions={other}", f"revnet104:remat_transitions={other}"]
+    if "downsample" in params:
+        extra.append("revnet164:downsample=invertible")
+    return list(TARGET_MODELS) + extra
+
+
+def _simulate_model(compiler, spec: str, budget: float, args) -> dict:
+    model, overrides = parse_model_spec(spec)
+    size, classes = TARGET_MODELS.get(model, (32, 10))
+    size = args.size or size
+    records = {}
+
+    def total_of(batch: int) -> float:
+        spec = aot.job(
+            model, {**overrides, "unroll": 1}, batch=batch, size=size, num_classes=classes
+        )
+        spec["donate"] = True  # as the training loop: old and new state share buffers
+        r = compiler.compile(spec)
+        if "error" in r:
+            if not aot.is_out_of_memory_error(r["error"]):
+                raise SystemExit(f"{NAME}: compiling {model} at batch {batch} failed: {r['error']}")
+            r["total"] = math.inf
+        records[batch] = r
+        fits = r["total"] <= budget
+        print(
+            f"  {model} {size}x{size}: batch {batch}: {r['total'] / 2**30:.2f} GiB "
+            f"({'fits' if fits else 'does not fit'}; compile {r.get('compile_s', 0):.0f} s)",
+            flush=True,
+        )
+        return r["total"]
+
+    start = args.start or (128 if size <= 64 else 32)
+    largest, failed, tries = largest_fitting_batch(
+        total_of,
+        budget,
+        start=start,
+        multiple=args.multiple,
+        max_batch=args.max_batch,
+        max_compiles=args.max_compiles,
+    )
+    finite = sorted((b, t) for b, t in tries if math.isfinite(t))
+    per_image = predicted = None
+    if len(finite) >= 2:
+        # the line through the two compiles nearest the budget
+        (b1, t1), (b2, t2) = sorted(finite, key=lambda p: abs(p[1] - budget))[:2]
+        per_image = (t2 - t1) / (b2 - b1)
+        if per_image > 0:
+            predicted = int(b1 + (budget - t1) / per_image) // args.multiple * args.multiple
+    params = next(iter(records.values())).get("params")
+    return {
+        "model": spec,
+        "predicted": predicted,
+        "size": size,
+        "params": params,
+        "largest": largest,
+        "first_failure": failed,
+        "tries": tries,
+        "records": records,
+        "bytes_per_image": per_image,
+    }
+
+
+def simulate_on_target(args, on_row=None) -> tuple[dict, list[dict], float]:
+    """Largest batch of every model, compiled for ``args.target`` (``args.processes`` child
+    processes); ``on_row(info, rows_so_far, budget)`` after each model (partial tables)."""
+    target = aot.get_target(args.target)
+    if target.memory_bytes is None and not args.memory_gib:
+        raise SystemExit(
+            f"{NAME}: target {target.name!r} has no device memory to budget against; pick a "
+            f"GPU/TPU target ({', '.join(t for t in aot.TARGETS if t != 'cpu')}) or pass "
+            "--memory-gib"
+        )
+    memory = args.memory_gib * 2**30 if args.memory_gib else target.memory_bytes
+    budget = memory * (1 - args.reserve)
+    models = args.models or default_target_models()
+    pending = list(enumerate(models))
+    rows: list[dict | None] = [None] * len(models)
+    infos: list[dict] = []
+    lock = threading.Lock()
+
+    def work() -> None:  # one child process per thread; models shared out as they finish
+        with aot.TargetCompiler(target, python=args.aot_python) as compiler:
+            infos.append(compiler.info)
+            while True:
+                with lock:
+                    if not pending:
+                        return
+                    i, spec = pending.pop(0)
+                rows[i] = _simulate_model(compiler, spec, budget, args)
+                if on_row is not None:
+                    with lock:
+                        on_row(compiler.info, [r for r in rows if r is not None], budget)
+
+    aot.run_in_threads(work, min(max(1, args.processes), len(models)))
+    return infos[0], [r for r in rows if r is not None], budget
+
+
+def to_markdown_target(
+    rows: list[dict], head: str, budget: float, multiple: int, max_compiles: int
+) -> str:
+    columns = [
+        "model",
+        "image",
+        "params",
+        f"largest batch (multiple of {multiple})",
+        "next multiple (does not fit)",
+        "compiled GiB at largest",
+        "temp GiB at largest",
+        "MiB per image",
+        "line's prediction",
+        "batches compiled (GiB)",
+    ]
+    table = []
+    for r in rows:
+        best = r["largest"]
+        rec = r["records"].get(best, {}) if best else {}
+        fail = r["first_failure"]
+        table.append(
+            [
+                r["model"],
+                f"{r['size']}x{r['size']}",
+                f"{r['params']:,}" if r["params"] else "-",
+                "-" if best is None else f"{best:,}",
+                "none up to the cap" if fail is None else f"{fail:,}",
+                "-" if not rec else f"{rec['total'] / 2**30:.2f}",
+                "-" if not rec else f"{rec['temp'] / 2**30:.2f}",
+                "-" if r["bytes_per_image"] is None else f"{r['bytes_per_image'] / 2**20:.2f}",
+                "-" if r["predicted"] is None else f"{r['predicted']:,}",
+                ", ".join(
+                    f"{b:,} ({t / 2**30:.1f})" if math.isfinite(t) else f"{b:,} (OOM)"
+                    for b, t in r["tries"]
+                ),
+            ]
+        )
+    by_model = {r["model"]: r for r in rows}
+    ratios = []
+    twins = dict(TARGET_PAIRS)
+    for a in rows:
+        b = by_model.get(twins.get(a["model"].split(":")[0], ""))
+        if b and a["largest"] and b["largest"]:
+            capped = a["first_failure"] is None or b["first_failure"] is None
+            ratios.append(
+                [
+                    f"{a['model']} / {b['model']}",
+                    f"{a['size']}x{a['size']}",
+                    f"{a['largest']:,} / {b['largest']:,}",
+                    f"{a['largest'] / b['largest']:.1f}x" + (" (lower bound)" if capped else ""),
+                ]
+            )
+    lines = [head, "", _report.markdown_table(columns, table), ""]
+    if ratios:
+        lines += [
+            _report.markdown_table(["pair", "image", "largest batch", "RevNet / ResNet"], ratios),
+            "",
+        ]
+    lines += [
+        f"Fits: compiled arguments + outputs + temporaries - aliased (the state is donated, as "
+        f"in the training loop) <= {budget / 2**30:.2f} GiB. Search: compile a first batch "
+        "(128 at 32x32, 32 at 224x224), scale it to the budget, then follow the line through "
+        "the two compiles nearest the budget until a batch that fits and the next multiple, "
+        f"which does not, have both been compiled (at most {max_compiles} compiles per "
+        "model; where that cap stopped the search, the next multiple is not confirmed). "
+        "Line's prediction: the largest multiple that line puts within the budget. Targets "
+        "(issue 10, H100): RevNet-164 >= 10x ResNet-164, RevNet-104 >= 4x ResNet-101.",
+        "",
+        aot.LOWER_BOUND_NOTE,
+    ]
+    return "\n".join(lines)
+
+
+def plot_target(rows: list[dict], path: Path, title: str, budget: float) -> Path:
+    """Compiled GiB of every batch compiled, per model, against the budget (log batch axis)."""
+    series = {}
+    for r in rows:
+        pts = sorted((b, t) for b, t in r["tries"] if math.isfinite(t))
+        label = f"{r['model']} ({r['size']}x{r['size']})"
+        series[label] = ([b for b, _ in pts], [t / 2**30 for _, t in pts])
+    xs = sorted({b for bs, _ in series.values() for b in bs})
+    if xs:
+        series["budget"] = ([xs[0], xs[-1]], [budget / 2**30] * 2)
+    return _report.plot_lines(
+        path, series, title=title, xlabel="batch size", ylabel="compiled GiB", logx=True
+    )
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -291,12 +619,70 @@ def main(argv=None):
     parser.add_argument("--out-dir", type=Path, default=Path("results"))
     parser.add_argument("--probe", nargs=2, metavar=("MODEL", "BATCH"), help=argparse.SUPPRESS)
     parser.add_argument("--overrides", default="{}", help=argparse.SUPPRESS)
+    aot.add_target_arguments(parser)
+    parser.add_argument(
+        "--reserve",
+        type=float,
+        default=0.10,
+        help="with --target: fraction of device memory kept free (CUDA context, cuDNN "
+        "workspace, fragmentation; default 0.10)",
+    )
+    parser.add_argument(
+        "--multiple", type=int, default=8, help="with --target: batch granularity (default 8)"
+    )
+    parser.add_argument(
+        "--memory-gib", type=float, default=None, help="with --target: override device memory"
+    )
+    parser.add_argument(
+        "--max-compiles",
+        type=int,
+        default=8,
+        help="with --target: compiles per model at most (default 8; TPU compiles take minutes)",
+    )
     args = parser.parse_args(argv)
-    if args.size is None:
+    if args.size is None and not args.target:  # with --target each preset has its own size
         args.size = 8 if args.quick else 32
     if args.probe:
         _probe_worker(args)
         return None
+    if args.target:
+        target = aot.get_target(args.target)
+        args.max_batch = args.max_batch or 2**20
+        if args.quick:
+            raise SystemExit(f"{NAME}: --quick has no meaning with --target; use --models")
+
+        def report(info, rows, budget, final=False):
+            done = "" if final else f" (partial: {len(rows)} models so far)"
+            details = (
+                "largest batch that fits, simulated: the trainer's train step (SGD + momentum, "
+                "state donated), rolled scans (unroll=1), float32, compiled for the target at "
+                f"candidate batch sizes; device memory {target.memory_label} "
+                f"({target.memory_source}) minus a {args.reserve:.0%} reserve = "
+                f"{budget / 2**30:.2f} GiB{done}"
+            )
+            head = _report.target_header(
+                "Largest batch",
+                details,
+                _report.command_line(MODULE, argv),
+                aot.describe(target, info),
+            )
+            name = f"{NAME}_{target.name}"
+            _report.write_report(
+                args.out_dir,
+                name,
+                to_markdown_target(rows, head, budget, args.multiple, args.max_compiles),
+            )
+            png = plot_target(
+                rows,
+                args.out_dir / f"{name}.png",
+                f"Compiled train-step memory vs batch, {target.description}",
+                budget,
+            )
+            print(f"wrote {png}")
+
+        info, rows, budget = simulate_on_target(args, on_row=report)
+        report(info, rows, budget, final=True)
+        return rows
 
     backend = _report.require_accelerator(NAME, allow_cpu=args.allow_cpu)
     on_cpu = backend == "cpu"

@@ -21,6 +21,10 @@ the headline: the RevNet line is flat.
     python -m experiments.bench_memory                       # 1..18 units per stage
     python -m experiments.bench_memory --depths 1 2 4 9 18   # fewer points
     python -m experiments.bench_memory --quick               # seconds, for CI
+    python -m experiments.bench_memory --target h100 --depths 1 2 4 9 18   # compiled for an H100
+
+``--target NAME`` compiles every point ahead of time for that GPU/TPU (`experiments.aot`; nothing
+runs) and writes ``bench_memory_<target>.md`` / ``.png``.
 
 Writes ``<out-dir>/bench_memory.md`` and ``<out-dir>/bench_memory.png``.
 """
@@ -33,22 +37,32 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import argparse  # noqa: E402
+import inspect  # noqa: E402
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
 
-from experiments import _report  # noqa: E402
+from experiments import _report, aot  # noqa: E402
 from revjax.measure import compiled_memory, device_peak_bytes  # noqa: E402
+from revjax.models import RevNet  # noqa: E402
 
 NAME = "bench_memory"
 MODULE = f"experiments.{NAME}"
+
+# RevNet's default for its stage-entry units: recomputed in the backward (True) or stored.
+_REMAT_DEFAULT = bool(inspect.signature(RevNet.__init__).parameters["remat_transitions"].default)
 
 # key: (label, preset whose architecture is overridden, constructor overrides)
 LINES = {
     "rev": ("RevNet", "revnet_tiny", {}),
     "rev_plain": ("RevNet, memory saving off", "revnet_tiny", {"memory_saving": False}),
-    "rev_store": ("RevNet, stored transitions", "revnet_tiny", {"remat_transitions": False}),
+    # the transition setting that is not the default
+    "rev_transitions": (
+        f"RevNet, remat_transitions={not _REMAT_DEFAULT}",
+        "revnet_tiny",
+        {"remat_transitions": not _REMAT_DEFAULT},
+    ),
     "rev_inv": ("RevNet, invertible downsampling", "revnet_tiny", {"downsample": "invertible"}),
     "res": ("ResNet twin", "resnet_tiny", {}),
     "res_ckpt": ("ResNet, checkpoint per unit", "resnet_tiny", {"remat_units": True}),
@@ -145,6 +159,40 @@ def run(cfg: dict, *, device_peak: bool, worker_timeout: float) -> dict[str, lis
                 key, cfg["depths"], cfg["widths"], cfg["batch"], cfg["size"], device_peak=False
             )
     return results
+
+
+def run_on_target(
+    cfg: dict, target: str, python: str | None, processes: int = 1
+) -> tuple[dict, dict]:
+    """Every line at every depth, compiled ahead of time for ``target`` (one child process)."""
+    jobs = [
+        aot.job(
+            LINES[key][1],
+            _overrides(key, units, cfg["widths"]),
+            batch=cfg["batch"],
+            size=cfg["size"],
+            key=[key, units],
+        )
+        for key in LINES
+        for units in sorted(cfg["depths"])
+    ]
+
+    def progress(r: dict) -> None:
+        key, units = r["key"]
+        what = r["error"][:200] if "error" in r else f"temp {_report.fmt_mib(r['temp'])} MiB"
+        print(f"  {LINES[key][0]}: {units} units per stage, {what}", flush=True)
+
+    info, records = aot.compile_for_target(
+        target, jobs, python=python, on_record=progress, processes=processes
+    )
+    failed = [r for r in records if "error" in r]
+    if failed:
+        raise SystemExit(f"{NAME}: {len(failed)} compiles failed, first: {failed[0]['error']}")
+    results = {key: [] for key in LINES}
+    for r in records:
+        key, units = r["key"]
+        results[key].append({**r, "units": units})
+    return info, results
 
 
 def slopes(results: dict[str, list[dict]], field: str = "temp") -> dict[str, float]:
@@ -270,6 +318,7 @@ def main(argv=None):
     )
     parser.add_argument("--out-dir", type=Path, default=Path("results"))
     parser.add_argument("--peak-worker", choices=list(LINES), help=argparse.SUPPRESS)
+    aot.add_target_arguments(parser)
     args = parser.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
     for name in cfg:
@@ -285,6 +334,8 @@ def main(argv=None):
         _peak_worker(args)
         return None
 
+    if args.target:
+        return _main_target(args, cfg, argv)
     device_peak = args.device_peak
     if device_peak is None:
         device_peak = jax.default_backend() != "cpu"
@@ -318,6 +369,34 @@ def main(argv=None):
         results,
         args.out_dir / f"{NAME}.png",
         f"Train-step memory vs depth, batch {cfg['batch']}, {cfg['size']}x{cfg['size']}",
+    )
+    print(f"wrote {png}")
+    return results
+
+
+def _main_target(args, cfg: dict, argv) -> dict:
+    """``--target``: the same table and plot, compiled for a GPU/TPU target (nothing runs)."""
+    target = aot.get_target(args.target)
+    stages = len(cfg["widths"]) - 1
+    print(f"compiling {len(LINES) * len(cfg['depths'])} train steps for {target.name}", flush=True)
+    info, results = run_on_target(cfg, target.name, args.aot_python, args.processes)
+    head = _report.target_header(
+        "Memory vs depth",
+        f"train step (SGD + momentum, BatchNorm) of RevNet / ResNet, basic blocks, {stages} "
+        f"stages, widths {'/'.join(map(str, cfg['widths']))} (ResNet twin: same units per stage "
+        f"and total widths), batch {cfg['batch']}, {cfg['size']}x{cfg['size']}, float32; "
+        "compiled temp bytes of `memory_analysis()` with rolled scans (unroll=1). "
+        + aot.LOWER_BOUND_NOTE,
+        _report.command_line(MODULE, argv),
+        aot.describe(target, info),
+    )
+    name = f"{NAME}_{target.name}"
+    _report.write_report(args.out_dir, name, to_markdown(results, head))
+    png = plot(
+        results,
+        args.out_dir / f"{name}.png",
+        f"Train-step memory vs depth, {target.description}, batch {cfg['batch']}, "
+        f"{cfg['size']}x{cfg['size']} (compiled)",
     )
     print(f"wrote {png}")
     return results

@@ -22,6 +22,11 @@ that of RevNet-38.
     python -m experiments.bench_speed                                  # 38 / 110 / 164
     python -m experiments.bench_speed --models revnet38 revnet110 --batch 32
     python -m experiments.bench_speed --quick                          # seconds, for CI
+    python -m experiments.bench_speed --target h100                    # compile time, H100
+
+``--target NAME`` measures compile time only (trace + lower + XLA compile, rolled scans), for a
+GPU/TPU compiled ahead of time on this host (`experiments.aot`), and writes
+``bench_speed_<target>.md`` / ``.png``.
 
 Writes ``<out-dir>/bench_speed.md`` and ``<out-dir>/bench_speed.png``.
 """
@@ -30,13 +35,14 @@ from __future__ import annotations
 
 import argparse
 import re
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import jax
 
-from experiments import _report
+from experiments import _report, aot
 from revjax.measure import time_interleaved
 
 NAME = "bench_speed"
@@ -183,6 +189,94 @@ def plot(rows: list[dict], path: Path, title: str) -> Path:
     )
 
 
+def compile_on_target(entries, *, batch: int, size: int, repeats: int, args) -> tuple[dict, list]:
+    """Compile time (trace + lower + XLA compile, rolled scans) of every variant of every entry
+    for ``args.target``, in one child process; ``repeats`` rounds, interleaved, median."""
+    jobs = [
+        aot.job(*_variant(e, v), batch=batch, size=size, key=[e.label, v, i])
+        for i in range(repeats)
+        for e in entries
+        for v in VARIANTS
+    ]
+
+    def progress(r: dict) -> None:
+        label, variant, i = r["key"]
+        what = (
+            r["error"][:200]
+            if "error" in r
+            else f"{r['trace_lower_s']:.1f} s trace + lower, {r['compile_s']:.1f} s compile"
+        )
+        print(f"  {label}, {variant} (round {i + 1}): {what}", flush=True)
+
+    info, records = aot.compile_for_target(
+        args.target, jobs, python=args.aot_python, on_record=progress, processes=args.processes
+    )
+    failed = [r for r in records if "error" in r]
+    if failed:
+        raise SystemExit(f"{NAME}: {len(failed)} compiles failed, first: {failed[0]['error']}")
+    rows = []
+    for e in entries:
+        row = {"label": e.label, "depth": e.depth, "twin": e.twin}
+        for v in VARIANTS:
+            mine = [r for r in records if r["key"][:2] == [e.label, v]]
+            row[f"compile_{v}"] = statistics.median(
+                r["trace_lower_s"] + r["compile_s"] for r in mine
+            )
+            row[f"xla_{v}"] = statistics.median(r["compile_s"] for r in mine)
+            row[f"params_{v}"] = mine[0]["params"]
+        rows.append(row)
+    return info, rows
+
+
+def to_markdown_target(rows: list[dict], head: str) -> str:
+    columns = ["model", "twin", "params", "compile s reversible", "plain", "twin"]
+    columns += ["XLA compile s reversible", "plain", "twin"]
+    table = [
+        [r["label"], r["twin"], f"{r['params_reversible']:,}"]
+        + [f"{r[f'compile_{v}']:.1f}" for v in VARIANTS]
+        + [f"{r[f'xla_{v}']:.1f}" for v in VARIANTS]
+        for r in rows
+    ]
+    lines = [head, "", _report.markdown_table(columns, table), ""]
+    shallow = min(rows, key=lambda r: r["depth"])
+    for deep in sorted(rows, key=lambda r: r["depth"]):
+        if deep is shallow:
+            continue
+        ratio = deep["compile_reversible"] / shallow["compile_reversible"]
+        lines.append(
+            f"- compile time {deep['label']} / {shallow['label']} (reversible, rolled): {ratio:.2f}"
+        )
+    lines += [
+        "",
+        "Compile s: trace + lower + XLA compile for the target on this host (medians of the "
+        "interleaved rounds; a busy host inflates all of them alike). Target (issue 10): "
+        "RevNet-110 / RevNet-38 compile time <= 1.2x. No step time: nothing runs.",
+    ]
+    return "\n".join(lines)
+
+
+def _main_target(args, entries, batch: int, size: int, argv) -> list:
+    target = aot.get_target(args.target)
+    repeats = args.repeats or 3
+    info, rows = compile_on_target(entries, batch=batch, size=size, repeats=repeats, args=args)
+    head = _report.target_header(
+        "Train-step compile time",
+        f"full train step (forward, backward, SGD + momentum), batch {batch}, {size}x{size}, "
+        f"float32, rolled scans (unroll=1); median of {repeats} interleaved rounds",
+        _report.command_line(MODULE, argv),
+        aot.describe(target, info),
+    )
+    name = f"{NAME}_{target.name}"
+    _report.write_report(args.out_dir, name, to_markdown_target(rows, head))
+    png = plot(
+        rows,
+        args.out_dir / f"{name}.png",
+        f"Compile time vs depth, {target.description}, batch {batch}, {size}x{size}",
+    )
+    print(f"wrote {png}")
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, runs in seconds")
@@ -204,6 +298,7 @@ def main(argv=None):
         "cuts compile time ~2.5x, slows the code)",
     )
     parser.add_argument("--out-dir", type=Path, default=Path("results"))
+    aot.add_target_arguments(parser)
     args = parser.parse_args(argv)
     fast = args.quick if args.fast_compile is None else args.fast_compile
     on_cpu = jax.default_backend() == "cpu"
@@ -217,6 +312,8 @@ def main(argv=None):
     entries = entries or [preset_entry(m) for m in ("revnet38", "revnet110", "revnet164")]
     batch = args.batch or batch
     size = args.size or size
+    if args.target:
+        return _main_target(args, entries, batch, size, argv)
     repeats = args.repeats or repeats
 
     head = _report.header(

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Regenerates the GPU/TPU tables in results/ that are compiled ahead of time on a host without the
+# device (experiments/aot.py; nothing runs, so any CPU host will do):
+#
+#   bash experiments/aot_tables.sh            # all of them
+#   bash experiments/aot_tables.sh gpu        # the H100 (and other GPU) tables only
+#   bash experiments/aot_tables.sh tpu        # the TPU v5e tables only
+#
+# Time: an H100 compile of a CIFAR preset takes ~15 s of one core, a TPU v5e compile ~4 min;
+# on 2 idle cores the GPU half takes ~15 min, the TPU half ~1 h. $PROCESSES child processes
+# compile at once (default 2). On a busy host everything stretches accordingly.
+#
+# Interpreters: $PYTHON runs the benchmarks (default: python); the compiles run in
+# $REVJAX_AOT_CUDA_PYTHON / $REVJAX_AOT_TPU_PYTHON, else .venv-aot-cuda / .venv-aot-tpu
+# (`make aot-venvs` creates both).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+N=${PROCESSES:-2}
+what=${1:-all}
+
+if [[ $what == all || $what == gpu ]]; then
+  # Presets on the H100: every memory line, compile times, FLOPs of the transition setting.
+  "$PY" -m experiments.bench_models --target h100 --flops --presets revnet164 revnet110 revnet38 \
+    --lines rev rev_transitions rev_invertible res --processes "$N"
+  # Largest batch (simulated) on the H100.
+  "$PY" -m experiments.bench_batch --target h100 --processes "$N" --max-compiles 3 \
+    --models revnet164 resnet164 revnet104 resnet101 revnet110 resnet110 revnet38 resnet32 \
+    revnet164:downsample=invertible
+fi
+if [[ $what == all || $what == tpu ]]; then
+  # TPU v5e (16 GiB): each compile takes minutes, so the RevNet-164 pair only, two compiles
+  # each (the line's prediction is then not confirmed by a compile).
+  "$PY" -m experiments.bench_batch --target tpu-v5e --processes "$N" --max-compiles 2 \
+    --models revnet164 resnet164
+  "$PY" -m experiments.bench_models --target tpu-v5e --presets revnet164 --processes "$N"
+fi

@@ -1,0 +1,154 @@
+"""Ahead-of-time compilation for other devices (experiments/aot.py), with this host's CPU as the
+target: the child-process plumbing the GPU/TPU compiles use, without any CUDA or TPU wheel."""
+
+import math
+import re
+
+import pytest
+
+from experiments import _report, aot, bench_batch, bench_memory, bench_models, bench_speed
+
+TINY = {"units_per_stage": [1], "widths": [4, 8]}
+
+
+def test_targets_name_their_device_memory():
+    gpus = [t for t in aot.TARGETS.values() if t.platform == "cuda"]
+    tpus = [t for t in aot.TARGETS.values() if t.platform == "tpu"]
+    assert {t.name for t in gpus} >= {"h100", "h200", "a100-40", "a100-80"}
+    assert {t.name for t in tpus} >= {"tpu-v5e", "tpu-v4", "tpu-v5p"}
+    for t in gpus:
+        text = (aot.TARGETS_DIR / t.config_file).read_text()
+        # The budget is the proto's own figure, and the proto describes the named device.
+        assert f"device_memory_size: {t.memory_bytes}" in text
+        assert re.search(r'device_description_str: "NVIDIA', text)
+    by_name = {t.name: t.memory_bytes / 2**30 for t in (*gpus, *tpus)}
+    assert 75 < by_name["h100"] < 80 and 135 < by_name["h200"] < 142
+    assert 39 < by_name["a100-40"] < 40 and 79 < by_name["a100-80"] < 80
+    assert by_name["tpu-v5e"] == 16 and by_name["tpu-v4"] == 32 and by_name["tpu-v5p"] == 95
+    with pytest.raises(SystemExit, match="unknown target 'h1000'.*h100"):
+        aot.get_target("h1000")
+
+
+def test_missing_interpreter_says_how_to_install(monkeypatch, tmp_path):
+    monkeypatch.delenv("REVJAX_AOT_CUDA_PYTHON", raising=False)
+    monkeypatch.setattr(aot, "ROOT", tmp_path)
+    with pytest.raises(SystemExit, match=r"make aot-venvs.*REVJAX_AOT_CUDA_PYTHON"):
+        aot.target_python(aot.TARGETS["h100"])
+
+
+def test_child_env_drops_cpu_settings(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    env = aot.child_env(aot.TARGETS["h100"])
+    assert "XLA_FLAGS" not in env and "JAX_PLATFORMS" not in env
+    assert env["CUDA_VISIBLE_DEVICES"] == "-1" and env["JAX_SKIP_CUDA_CONSTRAINTS_CHECK"] == "1"
+    assert env["PYTHONPATH"].split(":")[0] == str(aot.ROOT)
+
+
+def test_child_compiles_what_this_process_compiles():
+    """The child's figures are those of the same step compiled here; a bad job is reported as an
+    error record without killing the child, and later jobs still compile; two children share
+    the jobs and the records come back in the jobs' order."""
+    jobs = [
+        aot.job("revnet_tiny", TINY, batch=2, size=8, key="ok"),
+        aot.job("no_such_preset", {}, batch=2, size=8, key="bad"),
+        aot.job("revnet_tiny", TINY, batch=4, size=8, key="ok4", donate=True),
+    ]
+    info, records = aot.compile_for_target("cpu", jobs, timeout=300, processes=2)
+    assert info["platform"] == "cpu" and info["default_backend"] == "cpu"
+    ok, bad, ok4 = records
+    assert [r["key"] for r in records] == ["ok", "bad", "ok4"]
+    assert "no_such_preset" in bad["error"]
+    step, state, batch = _report.abstract_train_step(
+        "revnet_tiny", {**TINY, "unroll": 1}, batch_size=2, image_size=8
+    )
+    here = _report.compiled_step_memory(step, state, batch)
+    for field in ("temp", "argument", "output"):
+        assert ok[field] == here[field]
+    assert ok["params"] == _report.num_params(state)
+    assert ok["flops"] > 0 and ok["compile_s"] > 0
+    # Donation aliases the state: counted once, as in the training loop.
+    assert ok["alias"] == 0 and ok4["alias"] > 0
+    assert ok4["total"] == ok4["argument"] + ok4["output"] + ok4["temp"] - ok4["alias"]
+
+
+def _fake_totals(fixed, per_image, budget, oom_above=None):
+    calls = []
+
+    def total_of(b):
+        calls.append(b)
+        total = fixed + per_image * b
+        if oom_above is not None and total > oom_above:
+            return math.inf  # a compile that runs out of memory
+        return total
+
+    return total_of, calls
+
+
+@pytest.mark.parametrize(
+    ("fixed", "per_image", "budget", "start"),
+    [(100.0, 3.0, 10_000.0, 128), (5.0, 1.0, 1000.0, 4096), (0.0, 10.0, 81.0, 8)],
+)
+def test_largest_fitting_batch_brackets_the_boundary(fixed, per_image, budget, start):
+    total_of, calls = _fake_totals(fixed, per_image, budget)
+    best, failed, tries = bench_batch.largest_fitting_batch(
+        total_of, budget, start=start, multiple=8
+    )
+    exact = int((budget - fixed) // per_image) // 8 * 8
+    assert best == exact and failed == exact + 8
+    assert len(tries) <= 4  # affine: predicted, then confirmed on both sides
+    assert {b for b, _ in tries} >= {exact, exact + 8}
+
+
+def test_largest_fitting_batch_edges():
+    # Nothing fits, not even the smallest multiple.
+    best, failed, _ = bench_batch.largest_fitting_batch(lambda b: 1e9, 10.0, start=64)
+    assert best is None and failed == 8
+    # The cap: a lower bound, no failure seen.
+    best, failed, _ = bench_batch.largest_fitting_batch(lambda b: b, 1e9, start=8, max_batch=64)
+    assert best == 64 and failed is None
+    # Compiles well above the budget run out of memory (no bytes): still bracketed.
+    total_of, _ = _fake_totals(50.0, 1.0, 1000.0, oom_above=1100.0)
+    best, failed, _ = bench_batch.largest_fitting_batch(total_of, 1000.0, start=1024)
+    assert best == 944 and failed == 952
+
+
+def _first_line(path):
+    return path.read_text().splitlines()[0]
+
+
+def test_benchmarks_compile_for_a_target(tmp_path):
+    """bench_models / bench_memory / bench_speed / bench_batch with ``--target cpu``: the same
+    tables, compiled in the child, headed by the target."""
+    out = str(tmp_path)
+    results = bench_models.main(["--quick", "--target", "cpu", "--flops", "--out", out])
+    text = (tmp_path / "bench_models_cpu.md").read_text()
+    assert "target **cpu**" in _first_line(tmp_path / "bench_models_cpu.md")
+    assert "lower bound" in text and "extra" in text
+    lines = results["revnet_tiny"]["lines"]
+    assert lines["rev"]["memory"]["temp"] < lines["rev_plain"]["memory"]["temp"]
+    remat_on, remat_off = lines["rev"]["flops"], lines["rev_transitions"]["flops"]
+    if not bench_models.REMAT_DEFAULT:
+        remat_on, remat_off = remat_off, remat_on
+    assert remat_on["lowered_flops"] > remat_off["lowered_flops"]  # the recomputation
+
+    bench_memory.main(["--quick", "--depths", "2", "--target", "cpu", "--out-dir", out])
+    assert "target **cpu**" in _first_line(tmp_path / "bench_memory_cpu.md")
+    assert (tmp_path / "bench_memory_cpu.png").exists()
+
+    rows = bench_speed.main(["--quick", "--repeats", "1", "--target", "cpu", "--out-dir", out])
+    assert all(r["compile_reversible"] > 0 for r in rows)
+    assert "target **cpu**" in _first_line(tmp_path / "bench_speed_cpu.md")
+
+    with pytest.raises(SystemExit, match="no device memory"):
+        bench_batch.main(["--target", "cpu", "--models", "revnet_tiny", "--out-dir", out])
+    rows = bench_batch.main(
+        ["--target", "cpu", "--models", "revnet_tiny", "--size", "8", "--memory-gib", "0.002"]
+        + ["--reserve", "0", "--out-dir", out]
+    )
+    (row,) = rows
+    budget = 0.002 * 2**30
+    assert row["records"][row["largest"]]["total"] <= budget
+    assert row["records"][row["first_failure"]]["total"] > budget
+    assert row["first_failure"] == row["largest"] + 8
+    assert "target **cpu**" in _first_line(tmp_path / "bench_batch_cpu.md")
