@@ -135,7 +135,7 @@ def _errors(run):
     return {name: float(relative_error(a, b)) for name, a, b in zip(names, rev, plain)}
 
 
-def test_gradients_match_plain_float64(float64_run):
+def test_gradients_match_plain_float64(float64_run, x64):
     errors = _errors(float64_run)
     # measured ~5e-16 for every group
     assert max(errors.values()) <= 1e-10, errors
@@ -150,7 +150,7 @@ def test_gradients_match_plain_float32(float32_run):
     assert max(errors.values()) <= 1e-5, errors
 
 
-def test_dropout_is_active_and_replayed(float64_run):
+def test_dropout_is_active_and_replayed(float64_run, x64):
     rev = float64_run[True]
     # Dropout changes the output, so equal gradients mean the recomputation drew the same masks.
     y, y_det = rev["y"], rev["y_det"]
