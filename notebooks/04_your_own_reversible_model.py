@@ -212,7 +212,7 @@ def step_temp_bytes(depth: int, memory_saving: bool) -> int:
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)  # rest: RNG state
 
     def loss(params, rest, tokens, times):
-        m = nnx.merge(graphdef, params, rest)
+        m = nnx.merge(graphdef, params, rest, copy=True)  # a fresh module inside the trace
         return jnp.mean(jnp.square(m(tokens, times) - tokens))
 
     tokens = jax.ShapeDtypeStruct((batch, length, 4), jnp.float32)

@@ -97,8 +97,8 @@ class ReversibleSequence(nnx.Module):
         y1, y2 = seq(x1, x2, mask, deterministic=False)
 
     Args:
-      make_f: ``rngs -> nnx.Module``, builds one unit's F; called ``num_units`` times (under
-        `nnx.vmap`) with split RNG streams, so every unit has its own weights and RNG streams.
+      make_f: ``rngs -> nnx.Module``, builds one unit's F; traced once under `nnx.vmap` over
+        ``num_units`` split RNG streams, so every unit has its own weights and RNG streams.
         F is called as ``f(x, *context, **kwargs)``. Give RNG-using layers (``nnx.Dropout``,
         ``nnx.MultiHeadAttention`` with dropout) their ``rngs`` here, at construction.
       make_g: the same for G.

@@ -651,9 +651,10 @@ def test_consecutive_sequences_stay_flat(unroll):
 def residual_context(p, x, context):
     """`residual` scaled and shifted by shared [C] side inputs, channels masked by a bool leaf;
     ``p["count"]`` (an integer leaf, like an RNG counter) scales it too."""
-    h = residual(p, x) * (1 + context["scale"]) + context["shift"]
+    per_channel = lambda a: a[None, None, None, :]  # [C] -> [1, 1, 1, C]
+    h = residual(p, x) * (1 + per_channel(context["scale"])) + per_channel(context["shift"])
     h = h * (1 + p["count"]).astype(h.dtype)
-    return jnp.where(context["mask"], h, jnp.zeros_like(h))
+    return jnp.where(per_channel(context["mask"]), h, jnp.zeros_like(h))
 
 
 def residual_key_context(p, x, key, context):
