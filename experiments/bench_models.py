@@ -139,7 +139,9 @@ def measure_pair(
             num_classes=num_classes,
         )
         out["temp"][key] = _report.compiled_step_memory(step, state, data)["temp"]
-        out["params"][preset] = _report.num_params(state)
+        # The first line of each model is its default architecture (invertible downsampling
+        # is a wider network: its count is not the preset's).
+        out["params"].setdefault(preset, _report.num_params(state))
         print(f"  {preset} ({label}): temp {out['temp'][key] / 2**20:.2f} MiB", flush=True)
     if timing:
         fns = {}
