@@ -211,7 +211,7 @@ def test_sigterm_saves_checkpoint_and_resume_is_bit_identical(uninterrupted, tmp
     assert proc.returncode == 143, out
     trained = [r["step"] for r in _records(workdir) if "train_loss" in r]
     stopped = trained[-1]
-    assert 2 <= stopped < 6 and _checkpoint_steps(workdir) == [stopped], out
+    assert stopped >= 2 and _checkpoint_steps(workdir) == [stopped], out
     line = next(x for x in out.splitlines() if x.startswith("SIGTERM at step"))
     assert line.startswith(f"SIGTERM at step {stopped}: checkpoint saved in ")
     resume = line.split("resume with: ", 1)[1]
@@ -225,7 +225,13 @@ def test_sigterm_saves_checkpoint_and_resume_is_bit_identical(uninterrupted, tmp
     args = shlex.split(resume.split(" && ", 1)[1])[3:]  # after "python -m experiments.train"
     result = main([*args, "--set", f"num_steps={stopped + 1}"])
     assert result["step"] == stopped + 1
-    _assert_bitwise_equal(result["state"], _restore(uninterrupted, stopped + 1))
+    if stopped + 1 <= TINY.num_steps:
+        reference = _restore(uninterrupted, stopped + 1)
+    else:  # fast steps ran past the shared reference: train one as far, uninterrupted
+        reference = train.train_and_evaluate(
+            dataclasses.replace(TINY, num_steps=stopped + 1, checkpoint_every=0), tmp_path / "ref"
+        )["state"]
+    _assert_bitwise_equal(result["state"], reference)
     capsys.readouterr()
 
 
