@@ -555,9 +555,10 @@ def functional(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
 
     ``graphdef`` is static (hashable; pass it by closure or as a static argument) and holds the
     configuration, including ``memory_saving`` and the remat flags; ``params`` (trainable) and
-    ``batch_stats`` (BatchNorm running averages) are pytrees of arrays.
+    ``batch_stats`` (BatchNorm running averages, and any other non-trainable variable, such as
+    the ViTs' block indices) are pytrees of arrays.
     """
-    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    graphdef, params, batch_stats = nnx.split(model, nnx.Param, ...)
     return graphdef, params, batch_stats
 
 
@@ -583,7 +584,7 @@ def apply(
     """
     model = nnx.merge(graphdef, params, batch_stats, copy=True)
     logits = model(x, train=train)
-    return logits, nnx.state(model, nnx.BatchStat)
+    return logits, nnx.state(model, nnx.Not(nnx.Param))
 
 
 def count_params(model: nnx.Module) -> int:

@@ -151,6 +151,15 @@ def test_dropout_keyed_and_eval_deterministic(tiny_models, name):
         model(x, train=True)
 
 
+def test_functional_path(tiny_models):
+    model = tiny_models["revvit"]
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
+    graphdef, params, rest = revjax.functional(model)  # rest: the block indices
+    logits, new_rest = revjax.apply(graphdef, params, rest, x, train=False)
+    np.testing.assert_array_equal(logits, model(x))
+    assert jax.tree.structure(new_rest) == jax.tree.structure(rest)
+
+
 def test_bfloat16_compute_keeps_float32_streams():
     model = revjax.revvit_tiny(in_channels=1, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     assert model.carry_dtype == jnp.float32 and model.blocks.f.qkv.kernel.dtype == jnp.float32

@@ -3,8 +3,8 @@
 A tiny RevViT (8x8 grey images, patch 2 so 16 tokens, D 32, 2 reversible blocks, 2 heads,
 MLP 2x; 18,538 parameters with 10 classes) trained with the transformer options: AdamW (weight
 decay 0.05 on kernels), lr 1e-2 with 20 warmup steps then cosine decay to 0, label smoothing
-0.1, gradient clipping at norm 1, drop-path 0.05, batch 100, 300 steps (20 epochs of the 1,497 training
-digits)::
+0.1, gradient clipping at norm 1, drop-path 0.05, batch 100, 300 steps (20 epochs of the
+1,497 training digits)::
 
     python -m experiments.train --config digits_revvit --workdir workdirs/digits_revvit
 
