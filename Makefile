@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: run test lint bench clean aot-venvs aot-tables
+.PHONY: run test lint bench clean package-check aot-venvs aot-tables
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,11 +26,26 @@ test: $(VENV)/.test
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q -n 2
 
+# The package as users get it: sdist and wheel built in isolation, the wheel (not editable)
+# installed in a clean venv with its dependencies plus grain (`python -m revjax.prepare` reads
+# revjax.data), then used from outside the source tree (.ci/wheel_smoke.py). CI runs this.
+WHEEL_VENV := build/wheel-venv
+package-check: $(VENV)/.test
+	rm -rf dist $(WHEEL_VENV)
+	$(PY) -m build --outdir dist .
+	$(PYTHON) -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/python -m pip install --disable-pip-version-check --no-compile -q \
+		dist/revjax-*.whl grain
+	cd build && wheel-venv/bin/python ../.ci/wheel_smoke.py
+	cd build && wheel-venv/bin/python -m revjax.prepare --help > /dev/null
+	cd build && wheel-venv/bin/revjax-prepare --help > /dev/null
+	@echo "package-check: sdist + wheel built, wheel installed and used in a clean venv"
+
 bench: $(VENV)/.experiments
 	$(PY) -m experiments.bench_core
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache build dist
 
 # Ahead-of-time compilation for GPU / TPU targets (experiments/aot.py): one venv per plugin,
 # jax pinned to the main venv's version. Not part of `make test` (CI never downloads them).

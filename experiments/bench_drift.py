@@ -7,7 +7,8 @@ batch 16, BatchNorm in train mode), at initialisation and after training on digi
    error of the rebuilt unit inputs (`revjax.drift.reconstruction_error`) and gradient
    agreement (relative error, cosine) of the reversible path against plain autodiff on the same
    weights and against a float64 plain reference, in float32 and with bfloat16 compute (float32
-   carries); the default ``exact_every=8`` beside it. Gives the depth at which the float32 error
+   carries); the default ``exact_every=8`` beside it (stored inputs at units n-8, n-16, ...:
+   none up to 8 reversible units). Gives the depth at which the float32 error
    passes 1e-4 relative.
 2. **Options** (9, 18, 32 units): the default (``exact_every=8``, epsilon 1e-3, two-pass
    variance), ``exact_every`` None / 2 / 4, BatchNorm epsilon 1e-5 and one-pass variance (with
@@ -21,6 +22,7 @@ Writes ``<out-dir>/bench_drift.md`` and ``bench_drift.png``::
 
     python -m experiments.bench_drift                 # ~10 minutes on 2 CPU cores
     python -m experiments.bench_drift --quick         # seconds, for CI
+    python -m experiments.bench_drift --depths 9 18 --option-depths   # a part of the sweep
 
 Scans are rolled (``unroll=1``) throughout: XLA:CPU compiles a fully unrolled 32-unit
 backward for minutes, and at 8x8 images the slow rolled conv gradients (jax-ml/jax#12868)
@@ -371,7 +373,7 @@ def _unit_slices(grads, i: int) -> list[np.ndarray]:
     out = []
     for path, leaf in jax.tree_util.tree_leaves_with_path(grads):
         key = jax.tree_util.keystr(path)
-        if key.startswith("['stages'][0]['f']") or key.startswith("['stages'][0]['g']"):
+        if key.startswith(("['stages'][0]['reversible']['f']", "['stages'][0]['reversible']['g']")):
             out.append(np.asarray(leaf[i], np.float64))
     return out
 
@@ -604,9 +606,20 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny depths, seconds (CI)")
     parser.add_argument("--out-dir", default="results", help="where the .md and .png go")
+    parser.add_argument("--depths", type=int, nargs="+", help=f"sweep depths (default {DEPTHS})")
+    parser.add_argument(
+        "--option-depths",
+        type=int,
+        nargs="*",
+        help=f"depths of the options table (default {OPTION_DEPTHS}; none: skip it)",
+    )
     args = parser.parse_args(argv)
     depths = QUICK_DEPTHS if args.quick else DEPTHS
     option_depths = QUICK_OPTION_DEPTHS if args.quick else OPTION_DEPTHS
+    if args.depths:
+        depths = tuple(args.depths)
+    if args.option_depths is not None:
+        option_depths = tuple(args.option_depths)
     per_unit_depth = 2 if args.quick else 18
     names = QUICK_OPTIONS if args.quick else tuple(OPTIONS)
     steps = QUICK_TRAIN_STEPS if args.quick else TRAIN_STEPS

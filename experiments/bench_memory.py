@@ -2,9 +2,11 @@
 
 Sweeps units per stage (1..18 by default) at fixed widths, batch 128, 32x32 images, for
 
-- RevNet with memory saving on (the reversible backward rebuilds activations),
+- RevNet with memory saving on (the reversible backward rebuilds activations; defaults:
+  transition units recomputed in the backward),
 - the same RevNet with memory saving off (plain autodiff through the same parameters),
-- the RevNet with rematerialised transition (entry) units (`jax.checkpoint`),
+- the RevNet with stored transition (entry) units (the paper's code),
+- the RevNet with invertible downsampling (i-RevNet transitions; a wider network),
 - the ResNet twin (same blocks, units per stage and total widths; ordinary residual units),
 - the ResNet with `jax.checkpoint` around every unit,
 
@@ -61,6 +63,7 @@ LINES = {
         "revnet_tiny",
         {"remat_transitions": not _REMAT_DEFAULT},
     ),
+    "rev_inv": ("RevNet, invertible downsampling", "revnet_tiny", {"downsample": "invertible"}),
     "res": ("ResNet twin", "resnet_tiny", {}),
     "res_ckpt": ("ResNet, checkpoint per unit", "resnet_tiny", {"remat_units": True}),
 }

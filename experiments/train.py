@@ -7,6 +7,11 @@
 ``--config`` is a module name in ``experiments/configs`` or a path to a Python file defining
 ``get_config(quick=False)``. ``--set key=value`` overrides any `TrainConfig` field (values are
 parsed as Python literals when possible, e.g. ``--set num_steps=100 --set lr_boundaries=(50,)``).
+
+Exit status: 0 done; 2 a bad command line or config (``error: <what and the fix>``, no
+traceback) or a dataset that is not prepared; 143 / 130 stopped by SIGTERM / SIGINT after saving
+a checkpoint (it prints the step and the command that resumes: the same command); 1 any other
+error inside training (with its traceback).
 """
 
 from __future__ import annotations
@@ -18,8 +23,11 @@ import importlib
 import importlib.util
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
+
+from revjax.train import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -38,7 +46,7 @@ def load_config(name: str, quick: bool = False):
             known = sorted(
                 p.stem for p in CONFIG_DIR.glob("*.py") if p.stem not in ("__init__", "common")
             )
-            raise SystemExit(
+            raise ConfigError(
                 f"Unknown config {name!r}. Known configs: {', '.join(known)} (or a path to a "
                 ".py file with get_config)."
             ) from None
@@ -52,7 +60,7 @@ def apply_overrides(config, assignments):
     for item in assignments:
         key, sep, raw = item.partition("=")
         if not sep or key not in fields:
-            raise SystemExit(
+            raise ConfigError(
                 f"Bad --set {item!r}: expected KEY=VALUE, KEY one of {', '.join(sorted(fields))}."
             )
         try:
@@ -65,6 +73,24 @@ def apply_overrides(config, assignments):
     return dataclasses.replace(config, **changes)
 
 
+def resume_command(args: argparse.Namespace) -> str:
+    """The command that resumes this run: the same flags, the workdir made absolute."""
+    config = args.config
+    if Path(config).suffix == ".py":
+        config = str(Path(config).resolve())
+    words = [sys.executable, "-m", "experiments.train", "--config", config,
+             "--workdir", str(Path(args.workdir).expanduser().absolute())]
+    words += ["--quick"] if args.quick else []
+    for item in args.set:
+        words += ["--set", item]
+    return f"cd {shlex.quote(os.getcwd())} && {shlex.join(words)}"
+
+
+def _fail(message: str):
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description="Train a revjax config.")
     parser.add_argument("--config", default="digits", help="config module or .py path")
@@ -74,14 +100,24 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
 
     from revjax.data import DatasetNotPreparedError
-    from revjax.train import train_and_evaluate
+    from revjax.train import Preempted, train_and_evaluate
 
-    config = apply_overrides(load_config(args.config, args.quick), args.set)
+    try:  # bad names and values stop here, before anything runs
+        config = apply_overrides(load_config(args.config, args.quick), args.set)
+    except ConfigError as err:
+        _fail(str(err))
     try:
         result = train_and_evaluate(config, args.workdir)
     except DatasetNotPreparedError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _fail(str(err))
+    except Preempted as stop:
+        import jax
+
+        if jax.process_index() == 0:
+            print(f"{stop.signal_name} at step {stop.step}: checkpoint saved in "
+                  f"{stop.checkpoint}; resume with: {resume_command(args)}",
+                  file=sys.stderr, flush=True)
+        raise SystemExit(stop.exit_code) from None
     summary = {
         "config": args.config,
         "model": config.model,

@@ -241,8 +241,8 @@ plt.show()
 # ## 5. Inverting a stage
 #
 # A RevNet stage is an entry unit (which downsamples, so it is not invertible and stores its
-# input) followed by reversible units whose F and G parameters are stacked (`stage.f`,
-# `stage.g`). We run the second stage's reversible units forward with `reversible_sequence`,
+# input) followed by a `revjax.ReversibleSequence` of reversible units whose F and G parameters
+# are stacked (`stage.reversible.f`, `stage.reversible.g`). We run the second stage's reversible units forward with `reversible_sequence`,
 # then rebuild their input from their output with `revjax.inverse_sequence`. BatchNorm uses its
 # running averages here (`train=False`), so F and G are fixed functions.
 
@@ -256,8 +256,8 @@ def invert_stage(model, images):
     h1, h2 = model.stages[0](h1, h2, train=False)
     x1, x2 = stage.entry(h1, h2, train=False)  # the input of the stage's reversible units
 
-    f_def, f_state = nnx.split(stage.f)  # parameters stacked over the reversible units
-    g_def, g_state = nnx.split(stage.g)
+    f_def, f_state = nnx.split(stage.reversible.f)  # parameters stacked over the units
+    g_def, g_state = nnx.split(stage.reversible.g)
     f = lambda state, x: nnx.merge(f_def, state, copy=True)(x, train=False)
     g = lambda state, x: nnx.merge(g_def, state, copy=True)(x, train=False)
 

@@ -19,6 +19,7 @@ from revjax.drift import DriftMonitor as DriftMonitor
 from revjax.drift import DriftWarning as DriftWarning
 from revjax.drift import gradient_agreement as gradient_agreement
 from revjax.drift import reconstruction_error as reconstruction_error
+from revjax.layers import ReversibleSequence as ReversibleSequence
 from revjax.models import ResNet as ResNet
 from revjax.models import RevNet as RevNet
 from revjax.models import apply as apply
@@ -36,10 +37,23 @@ from revjax.models import revnet104 as revnet104
 from revjax.models import revnet110 as revnet110
 from revjax.models import revnet164 as revnet164
 from revjax.models import revnet_tiny as revnet_tiny
+from revjax.vit import RevViT as RevViT
+from revjax.vit import ViT as ViT
+from revjax.vit import revvit_b16 as revvit_b16
+from revjax.vit import revvit_cifar as revvit_cifar
+from revjax.vit import revvit_s16 as revvit_s16
+from revjax.vit import revvit_ti16 as revvit_ti16
+from revjax.vit import revvit_tiny as revvit_tiny
+from revjax.vit import vit_b16 as vit_b16
+from revjax.vit import vit_cifar as vit_cifar
+from revjax.vit import vit_s16 as vit_s16
+from revjax.vit import vit_ti16 as vit_ti16
+from revjax.vit import vit_tiny as vit_tiny
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ReversibleSequence",
     "DriftMonitor",
     "DriftWarning",
     "gradient_agreement",
@@ -61,6 +75,18 @@ __all__ = [
     "revnet110",
     "revnet164",
     "revnet_tiny",
+    "RevViT",
+    "ViT",
+    "revvit_b16",
+    "revvit_cifar",
+    "revvit_s16",
+    "revvit_ti16",
+    "revvit_tiny",
+    "vit_b16",
+    "vit_cifar",
+    "vit_s16",
+    "vit_ti16",
+    "vit_tiny",
     "Coupling",
     "additive_coupling",
     "affine_coupling",

@@ -9,9 +9,10 @@ Everything follows the official RevNet code (renmengye/revnet-public, ``resnet_m
   are downsampled (basic: average pool then zero-pad channels evenly on both sides;
   bottleneck: a strided 1x1 projection conv). The official code stores the input of every
   entry unit, also in the first stage, and rebuilds only the other units: so do we;
-* a RevNet stage runs its remaining units through one `reversible_sequence` whose F and G
-  parameters are stacked on a leading axis (the NNX scan-over-layers pattern); a ResNet stage
-  runs its remaining units through one ``lax.scan`` over the same kind of stack.
+* a RevNet stage runs its remaining units through one `revjax.ReversibleSequence` (the public
+  NNX reversible layer: F and G stacked on a leading axis, the NNX scan-over-layers pattern,
+  one `reversible_sequence`); a ResNet stage runs its remaining units through one ``lax.scan``
+  over the same kind of stack.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from revjax._core import default_unroll, reversible_sequence, tie_to_cotangent
+from revjax._core import default_unroll, tie_to_cotangent
+from revjax.layers import ReversibleSequence, stacked
 
 Array = jax.Array
 Dtype = Any
@@ -133,6 +135,9 @@ class BasicFunction(nnx.Module):
         input was just activated by the stem.
       config: shared layer options.
       rngs: initialisation keys.
+      mid_features: output channels of the first conv (default ``out_features``); the
+        invertible-downsampling RevNet keeps the preset's width here while its carried
+        channels grow.
     """
 
     def __init__(
@@ -144,11 +149,13 @@ class BasicFunction(nnx.Module):
         preact: bool = True,
         config: LayerConfig,
         rngs: nnx.Rngs,
+        mid_features: int | None = None,
     ):
+        mid = out_features if mid_features is None else mid_features
         self.bn1 = config.batch_norm(in_features, rngs) if preact else None
-        self.conv1 = config.conv(in_features, out_features, 3, stride, rngs)
-        self.bn2 = config.batch_norm(out_features, rngs, zero_scale=config.zero_init_last_bn)
-        self.conv2 = config.conv(out_features, out_features, 3, 1, rngs)
+        self.conv1 = config.conv(in_features, mid, 3, stride, rngs)
+        self.bn2 = config.batch_norm(mid, rngs, zero_scale=config.zero_init_last_bn)
+        self.conv2 = config.conv(mid, out_features, 3, 1, rngs)
 
     def __call__(self, x: Array, *, train: bool) -> Array:
         """Applies the function. x: [N, H, W, in] -> [N, H/stride, W/stride, out]."""
@@ -162,7 +169,7 @@ class BottleneckFunction(nnx.Module):
     """Pre-activation bottleneck residual function.
 
     BN -> ReLU -> conv1x1 (out/4, strided) -> BN -> ReLU -> conv3x3 (out/4) -> BN -> ReLU ->
-    conv1x1 (out). Args as `BasicFunction`.
+    conv1x1 (out). Args as `BasicFunction`; ``mid_features`` replaces the width out/4.
     """
 
     def __init__(
@@ -174,8 +181,9 @@ class BottleneckFunction(nnx.Module):
         preact: bool = True,
         config: LayerConfig,
         rngs: nnx.Rngs,
+        mid_features: int | None = None,
     ):
-        mid = out_features // 4
+        mid = out_features // 4 if mid_features is None else mid_features
         self.bn1 = config.batch_norm(in_features, rngs) if preact else None
         self.conv1 = config.conv(in_features, mid, 1, stride, rngs)
         self.bn2 = config.batch_norm(mid, rngs)
@@ -350,23 +358,149 @@ class RevEntryUnit(nnx.Module):
 
 
 # --------------------------------------------------------------------------------------------
-# Stacking and pure calls
+# Invertible downsampling (i-RevNet, Jacobsen et al. 2018)
 # --------------------------------------------------------------------------------------------
 
 
-def stacked(n: int, make: Callable[[nnx.Rngs], nnx.Module], rngs: nnx.Rngs) -> nnx.Module:
-    """Builds ``n`` copies of a module with independent weights, stacked on a leading axis.
+def space_to_depth(x: Array, stride: int) -> Array:
+    """Moves each ``stride x stride`` spatial block into channels: [N, H, W, C] -> [N, H/s,
+    W/s, s*s*C]. A permutation of the elements, so `depth_to_space` inverts it exactly.
 
-    The NNX scan-over-layers pattern: every Param and BatchStat of the result has a leading
-    axis of length n, and slice i is the i-th unit.
+    Raises:
+      ValueError: if H or W is not divisible by ``stride``.
+    """
+    if stride == 1:
+        return x
+    n, h, w, c = x.shape
+    if h % stride or w % stride:
+        raise ValueError(
+            f"Invertible downsampling by {stride} needs a spatial size divisible by {stride}, got "
+            f"{h}x{w} (activation shape {x.shape}): space-to-depth cannot split odd rows or "
+            "columns. Use an input size divisible by the product of the strides (e.g. 32x32 "
+            "for CIFAR, 224x224 for ImageNet), or downsample='pool'."
+        )
+    x = x.reshape(n, h // stride, stride, w // stride, stride, c)
+    x = x.transpose(0, 1, 3, 2, 4, 5)  # [N, H/s, W/s, s, s, C]
+    return x.reshape(n, h // stride, w // stride, stride * stride * c)
+
+
+def depth_to_space(x: Array, stride: int) -> Array:
+    """Inverse of `space_to_depth`: [N, H, W, s*s*C] -> [N, H*s, W*s, C]."""
+    if stride == 1:
+        return x
+    n, h, w, c = x.shape
+    c //= stride * stride
+    x = x.reshape(n, h, w, stride, stride, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(n, h * stride, w * stride, c)
+
+
+class InvertibleShortcut(nnx.Module):
+    """Parameter-free, injective shortcut: space-to-depth by ``stride``, then zero channels.
+
+    ``P(x) = pad(space_to_depth(x, s))``: [N, H, W, in] -> [N, H/s, W/s, out] with ``out >=
+    s*s*in``; the left inverse `inverse` drops the padded channels and undoes the
+    space-to-depth, exactly (no arithmetic).
+
+    Args:
+      in_features: input channels.
+      out_features: output channels, at least ``stride**2 * in_features``.
+      stride: spatial stride.
+
+    Raises:
+      ValueError: if ``out_features < stride**2 * in_features`` (the map would lose elements).
     """
 
-    @nnx.split_rngs(splits=n)
-    @nnx.vmap(in_axes=(0,), out_axes=0)
-    def build(rngs: nnx.Rngs) -> nnx.Module:
-        return make(rngs)
+    def __init__(self, in_features: int, out_features: int, *, stride: int):
+        moved = stride * stride * in_features
+        if out_features < moved:
+            raise ValueError(
+                f"Invertible downsampling by {stride} turns {in_features} channels into {moved} "
+                f"(space-to-depth), which cannot be padded to {out_features}: an injective map "
+                f"never drops elements. Use at least {moved} output channels (per half), or "
+                "downsample='pool'."
+            )
+        self.stride = stride
+        self.in_features = in_features
+        self.out_features = out_features
 
-    return build(rngs)
+    def __call__(self, x: Array) -> Array:
+        """Maps x: [N, H, W, in] to [N, H/s, W/s, out] (the extra channels are zeros)."""
+        x = space_to_depth(x, self.stride)
+        extra = self.out_features - x.shape[-1]
+        if extra:
+            x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, extra)))
+        return x
+
+    def inverse(self, y: Array) -> Array:
+        """The left inverse: [N, H/s, W/s, out] -> [N, H, W, in]."""
+        moved = self.stride * self.stride * self.in_features
+        return depth_to_space(y[..., :moved], self.stride)
+
+
+class InvertibleEntryUnit(nnx.Module):
+    """A reversible stage-entry unit (i-RevNet): ``y1 = P(x1) + F(x2)``, ``y2 = P(x2) + G(y1)``.
+
+    ``P`` is the `InvertibleShortcut` (space-to-depth, zero channels), F carries the stride and
+    the width change. Since ``P`` has an exact left inverse, so does the unit:
+    ``x2 = P^-1(y2 - G(y1))``, ``x1 = P^-1(y1 - F(x2))``.
+
+    Args:
+      block: ``'basic'`` or ``'bottleneck'``.
+      in_features: channels per input half.
+      out_features: channels per output half, at least ``stride**2 * in_features``.
+      mid_features: inner width of F and G (a basic function's first conv, a bottleneck's
+        1x1/3x3 convs).
+      stride: spatial stride.
+      preact: whether F starts with BN-ReLU (False for the network's first unit only).
+      config: shared layer options.
+      rngs: initialisation keys.
+    """
+
+    def __init__(
+        self,
+        block: str,
+        in_features: int,
+        out_features: int,
+        *,
+        mid_features: int,
+        stride: int = 1,
+        preact: bool = True,
+        config: LayerConfig,
+        rngs: nnx.Rngs,
+    ):
+        self.shortcut = InvertibleShortcut(in_features, out_features, stride=stride)
+        self.f = residual_function(
+            block,
+            in_features,
+            out_features,
+            stride=stride,
+            preact=preact,
+            mid_features=mid_features,
+            config=config,
+            rngs=rngs,
+        )
+        self.g = residual_function(
+            block, out_features, out_features, mid_features=mid_features, config=config, rngs=rngs
+        )
+
+    def __call__(self, x1: Array, x2: Array, *, train: bool) -> tuple[Array, Array]:
+        """Halves [N, H, W, in] -> halves [N, H/s, W/s, out], in the halves' dtype."""
+        s1 = self.shortcut(x1)
+        y1 = s1 + self.f(x2, train=train).astype(s1.dtype)
+        s2 = self.shortcut(x2)
+        y2 = s2 + self.g(y1, train=train).astype(s2.dtype)
+        return y1, y2
+
+    def inverse(self, y1: Array, y2: Array, *, train: bool) -> tuple[Array, Array]:
+        """Rebuilds the input halves from the output halves (BatchNorm mode as the forward)."""
+        x2 = self.shortcut.inverse(y2 - self.g(y1, train=train).astype(y2.dtype))
+        x1 = self.shortcut.inverse(y1 - self.f(x2, train=train).astype(y1.dtype))
+        return x1, x2
+
+
+# --------------------------------------------------------------------------------------------
+# Stacking and pure calls
+# --------------------------------------------------------------------------------------------
 
 
 def pure_call(graphdef: nnx.GraphDef) -> Callable:
@@ -424,7 +558,11 @@ def call_rematerialised(module: nnx.Module, *args, train: bool) -> Any:
 
 
 class RevStage(nnx.Module):
-    """A RevNet stage: one entry unit, then ``units - 1`` reversible units with stacked weights.
+    """A RevNet stage: one entry unit, then ``units - 1`` reversible units.
+
+    The reversible units are a `revjax.ReversibleSequence` (``self.reversible``, ``None`` for a
+    one-unit stage) of residual functions F and G: parameters at ``reversible.f`` and
+    ``reversible.g``, stacked over units.
 
     Args:
       block: ``'basic'`` or ``'bottleneck'``.
@@ -461,11 +599,11 @@ class RevStage(nnx.Module):
         half = out_features // 2
         make = lambda r: residual_function(block, half, half, config=config, rngs=r)
         self.num_reversible = units - 1
-        if self.num_reversible:
-            self.f = stacked(self.num_reversible, make, rngs)
-            self.g = stacked(self.num_reversible, make, rngs)
-        else:
-            self.f = self.g = None
+        self.reversible = (
+            ReversibleSequence(make, make, self.num_reversible, rngs=rngs)
+            if self.num_reversible
+            else None
+        )
 
     def __call__(
         self,
@@ -494,28 +632,79 @@ class RevStage(nnx.Module):
             y1, y2 = call_rematerialised(self.entry, x1, x2, train=train)
         else:
             y1, y2 = self.entry(x1, x2, train=train)
-        if not self.num_reversible:
+        if self.reversible is None:
             return y1, y2
-        f_def, f_state = nnx.split(self.f)
-        g_def, g_state = nnx.split(self.g)
-        f_call, g_call = pure_call(f_def), pure_call(g_def)
-        (y1, y2), (f_stats, g_stats) = reversible_sequence(
-            lambda p, x: f_call(p, x, train=train),
-            lambda p, x: g_call(p, x, train=train),
-            f_state,
-            g_state,
+        # The settings belong to the RevNet (settable attributes there): passed per call.
+        # Batch statistics are written back once, from the forward pass.
+        return self.reversible._apply(
             y1,
             y2,
-            has_aux=True,
+            (),
+            {"train": train},
             memory_saving=memory_saving,
+            exact_every=exact_every,
             unroll=unroll,
-            exact_every=exact_every if memory_saving else None,
         )
-        if train:
-            # The forward's statistics, stacked over units: one update per call, as plain.
-            nnx.update(self.f, f_stats)
-            nnx.update(self.g, g_stats)
-        return y1, y2
+
+
+class InvertibleRevStage(RevStage):
+    """A RevNet stage whose entry unit is reversible too (`InvertibleEntryUnit`).
+
+    The carried halves have ``out_features`` channels (at least ``stride**2`` times the
+    input's), while F and G keep the inner width ``mid_features``. The entry unit stores only
+    its input, which is the previous stage's output (kept by that stage's reversible sequence
+    anyway), and recomputes its activations in the backward: each stage stores one activation.
+    Call arguments as `RevStage` (``remat_entry`` is implied by ``memory_saving``).
+
+    Args:
+      block: ``'basic'`` or ``'bottleneck'``.
+      units: number of units (entry unit included), at least 1.
+      in_features: channels per input half.
+      out_features: channels per output half.
+      mid_features: inner width of every F and G.
+      stride: stride of the entry unit.
+      first: whether this is the network's first stage (its entry F skips the BN-ReLU).
+      config: shared layer options.
+      rngs: initialisation keys.
+    """
+
+    def __init__(
+        self,
+        block: str,
+        units: int,
+        in_features: int,
+        out_features: int,
+        *,
+        mid_features: int,
+        stride: int,
+        first: bool,
+        config: LayerConfig,
+        rngs: nnx.Rngs,
+    ):
+        self.entry = InvertibleEntryUnit(
+            block,
+            in_features,
+            out_features,
+            mid_features=mid_features,
+            stride=stride,
+            preact=not first,
+            config=config,
+            rngs=rngs,
+        )
+        make = lambda r: residual_function(
+            block, out_features, out_features, mid_features=mid_features, config=config, rngs=r
+        )
+        self.num_reversible = units - 1
+        self.reversible = (
+            ReversibleSequence(make, make, self.num_reversible, rngs=rngs)
+            if self.num_reversible
+            else None
+        )
+
+    def __call__(self, x1: Array, x2: Array, *, train: bool, memory_saving: bool = True, **kw):
+        """As `RevStage.__call__`; the entry unit is recomputed whenever memory saving is on."""
+        kw["remat_entry"] = memory_saving
+        return super().__call__(x1, x2, train=train, memory_saving=memory_saving, **kw)
 
 
 class ResStage(nnx.Module):

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 Array = jax.Array
@@ -223,14 +224,19 @@ def _split_unit_key(key: Array | None) -> tuple[Array | None, Array | None]:
 
 
 class _Branch(NamedTuple):
-    """A residual function normalised to ``(params, x, key) -> (h, aux)``."""
+    """A residual function normalised to ``(params, x, key, context) -> (h, aux)``."""
 
     fn: Callable
     has_aux: bool
     uses_key: bool
+    uses_context: bool = False
 
-    def __call__(self, params: PyTree, x: Array, key: Array | None) -> tuple[Any, Any]:
-        out = self.fn(params, x, key) if self.uses_key else self.fn(params, x)
+    def __call__(
+        self, params: PyTree, x: Array, key: Array | None, context: PyTree = None
+    ) -> tuple[Any, Any]:
+        args = (params, x) + ((key,) if self.uses_key else ())
+        args += (context,) if self.uses_context else ()
+        out = self.fn(*args)
         if self.has_aux:
             if not (isinstance(out, tuple | list) and len(out) == 2):
                 raise ValueError(
@@ -239,6 +245,54 @@ class _Branch(NamedTuple):
                 )
             return out[0], out[1]
         return out, None
+
+
+def _differentiable(leaf: Any) -> bool:
+    return jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
+
+
+def _check_context(context: PyTree) -> None:
+    """Side inputs must be a pytree of arrays (they are traced, and float leaves differentiated)."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(context):
+        if not isinstance(leaf, jax.Array | np.ndarray | np.generic):
+            raise ValueError(
+                "context must be a pytree of arrays (side inputs shared by every unit, which "
+                f"receive gradients); the leaf at {jax.tree_util.keystr(path) or 'the root'} is a "
+                f"{type(leaf).__name__}. Wrap numbers with jnp.asarray(...), and pass static "
+                "settings (flags, modules, strings) through the functions' closures or, with "
+                "revjax.ReversibleSequence, as keyword arguments."
+            )
+
+
+def _vjp_inexact(fn: Callable, *args) -> tuple[Any, Callable]:
+    """`jax.vjp` of ``fn`` w.r.t. the inexact leaves of ``args`` only.
+
+    Other leaves (integer RNG counters, PRNG keys, boolean masks) are passed through as
+    constants, and their cotangent is ``None`` (a zero cotangent for `jax.custom_vjp`).
+    """
+    leaves, treedef = jax.tree.flatten(args)
+    where = [i for i, leaf in enumerate(leaves) if _differentiable(leaf)]
+
+    def fn_of_inexact(*inexact):
+        full = list(leaves)
+        for i, leaf in zip(where, inexact, strict=True):
+            full[i] = leaf
+        return fn(*jax.tree.unflatten(treedef, full))
+
+    out, vjp = jax.vjp(fn_of_inexact, *(leaves[i] for i in where))
+
+    def pullback(ct):
+        full = [None] * len(leaves)
+        for i, d in zip(where, vjp(ct), strict=True):
+            full[i] = d
+        return jax.tree.unflatten(treedef, full)
+
+    return out, pullback
+
+
+def _add_cotangents(a: PyTree, b: PyTree) -> PyTree:
+    # Both trees have None where a leaf is not differentiable.
+    return jax.tree.map(jnp.add, a, b)
 
 
 def reversible_sequence(
@@ -256,6 +310,7 @@ def reversible_sequence(
     unroll: int | bool | None = None,
     remat: bool = False,
     exact_every: int | None = None,
+    context: PyTree = None,
 ):
     """Applies n reversible units in sequence, storing no per-unit activation.
 
@@ -265,16 +320,24 @@ def reversible_sequence(
     x * exp(tanh(s)) + t``.
 
     With ``memory_saving=True`` the whole sequence is one `jax.custom_vjp`. Its forward saves
-    only ``(f_params, g_params, y1, y2, keys)``; its backward walks the units in reverse and
-    evaluates G(y1) and F(x2) once each through `jax.vjp`, using each primal output both to
-    rebuild the input (``x2 = y2 (-) G(y1)``, ``x1 = y1 (-) F(x2)``) and to pull back the
+    only ``(f_params, g_params, y1, y2, keys, context)``; its backward walks the units in
+    reverse and evaluates G(y1) and F(x2) once each through `jax.vjp`, using each primal output
+    both to rebuild the input (``x2 = y2 (-) G(y1)``, ``x1 = y1 (-) F(x2)``) and to pull back the
     cotangent. Cost: one extra forward per unit; activation memory independent of n.
 
+    Side inputs: ``context`` (a pytree of arrays, e.g. a conditioning vector, an attention mask
+    or bias, a time embedding) is passed unchanged to every unit's F and G. Its inexact leaves
+    receive gradients, summed over the units (and over F and G); the memory-saving backward
+    accumulates them in its reverse scan, so they equal plain autodiff's.
+
     Args:
-      f: ``(params, x2) -> h`` (``(params, x2, key)`` when ``keys`` is given, returning
-        ``(h, aux)`` when ``has_aux``); ``h`` is shaped like ``x1`` (a pair for affine).
+      f: ``(params, x2) -> h``; with ``keys`` it also takes the unit's key, with ``context``
+        the context, in that order: ``(params, x2, key, context)``. Returns ``(h, aux)`` when
+        ``has_aux``; ``h`` is shaped like ``x1`` (a pair for affine).
       g: the same for the second half: ``(params, y1) -> h`` shaped like ``x2``.
-      f_params: pytree whose leaves all have a leading axis of length n.
+      f_params: pytree whose leaves all have a leading axis of length n. Leaves that are not
+        inexact (integer RNG counters, PRNG keys) are sliced and passed like the others but get
+        no gradient (``None`` / float0 cotangents).
       g_params: the same for G, with the same n.
       x1: first half of the input.
       x2: second half of the input.
@@ -295,21 +358,29 @@ def reversible_sequence(
       remat: only with ``memory_saving=False``: wrap each unit in `jax.checkpoint`, so plain
         autodiff stores each unit's input and recomputes its inside (the usual gradient
         checkpointing baseline; memory still grows with n).
-      exact_every: with ``memory_saving=True``, also store the exact input of every k-th unit
-        (units 0, k, 2k, ...) and use it in the backward in place of the rebuilt one. Rounding
-        error of the reconstruction then accumulates over at most k units; memory grows with
-        ``n / k`` activations. ``k=1`` stores every input and gives plain autodiff's
-        gradients; ``None`` (default) stores none.
+      exact_every: with ``memory_saving=True``, bound the chain of rebuilt units at k: store
+        the exact input of units ``n-k, n-2k, ...`` (those > 0; see `exact_units`) and use it
+        in the backward in place of the rebuilt one. Rebuilding starts from the exact output,
+        so no input is rounded through more than k inverse units, with ``(n - 1) // k`` stored
+        activations: none when ``n <= k``. ``k=1`` stores every input but unit 0's (rebuilt
+        through one unit from unit 1's), so gradients equal plain autodiff's up to one unit's
+        rounding; ``None`` (default) stores none.
+      context: optional side inputs shared by every unit (a pytree of arrays, not stacked),
+        passed to F and G as their last argument. Inexact leaves receive gradients summed over
+        the units; other leaves (boolean masks, integer positions) get none.
 
     Returns:
       ``(y1, y2)``, or ``((y1, y2), (f_aux, g_aux))`` when ``has_aux``.
 
     Raises:
       ValueError: unknown coupling, params without a common leading axis, a number of keys
-        different from n, or F/G outputs whose shapes don't fit the halves.
+        different from n, a context that is not a pytree of arrays, or F/G outputs whose
+        shapes don't fit the halves.
     """
     cpl = get_coupling(coupling)
     n = _num_units(f_params, g_params)
+    if context is not None:
+        _check_context(context)
     if keys is not None:
         n_keys = jnp.shape(keys)[0] if jnp.ndim(keys) else None
         if n_keys != n:
@@ -319,9 +390,9 @@ def reversible_sequence(
             )
     if unroll is None:
         unroll = default_unroll(n)
-    f_branch = _Branch(f, has_aux, keys is not None)
-    g_branch = _Branch(g, has_aux, keys is not None)
-    _check_shapes(cpl, f_branch, g_branch, f_params, g_params, x1, x2, keys)
+    f_branch = _Branch(f, has_aux, keys is not None, context is not None)
+    g_branch = _Branch(g, has_aux, keys is not None, context is not None)
+    _check_shapes(cpl, f_branch, g_branch, f_params, g_params, x1, x2, keys, context)
 
     if memory_saving and remat:
         raise ValueError(
@@ -335,22 +406,22 @@ def reversible_sequence(
     if memory_saving:
         run = _make_memory_saving(cpl, f_branch, g_branch, unroll, exact_every)
     else:
-        run = lambda fp, gp, a, b, k: _scan_forward(
-            cpl, f_branch, g_branch, unroll, fp, gp, a, b, k, remat=remat
+        run = lambda fp, gp, a, b, k, c: _scan_forward(
+            cpl, f_branch, g_branch, unroll, fp, gp, a, b, k, c, remat=remat
         )
-    (y1, y2), aux = run(f_params, g_params, x1, x2, keys)
+    (y1, y2), aux = run(f_params, g_params, x1, x2, keys, context)
     if has_aux:
         return (y1, y2), aux
     return y1, y2
 
 
-def _check_shapes(cpl, f_branch, g_branch, f_params, g_params, x1, x2, keys) -> None:
+def _check_shapes(cpl, f_branch, g_branch, f_params, g_params, x1, x2, keys, context) -> None:
     """Traces one unit abstractly and checks that F and G map the halves onto each other."""
     fp0, gp0 = _unit_slice(f_params, 0), _unit_slice(g_params, 0)
     kf, kg = _split_unit_key(None if keys is None else keys[0])
 
     def expect(branch, params, x, key, like, name, half):
-        h = jax.eval_shape(lambda p, a, k: branch(p, a, k)[0], params, x, key)
+        h = jax.eval_shape(lambda p, a, k, c: branch(p, a, k, c)[0], params, x, key, context)
         parts = h if cpl.name == "affine" else (h,)
         if cpl.name == "affine" and not (isinstance(h, tuple | list) and len(h) == 2):
             raise ValueError(
@@ -371,16 +442,18 @@ def _check_shapes(cpl, f_branch, g_branch, f_params, g_params, x1, x2, keys) -> 
     expect(g_branch, gp0, x1, kg, x2, "G", "x2")
 
 
-def _scan_forward(cpl, f_branch, g_branch, unroll, f_params, g_params, x1, x2, keys, remat=False):
+def _scan_forward(
+    cpl, f_branch, g_branch, unroll, f_params, g_params, x1, x2, keys, context=None, remat=False
+):
     """The forward sequence as a ``lax.scan``; also the plain-autodiff path."""
 
     def body(carry, xs):
         a1, a2 = carry
         fp, gp, key = xs
         kf, kg = _split_unit_key(key)
-        h_f, aux_f = f_branch(fp, a2, kf)
+        h_f, aux_f = f_branch(fp, a2, kf, context)
         b1 = cpl.combine(a1, h_f)
-        h_g, aux_g = g_branch(gp, b1, kg)
+        h_g, aux_g = g_branch(gp, b1, kg, context)
         b2 = cpl.combine(a2, h_g)
         return (b1, b2), (aux_f, aux_g)
 
@@ -390,28 +463,55 @@ def _scan_forward(cpl, f_branch, g_branch, unroll, f_params, g_params, x1, x2, k
     return (y1, y2), aux
 
 
-def _scan_forward_with_boundaries(cpl, f_branch, g_branch, unroll, k, fp, gp, x1, x2, keys):
-    """The forward scan, also keeping the exact input of every k-th unit (units 0, k, 2k, ...).
+def exact_units(n: int, k: int | None) -> tuple[int, ...]:
+    """The units whose exact input ``exact_every=k`` stores in a sequence of n units.
 
-    The stored inputs live in a carried buffer of ``ceil(n / k)`` activations per half, updated
-    in place, so memory grows with ``n / k``.
+    Units ``n-k, n-2k, ...`` down to the first one above 0, in increasing order: rebuilding
+    starts from the exact sequence output, so each stored input ends a chain of k rebuilt units,
+    and unit 0 (whose input is at most k units from the next stored one) is never needed.
+    Empty when ``n <= k`` or ``k`` is None.
+    """
+    if k is None:
+        return ()
+    return tuple(range(n - k, 0, -k))[::-1]
+
+
+def _exact_slot(i: Array, n: int, k: int) -> tuple[Array, Array]:
+    """For unit ``i`` (traced): ``(is unit i's input stored, its slot in the buffer)``."""
+    first = n - (n - 1) // k * k  # the lowest stored unit, in [1, k]
+    keep = (i >= first) & ((i - first) % k == 0)
+    slot = jnp.clip((i - first) // k, 0, max((n - 1) // k - 1, 0))
+    return keep, slot
+
+
+def _scan_forward_with_boundaries(
+    cpl, f_branch, g_branch, unroll, k, fp, gp, x1, x2, keys, context=None
+):
+    """The forward scan, also keeping the exact inputs of `exact_units` (n-k, n-2k, ... > 0).
+
+    The stored inputs live in a carried buffer of ``(n - 1) // k`` activations per half,
+    updated in place, so memory grows with ``n / k``; with ``n <= k`` it is the plain scan.
     """
     n = _num_units(fp, gp)
-    n_stored = -(-n // k)
-    buf1 = jnp.zeros((n_stored, *x1.shape), x1.dtype)  # [ceil(n/k), *x1.shape]
+    n_stored = len(exact_units(n, k))
+    if not n_stored:
+        (y1, y2), aux = _scan_forward(
+            cpl, f_branch, g_branch, unroll, fp, gp, x1, x2, keys, context
+        )
+        return (y1, y2), aux, None
+    buf1 = jnp.zeros((n_stored, *x1.shape), x1.dtype)  # [(n-1)//k, *x1.shape]
     buf2 = jnp.zeros((n_stored, *x2.shape), x2.dtype)
 
     def body(carry, xs):
         a1, a2, s1, s2 = carry
         i, p_f, p_g, key = xs
-        slot = i // k
-        keep = i % k == 0
+        keep, slot = _exact_slot(i, n, k)
         s1 = lax.dynamic_update_index_in_dim(s1, jnp.where(keep, a1, s1[slot]), slot, 0)
         s2 = lax.dynamic_update_index_in_dim(s2, jnp.where(keep, a2, s2[slot]), slot, 0)
         kf, kg = _split_unit_key(key)
-        h_f, aux_f = f_branch(p_f, a2, kf)
+        h_f, aux_f = f_branch(p_f, a2, kf, context)
         b1 = cpl.combine(a1, h_f)
-        h_g, aux_g = g_branch(p_g, b1, kg)
+        h_g, aux_g = g_branch(p_g, b1, kg, context)
         b2 = cpl.combine(a2, h_g)
         return (b1, b2, s1, s2), (aux_f, aux_g)
 
@@ -457,63 +557,72 @@ def _make_memory_saving(cpl, f_branch, g_branch, unroll, exact_every=None):
     """Builds the custom-VJP sequence for one (coupling, F, G, unroll, exact_every) setting."""
 
     @jax.custom_vjp
-    def run(f_params, g_params, x1, x2, keys):
-        return _scan_forward(cpl, f_branch, g_branch, unroll, f_params, g_params, x1, x2, keys)
+    def run(f_params, g_params, x1, x2, keys, context):
+        return _scan_forward(
+            cpl, f_branch, g_branch, unroll, f_params, g_params, x1, x2, keys, context
+        )
 
-    def run_fwd(f_params, g_params, x1, x2, keys):
+    def run_fwd(f_params, g_params, x1, x2, keys, context):
         if exact_every is None:
             (y1, y2), aux = _scan_forward(
-                cpl, f_branch, g_branch, unroll, f_params, g_params, x1, x2, keys
+                cpl, f_branch, g_branch, unroll, f_params, g_params, x1, x2, keys, context
             )
             stored = None
         else:
+            inputs = (f_params, g_params, x1, x2, keys, context)
             (y1, y2), aux, stored = _scan_forward_with_boundaries(
-                cpl, f_branch, g_branch, unroll, exact_every, f_params, g_params, x1, x2, keys
+                cpl, f_branch, g_branch, unroll, exact_every, *inputs
             )
-        # The residuals: parameters, the sequence output, the keys (and, with exact_every, the
-        # exact input of every k-th unit). No other activation.
-        return ((y1, y2), aux), (f_params, g_params, y1, y2, keys, stored)
+        # The residuals: parameters, the sequence output, the keys, the side inputs (and, with
+        # exact_every, the exact inputs of `exact_units`). No other activation.
+        return ((y1, y2), aux), (f_params, g_params, y1, y2, keys, context, stored)
 
     def run_bwd(residuals, cotangents):
-        f_params, g_params, y1, y2, keys, stored = residuals
+        f_params, g_params, y1, y2, keys, context, stored = residuals
         (dy1, dy2), _ = cotangents  # aux is not differentiated
         n = _num_units(f_params, g_params)
+        # Cotangent of the side inputs, summed over units: zeros for inexact leaves, None else.
+        dcontext = jax.tree.map(
+            lambda c: jnp.zeros_like(c) if _differentiable(c) else None, context
+        )
 
         def exact(i, rebuilt, half):
-            # With exact_every=k, unit i's input (i % k == 0) was stored: use it instead of the
-            # rebuilt one, so rounding error never accumulates over more than k units.
+            # With exact_every=k, the inputs of units n-k, n-2k, ... were stored: use them
+            # instead of the rebuilt ones, so no chain of rebuilt units is longer than k.
             if stored is None:
                 return rebuilt
-            slot = i // exact_every
-            return jnp.where(i % exact_every == 0, stored[half][slot], rebuilt)
+            keep, slot = _exact_slot(i, n, exact_every)
+            return jnp.where(keep, stored[half][slot], rebuilt)
 
         def body(carry, xs):
-            b1, b2, db1, db2 = carry
+            b1, b2, db1, db2, dctx = carry
             i, fp, gp, key = xs
             kf, kg = _split_unit_key(key)
             b1, b2 = _after(b1, b2, db1, db2)
             # G(y1) once: its value rebuilds x2, its VJP pulls back the cotangent of y2.
-            h_g, g_vjp = jax.vjp(lambda p, a: g_branch(p, a, kg)[0], gp, b1)
+            # Non-inexact leaves of the parameters and context (RNG counters, masks) get None.
+            h_g, g_vjp = _vjp_inexact(lambda p, a, c: g_branch(p, a, kg, c)[0], gp, b1, context)
             a2 = exact(i, cpl.uncombine(b2, h_g), 1)
             da2, dh_g = jax.vjp(cpl.combine, a2, h_g)[1](db2)
-            dgp, db1_from_g = g_vjp(dh_g)
+            dgp, db1_from_g, dctx_g = g_vjp(dh_g)
             db1 = db1 + db1_from_g
             # F(x2) once: its value rebuilds x1, its VJP pulls back the cotangent of y1.
-            h_f, f_vjp = jax.vjp(lambda p, a: f_branch(p, a, kf)[0], fp, a2)
+            h_f, f_vjp = _vjp_inexact(lambda p, a, c: f_branch(p, a, kf, c)[0], fp, a2, context)
             a1 = exact(i, cpl.uncombine(b1, h_f), 0)
             da1, dh_f = jax.vjp(cpl.combine, a1, h_f)[1](db1)
-            dfp, da2_from_f = f_vjp(dh_f)
+            dfp, da2_from_f, dctx_f = f_vjp(dh_f)
             da2 = da2 + da2_from_f
-            return (a1, a2, da1, da2), (dfp, dgp)
+            dctx = _add_cotangents(dctx, _add_cotangents(dctx_g, dctx_f))
+            return (a1, a2, da1, da2, dctx), (dfp, dgp)
 
-        (_, _, dx1, dx2), (dfp, dgp) = lax.scan(
+        (_, _, dx1, dx2, dcontext), (dfp, dgp) = lax.scan(
             body,
-            (y1, y2, dy1, dy2),
+            (y1, y2, dy1, dy2, dcontext),
             (jnp.arange(n), f_params, g_params, keys),
             reverse=True,
             unroll=unroll,
         )
-        return dfp, dgp, dx1, dx2, None
+        return dfp, dgp, dx1, dx2, None, dcontext
 
     run.defvjp(run_fwd, run_bwd)
     return run
@@ -531,6 +640,7 @@ def inverse_sequence(
     has_aux: bool = False,
     keys: Array | None = None,
     unroll: int | bool | None = None,
+    context: PyTree = None,
 ) -> tuple[Array, Array]:
     """Rebuilds the input of `reversible_sequence` from its output (units in reverse).
 
@@ -541,15 +651,20 @@ def inverse_sequence(
     n = _num_units(f_params, g_params)
     if unroll is None:
         unroll = default_unroll(n)
-    f_branch = _Branch(f, has_aux, keys is not None)
-    g_branch = _Branch(g, has_aux, keys is not None)
+    if context is not None:
+        _check_context(context)
+    f_branch = _Branch(f, has_aux, keys is not None, context is not None)
+    g_branch = _Branch(g, has_aux, keys is not None, context is not None)
 
     def body(carry, xs):
         b1, b2 = carry
         fp, gp, key = xs
         kf, kg = _split_unit_key(key)
         a1, a2 = cpl.inverse(
-            lambda a: f_branch(fp, a, kf)[0], lambda a: g_branch(gp, a, kg)[0], b1, b2
+            lambda a: f_branch(fp, a, kf, context)[0],
+            lambda a: g_branch(gp, a, kg, context)[0],
+            b1,
+            b2,
         )
         return (a1, a2), None
 

@@ -5,7 +5,7 @@ The backward pass of a reversible sequence rebuilds every unit's input from its 
 in floating point it differs by rounding, and the difference accumulates from the last unit
 of a stage back to the first. This module measures that difference on a `revjax.RevNet`
 exactly as the backward sees it: BatchNorm in train mode with batch statistics, the same
-carry dtype, and with ``exact_every=k`` the stored exact input of every k-th unit::
+carry dtype, and with ``exact_every=k`` the stored exact inputs of units n-k, n-2k, ...::
 
     errors = reconstruction_error(model, None, None, images)   # per stage
     monitor = DriftMonitor(graphdef, threshold=1e-3)           # in a training loop
@@ -41,7 +41,7 @@ from flax import nnx
 from jax import lax
 
 from revjax._blocks import pure_call
-from revjax._core import additive_coupling, default_unroll
+from revjax._core import _exact_slot, additive_coupling, default_unroll
 
 Array = jax.Array
 
@@ -73,8 +73,8 @@ def _stage_reconstruction(stage, h1: Array, h2: Array, exact_every: int | None):
     if not stage.num_reversible:
         return (y1, y2), None
     n = stage.num_reversible
-    f_def, f_state = nnx.split(stage.f)
-    g_def, g_state = nnx.split(stage.g)
+    f_def, f_state = nnx.split(stage.reversible.f)
+    g_def, g_state = nnx.split(stage.reversible.g)
     f_call, g_call = pure_call(f_def), pure_call(g_def)
     # Train mode, batch statistics: what the forward and the backward's recomputation use.
     f = lambda p, a: f_call(p, a, train=True)[0]
@@ -98,8 +98,8 @@ def _stage_reconstruction(stage, h1: Array, h2: Array, exact_every: int | None):
         a2 = cpl.uncombine(b2, g(gp, b1))
         a1 = cpl.uncombine(b1, f(fp, a2))
         if exact_every is not None:
-            # The memory-saving backward uses the stored input of every k-th unit.
-            keep = i % exact_every == 0
+            # The memory-saving backward uses the stored inputs of units n-k, n-2k, ... > 0.
+            keep, _ = _exact_slot(i, n, exact_every)
             a1, a2 = jnp.where(keep, s1, a1), jnp.where(keep, s2, a2)
         return (a1, a2), (a1, a2)
 
@@ -176,8 +176,8 @@ def reconstruction_error(
     Runs the RevNet forward in train mode (BatchNorm with batch statistics, as the backward's
     recomputation does), keeps each reversible unit's exact input, then rebuilds the inputs from
     each stage's output unit by unit in reverse, as the memory-saving backward does (with the
-    model's ``exact_every``, the stored exact input of every k-th unit is used, so those units
-    show zero error). Nothing is differentiated and no state changes.
+    model's ``exact_every``, the stored exact inputs of units n-k, n-2k, ... are used, so those
+    units show zero error). Nothing is differentiated and no state changes.
 
     Args:
       model_or_graphdef: a `revjax.RevNet`, or the graphdef from `revjax.functional`.

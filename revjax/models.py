@@ -40,13 +40,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from revjax._blocks import BLOCKS, LayerConfig, ResStage, RevStage
+from revjax._blocks import BLOCKS, InvertibleRevStage, LayerConfig, ResStage, RevStage
 from revjax._core import merge_halves, split_halves
 
 Array = jax.Array
 Dtype = Any
 
 STEMS = ("cifar", "imagenet")
+DOWNSAMPLES = ("pool", "invertible")
 
 __all__ = [
     "ResNet",
@@ -273,9 +274,10 @@ class _Network(nnx.Module):
 class RevNet(_Network):
     """Reversible residual network (Gomez et al., 2017) on NHWC images.
 
-    Each stage: one entry unit (stride / width change; stores its input, optionally
-    rematerialised), then ``units - 1`` reversible units through one `reversible_sequence`
-    whose backward rebuilds their activations instead of storing them.
+    Each stage: one entry unit (stride / width change; stores its input and, by default,
+    recomputes its activations in the backward), then ``units - 1`` reversible units through
+    one `reversible_sequence` whose backward rebuilds their activations instead of storing
+    them.
 
     Args:
       units_per_stage: units per stage (the entry unit included), e.g. ``(3, 3, 3)``.
@@ -288,7 +290,20 @@ class RevNet(_Network):
       strides: per-stage stride of the entry unit; default ``(1, 2, 2, ...)``.
       memory_saving: rebuild activations in the backward (custom VJP); False runs the same
         parameters through plain autodiff. Also settable as an attribute.
-      remat_transitions: `jax.checkpoint` the entry units, so they store only their input.
+      remat_transitions: the entry units store only their input and recompute their
+        activations in the backward (a custom VJP whose recomputation is tied to the incoming
+        cotangent, `revjax._blocks.call_rematerialised`; on XLA:CPU a `jax.checkpoint` saved
+        nothing). Default True: the same gradients for a fraction of the memory (RevNet-164:
+        about half), for one extra forward of three units (``results/bench_transitions.md``).
+        ``False`` is the paper's code: entry units store their activations. Also settable as
+        an attribute.
+      downsample: ``'pool'`` (the paper's entry units: average-pool-and-pad or projection
+        shortcuts, not invertible) or ``'invertible'`` (i-RevNet, Jacobsen et al. 2018: the
+        entry unit's shortcut is space-to-depth plus zero channels, so every unit is
+        reversible; the carried halves then grow to ``max(stage width / 2, stride**2 x the
+        previous halves)`` channels while F and G keep the stage's width inside, and each
+        stage stores one activation: its output). Needs spatial sizes divisible by every
+        stride (a clear error otherwise).
       zero_init_last_bn: zero-initialise the scale of each residual function's last BN (every
         unit starts as the identity); not the paper's default.
       unroll: scan unroll of reversible units; None: full on CPU, rolled on GPU/TPU.
@@ -300,10 +315,12 @@ class RevNet(_Network):
         large for near-constant channels (see `revjax.drift` and ``results/bench_drift.md``).
       bn_fast_variance: BatchNorm's one-pass ``E[x^2] - E[x]^2`` variance (Flax's default).
         Off by default: it loses ~1e-4 relative in float32, in plain and reversible mode alike.
-      exact_every: with memory saving, also store the exact input of every k-th reversible unit
-        of each stage (a checkpoint inside the sequence), so rounding error of the rebuilt
-        activations accumulates over at most k units, at the cost of ``ceil((units - 1) / k)``
-        stored activations per stage (memory O(depth / k)). Default 8: without it, float32
+      exact_every: with memory saving, bound the chain of rebuilt reversible units at k: each
+        stage also stores the exact inputs of its reversible units ``n-k, n-2k, ...`` (n =
+        ``units - 1``; rebuilding starts from the exact stage output), so rounding error of
+        the rebuilt activations accumulates over at most k units, at the cost of
+        ``(n - 1) // k`` stored activations per stage: none for stages of up to k + 1 units
+        (all the CIFAR presets), memory O(depth / k) beyond. Default 8: without it, float32
         gradients of deep stages lose up to ~1e-2 relative, because the backward recomputes
         ReLU masks and BatchNorm statistics from rebuilt activations whose error grows towards
         the stage's first unit (`revjax.drift`, ``results/bench_drift.md``); with 8 they match
@@ -328,7 +345,8 @@ class RevNet(_Network):
         in_channels: int = 3,
         strides: Sequence[int] | None = None,
         memory_saving: bool = True,
-        remat_transitions: bool = False,
+        remat_transitions: bool = True,
+        downsample: str = "pool",
         zero_init_last_bn: bool = False,
         unroll: int | bool | None = None,
         dtype: Dtype | None = None,
@@ -368,14 +386,32 @@ class RevNet(_Network):
         self.carry_dtype = self.dtype if carry_dtype is None else jnp.dtype(carry_dtype)
         self.memory_saving = memory_saving
         self.remat_transitions = remat_transitions
-        self.stages = nnx.List(
-            [
-                RevStage(
-                    block, units, c_in, c_out, stride=stride, first=i == 0, config=config, rngs=rngs
-                )
-                for i, (units, c_in, c_out, stride) in enumerate(plan)
-            ]
-        )
+        if downsample not in DOWNSAMPLES:
+            raise ValueError(
+                f"RevNet: unknown downsample {downsample!r}; use one of {DOWNSAMPLES}."
+            )
+        self.downsample = downsample
+        if downsample == "invertible":
+            self.stages = nnx.List(_invertible_stages(block, plan, config, rngs))
+            # The head sees the grown halves.
+            carried = 2 * self.stages[-1].entry.shortcut.out_features
+            self.head = Head(carried, num_classes, config=config, rngs=rngs)
+        else:
+            self.stages = nnx.List(
+                [
+                    RevStage(
+                        block,
+                        units,
+                        c_in,
+                        c_out,
+                        stride=stride,
+                        first=i == 0,
+                        config=config,
+                        rngs=rngs,
+                    )
+                    for i, (units, c_in, c_out, stride) in enumerate(plan)
+                ]
+            )
 
     def __call__(self, x: Array, *, train: bool) -> Array:
         """Computes logits.
@@ -412,6 +448,36 @@ class RevNet(_Network):
         h = self.stem(self._check_input(x), train=train)
         h1, h2 = split_halves(h)  # [N, H', W', C/2] each
         return h1.astype(self.carry_dtype), h2.astype(self.carry_dtype)
+
+
+def _invertible_stages(block, plan, config, rngs) -> list[InvertibleRevStage]:
+    """The stages of an invertible-downsampling RevNet, from the pool plan (total widths).
+
+    Halves: each stage carries ``max(width / 2, stride**2 x previous)`` channels, so its entry
+    unit's space-to-depth plus zero padding is injective; F and G keep the stage's own width
+    inside (a basic function's first conv, a bottleneck's quarter width).
+    """
+    stages = []
+    carried = plan[0][1] // 2  # the stem's half
+    for i, (units, _, c_out, stride) in enumerate(plan):
+        half = c_out // 2
+        out = max(half, stride * stride * carried)
+        mid = half // 4 if block == "bottleneck" else half
+        stages.append(
+            InvertibleRevStage(
+                block,
+                units,
+                carried,
+                out,
+                mid_features=mid,
+                stride=stride,
+                first=i == 0,
+                config=config,
+                rngs=rngs,
+            )
+        )
+        carried = out
+    return stages
 
 
 class ResNet(_Network):
@@ -489,9 +555,10 @@ def functional(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
 
     ``graphdef`` is static (hashable; pass it by closure or as a static argument) and holds the
     configuration, including ``memory_saving`` and the remat flags; ``params`` (trainable) and
-    ``batch_stats`` (BatchNorm running averages) are pytrees of arrays.
+    ``batch_stats`` (BatchNorm running averages, and any other non-trainable variable, such as
+    the ViTs' block indices) are pytrees of arrays.
     """
-    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    graphdef, params, batch_stats = nnx.split(model, nnx.Param, ...)
     return graphdef, params, batch_stats
 
 
@@ -517,7 +584,7 @@ def apply(
     """
     model = nnx.merge(graphdef, params, batch_stats, copy=True)
     logits = model(x, train=train)
-    return logits, nnx.state(model, nnx.BatchStat)
+    return logits, nnx.state(model, nnx.Not(nnx.Param))
 
 
 def count_params(model: nnx.Module) -> int:

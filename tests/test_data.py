@@ -110,7 +110,7 @@ def test_digits_train_epochs_are_permutations():
         assert 0.0 <= b["image"].min() and b["image"].max() <= 1.0
     source = data.DigitsSource("train")
     expected = _rows(
-        [source[i]["image"] / np.float32(255) for i in range(len(source))],
+        [source[i]["image"] * data.PIXEL_SCALE for i in range(len(source))],
         [source[i]["label"] for i in range(len(source))],
     )
     for epoch in (batches[:3], batches[3:]):
@@ -202,7 +202,7 @@ def test_digits_eval_mask_covers_the_split_once(process_count):
     images, labels = _concat(batches, "image"), _concat(batches, "label")
     assert not images[~real].any()
     assert _rows(images[real], labels[real]) == _rows(
-        [source[i]["image"] / np.float32(255) for i in range(300)],
+        [source[i]["image"] * data.PIXEL_SCALE for i in range(300)],
         [source[i]["label"] for i in range(300)],
     )
     if process_count == 1:  # in order
@@ -249,13 +249,14 @@ def test_hsv_conversion_matches_colorsys():
     rgb[0, 0] = [0.5, 0.5, 0.5]  # grey: undefined hue
     rgb[1, 1] = [0.0, 0.0, 0.0]
     planar = rgb.transpose(2, 0, 1)
-    hsv = data._rgb_to_hsv(planar)
+    hsv = data.transforms._rgb_to_hsv(planar)
     for y in range(6):
         for x in range(7):
             np.testing.assert_allclose(hsv[:, y, x], colorsys.rgb_to_hsv(*rgb[y, x]), atol=1e-6)
-    np.testing.assert_allclose(data._hsv_to_rgb(hsv), planar, atol=1e-6)
+    np.testing.assert_allclose(data.transforms._hsv_to_rgb(hsv), planar, atol=1e-6)
     # Saturation x1 and hue +0 leave the image unchanged.
-    np.testing.assert_allclose(data._adjust_saturation_and_hue(planar, 1.0, 0.0), planar, atol=1e-6)
+    unchanged = data.transforms._adjust_saturation_and_hue(planar, 1.0, 0.0)
+    np.testing.assert_allclose(unchanged, planar, atol=1e-6)
 
 
 def test_imagenet_transforms_on_odd_sizes():
@@ -276,7 +277,7 @@ def test_imagenet_transforms_on_odd_sizes():
         data.imagenet_eval_transform({"image": flat, "label": 0}, 32)["image"], 1.0
     )
     for _ in range(100):
-        top, left, ch, cw = data._random_crop_box(50, 80, rng)
+        top, left, ch, cw = data.transforms._random_crop_box(50, 80, rng)
         assert 0 <= top and top + ch <= 50 and 0 <= left and left + cw <= 80
         assert ch * cw >= 0.04 * 50 * 80  # area >= 5%, less rounding
 

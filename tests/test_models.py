@@ -148,8 +148,9 @@ def f32_models():
 def f32_results(f32_models):
     x, y = _data(jnp.float32)
     variants = {"saving": {}, "plain": {"memory_saving": False}}
-    # Rematerialised transitions only for bottleneck (projection shortcuts), to save compiles.
-    remat = {**variants, "remat": {"remat_transitions": True}}
+    # Stored transitions (the paper's code; rematerialised is the default) only for
+    # bottleneck (projection shortcuts), to save compiles.
+    remat = {**variants, "stored": {"remat_transitions": False}}
     return {
         b: _train_grads(m, x, y, remat if b == "bottleneck" else variants)
         for b, m in f32_models.items()
@@ -191,8 +192,9 @@ def test_gradients_float32(block, f32_results):
 
 
 def test_remat_transitions_same_gradients(f32_results):
+    assert nnx.eval_shape(lambda: models.revnet_tiny(rngs=nnx.Rngs(0))).remat_transitions
     out, _ = f32_results["bottleneck"]
-    (_, g1, s1), (_, g3, s3) = out["saving"], out["remat"]
+    (_, g1, s1), (_, g3, s3) = out["saving"], out["stored"]
     assert float(relative_error(g3, g1)) <= 1e-6
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s3)))
 
@@ -398,3 +400,86 @@ def test_remat_transitions_cut_memory():
         step = jax.jit(make_train_step(graphdef, tx))
         temp[remat] = compiled_memory(step, state, batch)["temp"]
     assert temp[True] <= 0.75 * temp[False], temp  # measured 4.8 vs 8.2 MiB
+
+
+# --------------------------------------------------------------------------------------------
+# Invertible downsampling (i-RevNet transitions)
+# --------------------------------------------------------------------------------------------
+
+# Halves grow to max(width / 2, stride**2 x previous): revnet38 16 -> 16 -> 64 -> 256,
+# revnet164 16 -> 64 (zero padding) -> 256 -> 1024, with F and G at the preset's inner widths.
+INVERTIBLE_PARAM_COUNTS = {"revnet38": 1_698_378, "revnet110": 5_953_194, "revnet164": 3_585_834}
+
+
+@pytest.mark.parametrize("preset", sorted(INVERTIBLE_PARAM_COUNTS))
+def test_invertible_param_counts(preset):
+    build = getattr(models, preset)
+    model = nnx.eval_shape(lambda: build(rngs=nnx.Rngs(0), downsample="invertible"))
+    assert models.count_params(model) == INVERTIBLE_PARAM_COUNTS[preset]
+    halves = [(s.entry.shortcut.in_features, s.entry.shortcut.out_features) for s in model.stages]
+    assert halves[-1][1] == (1024 if preset == "revnet164" else 256)
+
+
+def test_space_to_depth_round_trip():
+    from revjax._blocks import InvertibleShortcut, depth_to_space, space_to_depth
+
+    x = np.random.default_rng(0).normal(size=(2, 4, 6, 3)).astype(np.float32)  # no compiles
+    y = space_to_depth(x, 2)
+    assert y.shape == (2, 2, 3, 12)
+    np.testing.assert_array_equal(y[0, 1, 2, :3], x[0, 2, 4])  # block (1, 2), top left
+    np.testing.assert_array_equal(y[0, 1, 2, 9:], x[0, 3, 5])  # bottom right
+    np.testing.assert_array_equal(depth_to_space(y, 2), x)
+    shortcut = InvertibleShortcut(3, 16, stride=2)
+    padded = shortcut(x)
+    assert padded.shape == (2, 2, 3, 16) and not np.any(padded[..., 12:])
+    np.testing.assert_array_equal(shortcut.inverse(padded), x)  # exact: no arithmetic
+
+
+def test_invertible_errors():
+    from revjax._blocks import InvertibleShortcut
+
+    with pytest.raises(ValueError, match="cannot be padded to 8.*at least 16"):
+        InvertibleShortcut(4, 8, stride=2)
+    with pytest.raises(ValueError, match="unknown downsample"):
+        nnx.eval_shape(lambda: models.revnet_tiny(rngs=nnx.Rngs(0), downsample="conv"))
+    model = nnx.eval_shape(
+        lambda: models.revnet_tiny(rngs=nnx.Rngs(0), downsample="invertible", **TINY)
+    )
+    graphdef, params, batch_stats = models.functional(model)
+    x = jax.ShapeDtypeStruct((2, 7, 8, 3), jnp.float32)
+    with pytest.raises(ValueError, match="divisible by 2, got 7x8"):
+        jax.eval_shape(
+            lambda p, s, x: models.apply(graphdef, p, s, x, train=True)[0], params, batch_stats, x
+        )
+
+
+def test_invertible_gradients_float64():
+    # Bottleneck: the entry's F strides and widens, the stem's halves are zero-padded
+    # (4 -> 16 channels after space-to-depth), and the reversible units follow.
+    from experiments.bench_drift import fill
+
+    with jax.enable_x64(True), jax.numpy_dtype_promotion("standard"):
+        model = nnx.eval_shape(
+            lambda: models.revnet_tiny(
+                rngs=nnx.Rngs(0),
+                block="bottleneck",
+                param_dtype=jnp.float64,
+                downsample="invertible",
+                **TINY,
+            )
+        )
+        model = fill(model)  # the constructor's distributions drawn with NumPy: no compile
+        entry = model.stages[0].entry
+        assert (entry.shortcut.in_features, entry.shortcut.out_features) == (4, 32)
+        x, y = _data(jnp.float64)
+        out, _ = _train_grads(model, x, y, {"saving": {}, "plain": {"memory_saving": False}})
+        (v1, g1, s1), (v2, g2, s2) = out["saving"], out["plain"]
+        assert float(abs(v1 - v2)) <= 1e-12
+        assert float(relative_error(g1, g2)) <= 1e-10  # measured ~1e-16
+        assert float(relative_error(s1, s2)) <= 1e-12
+        # The entry unit is reversible: its input comes back from its output.
+        h = jax.random.normal(jax.random.key(3), (BATCH, SIZE, SIZE, 4), jnp.float64)
+        y1, y2 = entry(h, -h, train=False)
+        b1, b2 = entry.inverse(y1, y2, train=False)
+        assert float(jnp.max(jnp.abs(b1 - h))) <= 1e-12
+        assert float(jnp.max(jnp.abs(b2 + h))) <= 1e-12

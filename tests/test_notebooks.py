@@ -22,7 +22,12 @@ pytest.importorskip("ipykernel")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
-NOTEBOOKS = ["01_quickstart", "02_train_cifar10", "03_memory_and_drift"]
+NOTEBOOKS = [
+    "01_quickstart",
+    "02_train_cifar10",
+    "03_memory_and_drift",
+    "04_your_own_reversible_model",
+]
 REPO_URL = "https://github.com/revjax/revjax"
 KERNEL_NAME = "revjax-test-python3"
 CELL_TIMEOUT_S = 300

@@ -251,8 +251,10 @@ def test_entry_point_quick(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     summary = json.loads(out[out.index("{") :])
     assert summary["step"] == 2 and summary["dataset"] == "digits"
-    with pytest.raises(SystemExit, match="Unknown config 'nope'"):
+    with pytest.raises(SystemExit) as info:  # argparse's convention: status 2, "error: ..."
         main(["--config", "nope", "--workdir", str(tmp_path)])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.startswith("error: Unknown config 'nope'")
 
 
 def test_drift_monitor_during_training(tmp_path):

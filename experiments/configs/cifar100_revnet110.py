@@ -5,6 +5,11 @@ Expected GPU time (an estimate, not measured here):
 about 4 h on one modern GPU.
 This recipe is not run to convergence on CPU.
 
+Input: the per-pixel mean image subtracted from every example is the mean over the training
+split only (50,000 images); the authors' code averaged train and test together. Ours never looks
+at test data, so the test accuracy stays a held-out figure (the difference between the two means
+is a small fixed offset of the input, not measured here).
+
 Prepare the data once, then train::
 
     python -m revjax.prepare cifar100 --data_dir ~/tensorflow_datasets

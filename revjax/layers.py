@@ -1,0 +1,236 @@
+"""`ReversibleSequence`: reversible units for any Flax NNX model.
+
+A ``ReversibleSequence`` holds ``num_units`` copies of two NNX modules F and G, their weights
+stacked on a leading axis, and applies them as reversible units to two halves::
+
+    y1 = x1 + F(x2, *context)
+    y2 = x2 + G(y1, *context)
+
+through one `revjax.reversible_sequence` (one ``lax.scan``, one custom VJP): the backward pass
+rebuilds every unit's input from its output instead of storing it, so activation memory does not
+grow with ``num_units``. What every NNX model needs is handled here:
+
+* **Mutable state** (BatchNorm batch statistics, RNG counters, anything F/G write to a
+  non-``Param`` variable) comes out of the forward pass only and is written back once per call,
+  exactly as a plain forward would; the backward recomputation's copy is discarded.
+* **Randomness** (``nnx.Dropout``, drop-path, attention dropout): the recomputation starts from
+  the same RNG state as the forward, so every unit draws the same masks and the gradients equal
+  plain autodiff's with the same RNG.
+* **Side inputs** (``context``: conditioning, attention masks or biases, time embeddings) are
+  shared by every unit and receive gradients, summed over units.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import jax
+from flax import nnx
+
+from revjax._core import Coupling, get_coupling, reversible_sequence
+
+Array = jax.Array
+
+__all__ = ["ReversibleSequence", "stacked"]
+
+
+def stacked(n: int, make: Callable[[nnx.Rngs], nnx.Module], rngs: nnx.Rngs) -> nnx.Module:
+    """Builds ``n`` copies of a module with independent weights, stacked on a leading axis.
+
+    The NNX scan-over-layers pattern: every Variable of the result (Param, BatchStat, RNG key
+    and counter) has a leading axis of length n, and slice i is the i-th unit. Every RNG stream
+    of ``rngs`` is split, so each unit gets its own initial weights and its own dropout stream.
+    """
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def build(rngs: nnx.Rngs) -> nnx.Module:
+        return make(rngs)
+
+    return build(rngs)
+
+
+def _branch(graphdef: nnx.GraphDef, kwargs: dict[str, Any]) -> Callable:
+    """F or G as the core wants it: ``(state, x, context) -> (h, new_state)``.
+
+    ``state`` is one unit's full state (parameters, batch statistics, RNG keys and counters);
+    ``new_state`` is everything but the parameters after the call (what the call may have
+    changed). Merging a copy keeps the call pure: the recomputation in the backward pass starts
+    from the same state as the forward, so BatchNorm and dropout behave identically there.
+    """
+
+    def call(state: nnx.State, x: Array, context: tuple) -> tuple[Any, nnx.State]:
+        m = nnx.merge(graphdef, state, copy=True)
+        h = m(x, *context, **kwargs)
+        return h, nnx.state(m, nnx.Not(nnx.Param))
+
+    return call
+
+
+def _check_exact_every(exact_every: Any) -> None:
+    if exact_every is not None and (
+        isinstance(exact_every, bool) or not isinstance(exact_every, int) or exact_every < 1
+    ):
+        raise ValueError(f"exact_every must be a positive int or None, got {exact_every!r}.")
+
+
+class ReversibleSequence(nnx.Module):
+    """``num_units`` reversible units whose F and G are any NNX modules, memory flat in depth.
+
+    Unit i maps halves ``(x1, x2)`` to ``y1 = x1 (+) F_i(x2, *context, **kwargs)``,
+    ``y2 = x2 (+) G_i(y1, *context, **kwargs)``, where ``(+)`` is the coupling (``+`` for the
+    additive one). F and G must map a half onto the shape of the other half (so, no stride).
+
+    Example::
+
+        class Attention(nnx.Module):  # F: any module of (x, *context, **kwargs)
+            def __init__(self, rngs):
+                self.norm = nnx.LayerNorm(64, rngs=rngs)
+                self.attn = nnx.MultiHeadAttention(4, 64, dropout_rate=0.1, decode=False,
+                                                   rngs=rngs)
+            def __call__(self, x, mask, *, deterministic):
+                return self.attn(self.norm(x), mask=mask, deterministic=deterministic)
+
+        seq = revjax.ReversibleSequence(Attention, make_mlp, 12, rngs=nnx.Rngs(0, dropout=1))
+        y1, y2 = seq(x1, x2, mask, deterministic=False)
+
+    Args:
+      make_f: ``rngs -> nnx.Module``, builds one unit's F; traced once under `nnx.vmap` over
+        ``num_units`` split RNG streams, so every unit has its own weights and RNG streams.
+        F is called as ``f(x, *context, **kwargs)``. Give RNG-using layers (``nnx.Dropout``,
+        ``nnx.MultiHeadAttention`` with dropout) their ``rngs`` here, at construction.
+      make_g: the same for G.
+      num_units: number of reversible units, at least 1.
+      rngs: initialisation RNG streams (``params``, and ``dropout`` etc. when F/G use them).
+      coupling: ``"additive"``, ``"affine"`` (F and G return ``(log_scale, shift)``) or a
+        `revjax.Coupling`.
+      memory_saving: rebuild activations in the backward pass (one custom VJP); ``False`` runs
+        the same parameters through plain autodiff (the reference for tests and benchmarks).
+        A plain attribute: set ``seq.memory_saving = False`` to switch.
+      exact_every: with memory saving, also store the exact input of every k-th unit, so
+        reconstruction error accumulates over at most k units (memory grows with
+        ``num_units / k``); ``None`` stores none. See `revjax.reversible_sequence`.
+      unroll: scan unroll; ``None``: full on CPU, rolled on GPU/TPU (`revjax.default_unroll`).
+
+    Call:
+      ``seq(x1, x2, *context, **kwargs) -> (y1, y2)``. ``context``: arrays (or pytrees of
+      arrays) passed to every unit's F and G after the half; their floating leaves receive
+      gradients, summed over units. ``kwargs``: static options passed to F and G (``train=``,
+      ``deterministic=``); they must be hashable Python values, not arrays.
+
+    Mutable state: whatever F and G change during the call (BatchNorm running averages, RNG
+    counters) is written back once, from the forward pass.
+    """
+
+    def __init__(
+        self,
+        make_f: Callable[[nnx.Rngs], nnx.Module],
+        make_g: Callable[[nnx.Rngs], nnx.Module],
+        num_units: int,
+        *,
+        rngs: nnx.Rngs,
+        coupling: str | Coupling = "additive",
+        memory_saving: bool = True,
+        exact_every: int | None = None,
+        unroll: int | bool | None = None,
+    ):
+        try:
+            n = operator.index(num_units)
+        except TypeError:
+            n = None
+        if n is None or isinstance(num_units, bool) or n < 1:
+            raise ValueError(
+                f"ReversibleSequence needs num_units >= 1 (an int), got {num_units!r}. For no "
+                "reversible units, leave the sequence out."
+            )
+        if not (callable(make_f) and callable(make_g)):
+            raise TypeError(
+                "make_f and make_g must be callables rngs -> nnx.Module that build one unit's F "
+                f"and G (e.g. a Module class or a lambda rngs: ...), got {type(make_f).__name__} "
+                f"and {type(make_g).__name__}."
+            )
+        get_coupling(coupling)  # an unknown name fails here, not at the first call
+        _check_exact_every(exact_every)
+        self.num_units = n
+        self.coupling = coupling
+        self.memory_saving = memory_saving
+        self.exact_every = exact_every
+        self.unroll = unroll
+        self.f = stacked(n, make_f, rngs)
+        self.g = stacked(n, make_g, rngs)
+
+    def __call__(self, x1: Array, x2: Array, *context: Any, **kwargs: Any) -> tuple[Array, Array]:
+        """Applies the units: halves ``(x1, x2) -> (y1, y2)``, shapes unchanged.
+
+        Args:
+          x1: first half (what F's output is added to); e.g. ``[N, L, D]`` or ``[N, H, W, C/2]``.
+          x2: second half (F's input, what G's output is added to).
+          *context: side inputs shared by every unit, passed to F and G after the half.
+          **kwargs: static keyword options passed to F and G.
+
+        Raises:
+          ValueError: F or G outputs that do not fit the halves, or a context that is not made
+            of arrays.
+        """
+        return self._apply(
+            x1,
+            x2,
+            context,
+            kwargs,
+            memory_saving=self.memory_saving,
+            exact_every=self.exact_every,
+            unroll=self.unroll,
+        )
+
+    def _apply(
+        self,
+        x1: Array,
+        x2: Array,
+        context: tuple,
+        kwargs: dict[str, Any],
+        *,
+        memory_saving: bool,
+        exact_every: int | None,
+        unroll: int | bool | None,
+    ) -> tuple[Array, Array]:
+        # The call with every setting explicit, for containers (the RevNet's stages) that own
+        # the settings themselves.
+        _check_exact_every(exact_every)
+        for i, item in enumerate(context):
+            is_nnx = lambda a: isinstance(a, nnx.Module | nnx.Variable)
+            if any(is_nnx(leaf) for leaf in jax.tree.leaves(item, is_leaf=is_nnx)):
+                raise ValueError(
+                    f"context argument {i} holds an NNX Module or Variable; context must be a "
+                    "pytree of arrays. Call the module first and pass its output, or make it a "
+                    "submodule of F/G (built by make_f / make_g)."
+                )
+        for name, value in kwargs.items():
+            if any(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(value)):
+                raise ValueError(
+                    f"Keyword argument {name}= of ReversibleSequence is an array; keyword "
+                    "arguments are static options (train=, deterministic=). Pass arrays "
+                    "positionally, as context: seq(x1, x2, *context)."
+                )
+        f_def, f_state = nnx.split(self.f)
+        g_def, g_state = nnx.split(self.g)
+        (y1, y2), (f_new, g_new) = reversible_sequence(
+            _branch(f_def, kwargs),
+            _branch(g_def, kwargs),
+            f_state,
+            g_state,
+            x1,
+            x2,
+            coupling=self.coupling,
+            has_aux=True,
+            memory_saving=memory_saving,
+            unroll=unroll,
+            exact_every=exact_every if memory_saving else None,
+            context=tuple(context),
+        )
+        # The forward's new state (batch statistics, advanced RNG counters), stacked over units:
+        # one update per call, as in plain mode.
+        nnx.update(self.f, f_new)
+        nnx.update(self.g, g_new)
+        return y1, y2
