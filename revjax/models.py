@@ -41,6 +41,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from revjax._blocks import BLOCKS, InvertibleRevStage, LayerConfig, ResStage, RevStage
+from revjax._checks import check_images
 from revjax._core import merge_halves, split_halves
 
 Array = jax.Array
@@ -243,24 +244,7 @@ class _Network(nnx.Module):
 
     def _check_input(self, x: Array) -> Array:
         """Validates an image batch and casts it to the compute dtype."""
-        name = type(self).__name__
-        if jnp.ndim(x) != 4:
-            raise ValueError(
-                f"{name} expects NHWC images of rank 4 [batch, height, width, channels]; got "
-                f"shape {jnp.shape(x)}. Add a batch axis (x[None]) for a single image."
-            )
-        if x.shape[-1] != self.in_channels:
-            raise ValueError(
-                f"{name} was built for in_channels={self.in_channels} but the input has "
-                f"{x.shape[-1]} channels (shape {x.shape}). Inputs are NHWC (channels last): "
-                "transpose NCHW data with x.transpose(0, 2, 3, 1), or build the model with "
-                f"in_channels={x.shape[-1]}."
-            )
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise ValueError(
-                f"{name} expects floating-point images; got dtype {x.dtype}. Cast to float "
-                "first, e.g. x.astype(jnp.float32) / 255."
-            )
+        check_images(type(self).__name__, x, self.in_channels)
         return x.astype(self.dtype)
 
     def _logits(self, h: Array, train: bool) -> Array:

@@ -47,6 +47,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
+from revjax._checks import check_images
 from revjax._core import default_unroll, merge_halves
 from revjax.layers import ReversibleSequence, stacked
 
@@ -451,30 +452,7 @@ class _VisionTransformer(nnx.Module):
 
     def _embed(self, x: Array, key: Array | None) -> Array:
         """Images [N, H, W, C] -> tokens [N, T, D] in the carry dtype (class token first)."""
-        name = type(self).__name__
-        if jnp.ndim(x) != 4:
-            raise ValueError(
-                f"{name} expects NHWC images of rank 4 [batch, height, width, channels]; got "
-                f"shape {jnp.shape(x)}. Add a batch axis (x[None]) for a single image."
-            )
-        if x.shape[-1] != self.in_channels:
-            raise ValueError(
-                f"{name} was built for in_channels={self.in_channels} but the input has "
-                f"{x.shape[-1]} channels (shape {x.shape}). Inputs are NHWC (channels last): "
-                "transpose NCHW data with x.transpose(0, 2, 3, 1), or build the model with "
-                f"in_channels={x.shape[-1]}."
-            )
-        if x.shape[1:3] != (self.image_size, self.image_size):
-            raise ValueError(
-                f"{name} was built for {self.image_size}x{self.image_size} images (its position "
-                f"embedding has one entry per patch) but got {x.shape[1]}x{x.shape[2]}. Resize "
-                f"the images, or build the model with image_size={x.shape[1]} (square images)."
-            )
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise ValueError(
-                f"{name} expects floating-point images; got dtype {x.dtype}. Cast to float "
-                "first, e.g. x.astype(jnp.float32) / 255."
-            )
+        check_images(type(self).__name__, x, self.in_channels, self.image_size)
         tokens = self.patch_embed(x.astype(self.dtype)).astype(self.carry_dtype)  # [N, T, D]
         if self.cls_token is not None:
             cls = jnp.broadcast_to(
