@@ -583,7 +583,7 @@ def count_params(model: nnx.Module) -> int:
 
 def _preset(name: str, cls: type, summary: str, **arch) -> Callable[..., nnx.Module]:
     """A preset constructor ``(num_classes=..., *, rngs, **overrides) -> model``."""
-    default_classes = 1000 if arch.get("stem") == "imagenet" else 10
+    default_classes = arch.pop("num_classes", 1000 if arch.get("stem") == "imagenet" else 10)
 
     def build(num_classes: int = default_classes, *, rngs: nnx.Rngs, **overrides) -> nnx.Module:
         return cls(**{**arch, "num_classes": num_classes, **overrides}, rngs=rngs)
@@ -595,7 +595,7 @@ def _preset(name: str, cls: type, summary: str, **arch) -> Callable[..., nnx.Mod
         "Args:\n"
         f"  num_classes: number of logits (default {default_classes}).\n"
         "  rngs: initialisation keys.\n"
-        f"  **overrides: any other {cls.__name__} argument (memory_saving, dtype, ...).\n"
+        f"  **overrides: any other {cls.__name__} argument (memory_saving, dropout, dtype, ...).\n"
     )
     return build
 

@@ -39,7 +39,6 @@ Parameter counts (``pool="cls"`` reproduces timm's ``vit_*_patch16_224``; deriva
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -50,6 +49,7 @@ from jax import lax
 from revjax._checks import check_images
 from revjax._core import default_unroll, merge_halves
 from revjax.layers import ReversibleSequence, stacked
+from revjax.models import _preset
 
 Array = jax.Array
 Dtype = Any
@@ -689,25 +689,6 @@ class RevViT(_VisionTransformer):
 # --------------------------------------------------------------------------------------------
 # Presets
 # --------------------------------------------------------------------------------------------
-
-
-def _preset(name: str, cls: type, summary: str, **arch) -> Callable[..., nnx.Module]:
-    """A preset constructor ``(num_classes=..., *, rngs, **overrides) -> model``."""
-    default_classes = arch.pop("num_classes")
-
-    def build(num_classes: int = default_classes, *, rngs: nnx.Rngs, **overrides) -> nnx.Module:
-        return cls(**{**arch, "num_classes": num_classes, **overrides}, rngs=rngs)
-
-    build.__name__ = build.__qualname__ = name
-    build.__doc__ = (
-        f"{summary}\n\n"
-        f"Architecture: {cls.__name__}({', '.join(f'{k}={v!r}' for k, v in arch.items())}).\n"
-        "Args:\n"
-        f"  num_classes: number of logits (default {default_classes}).\n"
-        "  rngs: initialisation keys.\n"
-        f"  **overrides: any other {cls.__name__} argument (dropout, dtype, ...).\n"
-    )
-    return build
 
 
 _IMAGENET = dict(image_size=224, patch_size=16, mlp_ratio=4.0, num_classes=1000)
