@@ -84,6 +84,11 @@ def memory_lines() -> dict[str, tuple[str, int, dict]]:
             0,
             {"downsample": "invertible"},
         )
+        lines["rev_invertible_flat"] = (
+            "RevNet, downsample='invertible', exact_every=None",
+            0,
+            {"downsample": "invertible", "exact_every": None},
+        )
     lines.update(
         {
             "rev_plain": ("RevNet, saving off", 0, {"memory_saving": False}),
@@ -405,7 +410,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--lines",
         nargs="+",
         help="with --target: only these memory lines (default all): "
-        "rev rev_transitions rev_invertible (where RevNet has downsample=) rev_plain res res_ckpt",
+        f"{' '.join(MEMORY_LINES)}",
     )
     parser.add_argument(
         "--flops",
@@ -422,7 +427,7 @@ def main(argv: list[str] | None = None) -> dict:
         base, datasets = {}, DATASETS
     if args.target:
         target = aot.get_target(args.target)
-        known = {"rev", "rev_transitions", "rev_invertible", "rev_plain", "res", "res_ckpt"}
+        known = set(MEMORY_LINES)
         unknown = set(args.lines or ()) - known
         if unknown:
             raise SystemExit(f"{NAME}: unknown --lines {sorted(unknown)}; known: {sorted(known)}")

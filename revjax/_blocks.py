@@ -18,7 +18,7 @@ Everything follows the official RevNet code (renmengye/revnet-public, ``resnet_m
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -26,8 +26,14 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from revjax._core import default_unroll, tie_to_cotangent
-from revjax.layers import ReversibleSequence, stacked
+from revjax._core import (
+    default_unroll,
+    reversible_chain,
+    sequence_segment,
+    shortcut_unit_segment,
+    tie_to_cotangent,
+)
+from revjax.layers import ReversibleSequence, _branch, stacked
 
 Array = jax.Array
 Dtype = Any
@@ -651,10 +657,11 @@ class InvertibleRevStage(RevStage):
     """A RevNet stage whose entry unit is reversible too (`InvertibleEntryUnit`).
 
     The carried halves have ``out_features`` channels (at least ``stride**2`` times the
-    input's), while F and G keep the inner width ``mid_features``. The entry unit stores only
-    its input, which is the previous stage's output (kept by that stage's reversible sequence
-    anyway), and recomputes its activations in the backward: each stage stores one activation.
-    Call arguments as `RevStage` (``remat_entry`` is implied by ``memory_saving``).
+    input's), while F and G keep the inner width ``mid_features``. The RevNet applies its
+    invertible stages together through `chain_invertible_stages` (one custom VJP for the whole
+    body, storing only the last stage's output); called on its own, with memory saving the
+    entry unit stores its input and recomputes its activations in the backward. Call
+    arguments as `RevStage` (``remat_entry`` is implied by ``memory_saving``).
 
     Args:
       block: ``'basic'`` or ``'bottleneck'``.
@@ -705,6 +712,62 @@ class InvertibleRevStage(RevStage):
         """As `RevStage.__call__`; the entry unit is recomputed whenever memory saving is on."""
         kw["remat_entry"] = memory_saving
         return super().__call__(x1, x2, train=train, memory_saving=memory_saving, **kw)
+
+
+def chain_invertible_stages(
+    stages: Sequence[InvertibleRevStage],
+    x1: Array,
+    x2: Array,
+    *,
+    train: bool,
+    unroll: int | bool | None = None,
+    exact_every: int | None = None,
+) -> tuple[Array, Array]:
+    """Applies invertible stages as one `revjax._core.reversible_chain`: one custom VJP that
+    stores only the last stage's output (and the inputs ``exact_every`` names, counted over all
+    units of all stages), so the whole body of an i-RevNet stores one pair of halves.
+
+    Each stage contributes its entry unit (a `shortcut_unit_segment` over the space-to-depth
+    shortcut) and its reversible units (a `sequence_segment`). Batch statistics are written
+    back once, from the forward pass.
+    """
+    kwargs = {"train": train}
+    segments, params, modules = [], [], []
+    for stage in stages:
+        entry = stage.entry
+        (f_def, f_state), (g_def, g_state) = nnx.split(entry.f), nnx.split(entry.g)
+        f_call, g_call = _branch(f_def, kwargs), _branch(g_def, kwargs)
+        segments.append(
+            shortcut_unit_segment(
+                lambda p, x, c=f_call: c(p, x, ()),
+                lambda p, x, c=g_call: c(p, x, ()),
+                entry.shortcut,
+                entry.shortcut.inverse,
+                has_aux=True,
+            )
+        )
+        params.append((f_state, g_state))
+        modules.append((entry.f, entry.g))
+        if stage.reversible is not None:
+            rev = stage.reversible
+            (f_def, f_state), (g_def, g_state) = nnx.split(rev.f), nnx.split(rev.g)
+            f_call, g_call = _branch(f_def, kwargs), _branch(g_def, kwargs)
+            segments.append(
+                sequence_segment(
+                    lambda p, x, c=f_call: c(p, x, ()),
+                    lambda p, x, c=g_call: c(p, x, ()),
+                    rev.num_units,
+                    has_aux=True,
+                    unroll=unroll,
+                )
+            )
+            params.append((f_state, g_state))
+            modules.append((rev.f, rev.g))
+    (y1, y2), aux = reversible_chain(segments, params, x1, x2, exact_every=exact_every)
+    for (f_mod, g_mod), (f_new, g_new) in zip(modules, aux, strict=True):
+        nnx.update(f_mod, f_new)
+        nnx.update(g_mod, g_new)
+    return y1, y2
 
 
 class ResStage(nnx.Module):

@@ -13,7 +13,7 @@ sequence of n units stores only its output, whatever n is (Gomez et al., 2017).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -476,36 +476,46 @@ def exact_units(n: int, k: int | None) -> tuple[int, ...]:
     return tuple(range(n - k, 0, -k))[::-1]
 
 
-def _exact_slot(i: Array, n: int, k: int) -> tuple[Array, Array]:
-    """For unit ``i`` (traced): ``(is unit i's input stored, its slot in the buffer)``."""
-    first = n - (n - 1) // k * k  # the lowest stored unit, in [1, k]
-    keep = (i >= first) & ((i - first) % k == 0)
-    slot = jnp.clip((i - first) // k, 0, max((n - 1) // k - 1, 0))
+def _exact_range(n: int, k: int) -> tuple[int, int]:
+    """`exact_units(n, k)` as ``(first, count)``: units ``first, first + k, ...``."""
+    count = (n - 1) // k
+    return n - count * k, count
+
+
+def _exact_slot(i: Array, first: int, count: int, k: int) -> tuple[Array, Array]:
+    """For unit ``i`` (traced): ``(is unit i's input stored, its slot in the buffer)``.
+
+    The stored units are ``first, first + k, ...`` (``count`` of them; see `_exact_range`).
+    """
+    keep = (i >= first) & ((i - first) % k == 0) & (i < first + count * k)
+    slot = jnp.clip((i - first) // k, 0, max(count - 1, 0))
     return keep, slot
 
 
 def _scan_forward_with_boundaries(
-    cpl, f_branch, g_branch, unroll, k, fp, gp, x1, x2, keys, context=None
+    cpl, f_branch, g_branch, unroll, k, fp, gp, x1, x2, keys, context=None, stored_units=None
 ):
     """The forward scan, also keeping the exact inputs of `exact_units` (n-k, n-2k, ... > 0).
 
     The stored inputs live in a carried buffer of ``(n - 1) // k`` activations per half,
     updated in place, so memory grows with ``n / k``; with ``n <= k`` it is the plain scan.
+    ``stored_units``: ``(first, count)`` to store units ``first, first + k, ...`` instead
+    (`reversible_chain` places them over the whole chain).
     """
     n = _num_units(fp, gp)
-    n_stored = len(exact_units(n, k))
+    first, n_stored = _exact_range(n, k) if stored_units is None else stored_units
     if not n_stored:
         (y1, y2), aux = _scan_forward(
             cpl, f_branch, g_branch, unroll, fp, gp, x1, x2, keys, context
         )
         return (y1, y2), aux, None
-    buf1 = jnp.zeros((n_stored, *x1.shape), x1.dtype)  # [(n-1)//k, *x1.shape]
+    buf1 = jnp.zeros((n_stored, *x1.shape), x1.dtype)  # [n_stored, *x1.shape]
     buf2 = jnp.zeros((n_stored, *x2.shape), x2.dtype)
 
     def body(carry, xs):
         a1, a2, s1, s2 = carry
         i, p_f, p_g, key = xs
-        keep, slot = _exact_slot(i, n, k)
+        keep, slot = _exact_slot(i, first, n_stored, k)
         s1 = lax.dynamic_update_index_in_dim(s1, jnp.where(keep, a1, s1[slot]), slot, 0)
         s2 = lax.dynamic_update_index_in_dim(s2, jnp.where(keep, a2, s2[slot]), slot, 0)
         kf, kg = _split_unit_key(key)
@@ -553,6 +563,79 @@ def tie_to_cotangent(tree: PyTree, cotangent: PyTree) -> PyTree:
     return jax.tree.map(tie, tree)
 
 
+def _sequence_backward(
+    cpl,
+    f_branch,
+    g_branch,
+    unroll,
+    k,
+    f_params,
+    g_params,
+    y1,
+    y2,
+    keys,
+    context,
+    stored,
+    dy1,
+    dy2,
+    stored_units=None,
+):
+    """The memory-saving backward of a sequence: rebuilds its input while pulling back.
+
+    Walks the units in reverse and evaluates G(y1) and F(x2) once each through `jax.vjp`,
+    using each primal output both to rebuild the unit's input (``x2 = y2 (-) G(y1)``,
+    ``x1 = y1 (-) F(x2)``) and to pull back the cotangent. ``stored``: the exact inputs kept by
+    `_scan_forward_with_boundaries` (``(buf1, buf2)``) or None; ``stored_units`` as there.
+
+    Returns:
+      ``((x1, x2), (dx1, dx2), (df_params, dg_params, dcontext))``: the rebuilt input (exact
+      up to rounding), its cotangent and the cotangents of the parameters and side inputs.
+    """
+    n = _num_units(f_params, g_params)
+    if stored is not None:
+        first, count = _exact_range(n, k) if stored_units is None else stored_units
+    # Cotangent of the side inputs, summed over units: zeros for inexact leaves, None else.
+    dcontext = jax.tree.map(lambda c: jnp.zeros_like(c) if _differentiable(c) else None, context)
+
+    def exact(i, rebuilt, half):
+        # With exact_every=k, the inputs of units n-k, n-2k, ... were stored: use them instead
+        # of the rebuilt ones, so no chain of rebuilt units is longer than k.
+        if stored is None:
+            return rebuilt
+        keep, slot = _exact_slot(i, first, count, k)
+        return jnp.where(keep, stored[half][slot], rebuilt)
+
+    def body(carry, xs):
+        b1, b2, db1, db2, dctx = carry
+        i, fp, gp, key = xs
+        kf, kg = _split_unit_key(key)
+        b1, b2 = _after(b1, b2, db1, db2)
+        # G(y1) once: its value rebuilds x2, its VJP pulls back the cotangent of y2.
+        # Non-inexact leaves of the parameters and context (RNG counters, masks) get None.
+        h_g, g_vjp = _vjp_inexact(lambda p, a, c: g_branch(p, a, kg, c)[0], gp, b1, context)
+        a2 = exact(i, cpl.uncombine(b2, h_g), 1)
+        da2, dh_g = jax.vjp(cpl.combine, a2, h_g)[1](db2)
+        dgp, db1_from_g, dctx_g = g_vjp(dh_g)
+        db1 = db1 + db1_from_g
+        # F(x2) once: its value rebuilds x1, its VJP pulls back the cotangent of y1.
+        h_f, f_vjp = _vjp_inexact(lambda p, a, c: f_branch(p, a, kf, c)[0], fp, a2, context)
+        a1 = exact(i, cpl.uncombine(b1, h_f), 0)
+        da1, dh_f = jax.vjp(cpl.combine, a1, h_f)[1](db1)
+        dfp, da2_from_f, dctx_f = f_vjp(dh_f)
+        da2 = da2 + da2_from_f
+        dctx = _add_cotangents(dctx, _add_cotangents(dctx_g, dctx_f))
+        return (a1, a2, da1, da2, dctx), (dfp, dgp)
+
+    (x1, x2, dx1, dx2, dcontext), (dfp, dgp) = lax.scan(
+        body,
+        (y1, y2, dy1, dy2, dcontext),
+        (jnp.arange(n), f_params, g_params, keys),
+        reverse=True,
+        unroll=unroll,
+    )
+    return (x1, x2), (dx1, dx2), (dfp, dgp, dcontext)
+
+
 def _make_memory_saving(cpl, f_branch, g_branch, unroll, exact_every=None):
     """Builds the custom-VJP sequence for one (coupling, F, G, unroll, exact_every) setting."""
 
@@ -580,52 +663,217 @@ def _make_memory_saving(cpl, f_branch, g_branch, unroll, exact_every=None):
     def run_bwd(residuals, cotangents):
         f_params, g_params, y1, y2, keys, context, stored = residuals
         (dy1, dy2), _ = cotangents  # aux is not differentiated
-        n = _num_units(f_params, g_params)
-        # Cotangent of the side inputs, summed over units: zeros for inexact leaves, None else.
-        dcontext = jax.tree.map(
-            lambda c: jnp.zeros_like(c) if _differentiable(c) else None, context
-        )
-
-        def exact(i, rebuilt, half):
-            # With exact_every=k, the inputs of units n-k, n-2k, ... were stored: use them
-            # instead of the rebuilt ones, so no chain of rebuilt units is longer than k.
-            if stored is None:
-                return rebuilt
-            keep, slot = _exact_slot(i, n, exact_every)
-            return jnp.where(keep, stored[half][slot], rebuilt)
-
-        def body(carry, xs):
-            b1, b2, db1, db2, dctx = carry
-            i, fp, gp, key = xs
-            kf, kg = _split_unit_key(key)
-            b1, b2 = _after(b1, b2, db1, db2)
-            # G(y1) once: its value rebuilds x2, its VJP pulls back the cotangent of y2.
-            # Non-inexact leaves of the parameters and context (RNG counters, masks) get None.
-            h_g, g_vjp = _vjp_inexact(lambda p, a, c: g_branch(p, a, kg, c)[0], gp, b1, context)
-            a2 = exact(i, cpl.uncombine(b2, h_g), 1)
-            da2, dh_g = jax.vjp(cpl.combine, a2, h_g)[1](db2)
-            dgp, db1_from_g, dctx_g = g_vjp(dh_g)
-            db1 = db1 + db1_from_g
-            # F(x2) once: its value rebuilds x1, its VJP pulls back the cotangent of y1.
-            h_f, f_vjp = _vjp_inexact(lambda p, a, c: f_branch(p, a, kf, c)[0], fp, a2, context)
-            a1 = exact(i, cpl.uncombine(b1, h_f), 0)
-            da1, dh_f = jax.vjp(cpl.combine, a1, h_f)[1](db1)
-            dfp, da2_from_f, dctx_f = f_vjp(dh_f)
-            da2 = da2 + da2_from_f
-            dctx = _add_cotangents(dctx, _add_cotangents(dctx_g, dctx_f))
-            return (a1, a2, da1, da2, dctx), (dfp, dgp)
-
-        (_, _, dx1, dx2, dcontext), (dfp, dgp) = lax.scan(
-            body,
-            (y1, y2, dy1, dy2, dcontext),
-            (jnp.arange(n), f_params, g_params, keys),
-            reverse=True,
-            unroll=unroll,
-        )
+        _, (dx1, dx2), (dfp, dgp, dcontext) = _sequence_backward(
+            cpl, f_branch, g_branch, unroll, exact_every, f_params, g_params, y1, y2, keys,
+            context, stored, dy1, dy2,
+        )  # fmt: skip
         return dfp, dgp, dx1, dx2, None, dcontext
 
     run.defvjp(run_fwd, run_bwd)
     return run
+
+
+# --------------------------------------------------------------------------------------------
+# reversible_chain: several invertible segments, one custom VJP
+# --------------------------------------------------------------------------------------------
+
+
+class ChainSegment(NamedTuple):
+    """One invertible piece of a `reversible_chain`, mapping halves to halves.
+
+    Build them with `sequence_segment` (stacked reversible units) and `shortcut_unit_segment`
+    (one unit whose halves change shape through an injective linear shortcut).
+
+    Attributes:
+      num_units: how many units the segment counts for ``exact_every`` placement.
+      forward: ``(params, x1, x2, stored_units, k) -> ((y1, y2), aux, stored)``.
+        ``stored_units`` is ``(first, count)`` or None: keep the exact inputs of local units
+        ``first, first + k, ...`` (``stored`` holds them; None when nothing is kept).
+      backward: ``(params, stored, y1, y2, dy1, dy2, stored_units, k) -> ((x1, x2), (dx1,
+        dx2), dparams)``: rebuilds the segment's input from its output while pulling the
+        cotangent back (using the stored inputs in place of rebuilt ones).
+    """
+
+    num_units: int
+    forward: Callable
+    backward: Callable
+
+
+def sequence_segment(
+    f: Callable,
+    g: Callable,
+    num_units: int,
+    *,
+    coupling: str | Coupling = "additive",
+    has_aux: bool = False,
+    unroll: int | bool | None = None,
+) -> ChainSegment:
+    """`reversible_sequence` as a `reversible_chain` segment; params are ``(f_params, g_params)``.
+
+    F and G are as in `reversible_sequence` (no keys, no context).
+    """
+    cpl = get_coupling(coupling)
+    unroll = default_unroll(num_units) if unroll is None else unroll
+    f_branch, g_branch = _Branch(f, has_aux, False), _Branch(g, has_aux, False)
+
+    def forward(params, x1, x2, stored_units, k):
+        fp, gp = params
+        if stored_units is None:
+            (y1, y2), aux = _scan_forward(cpl, f_branch, g_branch, unroll, fp, gp, x1, x2, None)
+            return (y1, y2), aux, None
+        return _scan_forward_with_boundaries(
+            cpl, f_branch, g_branch, unroll, k, fp, gp, x1, x2, None, None, stored_units
+        )
+
+    def backward(params, stored, y1, y2, dy1, dy2, stored_units, k):
+        fp, gp = params
+        x, dx, (dfp, dgp, _) = _sequence_backward(
+            cpl, f_branch, g_branch, unroll, k, fp, gp, y1, y2, None, None, stored,
+            dy1, dy2, stored_units,
+        )  # fmt: skip
+        return x, dx, (dfp, dgp)
+
+    return ChainSegment(num_units, forward, backward)
+
+
+def shortcut_unit_segment(
+    f: Callable,
+    g: Callable,
+    shortcut: Callable[[Array], Array],
+    shortcut_inverse: Callable[[Array], Array],
+    *,
+    has_aux: bool = False,
+) -> ChainSegment:
+    """One additive unit whose halves change shape: ``y1 = P(x1) + F(x2)``, ``y2 = P(x2) + G(y1)``.
+
+    ``P`` (``shortcut``) must be linear and injective with the exact left inverse
+    ``shortcut_inverse`` (e.g. space-to-depth plus zero channels, as in i-RevNet), so that
+    ``x2 = P^-1(y2 - G(y1))`` and ``x1 = P^-1(y1 - F(x2))``. F maps ``x2`` to ``P(x1)``'s
+    shape (it carries the stride), G maps ``y1`` to ``y2``'s. Params are ``(f_params,
+    g_params)``, not stacked.
+    """
+    f_branch, g_branch = _Branch(f, has_aux, False), _Branch(g, has_aux, False)
+
+    def combine(x, h):
+        p = shortcut(x)
+        return p + _cast_like(h, p)
+
+    def forward(params, x1, x2, stored_units, k):
+        fp, gp = params
+        h_f, aux_f = f_branch(fp, x2, None)
+        y1 = combine(x1, h_f)
+        h_g, aux_g = g_branch(gp, y1, None)
+        y2 = combine(x2, h_g)
+        keep = stored_units is not None and stored_units[1]
+        return (y1, y2), (aux_f, aux_g), ((x1, x2) if keep else None)
+
+    def backward(params, stored, y1, y2, dy1, dy2, stored_units, k):
+        fp, gp = params
+        y1, y2 = _after(y1, y2, dy1, dy2)
+        h_g, g_vjp = _vjp_inexact(lambda p, a: g_branch(p, a, None)[0], gp, y1)
+        x2 = shortcut_inverse(y2 - _cast_like(h_g, y2)) if stored is None else stored[1]
+        dx2, dh_g = jax.vjp(combine, x2, h_g)[1](dy2)
+        dgp, dy1_from_g = g_vjp(dh_g)
+        dy1 = dy1 + dy1_from_g
+        h_f, f_vjp = _vjp_inexact(lambda p, a: f_branch(p, a, None)[0], fp, x2)
+        x1 = shortcut_inverse(y1 - _cast_like(h_f, y1)) if stored is None else stored[0]
+        dx1, dh_f = jax.vjp(combine, x1, h_f)[1](dy1)
+        dfp, dx2_from_f = f_vjp(dh_f)
+        return (x1, x2), (dx1, dx2 + dx2_from_f), (dfp, dgp)
+
+    return ChainSegment(1, forward, backward)
+
+
+def chain_exact_units(segments: Sequence[ChainSegment], k: int | None) -> list:
+    """`exact_units` over a whole chain, per segment: ``(first, count)`` local units or None.
+
+    The units are numbered across the segments (N in all); the chain stores the inputs of
+    units ``N-k, N-2k, ... > 0``, wherever they fall, so that no rebuilt chain, across segment
+    boundaries too, is longer than k units.
+    """
+    total = sum(s.num_units for s in segments)
+    wanted = set(exact_units(total, k))
+    plans, offset = [], 0
+    for seg in segments:
+        local = [u - offset for u in range(offset, offset + seg.num_units) if u in wanted]
+        plans.append((local[0], len(local)) if local else None)
+        offset += seg.num_units
+    return plans
+
+
+def reversible_chain(
+    segments: Sequence[ChainSegment],
+    params: Sequence[PyTree],
+    x1: Array,
+    x2: Array,
+    *,
+    memory_saving: bool = True,
+    exact_every: int | None = None,
+) -> tuple[tuple[Array, Array], tuple]:
+    """Applies invertible segments in turn as one custom VJP that stores only the final output.
+
+    Where `reversible_sequence` stores each sequence's output, a chain rebuilds every segment's
+    output from the next segment's input in the backward pass, so a whole network of invertible
+    pieces (i-RevNet: stages joined by invertible downsampling) stores one pair of halves,
+    whatever its depth and number of stages.
+
+    Args:
+      segments: `ChainSegment` s, applied in order; each maps the previous one's halves.
+      params: one parameter pytree per segment.
+      x1: first half of the input.
+      x2: second half of the input.
+      memory_saving: False runs the same segments through plain autodiff (the reference).
+      exact_every: bound every rebuilt chain at k units, counting units across segments: the
+        inputs of units ``N-k, N-2k, ... > 0`` of the N units are stored (`chain_exact_units`).
+
+    Returns:
+      ``((y1, y2), aux)``, ``aux`` holding each segment's F/G aux outputs (not differentiated).
+    """
+    segments, params = tuple(segments), tuple(params)
+    if len(segments) != len(params):
+        raise ValueError(
+            f"reversible_chain needs one parameter pytree per segment: got {len(segments)} "
+            f"segments and {len(params)} parameter pytrees."
+        )
+    if exact_every is not None and (
+        isinstance(exact_every, bool) or not isinstance(exact_every, int) or exact_every < 1
+    ):
+        raise ValueError(f"exact_every must be a positive int or None, got {exact_every!r}.")
+    plans = chain_exact_units(segments, exact_every if memory_saving else None)
+
+    def forward(params, x1, x2, keep):
+        auxes, stored = [], []
+        for seg, p, plan in zip(segments, params, plans, strict=True):
+            (x1, x2), aux, s = seg.forward(p, x1, x2, plan if keep else None, exact_every)
+            auxes.append(aux)
+            stored.append(s)
+        return ((x1, x2), tuple(auxes)), tuple(stored)
+
+    if not memory_saving:
+        return forward(params, x1, x2, False)[0]
+
+    @jax.custom_vjp
+    def run(params, x1, x2):
+        return forward(params, x1, x2, False)[0]
+
+    def run_fwd(params, x1, x2):
+        ((y1, y2), aux), stored = forward(params, x1, x2, True)
+        # The residuals: parameters, the chain's output and the inputs `chain_exact_units`
+        # names. No segment's output: each is rebuilt from the next one.
+        return ((y1, y2), aux), (params, y1, y2, stored)
+
+    def run_bwd(residuals, cotangents):
+        params, y1, y2, stored = residuals
+        (dy1, dy2), _ = cotangents  # aux is not differentiated
+        dparams = [None] * len(segments)
+        for j in reversed(range(len(segments))):
+            (y1, y2), (dy1, dy2), dparams[j] = segments[j].backward(
+                params[j], stored[j], y1, y2, dy1, dy2, plans[j], exact_every
+            )
+        return tuple(dparams), dy1, dy2
+
+    run.defvjp(run_fwd, run_bwd)
+    return run(params, x1, x2)
 
 
 def inverse_sequence(

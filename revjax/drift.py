@@ -41,7 +41,7 @@ from flax import nnx
 from jax import lax
 
 from revjax._blocks import pure_call
-from revjax._core import _exact_slot, additive_coupling, default_unroll
+from revjax._core import _exact_range, _exact_slot, additive_coupling, default_unroll
 
 Array = jax.Array
 
@@ -99,7 +99,7 @@ def _stage_reconstruction(stage, h1: Array, h2: Array, exact_every: int | None):
         a1 = cpl.uncombine(b1, f(fp, a2))
         if exact_every is not None:
             # The memory-saving backward uses the stored inputs of units n-k, n-2k, ... > 0.
-            keep, _ = _exact_slot(i, n, exact_every)
+            keep, _ = _exact_slot(i, *_exact_range(n, exact_every), exact_every)
             a1, a2 = jnp.where(keep, s1, a1), jnp.where(keep, s2, a2)
         return (a1, a2), (a1, a2)
 

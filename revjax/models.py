@@ -40,7 +40,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from revjax._blocks import BLOCKS, InvertibleRevStage, LayerConfig, ResStage, RevStage
+from revjax._blocks import (
+    BLOCKS,
+    InvertibleRevStage,
+    LayerConfig,
+    ResStage,
+    RevStage,
+    chain_invertible_stages,
+)
 from revjax._checks import check_images
 from revjax._core import merge_halves, split_halves
 
@@ -285,9 +292,13 @@ class RevNet(_Network):
         shortcuts, not invertible) or ``'invertible'`` (i-RevNet, Jacobsen et al. 2018: the
         entry unit's shortcut is space-to-depth plus zero channels, so every unit is
         reversible; the carried halves then grow to ``max(stage width / 2, stride**2 x the
-        previous halves)`` channels while F and G keep the stage's width inside, and each
-        stage stores one activation: its output). Needs spatial sizes divisible by every
-        stride (a clear error otherwise).
+        previous halves)`` channels while F and G keep the stage's width inside). With memory
+        saving, all stages then form one `revjax._core.reversible_chain` (one custom VJP)
+        that stores only the last stage's output: every earlier stage's output is rebuilt in
+        the backward. ``exact_every`` then counts units across the stages (entry units
+        included), so set ``exact_every=None`` to store nothing but the stem's input and the
+        head's (RevNet-164: 27 units, ``exact_every=8`` stores the inputs of units 3, 11 and
+        19). Needs spatial sizes divisible by every stride (a clear error otherwise).
       zero_init_last_bn: zero-initialise the scale of each residual function's last BN (every
         unit starts as the identity); not the paper's default.
       unroll: scan unroll of reversible units; None: full on CPU, rolled on GPU/TPU.
@@ -412,6 +423,13 @@ class RevNet(_Network):
           ValueError: for a rank other than 4, a wrong channel count or an integer dtype.
         """
         h1, h2 = self.stem_halves(x, train=train)
+        if self.downsample == "invertible" and self.memory_saving:
+            # Every unit is invertible: one custom VJP over all stages stores only the last
+            # stage's output, rebuilding every earlier stage's output in the backward.
+            h1, h2 = chain_invertible_stages(
+                self.stages, h1, h2, train=train, unroll=self.unroll, exact_every=self.exact_every
+            )
+            return self._logits(merge_halves(h1, h2).astype(self.dtype), train)
         for stage in self.stages:
             h1, h2 = stage(
                 h1,

@@ -454,8 +454,10 @@ def test_invertible_errors():
 
 
 def test_invertible_gradients_float64():
-    # Bottleneck: the entry's F strides and widens, the stem's halves are zero-padded
-    # (4 -> 16 channels after space-to-depth), and the reversible units follow.
+    # Two bottleneck stages: the first entry's halves are zero-padded (4 -> 32 channels), the
+    # second's space-to-depth grows them (32 -> 128); all five units form one reversible chain,
+    # which stores only its output (exact_every=None), or also the inputs of units 3 and 1
+    # (exact_every=2), rebuilding the first stage's output from the second stage.
     from experiments.bench_drift import fill
 
     with jax.enable_x64(True), jax.numpy_dtype_promotion("standard"):
@@ -465,18 +467,28 @@ def test_invertible_gradients_float64():
                 block="bottleneck",
                 param_dtype=jnp.float64,
                 downsample="invertible",
-                **TINY,
+                units_per_stage=(2, 3),
+                widths=(8, 16, 32),
+                strides=(1, 2),
             )
         )
         model = fill(model)  # the constructor's distributions drawn with NumPy: no compile
         entry = model.stages[0].entry
         assert (entry.shortcut.in_features, entry.shortcut.out_features) == (4, 32)
+        assert model.stages[1].entry.shortcut.out_features == 128
         x, y = _data(jnp.float64)
-        out, _ = _train_grads(model, x, y, {"saving": {}, "plain": {"memory_saving": False}})
-        (v1, g1, s1), (v2, g2, s2) = out["saving"], out["plain"]
-        assert float(abs(v1 - v2)) <= 1e-12
-        assert float(relative_error(g1, g2)) <= 1e-10  # measured ~1e-16
-        assert float(relative_error(s1, s2)) <= 1e-12
+        variants = {
+            "flat": {"exact_every": None},
+            "k2": {"exact_every": 2},
+            "plain": {"memory_saving": False},
+        }
+        out, _ = _train_grads(model, x, y, variants)
+        v2, g2, s2 = out["plain"]
+        for name in ("flat", "k2"):
+            v1, g1, s1 = out[name]
+            assert float(abs(v1 - v2)) <= 1e-12, name
+            assert float(relative_error(g1, g2)) <= 1e-10, name  # measured ~1e-16
+            assert float(relative_error(s1, s2)) <= 1e-12, name
         # The entry unit is reversible: its input comes back from its output.
         h = jax.random.normal(jax.random.key(3), (BATCH, SIZE, SIZE, 4), jnp.float64)
         y1, y2 = entry(h, -h, train=False)
