@@ -17,6 +17,8 @@ batch 16, BatchNorm in train mode), at initialisation and after training on digi
    model against float64, the worst per-leaf ratio of the two, and compiled temporary memory
    of loss + grad (rolled scans, the GPU/TPU setting).
 3. **Per unit** (18 units): where the error sits.
+4. **Invertible downsampling**: a 3-stage RevNet with ``downsample='invertible'`` (27 units in
+   one `revjax._core.reversible_chain`, as RevNet-164's), ``exact_every`` None and 8.
 
 Writes ``<out-dir>/bench_drift.md`` and ``bench_drift.png``::
 
@@ -57,6 +59,9 @@ MODULE = "experiments.bench_drift"
 
 BATCH = 16
 WIDTHS = (32, 32)  # stem, stage: halves of 16 channels
+# Invertible downsampling, 3 stages at 8x8, 4x4, 2x2: halves of 16, 64 and 256 channels.
+INVERTIBLE_WIDTHS = (32, 32, 64, 128)
+INVERTIBLE_UNITS = 9  # per stage: 27 units in one chain, as RevNet-164's
 DEPTHS = (2, 4, 9, 18, 32, 64)
 QUICK_DEPTHS = (2,)
 OPTION_DEPTHS = (9, 18, 32)
@@ -166,6 +171,7 @@ def variant(model: nnx.Module, **overrides) -> nnx.GraphDef:
         num_classes=model.num_classes,
         in_channels=model.in_channels,
         unroll=model.unroll,
+        downsample=model.downsample,
     )
     cfg.update(overrides)
     abstract = nnx.eval_shape(lambda: models.RevNet(**cfg, rngs=nnx.Rngs(0)))
@@ -325,6 +331,53 @@ def measure_depth(
         f"  {n} units: {time.perf_counter() - t0:.0f} s (train loss {trained[2]:.3f})", flush=True
     )
     return out
+
+
+def measure_invertible(
+    units: int, steps: int, x, y, *, exact_every: Sequence[int | None] = (None, 8)
+) -> list[dict]:
+    """Drift of a whole invertible-downsampling RevNet (`reversible_chain`: every stage's
+    output is rebuilt from the next stage, so the rebuilt chain spans all ``3 * units`` units),
+    at init and after ``steps`` of training: gradients with ``exact_every`` None and 8 against
+    plain float32 and float64 autodiff, and compiled temp memory."""
+    model = fill(
+        nnx.eval_shape(
+            lambda: models.RevNet(
+                (units,) * 3,
+                INVERTIBLE_WIDTHS,
+                in_channels=1,
+                strides=(1, 2, 2),
+                downsample="invertible",
+                unroll=1,
+                rngs=nnx.Rngs(0),
+            )
+        )
+    )
+    _, params, batch_stats = models.functional(model)
+    t0 = time.perf_counter()
+    states = {"init": (params, batch_stats)}
+    if steps:
+        states["trained"] = train(model, steps)[:2]
+    rows = []
+    for state_name, (p, s) in states.items():
+        g_plain, g64 = reference_gradients(model, p, s, x, y)
+        plain64 = gradient_agreement(g_plain, g64)["rel"]
+        for k in exact_every:
+            gd = variant(model, exact_every=k)
+            g = jax.device_get(gradients(gd, p, s, x, y))
+            rows.append(
+                {
+                    "units": 3 * units,
+                    "state": state_name,
+                    "exact_every": k,
+                    "rev_plain_rel": gradient_agreement(g, g_plain)["rel"],
+                    "rev_f64_rel": gradient_agreement(g, g64)["rel"],
+                    "plain_f64_rel": plain64,
+                    "temp": temp_bytes(model, exact_every=k) if state_name == "init" else None,
+                }
+            )
+    print(f"  invertible, {3 * units} units: {time.perf_counter() - t0:.0f} s", flush=True)
+    return rows
 
 
 def _options_rows(model, state_name, data, refs, known, names):
@@ -523,6 +576,33 @@ def report(results: dict, command: str, steps: int) -> str:
             for r in sorted(options, key=lambda r: (r["state"], r["units"]))
         ]
         lines += [_report.markdown_table(cols, rows), ""]
+    if results.get("invertible"):
+        lines += [
+            "## Invertible downsampling: one chain across stages",
+            "",
+            "A RevNet with `downsample='invertible'` (3 stages of basic units at 8x8, 4x4, 2x2; "
+            "halves of 16, 64, 256 channels) rebuilds every stage's output from the next stage: "
+            "the rebuilt chain spans all the units. Gradient error of the reversible path against "
+            "plain float32 and float64 autodiff on the same weights; compiled temp of loss + grad.",
+            "",
+        ]
+        cols = ["units", "weights", "exact_every", "rev vs plain", "rev vs f64", "plain vs f64"]
+        cols.append("temp MiB")
+        rows = []
+        temps = {r["exact_every"]: r["temp"] for r in results["invertible"] if r["temp"]}
+        for r in results["invertible"]:
+            rows.append(
+                [
+                    r["units"],
+                    r["state"],
+                    str(r["exact_every"]),
+                    _e(r["rev_plain_rel"]),
+                    _e(r["rev_f64_rel"]),
+                    _e(r["plain_f64_rel"]),
+                    f"{temps[r['exact_every']] / 2**20:.2f}",
+                ]
+            )
+        lines += [_report.markdown_table(cols, rows), ""]
     if per_unit:
         lines += [
             "## Per unit",
@@ -613,6 +693,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
         nargs="*",
         help=f"depths of the options table (default {OPTION_DEPTHS}; none: skip it)",
     )
+    parser.add_argument(
+        "--invertible",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the invertible-downsampling chain section (default on)",
+    )
     args = parser.parse_args(argv)
     depths = QUICK_DEPTHS if args.quick else DEPTHS
     option_depths = QUICK_OPTION_DEPTHS if args.quick else OPTION_DEPTHS
@@ -637,6 +723,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         for key in results:
             if key != "sweep" or n in depths:
                 results[key] += out[key]
+    if args.invertible:
+        if args.quick:  # 6 units, at init, stored inputs none: the section's plumbing
+            results["invertible"] = measure_invertible(2, 0, x, y, exact_every=(None,))
+        else:
+            results["invertible"] = measure_invertible(INVERTIBLE_UNITS, steps, x, y)
     out_dir = Path(args.out_dir)
     text = report(results, _report.command_line(MODULE, argv), steps)
     _report.write_report(out_dir, NAME, text)

@@ -279,3 +279,7 @@ def test_bench_drift_quick(tmp_path):
     assert len(results["options"]) == 2 * len(bench_drift.QUICK_OPTIONS)
     for r in results["sweep"]:
         assert r["rec_max_rel"] < 1e-5 and r["rev_plain_cos"] > 0.999
+    # The invertible chain (3 stages of 2 units, at init): rebuilt across both stride-2 entries.
+    assert "## Invertible downsampling" in text
+    (row,) = results["invertible"]
+    assert row["rev_f64_rel"] < 1e-5 and row["rev_plain_rel"] < 1e-5, row  # measured 9e-7
