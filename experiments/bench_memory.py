@@ -63,7 +63,12 @@ LINES = {
         "revnet_tiny",
         {"remat_transitions": not _REMAT_DEFAULT},
     ),
-    "rev_inv": ("RevNet, invertible downsampling", "revnet_tiny", {"downsample": "invertible"}),
+    # one reversible chain across the stages, storing nothing but its output (no exact_every)
+    "rev_inv": (
+        "RevNet, invertible downsampling, exact_every=None",
+        "revnet_tiny",
+        {"downsample": "invertible", "exact_every": None},
+    ),
     "res": ("ResNet twin", "resnet_tiny", {}),
     "res_ckpt": ("ResNet, checkpoint per unit", "resnet_tiny", {"remat_units": True}),
 }
