@@ -46,6 +46,7 @@ from revjax._blocks import (
     LayerConfig,
     ResStage,
     RevStage,
+    call_rematerialised,
     chain_invertible_stages,
 )
 from revjax._checks import check_images
@@ -281,8 +282,8 @@ class RevNet(_Network):
       strides: per-stage stride of the entry unit; default ``(1, 2, 2, ...)``.
       memory_saving: rebuild activations in the backward (custom VJP); False runs the same
         parameters through plain autodiff. Also settable as an attribute.
-      remat_transitions: the entry units store only their input and recompute their
-        activations in the backward (a custom VJP whose recomputation is tied to the incoming
+      remat_transitions: the entry units (and the stem) store only their input and recompute
+        their activations in the backward (a custom VJP whose recomputation is tied to the incoming
         cotangent, `revjax._blocks.call_rematerialised`; on XLA:CPU a `jax.checkpoint` saved
         nothing). Default True: the same gradients for a fraction of the memory (RevNet-164:
         about half), for one extra forward of three units (``results/bench_transitions.md``).
@@ -447,7 +448,13 @@ class RevNet(_Network):
 
         Maps images [N, H, W, in] to two halves [N, H', W', C/2]; also used by `revjax.drift`.
         """
-        h = self.stem(self._check_input(x), train=train)
+        x = self._check_input(x)
+        if self.memory_saving and (self.remat_transitions or self.downsample == "invertible"):
+            # Like the entry units: store the images only, recompute the stem's activations
+            # in the backward (the ImageNet stem's are the network's largest).
+            h = call_rematerialised(self.stem, x, train=train)
+        else:
+            h = self.stem(x, train=train)
         h1, h2 = split_halves(h)  # [N, H', W', C/2] each
         return h1.astype(self.carry_dtype), h2.astype(self.carry_dtype)
 
