@@ -282,13 +282,14 @@ class RevNet(_Network):
       strides: per-stage stride of the entry unit; default ``(1, 2, 2, ...)``.
       memory_saving: rebuild activations in the backward (custom VJP); False runs the same
         parameters through plain autodiff. Also settable as an attribute.
-      remat_transitions: the entry units (and the stem) store only their input and recompute
-        their activations in the backward (a custom VJP whose recomputation is tied to the incoming
-        cotangent, `revjax._blocks.call_rematerialised`; on XLA:CPU a `jax.checkpoint` saved
-        nothing). Default True: the same gradients for a fraction of the memory (RevNet-164:
-        about half), for one extra forward of three units (``results/bench_transitions.md``).
-        ``False`` is the paper's code: entry units store their activations. Also settable as
-        an attribute.
+      remat_transitions: the entry units and the stem store only their input and recompute
+        their activations in the backward (a custom VJP whose recomputation is tied to the
+        incoming cotangent, `revjax._blocks.call_rematerialised`; on XLA:CPU a
+        `jax.checkpoint` saved nothing). Default True: the same gradients for a fraction of the
+        memory (RevNet-164: about half; RevNet-104, whose ImageNet stem has the network's
+        largest activations: 14 % less at batch 32), for one extra forward of the stem and
+        three units (``results/bench_transitions.md``). ``False`` is the paper's code: entry
+        units and stem store their activations. Also settable as an attribute.
       downsample: ``'pool'`` (the paper's entry units: average-pool-and-pad or projection
         shortcuts, not invertible) or ``'invertible'`` (i-RevNet, Jacobsen et al. 2018: the
         entry unit's shortcut is space-to-depth plus zero channels, so every unit is
