@@ -5,6 +5,7 @@ rebuild their inputs from their outputs in the backward pass, so activation memo
 with depth.
 """
 
+from revjax._core import ChainSegment as ChainSegment
 from revjax._core import Coupling as Coupling
 from revjax._core import additive_coupling as additive_coupling
 from revjax._core import affine_coupling as affine_coupling
@@ -13,7 +14,10 @@ from revjax._core import get_coupling as get_coupling
 from revjax._core import inverse_sequence as inverse_sequence
 from revjax._core import merge_halves as merge_halves
 from revjax._core import relative_error as relative_error
+from revjax._core import reversible_chain as reversible_chain
 from revjax._core import reversible_sequence as reversible_sequence
+from revjax._core import sequence_segment as sequence_segment
+from revjax._core import shortcut_unit_segment as shortcut_unit_segment
 from revjax._core import split_halves as split_halves
 from revjax.drift import DriftMonitor as DriftMonitor
 from revjax.drift import DriftWarning as DriftWarning
@@ -87,6 +91,7 @@ __all__ = [
     "vit_s16",
     "vit_ti16",
     "vit_tiny",
+    "ChainSegment",
     "Coupling",
     "additive_coupling",
     "affine_coupling",
@@ -95,6 +100,9 @@ __all__ = [
     "inverse_sequence",
     "merge_halves",
     "relative_error",
+    "reversible_chain",
     "reversible_sequence",
+    "sequence_segment",
+    "shortcut_unit_segment",
     "split_halves",
 ]

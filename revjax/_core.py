@@ -25,12 +25,16 @@ Array = jax.Array
 PyTree = Any
 
 __all__ = [
+    "ChainSegment",
     "Coupling",
     "additive_coupling",
     "affine_coupling",
     "get_coupling",
     "merge_halves",
+    "reversible_chain",
     "reversible_sequence",
+    "sequence_segment",
+    "shortcut_unit_segment",
     "split_halves",
 ]
 
