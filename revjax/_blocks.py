@@ -731,38 +731,26 @@ def chain_invertible_stages(
     shortcut) and its reversible units (a `sequence_segment`). Batch statistics are written
     back once, from the forward pass.
     """
-    kwargs = {"train": train}
     segments, params, modules = [], [], []
+
+    def branches(f: nnx.Module, g: nnx.Module) -> tuple[Callable, Callable]:
+        # F and G as the core's pure ``(state, x) -> (h, new_state)``; their states as params.
+        (f_def, f_state), (g_def, g_state) = nnx.split(f), nnx.split(g)
+        params.append((f_state, g_state))
+        modules.append((f, g))
+        calls = [_branch(d, {"train": train}) for d in (f_def, g_def)]
+        return tuple(lambda p, x, c=c: c(p, x, ()) for c in calls)
+
     for stage in stages:
         entry = stage.entry
-        (f_def, f_state), (g_def, g_state) = nnx.split(entry.f), nnx.split(entry.g)
-        f_call, g_call = _branch(f_def, kwargs), _branch(g_def, kwargs)
+        f, g = branches(entry.f, entry.g)
         segments.append(
-            shortcut_unit_segment(
-                lambda p, x, c=f_call: c(p, x, ()),
-                lambda p, x, c=g_call: c(p, x, ()),
-                entry.shortcut,
-                entry.shortcut.inverse,
-                has_aux=True,
-            )
+            shortcut_unit_segment(f, g, entry.shortcut, entry.shortcut.inverse, has_aux=True)
         )
-        params.append((f_state, g_state))
-        modules.append((entry.f, entry.g))
         if stage.reversible is not None:
             rev = stage.reversible
-            (f_def, f_state), (g_def, g_state) = nnx.split(rev.f), nnx.split(rev.g)
-            f_call, g_call = _branch(f_def, kwargs), _branch(g_def, kwargs)
-            segments.append(
-                sequence_segment(
-                    lambda p, x, c=f_call: c(p, x, ()),
-                    lambda p, x, c=g_call: c(p, x, ()),
-                    rev.num_units,
-                    has_aux=True,
-                    unroll=unroll,
-                )
-            )
-            params.append((f_state, g_state))
-            modules.append((rev.f, rev.g))
+            f, g = branches(rev.f, rev.g)
+            segments.append(sequence_segment(f, g, rev.num_units, has_aux=True, unroll=unroll))
     (y1, y2), aux = reversible_chain(segments, params, x1, x2, exact_every=exact_every)
     for (f_mod, g_mod), (f_new, g_new) in zip(modules, aux, strict=True):
         nnx.update(f_mod, f_new)
