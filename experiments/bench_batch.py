@@ -310,6 +310,8 @@ def largest_fitting_batch(
     under-estimate when the point fits, since the fixed part is ignored), from two or more it
     fits a line through the two points nearest the boundary, and it stops once a fitting batch
     and the next multiple, which does not fit, have both been compiled. Usually 3-4 compiles.
+    Where the line moves the same end of the bracket twice in a row (memory far from affine,
+    as on TPU), the next compile bisects the bracket.
 
     Args:
       total_of: compiled bytes at a batch size (``inf`` for a compile that runs out of memory).
@@ -330,11 +332,15 @@ def largest_fitting_batch(
     points: dict[int, float] = {}
     lo = hi = None  # largest fitting, smallest failing
 
+    sides: list[bool] = []  # fits?, for each compile made once the boundary was bracketed
+
     def measure(b: int) -> None:
         nonlocal lo, hi
         total = float(total_of(b))
         tries.append((b, total))
         points[b] = total
+        if lo is not None and hi is not None:
+            sides.append(total <= budget)
         if total <= budget:
             lo = b if lo is None else max(lo, b)
         else:
@@ -365,6 +371,10 @@ def largest_fitting_batch(
             pred = b1 * budget / t1
         else:  # only out-of-memory compiles so far
             pred = min(points) / 2
+        if lo is not None and hi is not None and len(sides) >= 2 and sides[-1] == sides[-2]:
+            # The line moved the same end twice: memory is far from affine here (TPU compiles,
+            # XLA:GPU rematerialising near the limit), so bisect instead.
+            pred = (lo + hi) / 2
         cand = down(pred)
         if lo is not None:
             cand = max(cand, lo + g)
