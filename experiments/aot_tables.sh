@@ -28,8 +28,8 @@ if [[ $what == all || $what == gpu ]]; then
     --models revnet164 resnet164 revnet104 resnet101 revnet110 resnet110 revnet38 resnet32 \
     revnet164:downsample=invertible,exact_every=None
   # Memory and compile time vs depth (one stage of basic units), H100.
-  "$PY" -m experiments.bench_memory --target h100 --processes "$N"
-  "$PY" -m experiments.bench_speed --target h100 --processes "$N"
+  "$PY" -m experiments.bench_memory --target h100 --depths 1 2 4 9 18 --processes "$N"
+  "$PY" -m experiments.bench_speed --target h100 --models revnet38 revnet110 revnet164 --repeats 3
   # The other GPU targets: the presets' default line against the ResNet twins.
   for t in h200 a100-80 a100-40; do
     "$PY" -m experiments.bench_models --target "$t" --presets revnet164 revnet110 revnet38 \
