@@ -403,10 +403,7 @@ def reversible_sequence(
             "remat=True checkpoints units of the plain-autodiff path; with memory_saving=True "
             "nothing is stored to begin with. Pass memory_saving=False with remat=True."
         )
-    if exact_every is not None and (
-        isinstance(exact_every, bool) or not isinstance(exact_every, int) or exact_every < 1
-    ):
-        raise ValueError(f"exact_every must be a positive int or None, got {exact_every!r}.")
+    check_exact_every(exact_every)
     if memory_saving:
         run = _make_memory_saving(cpl, f_branch, g_branch, unroll, exact_every)
     else:
@@ -465,6 +462,18 @@ def _scan_forward(
         body = jax.checkpoint(body)
     (y1, y2), aux = lax.scan(body, (x1, x2), (f_params, g_params, keys), unroll=unroll)
     return (y1, y2), aux
+
+
+def check_exact_every(exact_every: Any, owner: str = "") -> None:
+    """Raises a ValueError unless ``exact_every`` is a positive int or None (``owner``: the
+    class named at the start of the message, e.g. ``"RevNet"``)."""
+    if exact_every is not None and (
+        isinstance(exact_every, bool) or not isinstance(exact_every, int) or exact_every < 1
+    ):
+        prefix = f"{owner}: " if owner else ""
+        raise ValueError(
+            f"{prefix}exact_every must be a positive int or None, got {exact_every!r}."
+        )
 
 
 def exact_units(n: int, k: int | None) -> tuple[int, ...]:
@@ -839,10 +848,7 @@ def reversible_chain(
             f"reversible_chain needs one parameter pytree per segment: got {len(segments)} "
             f"segments and {len(params)} parameter pytrees."
         )
-    if exact_every is not None and (
-        isinstance(exact_every, bool) or not isinstance(exact_every, int) or exact_every < 1
-    ):
-        raise ValueError(f"exact_every must be a positive int or None, got {exact_every!r}.")
+    check_exact_every(exact_every)
     plans = chain_exact_units(segments, exact_every if memory_saving else None)
 
     def forward(params, x1, x2, keep):

@@ -29,7 +29,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from revjax._core import Coupling, get_coupling, reversible_sequence
+from revjax._core import Coupling, check_exact_every, get_coupling, reversible_sequence
 
 Array = jax.Array
 
@@ -67,13 +67,6 @@ def _branch(graphdef: nnx.GraphDef, kwargs: dict[str, Any]) -> Callable:
         return h, nnx.state(m, nnx.Not(nnx.Param))
 
     return call
-
-
-def _check_exact_every(exact_every: Any) -> None:
-    if exact_every is not None and (
-        isinstance(exact_every, bool) or not isinstance(exact_every, int) or exact_every < 1
-    ):
-        raise ValueError(f"exact_every must be a positive int or None, got {exact_every!r}.")
 
 
 class ReversibleSequence(nnx.Module):
@@ -152,7 +145,7 @@ class ReversibleSequence(nnx.Module):
                 f"and {type(make_g).__name__}."
             )
         get_coupling(coupling)  # an unknown name fails here, not at the first call
-        _check_exact_every(exact_every)
+        check_exact_every(exact_every)
         self.num_units = n
         self.coupling = coupling
         self.memory_saving = memory_saving
@@ -197,7 +190,7 @@ class ReversibleSequence(nnx.Module):
     ) -> tuple[Array, Array]:
         # The call with every setting explicit, for containers (the RevNet's stages) that own
         # the settings themselves.
-        _check_exact_every(exact_every)
+        check_exact_every(exact_every)
         for i, item in enumerate(context):
             is_nnx = lambda a: isinstance(a, nnx.Module | nnx.Variable)
             if any(is_nnx(leaf) for leaf in jax.tree.leaves(item, is_leaf=is_nnx)):

@@ -50,7 +50,7 @@ from revjax._blocks import (
     chain_invertible_stages,
 )
 from revjax._checks import check_images
-from revjax._core import merge_halves, split_halves
+from revjax._core import check_exact_every, merge_halves, split_halves
 
 Array = jax.Array
 Dtype = Any
@@ -373,12 +373,7 @@ class RevNet(_Network):
             halves=True,
             rngs=rngs,
         )
-        if exact_every is not None and (
-            isinstance(exact_every, bool) or not isinstance(exact_every, int) or exact_every < 1
-        ):
-            raise ValueError(
-                f"RevNet: exact_every must be a positive int or None, got {exact_every!r}."
-            )
+        check_exact_every(exact_every, "RevNet")
         self.exact_every = exact_every
         self.carry_dtype = self.dtype if carry_dtype is None else jnp.dtype(carry_dtype)
         self.memory_saving = memory_saving

@@ -47,7 +47,7 @@ from flax import nnx
 from jax import lax
 
 from revjax._checks import check_images
-from revjax._core import default_unroll, merge_halves
+from revjax._core import check_exact_every, default_unroll, merge_halves
 from revjax.layers import ReversibleSequence, stacked
 from revjax.models import _preset
 
@@ -625,12 +625,7 @@ class RevViT(_VisionTransformer):
         carry_dtype: Dtype | None = None,
         rngs: nnx.Rngs,
     ):
-        if exact_every is not None and (
-            isinstance(exact_every, bool) or not isinstance(exact_every, int) or exact_every < 1
-        ):
-            raise ValueError(
-                f"RevViT: exact_every must be a positive int or None, got {exact_every!r}."
-            )
+        check_exact_every(exact_every, "RevViT")
         parts = self._setup(
             image_size=image_size,
             patch_size=patch_size,
