@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import platform
@@ -294,9 +295,17 @@ class TargetCompiler:
       TimeoutError: no record within ``timeout`` seconds.
     """
 
-    def __init__(self, target: str | Target, *, python: str | None = None, timeout=None):
+    def __init__(
+        self,
+        target: str | Target,
+        *,
+        python: str | None = None,
+        timeout=None,
+        cache: str | Path | None = None,
+    ):
         self.target = get_target(target) if isinstance(target, str) else target
         self.timeout = timeout
+        self.cache = CompileCache(cache) if cache is not None else None
         self.cmd = [target_python(self.target, python), "-m", "experiments.aot", "--child"]
         self.cmd.append(self.target.name)
         self._stderr = tempfile.TemporaryFile(mode="w+")
@@ -343,7 +352,20 @@ class TargetCompiler:
         )
 
     def compile(self, spec: Mapping[str, Any]) -> dict:
-        """Compiles one `job`; its record (see `compile_for_target`)."""
+        """Compiles one `job`; its record (see `compile_for_target`). With a ``cache``, a job
+        compiled before for the same target, versions and sources is answered from it (the
+        record then has ``cached: True``), and every new record is added to it."""
+        if self.cache is not None:
+            key = self.cache.key(self.target, self.info, spec)
+            hit = self.cache.get(key)
+            if hit is not None:
+                return {**hit, "cached": True}
+            record = self._compile(spec)
+            self.cache.put(key, record)
+            return record
+        return self._compile(spec)
+
+    def _compile(self, spec: Mapping[str, Any]) -> dict:
         assert self.proc.stdin is not None
         try:
             self.proc.stdin.write(json.dumps(dict(spec)) + "\n")
@@ -375,6 +397,72 @@ class TargetCompiler:
         self.close()
 
 
+def source_fingerprint() -> str:
+    """A hash of everything a compiled record depends on besides the job and the versions: the
+    library's sources, this file, `experiments._report` (which builds the step) and the GPU
+    target configs."""
+    h = hashlib.sha256()
+    files = sorted((ROOT / "revjax").rglob("*.py")) + [
+        Path(__file__).resolve(),
+        ROOT / "experiments" / "_report.py",
+        *sorted(TARGETS_DIR.glob("*")),
+    ]
+    for f in files:
+        h.update(str(f.relative_to(ROOT)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+class CompileCache:
+    """Compile records kept in a JSON-lines file, so that a search or table interrupted or rerun
+    does not compile again what it already compiled (a TPU compile takes minutes).
+
+    A record is reused only for the same job, target, versions (JAX, plugin / libtpu) and
+    `source_fingerprint`: any change to revjax or to the step builder invalidates it. Lines are
+    appended whole, so a killed run leaves every finished compile behind; a truncated last line
+    is skipped. Failed compiles are kept only when they ran out of memory (a real answer), not
+    when something else went wrong."""
+
+    _lock = threading.Lock()
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.fingerprint = source_fingerprint()
+        self.records: dict[str, dict] = {}
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                    self.records[entry["key"]] = entry["record"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue
+
+    def key(self, target: Target, info: Mapping[str, Any], spec: Mapping[str, Any]) -> str:
+        blob = json.dumps(
+            {
+                "target": target.name,
+                "versions": info.get("versions"),
+                "sources": self.fingerprint,
+                "job": spec,
+            },
+            sort_keys=True,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def get(self, key: str) -> dict | None:
+        return self.records.get(key)
+
+    def put(self, key: str, record: Mapping[str, Any]) -> None:
+        if "error" in record and not is_out_of_memory_error(record["error"]):
+            return
+        with self._lock:
+            self.records[key] = dict(record)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"key": key, "record": record}) + "\n")
+                f.flush()
+
+
 def compile_for_target(
     target: str | Target,
     jobs: Sequence[Mapping[str, Any]],
@@ -383,6 +471,7 @@ def compile_for_target(
     timeout: float | None = None,
     on_record: Callable[[dict], None] | None = None,
     processes: int = 1,
+    cache: str | Path | None = None,
 ) -> tuple[dict, list[dict]]:
     """Compiles every job for ``target`` in child processes (`TargetCompiler`).
 
@@ -393,6 +482,7 @@ def compile_for_target(
       timeout: seconds per compile (``None``: no limit).
       on_record: called with each record as it arrives (progress of long TPU compiles).
       processes: child processes compiling at once (XLA compiles mostly on one core).
+      cache: a `CompileCache` file: jobs compiled before are answered from it.
 
     Returns:
       ``(info, records)``: the child's description of the target (``device_kind``, versions,
@@ -407,7 +497,7 @@ def compile_for_target(
     lock = threading.Lock()
 
     def work() -> None:
-        with TargetCompiler(target, python=python, timeout=timeout) as compiler:
+        with TargetCompiler(target, python=python, timeout=timeout, cache=cache) as compiler:
             infos.append(compiler.info)
             while True:
                 with lock:
@@ -632,6 +722,15 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="interpreter with the target's JAX plugin (default: $REVJAX_AOT_<CUDA|TPU>_PYTHON, "
         "else .venv-aot-<cuda|tpu>)",
+    )
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="with --target: reuse compile records from this JSON-lines file and add new ones "
+        "(same job, target, versions and revjax sources only); reruns and interrupted searches "
+        "then skip what was compiled",
     )
 
 

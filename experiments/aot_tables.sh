@@ -18,30 +18,38 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 N=${PROCESSES:-2}
 what=${1:-all}
+# Compile records are kept here (experiments/aot.py, CompileCache): a rerun or an interrupted
+# search does not compile again what it compiled for the same sources and versions.
+CACHE=${CACHE_DIR:-results/.aot-cache}
 
 if [[ $what == all || $what == gpu ]]; then
   # Presets on the H100: every memory line, compile times, FLOPs of the transition setting.
   "$PY" -m experiments.bench_models --target h100 --flops --presets revnet164 revnet110 revnet38 \
-    --lines rev rev_transitions rev_invertible rev_invertible_flat res --processes "$N"
+    --lines rev rev_transitions rev_invertible rev_invertible_flat res --processes "$N" \
+    --cache "$CACHE/h100.jsonl"
   # Largest batch (simulated) on the H100.
   "$PY" -m experiments.bench_batch --target h100 --processes "$N" --max-compiles 5 \
+    --cache "$CACHE/h100.jsonl" \
     --models revnet164 resnet164 revnet104 resnet101 revnet110 resnet110 revnet38 resnet32 \
     revnet164:downsample=invertible,exact_every=None
   # Memory and compile time vs depth (one stage of basic units), H100.
-  "$PY" -m experiments.bench_memory --target h100 --depths 1 2 4 9 18 --processes "$N"
+  "$PY" -m experiments.bench_memory --target h100 --depths 1 2 4 9 18 --processes "$N" \
+    --cache "$CACHE/h100.jsonl"
   "$PY" -m experiments.bench_speed --target h100 --models revnet38 revnet110 revnet164 --repeats 3
   # The other GPU targets: the presets' default line against the ResNet twins.
   for t in h200 a100-80 a100-40; do
     "$PY" -m experiments.bench_models --target "$t" --presets revnet164 revnet110 revnet38 \
-      --lines rev rev_invertible_flat res --processes "$N"
+      --lines rev rev_invertible_flat res --processes "$N" --cache "$CACHE/$t.jsonl"
   done
 fi
 if [[ $what == all || $what == tpu ]]; then
   # TPU v5e (16 GiB): each compile takes minutes, so the RevNet-164 pair only. TPU memory is
-  # far from affine in the batch (RevNet-164: 2.0 MiB per image at 128, 2.3 at 7,296), so the
-  # search needs up to five compiles to close the bracket.
-  "$PY" -m experiments.bench_batch --target tpu-v5e --processes "$N" --max-compiles 5 \
+  # far from affine in the batch (RevNet-164: 2.0 MiB per image at 128, 3.1 at 4,760) and not
+  # even monotone, so the search starts near the brackets an earlier run found (ResNet-164:
+  # fits 128, not 264; RevNet-164: fits 128, not 4,760) and bisects once the line misses.
+  "$PY" -m experiments.bench_batch --target tpu-v5e --processes "$N" --max-compiles 10 \
+    --cache "$CACHE/tpu-v5e.jsonl" --start revnet164=4400 resnet164=224 \
     --models revnet164 resnet164
   "$PY" -m experiments.bench_models --target tpu-v5e --presets revnet164 \
-    --lines rev rev_invertible_flat res --processes "$N"
+    --lines rev rev_invertible_flat res --processes "$N" --cache "$CACHE/tpu-v5e.jsonl"
 fi

@@ -168,7 +168,7 @@ def search_model(model: str, args, overrides: dict, compiler_options, limit) -> 
         model, size=args.size, overrides=overrides, limit=limit, compiler_options=compiler_options
     )
     if args.start is not None or start is None:
-        start = args.start or 1
+        start = start_for(args.start, model) or 1
     records: dict[int, dict] = {}
 
     def fits(batch: int) -> bool:
@@ -406,6 +406,23 @@ def parse_model_spec(spec: str) -> tuple[str, dict]:
     return preset, overrides
 
 
+def parse_start(item: str) -> tuple[str | None, int]:
+    """``"4600"`` -> ``(None, 4600)``; ``"revnet164:downsample=invertible=4600"`` -> that model
+    spec and 4600."""
+    spec, eq, value = item.rpartition("=")
+    try:
+        return (spec if eq else None), int(value)
+    except ValueError:
+        message = f"expected N or MODEL=N (an integer), got {item!r}"
+        raise argparse.ArgumentTypeError(message) from None
+
+
+def start_for(starts, spec: str) -> int | None:
+    """The ``--start`` batch for one model spec: its own, else the global one, else None."""
+    starts = dict(starts or [])
+    return starts.get(spec, starts.get(None))
+
+
 def default_target_models() -> list[str]:
     """The issue-10 presets, plus RevNet-164 / RevNet-104 with the transition setting that is
     not the default, and with invertible downsampling where the installed RevNet has it."""
@@ -442,7 +459,7 @@ def _simulate_model(compiler, spec: str, budget: float, args) -> dict:
         )
         return r["total"]
 
-    start = args.start or (128 if size <= 64 else 32)
+    start = start_for(args.start, spec) or (128 if size <= 64 else 32)
     largest, failed, tries = largest_fitting_batch(
         total_of,
         budget,
@@ -492,7 +509,7 @@ def simulate_on_target(args, on_row=None) -> tuple[dict, list[dict], float]:
     lock = threading.Lock()
 
     def work() -> None:  # one child process per thread; models shared out as they finish
-        with aot.TargetCompiler(target, python=args.aot_python) as compiler:
+        with aot.TargetCompiler(target, python=args.aot_python, cache=args.cache) as compiler:
             infos.append(compiler.info)
             while True:
                 with lock:
@@ -611,9 +628,13 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=None, help="image side (default 32)")
     parser.add_argument(
         "--start",
-        type=int,
+        nargs="+",
+        type=parse_start,
         default=None,
-        help="first batch to try (default: estimated from compiled memory)",
+        metavar="[MODEL=]N",
+        help="first batch to try: N for every model, MODEL=N for one (with --target; a start "
+        "near the answer saves compiles: default 128, 32 at 224x224). Without --target: N only, "
+        "default estimated from compiled memory",
     )
     parser.add_argument("--max-batch", type=int, default=None, help="search cap (default 2^20)")
     parser.add_argument(
@@ -706,7 +727,7 @@ def main(argv=None):
         models = args.models or ["revnet_tiny", "resnet_tiny"]
         overrides = {"units_per_stage": (1,), "widths": (4, 8)}
         args.max_batch = args.max_batch or 4
-        args.start = args.start or 4  # one try per model: the search is tested on its own
+        args.start = args.start or [(None, 4)]  # one try per model: the search is tested on its own
     else:
         models = args.models or ["revnet164", "resnet164"]
         overrides = {}

@@ -167,9 +167,10 @@ def run(cfg: dict, *, device_peak: bool, worker_timeout: float) -> dict[str, lis
 
 
 def run_on_target(
-    cfg: dict, target: str, python: str | None, processes: int = 1
+    cfg: dict, target: str, python: str | None, processes: int = 1, cache=None
 ) -> tuple[dict, dict]:
-    """Every line at every depth, compiled ahead of time for ``target`` (one child process)."""
+    """Every line at every depth, compiled ahead of time for ``target`` (``cache``: an
+    `aot.CompileCache` file)."""
     jobs = [
         aot.job(
             LINES[key][1],
@@ -188,7 +189,7 @@ def run_on_target(
         print(f"  {LINES[key][0]}: {units} units per stage, {what}", flush=True)
 
     info, records = aot.compile_for_target(
-        target, jobs, python=python, on_record=progress, processes=processes
+        target, jobs, python=python, on_record=progress, processes=processes, cache=cache
     )
     failed = [r for r in records if "error" in r]
     if failed:
@@ -384,7 +385,9 @@ def _main_target(args, cfg: dict, argv) -> dict:
     target = aot.get_target(args.target)
     stages = len(cfg["widths"]) - 1
     print(f"compiling {len(LINES) * len(cfg['depths'])} train steps for {target.name}", flush=True)
-    info, results = run_on_target(cfg, target.name, args.aot_python, args.processes)
+    info, results = run_on_target(
+        cfg, target.name, args.aot_python, args.processes, cache=args.cache
+    )
     head = _report.target_header(
         "Memory vs depth",
         f"train step (SGD + momentum, BatchNorm) of RevNet / ResNet, basic blocks, {stages} "

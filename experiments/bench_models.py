@@ -273,6 +273,7 @@ def measure_on_target(
             python=args.aot_python,
             on_record=collect,
             processes=args.processes,
+            cache=args.cache,
         )
         infos[:] = [info]
 

@@ -313,6 +313,11 @@ def main(argv=None):
     batch = args.batch or batch
     size = args.size or size
     if args.target:
+        if args.cache is not None:
+            raise SystemExit(
+                f"{NAME}: --cache would report earlier runs' compile times as this run's; "
+                "bench_speed compiles every time (drop --cache)"
+            )
         return _main_target(args, entries, batch, size, argv)
     repeats = args.repeats or repeats
 

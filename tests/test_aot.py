@@ -1,6 +1,7 @@
 """Ahead-of-time compilation for other devices (experiments/aot.py), with this host's CPU as the
 target: the child-process plumbing the GPU/TPU compiles use, without any CUDA or TPU wheel."""
 
+import argparse
 import math
 import re
 
@@ -151,13 +152,36 @@ def test_benchmarks_compile_for_a_target(tmp_path):
 
     with pytest.raises(SystemExit, match="no device memory"):
         bench_batch.main(["--target", "cpu", "--models", "revnet_tiny", "--out-dir", out])
-    rows = bench_batch.main(
-        ["--target", "cpu", "--models", "revnet_tiny", "--size", "8", "--memory-gib", "0.002"]
-        + ["--reserve", "0", "--out-dir", out]
-    )
-    (row,) = rows
+    argv = ["--target", "cpu", "--models", "revnet_tiny", "--size", "8", "--memory-gib", "0.002"]
+    argv += ["--reserve", "0", "--out-dir", out, "--cache", str(tmp_path / "cache.jsonl")]
+    (row,) = bench_batch.main(argv)
     budget = 0.002 * 2**30
     assert row["records"][row["largest"]]["total"] <= budget
     assert row["records"][row["first_failure"]]["total"] > budget
     assert row["first_failure"] == row["largest"] + 8
+    assert not any(r.get("cached") for r in row["records"].values())
+    # A rerun answers every compile from the cache, with the same search and figures; a torn
+    # last line (a run killed mid-write) is skipped.
+    with open(tmp_path / "cache.jsonl", "a") as f:
+        f.write('{"key": "torn')
+    (again,) = bench_batch.main(argv)
+    assert all(r["cached"] for r in again["records"].values())
+    assert again["tries"] == row["tries"]
+    # Another batch, or other versions, is not a hit.
+    cache = aot.CompileCache(tmp_path / "cache.jsonl")
+    cpu, info = aot.TARGETS["cpu"], {"versions": {"jax": "0.10.2"}}
+    spec = aot.job("revnet_tiny", {"unroll": 1}, batch=8, size=8)
+    key = cache.key(cpu, info, spec)
+    assert key != cache.key(cpu, info, {**spec, "batch": 16})
+    assert key != cache.key(cpu, {"versions": {"jax": "0.10.3"}}, spec)
     assert "target **cpu**" in _first_line(tmp_path / "bench_batch_cpu.md")
+
+
+def test_start_per_model():
+    """``--start 128 revnet164:downsample=invertible=4600``: a global start and one per model."""
+    starts = [bench_batch.parse_start(s) for s in ("128", "revnet164:downsample=invertible=4600")]
+    assert bench_batch.start_for(starts, "revnet164:downsample=invertible") == 4600
+    assert bench_batch.start_for(starts, "resnet164") == 128
+    assert bench_batch.start_for(None, "resnet164") is None
+    with pytest.raises(argparse.ArgumentTypeError, match="MODEL=N"):
+        bench_batch.parse_start("revnet164=many")
