@@ -64,12 +64,16 @@ def measure(
     base: dict,
     repeats: int,
     timing: bool = True,
+    unroll: int | None = None,
 ) -> dict[str, dict]:
-    """Params, rolled temp bytes, flops and step times of ``preset`` in each variant."""
+    """Params, rolled temp bytes, flops and step times of ``preset`` in each variant (``unroll``:
+    the scans of the timed step; None: the backend's default)."""
     out: dict[str, dict] = {}
     runs = {}
     for name in variants:
         overrides = {**base, **VARIANTS[name]}
+        if unroll is not None:
+            overrides["unroll"] = unroll
         step, state, data = _report.abstract_train_step(
             preset, {**overrides, "unroll": 1}, batch_size=batch, image_size=size
         )
@@ -178,6 +182,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--size", type=int, default=32, help="image side (square)")
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds")
     parser.add_argument("--no-time", action="store_true", help="memory and flops only")
+    parser.add_argument(
+        "--unroll",
+        type=int,
+        default=None,
+        help="scan unroll of the timed step (default: the backend's, full on CPU; 1: rolled, "
+        "as GPUs/TPUs run, and compiled in seconds on CPU; flops then count a loop body once)",
+    )
     parser.add_argument("--out-dir", type=Path, default=Path("results"))
     args = parser.parse_args(argv)
     presets, base, batch, size = args.presets, {}, args.batch, args.size
@@ -193,10 +204,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
             base=base,
             repeats=2 if args.quick else args.repeats,
             timing=not args.no_time,
+            unroll=args.unroll,
         )
+    unrolled = (
+        "scans at the backend's default unroll"
+        if args.unroll is None
+        else f"scans unroll={args.unroll} (flops count a rolled loop's body once)"
+    )
     head = _report.header(
         "Stage transitions: stored, recomputed, invertible",
-        f"trainer's train step, batch {batch}, {size}x{size}, float32",
+        f"trainer's train step, batch {batch}, {size}x{size}, float32, {unrolled}",
         _report.command_line(MODULE, argv),
     )
     _report.write_report(args.out_dir, NAME, to_markdown(results, head, not args.no_time))

@@ -5,7 +5,15 @@ import json
 
 import pytest
 
-from experiments import _report, bench_batch, bench_core, bench_memory, bench_speed, gpu_check
+from experiments import (
+    _report,
+    bench_batch,
+    bench_core,
+    bench_memory,
+    bench_speed,
+    bench_transitions,
+    gpu_check,
+)
 
 
 def _table_rows(text: str) -> list[list[str]]:
@@ -42,6 +50,21 @@ def test_bench_memory_quick(tmp_path):
     slopes = bench_memory.slopes(results)
     assert slopes["rev_plain"] > 0 and slopes["res"] > 0
     assert slopes["res_ckpt"] < slopes["res"]
+
+
+def test_bench_transitions_quick(tmp_path):
+    """Stored vs recomputed transitions, timed with rolled scans: recomputing adds flops, saves
+    memory and keeps the parameters; the table names the unroll."""
+    argv = ["--quick", "--unroll", "1", "--variants", "store", "remat"]
+    results = bench_transitions.main([*argv, "--out-dir", str(tmp_path)])
+    text = (tmp_path / "bench_transitions.md").read_text()
+    assert "unroll=1" in text.splitlines()[0]
+    r = results["revnet_tiny"]
+    assert r["remat"]["params"] == r["store"]["params"]
+    assert r["remat"]["flops"] > r["store"]["flops"]
+    assert r["remat"]["temp"] < r["store"]["temp"]
+    for v in r.values():
+        assert v["median"] > 0 and v["cpu_median"] > 0
 
 
 def test_bench_speed_quick(tmp_path):
