@@ -18,6 +18,10 @@ blocks <= 1.10x temp at 12), ViT growing.
     python -m experiments.bench_vit --depths 6 12 --batch 8 --time-depth 6
     python -m experiments.bench_vit --quick               # seconds: tiny models, for tests
     python -m experiments.bench_vit --no-time             # memory only (compile only)
+    python -m experiments.bench_vit --target h100         # compiled for an H100, nothing runs
+
+With ``--target`` the memory table is compiled ahead of time for that GPU/TPU in a child process
+(nothing runs, so no step times) and written as ``bench_vit_<target>.md`` / ``.png``.
 
 Writes ``<out-dir>/bench_vit.md`` and ``<out-dir>/bench_vit.png``.
 """
@@ -29,7 +33,7 @@ from pathlib import Path
 
 import jax
 
-from experiments import _report
+from experiments import _report, aot
 from revjax.measure import time_interleaved
 
 NAME = "bench_vit"
@@ -104,6 +108,49 @@ def measure(
     return out
 
 
+def measure_on_target(args, depths, *, batch: int, size: int, presets: dict) -> tuple[dict, dict]:
+    """The memory half of `measure`, compiled for ``args.target`` (`experiments.aot`).
+
+    Returns:
+      ``(info, results)``: the target's description and `measure`'s dict without step times.
+    """
+    jobs = [
+        aot.job(
+            presets.get(preset, preset),
+            {**overrides, "depth": depth, "unroll": 1},
+            batch=batch,
+            size=size,
+            num_classes=CLASSES,
+            key=[key, depth],
+        )
+        for depth in depths
+        for key, (_, preset, overrides) in LINES.items()
+    ]
+
+    def progress(r: dict) -> None:
+        key, depth = r["key"]
+        what = r["error"][:200] if "error" in r else f"temp {r['temp'] / 2**20:.2f} MiB"
+        print(f"  depth {depth:3d} {LINES[key][0]}: {what}", flush=True)
+
+    info, records = aot.compile_for_target(
+        args.target,
+        jobs,
+        python=args.aot_python,
+        on_record=progress,
+        processes=args.processes,
+        cache=args.cache,
+    )
+    failed = [r for r in records if "error" in r]
+    if failed:
+        raise SystemExit(f"{NAME}: {len(failed)} compiles failed, first: {failed[0]['error']}")
+    out = {"temp": {k: {} for k in LINES}, "params": {k: {} for k in LINES}, "time": {}}
+    for r in records:
+        key, depth = r["key"]
+        out["temp"][key][depth] = r["temp"]
+        out["params"][key][depth] = r["params"]
+    return info, out
+
+
 def to_markdown(results: dict, head: str, depths, *, batch: int, time_depth: int) -> str:
     """The memory table (one row per depth), ratios, and the step-time table."""
     unit, div = _report.byte_unit(v for line in results["temp"].values() for v in line.values())
@@ -170,6 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--out", "--out-dir", dest="out", default="results", type=Path, help="output directory"
     )
+    aot.add_target_arguments(parser)
     args = parser.parse_args(argv)
 
     if args.quick:
@@ -181,33 +229,41 @@ def main(argv: list[str] | None = None) -> dict:
     depths = tuple(sorted(args.depths or depths))
     batch = args.batch or batch
     print(f"RevViT vs ViT: depths {depths}, batch {batch}, {size}x{size}", flush=True)
-    results = measure(
-        depths,
-        batch=batch,
-        size=size,
-        presets=presets,
-        timing=not args.no_time,
-        time_depth=time_depth,
-        repeats=args.repeats,
-    )
-
     details = f"RevViT vs ViT twin, train-step temp memory against depth, batch {batch}"
     details += " (quick: tiny models)" if args.quick else f" ({size}x{size}, patch 4, D 192)"
-    head = _report.header(NAME, details, _report.command_line(MODULE, argv))
+    command = _report.command_line(MODULE, argv)
+    name, title = NAME, ""
+    if args.target:
+        target = aot.get_target(args.target)
+        info, results = measure_on_target(args, depths, batch=batch, size=size, presets=presets)
+        details += "; nothing runs, so no step times. " + aot.LOWER_BOUND_NOTE
+        head = _report.target_header(NAME, details, command, aot.describe(target, info))
+        name, title = f"{NAME}_{target.name}", f", {target.description} (compiled)"
+    else:
+        results = measure(
+            depths,
+            batch=batch,
+            size=size,
+            presets=presets,
+            timing=not args.no_time,
+            time_depth=time_depth,
+            repeats=args.repeats,
+        )
+        head = _report.header(NAME, details, command)
     text = to_markdown(results, head, depths, batch=batch, time_depth=time_depth)
-    _report.write_report(args.out, NAME, text)
+    _report.write_report(args.out, name, text)
     unit, div = _report.byte_unit(v for line in results["temp"].values() for v in line.values())
     _report.plot_lines(
-        args.out / f"{NAME}.png",
+        args.out / f"{name}.png",
         {
             label: (list(depths), [results["temp"][k][d] / div for d in depths])
             for k, (label, _, _) in LINES.items()
         },
-        title=f"Train-step temp memory vs depth (batch {batch}, rolled scans)",
+        title=f"Train-step temp memory vs depth (batch {batch}, rolled scans){title}",
         xlabel="blocks",
         ylabel=f"compiled temp {unit}",
     )
-    if jax.default_backend() == "cpu" and not args.quick:
+    if jax.default_backend() == "cpu" and not args.quick and not args.target:
         print("note: CPU figures; step times on an accelerator differ", flush=True)
     return results
 

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from experiments import _report, aot, bench_batch, bench_models
+from experiments import _report, aot, bench_batch, bench_models, bench_vit
 
 TINY = {"units_per_stage": [1], "widths": [4, 8]}
 
@@ -185,3 +185,17 @@ def test_start_per_model():
     assert bench_batch.start_for(None, "resnet164") is None
     with pytest.raises(argparse.ArgumentTypeError, match="MODEL=N"):
         bench_batch.parse_start("revnet164=many")
+
+
+def test_bench_vit_compiles_for_a_target(tmp_path):
+    """bench_vit --target: the RevViT / ViT memory table compiled in the child (no step
+    times), equal to what this process compiles, headed by the target."""
+    results = bench_vit.main(["--quick", "--target", "cpu", "--out", str(tmp_path)])
+    first = _first_line(tmp_path / "bench_vit_cpu.md")
+    assert "target **cpu**" in first and "no step times" in first
+    assert (tmp_path / "bench_vit_cpu.png").exists() and not results["time"]
+    step, state, batch = _report.abstract_train_step(
+        "vit_tiny", {"depth": 4, "unroll": 1}, batch_size=2, image_size=8
+    )
+    assert results["temp"]["vit"][4] == _report.compiled_step_memory(step, state, batch)["temp"]
+    assert results["temp"]["vit"][4] > results["temp"]["vit"][2]  # the twin grows with depth
