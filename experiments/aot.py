@@ -514,6 +514,14 @@ def compile_for_target(
     return infos[0], [r for r in records if r is not None]
 
 
+def require_compiled(records: Sequence[dict], owner: str) -> None:
+    """Exits naming ``owner`` (a benchmark) and the first error when any job failed to compile
+    (for tables that need every job: memory vs depth, compile times)."""
+    failed = [r for r in records if "error" in r]
+    if failed:
+        raise SystemExit(f"{owner}: {len(failed)} compiles failed, first: {failed[0]['error']}")
+
+
 def run_in_threads(work: Callable[[], None], n: int) -> None:
     """Runs ``work`` in ``n`` threads (each owns its child process); re-raises the first error."""
     if n == 1:

@@ -191,9 +191,7 @@ def run_on_target(
     info, records = aot.compile_for_target(
         target, jobs, python=python, on_record=progress, processes=processes, cache=cache
     )
-    failed = [r for r in records if "error" in r]
-    if failed:
-        raise SystemExit(f"{NAME}: {len(failed)} compiles failed, first: {failed[0]['error']}")
+    aot.require_compiled(records, NAME)
     results = {key: [] for key in LINES}
     for r in records:
         key, units = r["key"]

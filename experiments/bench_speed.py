@@ -211,9 +211,7 @@ def compile_on_target(entries, *, batch: int, size: int, repeats: int, args) -> 
     info, records = aot.compile_for_target(
         args.target, jobs, python=args.aot_python, on_record=progress, processes=args.processes
     )
-    failed = [r for r in records if "error" in r]
-    if failed:
-        raise SystemExit(f"{NAME}: {len(failed)} compiles failed, first: {failed[0]['error']}")
+    aot.require_compiled(records, NAME)
     rows = []
     for e in entries:
         row = {"label": e.label, "depth": e.depth, "twin": e.twin}

@@ -140,9 +140,7 @@ def measure_on_target(args, depths, *, batch: int, size: int, presets: dict) -> 
         processes=args.processes,
         cache=args.cache,
     )
-    failed = [r for r in records if "error" in r]
-    if failed:
-        raise SystemExit(f"{NAME}: {len(failed)} compiles failed, first: {failed[0]['error']}")
+    aot.require_compiled(records, NAME)
     out = {"temp": {k: {} for k in LINES}, "params": {k: {} for k in LINES}, "time": {}}
     for r in records:
         key, depth = r["key"]
