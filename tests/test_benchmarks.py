@@ -53,9 +53,10 @@ def test_bench_memory_quick(tmp_path):
 
 
 def test_bench_transitions_quick(tmp_path):
-    """Stored vs recomputed transitions, timed with rolled scans: recomputing adds flops, saves
-    memory and keeps the parameters; the table names the unroll."""
-    argv = ["--quick", "--unroll", "1", "--variants", "store", "remat"]
+    """Stored vs recomputed transitions with rolled scans (memory and flops only: timing is
+    skipped to keep the suite fast): recomputing adds flops, saves memory and keeps the
+    parameters; the table names the unroll."""
+    argv = ["--quick", "--unroll", "1", "--variants", "store", "remat", "--no-time"]
     results = bench_transitions.main([*argv, "--out-dir", str(tmp_path)])
     text = (tmp_path / "bench_transitions.md").read_text()
     assert "unroll=1" in text.splitlines()[0]
@@ -63,8 +64,6 @@ def test_bench_transitions_quick(tmp_path):
     assert r["remat"]["params"] == r["store"]["params"]
     assert r["remat"]["flops"] > r["store"]["flops"]
     assert r["remat"]["temp"] < r["store"]["temp"]
-    for v in r.values():
-        assert v["median"] > 0 and v["cpu_median"] > 0
 
 
 def test_bench_speed_quick(tmp_path):
