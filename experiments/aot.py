@@ -564,6 +564,22 @@ LOWER_BOUND_NOTE = (
     "so every cuDNN convolution gets a 0-byte workspace, and the CUDA context, library handles "
     "and allocator fragmentation are not counted."
 )
+_LOWER_BOUND_NOTES = {
+    "cuda": LOWER_BOUND_NOTE,
+    "tpu": (
+        "Compiled bytes are a lower bound of what the chip needs: the program's code, what the "
+        "TPU runtime reserves for itself and any fragmentation are not counted."
+    ),
+    "cpu": (
+        "Compiled bytes are a lower bound of what this host's process needs (the cpu target "
+        "tests the plumbing): the runtime's own allocations are not counted."
+    ),
+}
+
+
+def lower_bound_note(target: Target) -> str:
+    """What a table's compiled bytes leave out, for ``target``'s kind of device."""
+    return _LOWER_BOUND_NOTES[target.platform]
 
 
 def records_by_key(records: Iterable[dict]) -> dict:

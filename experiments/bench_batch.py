@@ -526,7 +526,12 @@ def simulate_on_target(args, on_row=None) -> tuple[dict, list[dict], float]:
 
 
 def to_markdown_target(
-    rows: list[dict], head: str, budget: float, multiple: int, max_compiles: int
+    rows: list[dict],
+    head: str,
+    budget: float,
+    multiple: int,
+    max_compiles: int,
+    note: str = aot.LOWER_BOUND_NOTE,
 ) -> str:
     columns = [
         "model",
@@ -597,7 +602,7 @@ def to_markdown_target(
         "Line's prediction: the largest multiple that line puts within the budget. Targets "
         "(issue 10, H100): RevNet-164 >= 10x ResNet-164, RevNet-104 >= 4x ResNet-101.",
         "",
-        aot.LOWER_BOUND_NOTE,
+        note,
     ]
     return "\n".join(lines)
 
@@ -686,6 +691,8 @@ def main(argv=None):
         if args.quick:
             raise SystemExit(f"{NAME}: --quick has no meaning with --target; use --models")
 
+        note = aot.lower_bound_note(target)
+
         def report(info, rows, budget, final=False):
             done = "" if final else f" (partial: {len(rows)} models so far)"
             details = (
@@ -705,7 +712,7 @@ def main(argv=None):
             _report.write_report(
                 args.out_dir,
                 name,
-                to_markdown_target(rows, head, budget, args.multiple, args.max_compiles),
+                to_markdown_target(rows, head, budget, args.multiple, args.max_compiles, note),
             )
             png = plot_target(
                 rows,

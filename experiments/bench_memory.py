@@ -392,7 +392,7 @@ def _main_target(args, cfg: dict, argv) -> dict:
         f"stages, widths {'/'.join(map(str, cfg['widths']))} (ResNet twin: same units per stage "
         f"and total widths), batch {cfg['batch']}, {cfg['size']}x{cfg['size']}, float32; "
         "compiled temp bytes of `memory_analysis()` with rolled scans (unroll=1). "
-        + aot.LOWER_BOUND_NOTE,
+        + aot.lower_bound_note(target),
         _report.command_line(MODULE, argv),
         aot.describe(target, info),
     )

@@ -368,7 +368,7 @@ def to_markdown_target(results: dict, head: str, target: aot.Target) -> str:
         f"Targets (issue 10, H100, batch 128): RevNet-164 defaults <= 0.08x ResNet-164, "
         f"with invertible downsampling <= 0.05x; RevNet-110 / RevNet-38 temp <= 1.10.",
         "",
-        aot.LOWER_BOUND_NOTE,
+        aot.lower_bound_note(target),
     ]
     out = [head, "", _report.markdown_table(columns, rows), "", *notes]
     if flops_rows:

@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.target:
         target = aot.get_target(args.target)
         info, results = measure_on_target(args, depths, batch=batch, size=size, presets=presets)
-        details += "; nothing runs, so no step times. " + aot.LOWER_BOUND_NOTE
+        details += "; nothing runs, so no step times. " + aot.lower_bound_note(target)
         head = _report.target_header(NAME, details, command, aot.describe(target, info))
         name, title = f"{NAME}_{target.name}", f", {target.description} (compiled)"
     else:

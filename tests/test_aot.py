@@ -12,6 +12,13 @@ from experiments import _report, aot, bench_batch, bench_models, bench_vit
 TINY = {"units_per_stage": [1], "widths": [4, 8]}
 
 
+def test_lower_bound_note_per_platform():
+    notes = {aot.lower_bound_note(t) for t in aot.TARGETS.values()}
+    assert len(notes) == 3  # cuda, tpu, cpu
+    assert "cuDNN" in aot.lower_bound_note(aot.TARGETS["h100"])
+    assert "cuDNN" not in aot.lower_bound_note(aot.TARGETS["tpu-v5e"])
+
+
 def test_targets_name_their_device_memory():
     gpus = [t for t in aot.TARGETS.values() if t.platform == "cuda"]
     tpus = [t for t in aot.TARGETS.values() if t.platform == "tpu"]
@@ -142,6 +149,7 @@ def test_benchmarks_compile_for_a_target(tmp_path):
     text = (tmp_path / "bench_models_cpu.md").read_text()
     assert "target **cpu**" in _first_line(tmp_path / "bench_models_cpu.md")
     assert "lower bound" in text and "extra" in text
+    assert "cuDNN" not in text  # the note fits the target's kind of device
     lines = results["revnet_tiny"]["lines"]
     assert "memory" not in lines.get("res_ckpt", {})  # --lines
     assert lines["rev"]["memory"]["temp"] < lines["rev_plain"]["memory"]["temp"]
