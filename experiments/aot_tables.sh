@@ -5,6 +5,7 @@
 #   bash experiments/aot_tables.sh            # all of them
 #   bash experiments/aot_tables.sh gpu        # the H100 (and other GPU) tables only
 #   bash experiments/aot_tables.sh tpu        # the TPU v5e tables only
+#   bash experiments/aot_tables.sh tpu-all    # TPU v5e largest batch for all four pairs (hours)
 #
 # Time: an H100 compile of a CIFAR preset takes ~15 s of one core, a TPU v5e compile ~4 min;
 # on 2 idle cores the GPU half takes ~40 min, the TPU half ~1 h. $PROCESSES child processes
@@ -54,4 +55,12 @@ if [[ $what == all || $what == tpu ]]; then
     --models revnet164 resnet164
   "$PY" -m experiments.bench_models --target tpu-v5e --presets revnet164 \
     --lines rev rev_invertible_flat res --processes "$N" --cache "$CACHE/tpu-v5e.jsonl"
+fi
+if [[ $what == tpu-all ]]; then
+  # Every pair on the v5e, the RevNet-164 pair starting at the bracket found on 2026-11-29
+  # (fits 5,112 / 256). TPU compiles take 4-19 minutes each on 2 cores: about 36 compiles,
+  # some 2-3 hours with two processes on an idle host; rerun with the same cache to resume.
+  "$PY" -m experiments.bench_batch --target tpu-v5e --processes "$N" --max-compiles 8 \
+    --cache "$CACHE/tpu-v5e.jsonl" --start revnet164=5112 resnet164=256 \
+    --models revnet164 resnet164 revnet110 resnet110 revnet38 resnet32 revnet104 resnet101
 fi
