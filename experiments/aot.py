@@ -301,11 +301,11 @@ class TargetCompiler:
         *,
         python: str | None = None,
         timeout=None,
-        cache: str | Path | None = None,
+        cache: str | Path | CompileCache | None = None,
     ):
         self.target = get_target(target) if isinstance(target, str) else target
         self.timeout = timeout
-        self.cache = CompileCache(cache) if cache is not None else None
+        self.cache = open_cache(cache)
         self.cmd = [target_python(self.target, python), "-m", "experiments.aot", "--child"]
         self.cmd.append(self.target.name)
         self._stderr = tempfile.TemporaryFile(mode="w+")
@@ -463,6 +463,12 @@ class CompileCache:
                 f.flush()
 
 
+def open_cache(cache: str | Path | CompileCache | None) -> CompileCache | None:
+    """A `CompileCache` from a file name (read once; children compiling in parallel share the
+    returned object), an existing one, or None."""
+    return cache if cache is None or isinstance(cache, CompileCache) else CompileCache(cache)
+
+
 def compile_for_target(
     target: str | Target,
     jobs: Sequence[Mapping[str, Any]],
@@ -471,7 +477,7 @@ def compile_for_target(
     timeout: float | None = None,
     on_record: Callable[[dict], None] | None = None,
     processes: int = 1,
-    cache: str | Path | None = None,
+    cache: str | Path | CompileCache | None = None,
 ) -> tuple[dict, list[dict]]:
     """Compiles every job for ``target`` in child processes (`TargetCompiler`).
 
@@ -495,6 +501,7 @@ def compile_for_target(
     records: list[dict | None] = [None] * len(pending)
     infos: list[dict] = []
     lock = threading.Lock()
+    cache = open_cache(cache)
 
     def work() -> None:
         with TargetCompiler(target, python=python, timeout=timeout, cache=cache) as compiler:

@@ -507,9 +507,10 @@ def simulate_on_target(args, on_row=None) -> tuple[dict, list[dict], float]:
     rows: list[dict | None] = [None] * len(models)
     infos: list[dict] = []
     lock = threading.Lock()
+    cache = aot.open_cache(args.cache)
 
     def work() -> None:  # one child process per thread; models shared out as they finish
-        with aot.TargetCompiler(target, python=args.aot_python, cache=args.cache) as compiler:
+        with aot.TargetCompiler(target, python=args.aot_python, cache=cache) as compiler:
             infos.append(compiler.info)
             while True:
                 with lock:
