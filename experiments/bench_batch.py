@@ -434,6 +434,21 @@ def default_target_models() -> list[str]:
     return list(TARGET_MODELS) + extra
 
 
+def line_near_budget(tries, budget: float, multiple: int) -> tuple[float | None, int | None]:
+    """Bytes per image and the largest multiple within ``budget`` on the line through the two
+    compiled batches nearest the budget; ``(None, None)`` when fewer than two compiled or when
+    that line does not rise (TPU memory is not monotone in the batch: two batches can compile to
+    the same bytes, or the larger to fewer), since such a slope predicts nothing."""
+    finite = [(b, t) for b, t in tries if math.isfinite(t)]
+    if len(finite) < 2:
+        return None, None
+    (b1, t1), (b2, t2) = sorted(finite, key=lambda p: (abs(p[1] - budget), p[0]))[:2]
+    per_image = (t2 - t1) / (b2 - b1)
+    if per_image <= 0:
+        return None, None
+    return per_image, int(b1 + (budget - t1) / per_image) // multiple * multiple
+
+
 def _simulate_model(compiler, spec: str, budget: float, args) -> dict:
     model, overrides = parse_model_spec(spec)
     size, classes = TARGET_MODELS.get(model, (32, 10))
@@ -468,14 +483,7 @@ def _simulate_model(compiler, spec: str, budget: float, args) -> dict:
         max_batch=args.max_batch,
         max_compiles=args.max_compiles,
     )
-    finite = sorted((b, t) for b, t in tries if math.isfinite(t))
-    per_image = predicted = None
-    if len(finite) >= 2:
-        # the line through the two compiles nearest the budget
-        (b1, t1), (b2, t2) = sorted(finite, key=lambda p: abs(p[1] - budget))[:2]
-        per_image = (t2 - t1) / (b2 - b1)
-        if per_image > 0:
-            predicted = int(b1 + (budget - t1) / per_image) // args.multiple * args.multiple
+    per_image, predicted = line_near_budget(tries, budget, args.multiple)
     params = next(iter(records.values())).get("params")
     return {
         "model": spec,
@@ -596,11 +604,14 @@ def to_markdown_target(
     lines += [
         f"Fits: compiled arguments + outputs + temporaries - aliased (the state is donated, as "
         f"in the training loop) <= {budget / 2**30:.2f} GiB. Search: compile a first batch "
-        "(128 at 32x32, 32 at 224x224), scale it to the budget, then follow the line through "
+        "(`--start`, else 128 at 32x32 and 32 at 224x224), scale it to the budget, then "
+        "follow the line through "
         "the two compiles nearest the budget until a batch that fits and the next multiple, "
         f"which does not, have both been compiled (at most {max_compiles} compiles per "
         "model; where that cap stopped the search, the next multiple is not confirmed). "
-        "Line's prediction: the largest multiple that line puts within the budget. Targets "
+        "MiB per image: that line's slope; line's prediction: the largest multiple it puts "
+        "within the budget ('-' for both where the two compiles nearest the budget do not "
+        "rise with the batch, as happens on TPUs). Targets "
         "(issue 10, H100): RevNet-164 >= 10x ResNet-164, RevNet-104 >= 4x ResNet-101.",
         "",
         note,

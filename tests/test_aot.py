@@ -195,6 +195,20 @@ def test_start_per_model():
         bench_batch.parse_start("revnet164=many")
 
 
+def test_line_near_budget_only_where_memory_rises():
+    """The bytes-per-image line runs through the two compiles nearest the budget; a flat or
+    falling pair (TPU memory is not monotone in the batch) predicts nothing."""
+    gib = 2**30
+    tries = [(128, 1 * gib), (1024, 8 * gib), (1280, 10 * gib), (4096, math.inf)]
+    per_image, predicted = bench_batch.line_near_budget(tries, 14 * gib, 8)
+    assert per_image == pytest.approx(2 * gib / 256)
+    assert predicted == 1792
+    # ResNet-110 on the TPU v5e target: 904, 912 and 952 images all compile to 15.08 GiB
+    flat = [(744, 11.2 * gib), (952, 15.08 * gib), (912, 15.08 * gib), (880, 13.2 * gib)]
+    assert bench_batch.line_near_budget(flat, 14.4 * gib, 8) == (None, None)
+    assert bench_batch.line_near_budget([(128, gib), (256, math.inf)], 14 * gib, 8) == (None, None)
+
+
 def test_bench_vit_compiles_for_a_target(tmp_path):
     """bench_vit --target: the RevViT / ViT memory table compiled in the child (no step
     times), equal to what this process compiles, headed by the target."""
