@@ -4,11 +4,11 @@
 #
 #   bash experiments/aot_tables.sh            # all of them
 #   bash experiments/aot_tables.sh gpu        # the H100 (and other GPU) tables only
-#   bash experiments/aot_tables.sh tpu        # the TPU v5e tables only
-#   bash experiments/aot_tables.sh tpu-all    # TPU v5e largest batch for all four pairs (hours)
+#   bash experiments/aot_tables.sh tpu        # the TPU v5e tables only (hours)
+#   bash experiments/aot_tables.sh tpu-batch  # TPU v5e largest batch of the four pairs only
 #
 # Time: an H100 compile of a CIFAR preset takes ~15 s of one core, a TPU v5e compile ~4 min;
-# on 2 idle cores the GPU half takes ~40 min, the TPU half ~1 h. $PROCESSES child processes
+# on 2 idle cores the GPU half takes ~40 min, the TPU half ~2 h. $PROCESSES child processes
 # compile at once (default 2). On a busy host everything stretches accordingly.
 #
 # Interpreters: $PYTHON runs the benchmarks (default: python); the compiles run in
@@ -19,6 +19,10 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 N=${PROCESSES:-2}
 what=${1:-all}
+case $what in
+  all | gpu | tpu | tpu-batch) ;;
+  *) echo "usage: bash experiments/aot_tables.sh [all|gpu|tpu|tpu-batch] (got '$what')" >&2; exit 2 ;;
+esac
 # Compile records are kept here (experiments/aot.py, CompileCache): a rerun or an interrupted
 # search does not compile again what it compiled for the same sources and versions.
 CACHE=${CACHE_DIR:-results/.aot-cache}
@@ -45,22 +49,20 @@ if [[ $what == all || $what == gpu ]]; then
       --lines rev rev_invertible_flat res --processes "$N" --cache "$CACHE/$t.jsonl"
   done
 fi
+if [[ $what == all || $what == tpu || $what == tpu-batch ]]; then
+  # Largest batch of every pair on the v5e. TPU memory is far from affine in the batch and not
+  # even monotone, so each search starts near its answer: the RevNet-164 pair at the bracket
+  # found on 2026-11-29 (fits 5,112 / 256), the others at their H100 brackets scaled by
+  # RevNet-164's TPU / H100 ratio (~0.14). TPU compiles take 1.5-7 minutes each on 2 idle cores
+  # (up to 19 under load): 45 compiles, some 1.5 hours with two processes; rerun with the same
+  # cache to resume.
+  "$PY" -m experiments.bench_batch --target tpu-v5e --processes "$N" --max-compiles 8 \
+    --cache "$CACHE/tpu-v5e.jsonl" --start revnet164=5112 resnet164=256 revnet104=240 \
+    resnet101=56 revnet110=14000 resnet110=744 revnet38=14000 resnet32=2900 \
+    --models revnet164 resnet164 revnet104 resnet101 revnet110 resnet110 revnet38 resnet32
+fi
 if [[ $what == all || $what == tpu ]]; then
-  # TPU v5e (16 GiB): each compile takes minutes, so the RevNet-164 pair only. TPU memory is
-  # far from affine in the batch (RevNet-164: 2.0 MiB per image at 128, 3.1 at 4,760) and not
-  # even monotone, so the search starts near the brackets an earlier run found (ResNet-164:
-  # fits 128, not 264; RevNet-164: fits 128, not 4,760) and bisects once the line misses.
-  "$PY" -m experiments.bench_batch --target tpu-v5e --processes "$N" --max-compiles 10 \
-    --cache "$CACHE/tpu-v5e.jsonl" --start revnet164=4400 resnet164=224 \
-    --models revnet164 resnet164
+  # The RevNet-164 presets at batch 128 on the v5e (each compile takes minutes).
   "$PY" -m experiments.bench_models --target tpu-v5e --presets revnet164 \
     --lines rev rev_invertible_flat res --processes "$N" --cache "$CACHE/tpu-v5e.jsonl"
-fi
-if [[ $what == tpu-all ]]; then
-  # Every pair on the v5e, the RevNet-164 pair starting at the bracket found on 2026-11-29
-  # (fits 5,112 / 256). TPU compiles take 4-19 minutes each on 2 cores: about 36 compiles,
-  # some 2-3 hours with two processes on an idle host; rerun with the same cache to resume.
-  "$PY" -m experiments.bench_batch --target tpu-v5e --processes "$N" --max-compiles 8 \
-    --cache "$CACHE/tpu-v5e.jsonl" --start revnet164=5112 resnet164=256 \
-    --models revnet164 resnet164 revnet110 resnet110 revnet38 resnet32 revnet104 resnet101
 fi
