@@ -53,7 +53,7 @@ if [[ $what == all || $what == tpu || $what == tpu-batch ]]; then
   # Largest batch of every pair on the v5e. TPU memory is far from affine in the batch and not
   # even monotone, so each search starts near its answer: the RevNet-164 pair at the bracket
   # found on 2026-11-29 (fits 5,112 / 256), the others at their H100 brackets scaled by
-  # RevNet-164's TPU / H100 ratio (~0.14). TPU compiles take 1.5-7 minutes each on 2 idle cores
+  # RevNet-164's TPU / H100 ratio (~0.14). TPU compiles take 1-7 minutes each on 2 idle cores
   # (up to 19 under load): 45 compiles, some 1.5 hours with two processes; rerun with the same
   # cache to resume.
   "$PY" -m experiments.bench_batch --target tpu-v5e --processes "$N" --max-compiles 8 \
