@@ -469,7 +469,8 @@ def _simulate_model(compiler, spec: str, budget: float, args) -> dict:
         fits = r["total"] <= budget
         print(
             f"  {model} {size}x{size}: batch {batch}: {r['total'] / 2**30:.2f} GiB "
-            f"({'fits' if fits else 'does not fit'}; compile {r.get('compile_s', 0):.0f} s)",
+            f"({'fits' if fits else 'does not fit'}; "
+            + ("from the cache)" if r.get("cached") else f"compile {r.get('compile_s', 0):.0f} s)"),
             flush=True,
         )
         return r["total"]

@@ -138,7 +138,7 @@ def _first_line(path):
     return path.read_text().splitlines()[0]
 
 
-def test_benchmarks_compile_for_a_target(tmp_path):
+def test_benchmarks_compile_for_a_target(tmp_path, capsys):
     """bench_models and bench_batch with ``--target cpu``: compiled in the child, the tables
     headed by the target (bench_memory / bench_speed share the same `aot.compile_for_target`)."""
     out = str(tmp_path)
@@ -172,8 +172,11 @@ def test_benchmarks_compile_for_a_target(tmp_path):
     # last line (a run killed mid-write) is skipped.
     with open(tmp_path / "cache.jsonl", "a") as f:
         f.write('{"key": "torn')
+    capsys.readouterr()
     (again,) = bench_batch.main(argv)
     assert all(r["cached"] for r in again["records"].values())
+    progress = [line for line in capsys.readouterr().out.splitlines() if ": batch " in line]
+    assert progress and all("from the cache" in line for line in progress)
     assert again["tries"] == row["tries"]
     # Another batch, or other versions, is not a hit.
     cache = aot.CompileCache(tmp_path / "cache.jsonl")
