@@ -466,11 +466,10 @@ def _simulate_model(compiler, spec: str, budget: float, args) -> dict:
                 raise SystemExit(f"{NAME}: compiling {model} at batch {batch} failed: {r['error']}")
             r["total"] = math.inf
         records[batch] = r
-        fits = r["total"] <= budget
+        fits = "fits" if r["total"] <= budget else "does not fit"
+        how = "from the cache" if r.get("cached") else f"compile {r.get('compile_s', 0):.0f} s"
         print(
-            f"  {model} {size}x{size}: batch {batch}: {r['total'] / 2**30:.2f} GiB "
-            f"({'fits' if fits else 'does not fit'}; "
-            + ("from the cache)" if r.get("cached") else f"compile {r.get('compile_s', 0):.0f} s)"),
+            f"  {model} {size}x{size}: batch {batch}: {r['total'] / 2**30:.2f} GiB ({fits}; {how})",
             flush=True,
         )
         return r["total"]
@@ -541,7 +540,7 @@ def to_markdown_target(
     budget: float,
     multiple: int,
     max_compiles: int,
-    note: str = aot.LOWER_BOUND_NOTE,
+    target: aot.Target,
 ) -> str:
     columns = [
         "model",
@@ -615,7 +614,7 @@ def to_markdown_target(
         "rise with the batch, as happens on TPUs). Targets "
         "(issue 10, H100): RevNet-164 >= 10x ResNet-164, RevNet-104 >= 4x ResNet-101.",
         "",
-        note,
+        aot.lower_bound_note(target),
     ]
     return "\n".join(lines)
 
@@ -704,8 +703,6 @@ def main(argv=None):
         if args.quick:
             raise SystemExit(f"{NAME}: --quick has no meaning with --target; use --models")
 
-        note = aot.lower_bound_note(target)
-
         def report(info, rows, budget, final=False):
             done = "" if final else f" (partial: {len(rows)} models so far)"
             details = (
@@ -725,7 +722,7 @@ def main(argv=None):
             _report.write_report(
                 args.out_dir,
                 name,
-                to_markdown_target(rows, head, budget, args.multiple, args.max_compiles, note),
+                to_markdown_target(rows, head, budget, args.multiple, args.max_compiles, target),
             )
             png = plot_target(
                 rows,
