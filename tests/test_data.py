@@ -277,7 +277,7 @@ def test_imagenet_transforms_on_odd_sizes():
         data.imagenet_eval_transform({"image": flat, "label": 0}, 32)["image"], 1.0
     )
     for _ in range(100):
-        top, left, ch, cw = data.transforms._random_crop_box(50, 80, rng)
+        top, left, ch, cw = data.transforms.random_crop_box(50, 80, rng)
         assert 0 <= top and top + ch <= 50 and 0 <= left and left + cw <= 80
         assert ch * cw >= 0.04 * 50 * 80  # area >= 5%, less rounding
 

@@ -8,7 +8,9 @@ One module per concern:
   as uint8 arrays; the per-epoch shuffle and the augmentation run inside the jitted train step,
   keyed by (seed, step). The trainer's default for them.
 - `revjax.data.grain_pipeline`: Grain datasets and checkpointable iterators, worker processes,
-  device prefetch. The path for ImageNet, and an option for the others.
+  device prefetch. An option for every dataset.
+- `revjax.data.imagenet`: ImageNet through Grain: JPEGs decoded at reduced scale into uint8
+  crops on the host; flip, colour jitter and scaling inside the jitted train step.
 
 Reading never imports TensorFlow: TFDS data are read with `tfds.data_source(...,
 download=False)` from ArrayRecord files that `python -m revjax.prepare` wrote once (that step
@@ -48,6 +50,7 @@ from revjax.data.grain_pipeline import eval_iterator as eval_iterator
 from revjax.data.grain_pipeline import global_batch as global_batch
 from revjax.data.grain_pipeline import train_dataset as train_dataset
 from revjax.data.grain_pipeline import train_iterator as train_iterator
+from revjax.data.imagenet import ImageNetTrainInput as ImageNetTrainInput
 from revjax.data.sources import KNOWN_DATASETS as KNOWN_DATASETS
 from revjax.data.sources import TFDS_DATASETS as TFDS_DATASETS
 from revjax.data.sources import DatasetInfo as DatasetInfo
@@ -60,6 +63,7 @@ from revjax.data.sources import prepare_command as prepare_command
 from revjax.data.transforms import PIXEL_SCALE as PIXEL_SCALE
 from revjax.data.transforms import cifar_eval_transform as cifar_eval_transform
 from revjax.data.transforms import cifar_train_transform as cifar_train_transform
+from revjax.data.transforms import imagenet_augment_reference as imagenet_augment_reference
 from revjax.data.transforms import imagenet_eval_transform as imagenet_eval_transform
 from revjax.data.transforms import imagenet_train_transform as imagenet_train_transform
 
@@ -73,6 +77,7 @@ __all__ = [
     "DeviceTrainInput",
     "DigitsSource",
     "GrainTrainInput",
+    "ImageNetTrainInput",
     "KNOWN_DATASETS",
     "PIXEL_SCALE",
     "TFDS_DATASETS",
@@ -86,6 +91,7 @@ __all__ = [
     "fits_on_devices",
     "get_dataset_info",
     "global_batch",
+    "imagenet_augment_reference",
     "imagenet_eval_transform",
     "imagenet_train_transform",
     "load_split",

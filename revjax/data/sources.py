@@ -203,7 +203,9 @@ class DigitsSource:
         return f"DigitsSource(split={self.split!r}, len={len(self)})"
 
 
-def make_source(name: str, split: str, data_dir: str | os.PathLike | None = None):
+def make_source(
+    name: str, split: str, data_dir: str | os.PathLike | None = None, *, encoded: bool = False
+):
     """Returns a random-access source of raw examples `{"image": uint8[H, W, C], "label": int}`.
 
     TFDS examples carry extra keys (`id`, `file_name`, `coarse_label`); the pipelines ignore them.
@@ -213,6 +215,8 @@ def make_source(name: str, split: str, data_dir: str | os.PathLike | None = None
       split: a split name (TFDS slicing such as `"train[:10%]"` works for TFDS datasets).
       data_dir: TFDS data directory (None: the TFDS default, `$TFDS_DATA_DIR` or
         `~/tensorflow_datasets`); ignored for digits.
+      encoded: leave TFDS images encoded (`"image"` is the stored JPEG/PNG bytes), for
+        decoders that decode only what they need (`revjax.data.imagenet`).
 
     Returns:
       An object with `__len__` and `__getitem__`.
@@ -225,12 +229,14 @@ def make_source(name: str, split: str, data_dir: str | os.PathLike | None = None
         return DigitsSource(split)
     import tensorflow_datasets as tfds
 
+    decoders = {"image": tfds.decode.SkipDecoding()} if encoded else None
     try:
         return tfds.data_source(
             name,
             split=split,
             data_dir=None if data_dir is None else os.fspath(data_dir),
             download=False,
+            decoders=decoders,
         )
     except Exception as e:
         # Without prepared files TFDS raises assorted errors (e.g. NotImplementedError about

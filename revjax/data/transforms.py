@@ -88,10 +88,13 @@ def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.asarray(pil.resize((width, height), Image.Resampling.BILINEAR))
 
 
-def _random_crop_box(
+def random_crop_box(
     height: int, width: int, rng: np.random.Generator
 ) -> tuple[int, int, int, int]:
-    """Samples an Inception-style crop `(top, left, h, w)`; the whole image if none fits."""
+    """Samples an Inception-style crop `(top, left, h, w)`; the whole image if none fits.
+
+    Needs only the image's size, so a reduced-scale decoder can choose its scale from the box.
+    """
     area = height * width
     for _ in range(IMAGENET_CROP_ATTEMPTS):
         # Area and aspect ratio are sampled uniformly, like tf.image.sample_distorted_bounding_box.
@@ -121,7 +124,7 @@ def _rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
     h = 4 + (r - g) * inv
     h = np.where(g == maxc, 2 + (b - r) * inv, h)
     h = np.where(r == maxc, (g - b) * inv, h)
-    h = np.where(delta > 0, (h / 6) % 1, 0)  # grey pixels: hue 0
+    h = np.where(delta > 0, (h * np.float32(1 / 6)) % 1, 0)  # grey pixels: hue 0
     return np.stack([h, s, maxc]).astype(rgb.dtype, copy=False)
 
 
@@ -146,9 +149,26 @@ def _adjust_saturation_and_hue(image: np.ndarray, factor: float, delta: float) -
     return _hsv_to_rgb(hsv)
 
 
+def tree_sum(x: np.ndarray) -> np.ndarray:
+    """Sum over the last axis by halving (zero-padded to a power of two).
+
+    A fixed association of the additions, so the JAX version of the colour jitter (which
+    mirrors it) gives the same float32 bits; a library reduction's order is unspecified.
+    """
+    n = x.shape[-1]
+    size = 1 << max(0, (n - 1).bit_length())
+    if size != n:
+        x = np.concatenate([x, np.zeros((*x.shape[:-1], size - n), x.dtype)], axis=-1)
+    while x.shape[-1] > 1:
+        half = x.shape[-1] // 2
+        x = x[..., :half] + x[..., half:]
+    return x[..., 0]
+
+
 def _adjust_contrast(image: np.ndarray, factor: float) -> np.ndarray:
     """Scales each channel's deviation from its mean, as `tf.image.adjust_contrast`."""
-    mean = image.mean(axis=(1, 2), keepdims=True)
+    flat = image.reshape(image.shape[0], -1)
+    mean = (tree_sum(flat) * np.float32(1 / flat.shape[1]))[:, None, None]
     return (image - mean) * np.float32(factor) + mean
 
 
@@ -162,15 +182,61 @@ def _color_jitter(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     saturation = rng.uniform(*IMAGENET_SATURATION_RANGE)
     hue = rng.uniform(-IMAGENET_HUE_DELTA, IMAGENET_HUE_DELTA)
     contrast = rng.uniform(*IMAGENET_CONTRAST_RANGE)
+    saturation_first = rng.random() < 0.5
+    return color_jitter_with(image, brightness, saturation, hue, contrast, saturation_first)
+
+
+def color_jitter_with(
+    image: np.ndarray,
+    brightness: float,
+    saturation: float,
+    hue: float,
+    contrast: float,
+    saturation_first: bool,
+) -> np.ndarray:
+    """The colour jitter with given draws, on a float32 [0, 1] HWC RGB image, clipped to [0, 1].
+
+    Brightness is added first; then saturation and hue (one HSV round trip) and contrast, in
+    that order when `saturation_first`, else contrast first.
+    """
     planar = np.ascontiguousarray(image.transpose(2, 0, 1)) + np.float32(brightness)
-    # Saturation is followed by hue in both orderings.
-    if rng.random() < 0.5:
+    if saturation_first:
         planar = _adjust_saturation_and_hue(planar, saturation, hue)
         planar = _adjust_contrast(planar, contrast)
     else:
         planar = _adjust_contrast(planar, contrast)
         planar = _adjust_saturation_and_hue(planar, saturation, hue)
     return np.clip(planar, 0, 1).transpose(1, 2, 0)
+
+
+def imagenet_augment_reference(
+    image: np.ndarray,
+    flip: bool,
+    brightness: float,
+    saturation: float,
+    hue: float,
+    contrast: float,
+    saturation_first: bool,
+    color_jitter: bool = True,
+) -> np.ndarray:
+    """The per-pixel part of the ImageNet training augmentation, after the crop, with given
+    draws: flip, scaling to [0, 1], colour jitter, scaling to [-1, 1].
+
+    Args:
+      image: uint8 `[H, W, 3]`, a resized crop.
+      flip ... saturation_first: the draws (see `color_jitter_with`).
+      color_jitter: apply the jitter.
+
+    Returns:
+      float32 `[H, W, 3]` in [-1, 1]; `revjax.data.imagenet.augment_batch` computes the same
+      bits in JAX.
+    """
+    if flip:
+        image = image[:, ::-1]
+    x = image.astype(np.float32) * PIXEL_SCALE
+    if color_jitter:
+        x = color_jitter_with(x, brightness, saturation, hue, contrast, saturation_first)
+    return np.ascontiguousarray(x * np.float32(2) - np.float32(1), dtype=np.float32)
 
 
 def imagenet_train_transform(
@@ -196,11 +262,11 @@ def imagenet_train_transform(
       `{"image": float32[image_size, image_size, 3], "label": int32}`.
     """
     image = np.asarray(example["image"])
-    top, left, h, w = _random_crop_box(image.shape[0], image.shape[1], rng)
+    top, left, h, w = random_crop_box(image.shape[0], image.shape[1], rng)
     image = _resize(image[top : top + h, left : left + w], image_size, image_size)
     if rng.random() < 0.5:
         image = image[:, ::-1]
-    image = image.astype(np.float32) / 255.0
+    image = image.astype(np.float32) * PIXEL_SCALE
     if color_jitter:
         image = _color_jitter(image, rng)
     return {
@@ -228,13 +294,13 @@ def imagenet_eval_transform(
       `{"image": float32[image_size, image_size, 3]` in [-1, 1], `"label": int32}`.
     """
     image = np.asarray(example["image"])
-    top, left, h, w = _central_crop_box(image.shape[0], image.shape[1])
+    top, left, h, w = central_crop_box(image.shape[0], image.shape[1])
     image = _resize(image[top : top + h, left : left + w], image_size, image_size)
-    image = image.astype(np.float32) / 255.0
-    return {"image": image * 2.0 - 1.0, "label": _label(example)}
+    image = image.astype(np.float32) * PIXEL_SCALE
+    return {"image": image * np.float32(2) - np.float32(1), "label": _label(example)}
 
 
-def _central_crop_box(height: int, width: int) -> tuple[int, int, int, int]:
+def central_crop_box(height: int, width: int) -> tuple[int, int, int, int]:
     """`(top, left, h, w)` of `tf.image.central_crop(image, IMAGENET_EVAL_CENTRAL_FRACTION)`."""
     fraction = IMAGENET_EVAL_CENTRAL_FRACTION
     top = int((height - height * fraction) / 2)
