@@ -286,3 +286,54 @@ def test_four_devices_equal_one_in_a_fresh_process(tmp_path):
                        timeout=300)
         results.append(np.load(path))
     np.testing.assert_array_equal(results[0].view(np.uint32), results[1].view(np.uint32))
+
+
+# ------------------------------------------------------------------------------------------
+# DALI (CPU-only mode here; the GPU run is in experiments/gpu_check.py)
+# ------------------------------------------------------------------------------------------
+
+
+def _dali_input(jpegs, num_devices):
+    from revjax.data import dali_pipeline
+
+    source = JpegSource(jpegs, np.arange(len(jpegs)) % 5)
+    return dali_pipeline.DaliTrainInput(batch_size=4, seed=1, batch_sharding=_sharding(num_devices),
+                                        image_size=16, source=source, num_threads=1)
+
+
+def test_dali_crops_match_the_host_path_and_resume(jpegs):
+    pytest.importorskip("nvidia.dali")
+    one, four = _dali_input(jpegs, 1), _dali_input(jpegs, 4)
+    host = imagenet.train_iterator(batch_size=4, seed=1, image_size=16, num_threads=1,
+                                   source=JpegSource(jpegs, np.arange(len(jpegs)) % 5))
+    try:
+        for k in range(2):
+            a, b, h = one.step_args(k)[0], four.step_args(k)[0], next(host)
+            x = np.asarray(a["image"])
+            assert x.dtype == np.uint8 and x.shape == (4, 16, 16, 3)
+            assert len(b["image"].sharding.device_set) == 4
+            np.testing.assert_array_equal(x, np.asarray(b["image"]))
+            np.testing.assert_array_equal(np.asarray(a["label"]), h["label"])
+            # Same boxes as the host path; another decoder and resize kernel: >= 35 dB.
+            assert min(_psnr(x[i], h["image"][i]) for i in range(4)) >= 35.0
+        state = one.get_state()
+        assert state["input_pipeline"] == "dali"
+        expected = np.asarray(one.step_args(2)[0]["image"])
+        resumed = _dali_input(jpegs, 1)
+        resumed.set_state(state)
+        np.testing.assert_array_equal(np.asarray(resumed.step_args(2)[0]["image"]), expected)
+        resumed.close()
+        with pytest.raises(ValueError, match="input_pipeline='grain'"):
+            _dali_input(jpegs, 1).set_state({"input_pipeline": "grain", "iterator": {}})
+    finally:
+        one.close()
+        four.close()
+
+
+def test_dali_missing_says_how_to_install(monkeypatch):
+    from revjax.data import dali_pipeline
+
+    monkeypatch.setattr(dali_pipeline, "_import_dali", lambda: None)
+    with pytest.raises(ImportError, match=r"pip install 'revjax\[dali\]'"):
+        dali_pipeline.require_dali()
+    assert not dali_pipeline.dali_available()

@@ -192,6 +192,7 @@ def stream_from_source(
     seed: int,
     process_index: int = 0,
     process_count: int = 1,
+    batch_fn=None,
 ) -> grain.MapDataset:
     """The infinite, shuffled, augmented training stream of per-process batches of any source.
 
@@ -199,6 +200,7 @@ def stream_from_source(
       source: random-access examples (`__len__`, `__getitem__`); picklable for worker processes.
       transform: `(example, numpy Generator) -> example`, picklable (a module-level callable).
       batch_size, seed, process_index, process_count: as `train_iterator`.
+      batch_fn: Grain's `batch_fn` (None: stack arrays), e.g. to keep ragged JPEG bytes apart.
     """
     local_batch = _check_sharding(batch_size, process_index, process_count)
     shuffle_seed, augment_seed = _seeds(seed)
@@ -213,7 +215,7 @@ def stream_from_source(
     # Drop the last, incomplete global batch of each epoch, then give each process every
     # process_count-th example: all processes see the same number of batches per epoch.
     ds = ds[: steps_per_epoch * batch_size][process_index::process_count]
-    ds = ds.batch(local_batch, drop_remainder=True)
+    ds = ds.batch(local_batch, drop_remainder=True, batch_fn=batch_fn)
     # Infinite; each epoch is shuffled and augmented afresh (indices past an epoch carry it).
     return ds.repeat()
 
@@ -497,8 +499,9 @@ class GrainTrainInput:
         kind = state.get("input_pipeline", self.kind)  # older checkpoints: the bare state
         if kind != self.kind:
             raise ValueError(
-                "This checkpoint was written with the device input pipeline; resume it with "
-                "TrainConfig(input_pipeline='device') (Grain gives another order)."
+                f"This checkpoint was written with the {kind} input pipeline; resume it with "
+                f"TrainConfig(input_pipeline={kind!r}) (the {self.kind} pipeline gives another "
+                "order or other pixels)."
             )
         self._feed.set_state(state.get("iterator", state))
 
