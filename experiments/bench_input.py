@@ -44,7 +44,8 @@ from jax.sharding import PartitionSpec as P
 
 from experiments import _report
 from revjax import data, train
-from revjax.data import grain_pipeline
+from revjax.data import grain_pipeline, imagenet
+from revjax.prepare import presize_jpeg
 
 NAME = "bench_input"
 MODULE = f"experiments.{NAME}"
@@ -226,25 +227,162 @@ def input_only(args) -> list[dict]:
     return rows
 
 
-def imagenet_like(args) -> list[dict]:
-    """Images/s of ImageNet-like JPEG decoding + augmentation: per host core (CPU time of one
-    reader thread in this process) and with Grain worker processes (sustained wall rate)."""
-    jpegs = fabricate_jpegs(args.jpegs, *args.jpeg_size)
+class BytesSource:
+    """Random-access `{"image": JPEG bytes, "label"}`, as `make_source(..., encoded=True)`."""
+
+    def __init__(self, jpegs: list[bytes], labels: np.ndarray):
+        self.jpegs, self.labels = jpegs, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.jpegs[i], "label": int(self.labels[i])}
+
+
+def _host_variants(args, jpegs, presized):
+    """(name, source, transform, bytes shipped per image) of each ImageNet host path."""
     labels = np.zeros(len(jpegs), np.int32)
-    source, transform = JpegSource(jpegs, labels), ImagenetAugment(args.image_size)
+    size = args.image_size
+    old_bytes = size * size * 3 * 4  # float32
+    new_bytes = size * size * 3  # uint8
+    variants = [
+        ("old: PIL full decode, numpy augment, float32", JpegSource(jpegs, labels),
+         ImagenetAugment(size), old_bytes),
+        ("new: simplejpeg, reduced decode, uint8", BytesSource(jpegs, labels),
+         imagenet.ImageNetTrainCrop(size, 8, "simplejpeg"), new_bytes),
+        ("new: PIL draft, reduced decode, uint8", BytesSource(jpegs, labels),
+         imagenet.ImageNetTrainCrop(size, 8, "pil"), new_bytes),
+        ("new: simplejpeg, full-size decode, uint8", BytesSource(jpegs, labels),
+         imagenet.ImageNetTrainCrop(size, 1, "simplejpeg"), new_bytes),
+    ]
+    for side, small in presized.items():
+        variants.append((f"new: simplejpeg, pre-sized to {side}, uint8",
+                         BytesSource(small, labels),
+                         imagenet.ImageNetTrainCrop(size, 8, "simplejpeg"), new_bytes))
+    return variants
+
+
+def imagenet_like(args) -> tuple[list[dict], list[dict], list[dict]]:
+    """ImageNet-like JPEGs through the old and the new host path: images per host core-second
+    (CPU time of one reader thread, interleaved rounds), bytes shipped per image, cores one
+    GPU needs; the new path with Grain worker processes; pre-sizing's disk and decode rates."""
+    jpegs = fabricate_jpegs(args.jpegs, *args.jpeg_size)
+    presized = {side: [presize_jpeg(j, side) for j in jpegs] for side in args.max_sides}
+    variants = _host_variants(args, jpegs, presized)
+    its = {name: _grain_batches(src, tr, args.jpeg_batch, 0) for name, src, tr, _ in variants}
+    times = _interleaved({name: (lambda it=it: next(it)) for name, it in its.items()},
+                         warmup=1, repeats=args.jpeg_batches)
+    for it in its.values():
+        _close(it)
     rows = []
-    it = _grain_batches(source, transform, args.jpeg_batch, 0)
-    t = _interleaved({"0": lambda: next(it)}, warmup=1, repeats=args.jpeg_batches)["0"]
-    _close(it)
-    rows.append({"workers": 0, "images_per_s": args.jpeg_batch / t["wall"],
-                 "images_per_cpu_s": args.jpeg_batch / max(t["cpu"], 1e-9)})
+    for name, _, _, nbytes in variants:
+        per_cpu_s = args.jpeg_batch / max(times[name]["cpu"], 1e-9)
+        rows.append({"pipeline": name, "images_per_cpu_s": per_cpu_s,
+                     "images_per_s": args.jpeg_batch / times[name]["wall"],
+                     "bytes_per_image": nbytes,
+                     "cores_per_gpu": args.gpu_images_per_s / per_cpu_s})
+    workers = []
+    new_name, src, tr, _ = variants[1]
     for w in [w for w in args.workers if w > 0]:
-        it = _grain_batches(source, transform, args.jpeg_batch, w)
+        it = _grain_batches(src, tr, args.jpeg_batch, w)
         per_batch = _sustained(it, args.jpeg_batches, warmup=1)
         _close(it)
-        rows.append({"workers": w, "images_per_s": args.jpeg_batch / per_batch,
-                     "images_per_cpu_s": None})
-    return rows
+        workers.append({"pipeline": new_name, "workers": w,
+                        "images_per_s": args.jpeg_batch / per_batch})
+    # Pre-sizing: stored bytes and the decode alone (full size, simplejpeg), per core.
+    import simplejpeg
+
+    sets = {"original": jpegs, **{f"max side {k}": v for k, v in presized.items()}}
+
+    def decode_all(items):
+        return lambda: [simplejpeg.decode_jpeg(j, "RGB") for j in items]
+
+    dec = _interleaved({k: decode_all(v) for k, v in sets.items()}, warmup=1,
+                       repeats=args.jpeg_batches)
+    sizing = []
+    for k, items in sets.items():
+        shape = simplejpeg.decode_jpeg_header(items[0])[:2]
+        sizing.append({"images": k, "size": f"{shape[1]}x{shape[0]}",
+                       "bytes_per_image": float(np.mean([len(j) for j in items])),
+                       "decodes_per_cpu_s": len(items) / max(dec[k]["cpu"], 1e-9)})
+    return rows, workers, sizing
+
+
+def reduced_crop_share(image_hw, image_size: int, draws: int = 20_000) -> float:
+    """The fraction of Inception crops of an image of size `image_hw` decoded below 1/1."""
+    rng = np.random.default_rng(0)
+    boxes = [data.transforms.random_crop_box(*image_hw, rng) for _ in range(draws)]
+    return float(np.mean([imagenet.reduction_for(h, w, image_size) > 1 for _, _, h, w in boxes]))
+
+
+def _dali_rate(args) -> dict | None:
+    """DALI (GPU mixed decoder) images/s and host CPU time per image, on a GPU with DALI."""
+    from revjax.data import dali_pipeline
+
+    if not dali_pipeline.dali_available():
+        return None
+    jpegs = fabricate_jpegs(args.jpegs, *args.jpeg_size)
+    source = BytesSource(jpegs, np.zeros(len(jpegs), np.int32))
+    batch = args.dali_batch
+    inp = dali_pipeline.DaliTrainInput(batch_size=batch, seed=0, source=source,
+                                       batch_sharding=_one_device_sharding(),
+                                       image_size=args.image_size, prefetch=2)
+    t = _interleaved({"dali": lambda: inp.step_args(0)[0]["image"]}, warmup=2,
+                     repeats=args.dali_batches)["dali"]
+    inp.close()
+    return {"pipeline": "DALI, mixed (GPU) decoder, uint8", "images_per_s": batch / t["wall"],
+            "images_per_cpu_s": batch / max(t["cpu"], 1e-9),
+            "bytes_per_image": args.image_size**2 * 3}
+
+
+def imagenet_steps(args) -> list[dict]:
+    """The train step on ImageNet-shaped batches: fixed float batch on the device (the
+    ceiling) vs uint8 crops from the new host path (prefetched) augmented inside the step
+    (and DALI's crops, on a GPU with DALI)."""
+    size, batch = args.image_size, args.step_batch
+    config = train.TrainConfig(model=args.step_model, batch_size=batch, dataset="imagenet2012",
+                               model_overrides=dict(args.step_overrides))
+    graphdef, state, tx = train.create_train_state(config, 1000, 3)
+    base = train.make_train_step(graphdef, tx)
+    sharding = _one_device_sharding()
+    jpegs = fabricate_jpegs(max(args.jpegs, 2 * batch), *args.jpeg_size)
+    source = BytesSource(jpegs, np.arange(len(jpegs), dtype=np.int32) % 1000)
+    host_it = imagenet.train_iterator(batch_size=batch, seed=0, image_size=size, source=source,
+                                      num_threads=None, num_workers=args.step_workers)
+    host = imagenet.ImageNetTrainInput(host_it, sharding, seed=0, prefetch=4)
+    plain = jax.jit(base)
+    fused = jax.jit(host.wrap_step(base))
+    first = host.step_args(0)[0]
+    synthetic = jax.block_until_ready(host.augment(first, 0))  # a real batch, fixed
+    counter = iter(range(1, 10**9))
+    fns = {
+        "fixed float32 batch on the device": lambda: plain(state, synthetic),
+        "new host path (uint8, augmented in the step)":
+            lambda: fused(state, *host.step_args(next(counter))),
+    }
+    dali_in = None
+    from revjax.data import dali_pipeline
+
+    if dali_pipeline.dali_available():
+        dali_in = dali_pipeline.DaliTrainInput(batch_size=batch, seed=0, source=source,
+                                               batch_sharding=sharding, image_size=size)
+        dali_fused = jax.jit(dali_in.wrap_step(base))
+        fns["DALI (uint8, augmented in the step)"] = (
+            lambda: dali_fused(state, *dali_in.step_args(next(counter))))
+    times = _interleaved(fns, warmup=2, repeats=args.repeats)
+    host.close()
+    if dali_in is not None:
+        dali_in.close()
+    ceiling = times["fixed float32 batch on the device"]
+    return [
+        {"input": name, "ms": t["wall"] * 1e3, "ms_min": t["wall_min"] * 1e3,
+         "cpu_ms": t["cpu"] * 1e3, "images_per_s": batch / t["wall"],
+         "vs_ceiling": ceiling["wall"] / t["wall"],
+         "vs_ceiling_min": ceiling["wall_min"] / t["wall_min"],
+         "vs_ceiling_cpu": ceiling["cpu"] / t["cpu"]}
+        for name, t in times.items()
+    ]
 
 
 def train_steps(args) -> list[dict]:
@@ -298,7 +436,8 @@ def _fmt(value, digits=0) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
-def report(args, argv, inputs, jpeg_rows, steps) -> str:
+def report(args, argv, inputs, imagenet_rows, steps, image_steps) -> str:
+    jpeg_rows, worker_rows, sizing, dali = imagenet_rows
     command = _report.command_line(MODULE, argv)
     grain0 = next((r["images_per_s"] for r in inputs if r["pipeline"] == "grain, 0 workers"),
                   None)
@@ -319,68 +458,115 @@ def report(args, argv, inputs, jpeg_rows, steps) -> str:
             for r in inputs
         ],
     )
-    one_core = next((r["images_per_cpu_s"] for r in jpeg_rows if r["workers"] == 0), None)
+    old = jpeg_rows[0]["images_per_cpu_s"]
+    rate_rows = [
+        [r["pipeline"], _fmt(r["images_per_cpu_s"], 0), f"{r['images_per_cpu_s'] / old:.1f}",
+         _fmt(r["bytes_per_image"]), f"{r['cores_per_gpu']:.1f}"]
+        for r in jpeg_rows
+    ]
+    if dali is not None:
+        rate_rows.append([dali["pipeline"] + f" ({_fmt(dali['images_per_s'])} images/s wall)",
+                          _fmt(dali["images_per_cpu_s"], 0),
+                          f"{dali['images_per_cpu_s'] / old:.1f}",
+                          _fmt(dali["bytes_per_image"]),
+                          f"{args.gpu_images_per_s / dali['images_per_cpu_s']:.2f}"])
     table2 = _report.markdown_table(
-        ["ImageNet-like, Grain workers", "images/s (wall)", "images per CPU-second"],
-        [
-            [str(r["workers"]) if r["workers"] else "0 (one reader thread)",
-             _fmt(r["images_per_s"], 1), _fmt(r["images_per_cpu_s"], 1)]
-            for r in jpeg_rows
-        ],
+        ["ImageNet-like host path", "images per host core-second", "x old",
+         "bytes shipped per image", f"host cores per GPU at {args.gpu_images_per_s:,.0f} img/s"],
+        rate_rows,
     )
     table3 = _report.markdown_table(
-        ["train step input", "ms / step (median)", "ms (min)", "CPU ms", "images/s",
-         "x ceiling (median)", "x ceiling (min)", "x ceiling (CPU)"],
-        [[r["input"], f"{r['ms']:.1f}", f"{r['ms_min']:.1f}", f"{r['cpu_ms']:.1f}",
-          f"{r['images_per_s']:,.1f}", f"{r['vs_ceiling']:.3f}", f"{r['vs_ceiling_min']:.3f}",
-          f"{r['vs_ceiling_cpu']:.3f}"]
-         for r in steps],
+        ["new host path, Grain worker processes", "images/s (wall, this machine)"],
+        [[str(r["workers"]), _fmt(r["images_per_s"], 1)] for r in worker_rows],
     )
+    full = sizing[0]
+    table4 = _report.markdown_table(
+        ["stored JPEGs", "size", "bytes per image (disk)", "x original",
+         "full decodes per CPU-second", "decode speed-up"],
+        [[r["images"], r["size"], _fmt(r["bytes_per_image"]),
+          f"{r['bytes_per_image'] / full['bytes_per_image']:.2f}",
+          _fmt(r["decodes_per_cpu_s"]),
+          f"{r['decodes_per_cpu_s'] / full['decodes_per_cpu_s']:.1f}"] for r in sizing],
+    )
+
+    def step_table(rows):
+        return _report.markdown_table(
+            ["train step input", "ms / step (median)", "ms (min)", "CPU ms", "images/s",
+             "x ceiling (median)", "x ceiling (min)", "x ceiling (CPU)"],
+            [[r["input"], f"{r['ms']:.1f}", f"{r['ms_min']:.1f}", f"{r['cpu_ms']:.1f}",
+              f"{r['images_per_s']:,.1f}", f"{r['vs_ceiling']:.3f}",
+              f"{r['vs_ceiling_min']:.3f}", f"{r['vs_ceiling_cpu']:.3f}"]
+             for r in rows],
+        )
+
     model = args.model + (f" {dict(args.model_overrides)}" if args.model_overrides else "")
-    cores = (f"One host core decodes and augments {one_core:,.1f} ImageNet-like images per "
-             f"CPU-second, so one GPU training at an assumed {args.gpu_images_per_s:,.0f} "
-             f"images/s needs about {args.gpu_images_per_s / one_core:.0f} host cores of Grain "
-             "workers (the throughput is an assumption, `--gpu-images-per-s`, not measured "
-             "here).") if one_core else ""
+    step_model = args.step_model + (
+        f" {dict(args.step_overrides)}" if args.step_overrides else "")
+    best = max(jpeg_rows[1:], key=lambda r: r["images_per_cpu_s"])
+    reduced_share = reduced_crop_share(args.jpeg_size, args.image_size)
     lines = [
         head, "", table1, "",
         f"ImageNet-like: {args.jpegs} fabricated JPEGs of {args.jpeg_size[1]}x"
-        f"{args.jpeg_size[0]} (quality 90), PIL decode + random resized crop to "
-        f"{args.image_size}, flip, colour jitter; batch {args.jpeg_batch}. " + cores, "",
-        table2, "",
-        f"Train step: {model}, batch {args.train_batch}, 32x32x3, SGD + momentum, BatchNorm; "
-        "the ceiling is the same step on a fixed batch already on the device; median of "
-        f"{args.repeats} interleaved rounds; CPU ms is this process's CPU time per step (all "
-        "threads), the work whatever the load.", "", table3, "",
+        f"{args.jpeg_size[0]} (smooth content plus grain, quality 90), batch {args.jpeg_batch}, "
+        f"output {args.image_size}x{args.image_size}; one reader thread, CPU time of this "
+        f"process over {args.jpeg_batches} interleaved batches per variant. The old path decodes "
+        "the whole JPEG with PIL and runs the Inception crop, flip and colour jitter in float32 "
+        "numpy, shipping float32; the new one samples the crop from the header, decodes at the "
+        f"smallest libjpeg scale covering it (1/2 needs a crop side of at least 2 x "
+        f"{args.image_size}: {reduced_share:.1%} of the crops of these images; more for larger "
+        "photos or a lower training resolution), resizes to uint8 and leaves flip, "
+        "jitter and scaling to the train step. Best new path: "
+        f"{best['images_per_cpu_s']:,.0f} images per host core-second, "
+        f"{best['images_per_cpu_s'] / old:.1f}x the old {old:,.0f}; host cores are what one GPU "
+        f"at an assumed {args.gpu_images_per_s:,.0f} images/s needs (`--gpu-images-per-s`).",
+        "", table2, "", table3, "",
+        "Pre-sizing (`python -m revjax.prepare imagenet2012 --max-side N`): the same JPEGs "
+        "re-encoded once with the longest side at most N (quality 90), the disk bytes and a "
+        "full-size decode alone (simplejpeg), interleaved.", "", table4, "",
+        f"Train step, ImageNet-shaped: {step_model}, batch {args.step_batch}, "
+        f"{args.image_size}x{args.image_size}x3, 1000 classes, SGD + momentum; the ceiling is "
+        "the step on a fixed float32 batch already on the device; the new host path feeds "
+        f"uint8 crops (Grain, {args.step_workers} worker processes, prefetch 4) and the step "
+        f"flips, jitters and scales them; median of {args.repeats} interleaved rounds. On this "
+        "CPU the augmentation shares the cores with the model; on an accelerator it is a few "
+        "elementwise passes over the batch.", "", step_table(image_steps), "",
+        f"Train step, CIFAR-shaped: {model}, batch {args.train_batch}, 32x32x3, SGD + "
+        "momentum, BatchNorm; the ceiling is the same step on a fixed batch already on the "
+        f"device; median of {args.repeats} interleaved rounds; CPU ms is this process's CPU "
+        "time per step (all threads), the work whatever the load.", "", step_table(steps), "",
     ]
     return "\n".join(lines)
 
 
-def plot(path: Path, inputs, jpeg_rows, steps, title: str) -> Path:
+def plot(path: Path, inputs, imagenet_rows, steps, image_steps, title: str) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(10, 4.2), dpi=110)
+    jpeg_rows = imagenet_rows[0]
+    fig = Figure(figsize=(13, 4.4), dpi=110)
     FigureCanvasAgg(fig)
     panels = [
-        ("CIFAR input only", [(r["pipeline"], r["images_per_s"]) for r in inputs]),
-        ("ImageNet-like, Grain", [(f"{r['workers']} workers", r["images_per_s"])
-                                  for r in jpeg_rows]),
-        ("train step", [(r["input"].split(" (")[0], r["images_per_s"]) for r in steps]),
+        ("CIFAR input only, images/s", [(r["pipeline"], r["images_per_s"]) for r in inputs]),
+        ("ImageNet-like, images per host core-second",
+         [(r["pipeline"].replace(", uint8", "").replace(", float32", ""),
+           r["images_per_cpu_s"]) for r in jpeg_rows]),
+        ("train step, ImageNet-shaped, images/s",
+         [(r["input"].split(" (")[0], r["images_per_s"]) for r in image_steps]),
+        ("train step, CIFAR-shaped, images/s",
+         [(r["input"].split(" (")[0], r["images_per_s"]) for r in steps]),
     ]
     for i, (name, bars) in enumerate(panels):
-        ax = fig.add_subplot(1, 3, i + 1)
+        ax = fig.add_subplot(1, 4, i + 1)
         labels = [b[0] for b in bars]
         ax.barh(range(len(bars)), [b[1] for b in bars], color=f"C{i}")
-        ax.set_yticks(range(len(bars)), labels, fontsize=7)
+        ax.set_yticks(range(len(bars)), labels, fontsize=6)
         ax.invert_yaxis()
         if i == 0:  # rates two orders of magnitude apart
             ax.set_xscale("log")
-            ax.set_xlabel("images/s (log scale)", fontsize=8)
         else:
             ax.set_xlim(left=0)
-            ax.set_xlabel("images/s", fontsize=8)
-        ax.set_title(name, fontsize=9)
+        ax.set_title(name, fontsize=8)
+        ax.tick_params(axis="x", labelsize=7)
         ax.grid(alpha=0.3, axis="x")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -401,12 +587,21 @@ def main(argv=None) -> dict:
     parser.add_argument("--model", default="revnet38")
     parser.add_argument("--train-batch", type=int, default=128)
     parser.add_argument("--jpegs", type=int, default=64)
-    parser.add_argument("--gpu-images-per-s", type=float, default=1000.0,
+    parser.add_argument("--gpu-images-per-s", type=float, default=2000.0,
                         help="assumed train-step throughput of one GPU on ImageNet")
+    parser.add_argument("--max-sides", type=int, nargs="*", default=[320, 256],
+                        help="pre-sized variants: longest side at most N")
+    parser.add_argument("--step-model", default="revnet104")
+    parser.add_argument("--step-batch", type=int, default=16)
+    parser.add_argument("--step-workers", type=int, default=1,
+                        help="Grain worker processes feeding the ImageNet-shaped train step")
     args = parser.parse_args(argv)
     args.model_overrides = ()
+    # RevNet-104's ImageNet layout (stem, 4 stages) narrowed to run on a CPU.
+    args.step_overrides = (("units_per_stage", (2, 2, 2, 2)), ("widths", (16, 16, 16, 32, 64)))
+    args.dali_batch, args.dali_batches = 64, 5
     args.device_batches, args.grain_batches, args.sustained_batches = 20, 2, 20
-    args.jpeg_size, args.jpeg_batch, args.jpeg_batches, args.image_size = (375, 500), 8, 3, 224
+    args.jpeg_size, args.jpeg_batch, args.jpeg_batches, args.image_size = (375, 500), 16, 5, 224
     if args.quick:
         args.num_examples, args.grain_examples, args.batch = 512, 256, 32
         args.workers, args.repeats, args.jpegs = [0, 1], 2, 8
@@ -414,18 +609,24 @@ def main(argv=None) -> dict:
         args.model_overrides = (("widths", (8, 8, 16)),)
         args.device_batches, args.grain_batches, args.sustained_batches = 4, 1, 2
         args.jpeg_size, args.jpeg_batch, args.jpeg_batches, args.image_size = (60, 80), 4, 1, 32
+        args.max_sides, args.step_batch, args.step_workers = [48], 4, 0
+        args.step_overrides = (("units_per_stage", (1, 1, 1, 1)), ("widths", (8, 8, 8, 8, 8)))
+        args.dali_batch, args.dali_batches = 4, 1
 
     start = time.perf_counter()
     inputs = input_only(args)
-    jpeg_rows = imagenet_like(args)
+    imagenet_rows = (*imagenet_like(args), _dali_rate(args))
+    image_steps = imagenet_steps(args)
     steps = train_steps(args)
-    text = report(args, argv, inputs, jpeg_rows, steps)
+    text = report(args, argv, inputs, imagenet_rows, steps, image_steps)
     out_dir = Path(args.out_dir)
     _report.write_report(out_dir, NAME, text)
-    plot(out_dir / f"{NAME}.png", inputs, jpeg_rows, steps,
+    plot(out_dir / f"{NAME}.png", inputs, imagenet_rows, steps, image_steps,
          f"Input pipelines, {_report.hardware_label()}")
     print(f"({time.perf_counter() - start:.0f} s)")
-    return {"input": inputs, "imagenet": jpeg_rows, "train": steps}
+    return {"input": inputs, "imagenet": imagenet_rows[0], "imagenet_workers": imagenet_rows[1],
+            "presizing": imagenet_rows[2], "dali": imagenet_rows[3],
+            "imagenet_train": image_steps, "train": steps}
 
 
 if __name__ == "__main__":
