@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import multiprocessing
 import os
 import shutil
 import sys
@@ -226,8 +227,13 @@ def presize_imagenet(
             shutil.copy2(src, dst)
     if not jobs:
         raise FileNotFoundError(f"No training ArrayRecord shards in {src_dir}.")
-    with ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-        done = list(pool.map(_presize_shard, jobs))
+    workers = min(len(jobs), workers or os.cpu_count() or 1)
+    if workers == 1:
+        done = [_presize_shard(job) for job in jobs]
+    else:  # spawned: forking a process that loaded TensorFlow is not safe
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            done = list(pool.map(_presize_shard, jobs))
     sample = _sample_images(jobs[0][0], 200)
     after = [presize_jpeg(j, max_side, quality) for j in sample]
     return {

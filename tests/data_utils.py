@@ -95,3 +95,63 @@ def write_cifar_download(name: str, download_dir: str, examples) -> str:
     with open(path + ".INFO", "w") as f:
         json.dump({"urls": [url]}, f)
     return path
+
+
+def _jpeg_bytes(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _tar_bytes(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, payload in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return buf.getvalue()
+
+
+def write_imagenet_manual(
+    manual_dir: str, num_classes: int = 3, per_class: int = 4, num_val: int = 6, seed: int = 0
+) -> dict:
+    """Writes tiny `ILSVRC2012_img_train.tar` and `ILSVRC2012_img_val.tar` in the official layout.
+
+    The training tar holds one tar per synset (`n01440764.tar` with `n01440764_<i>.JPEG`), the
+    first `num_classes` synsets of TFDS's label list; the validation tar holds flat
+    `ILSVRC2012_val_<8 digits>.JPEG` files, labelled by TFDS's shipped validation labels. Images
+    are smooth random photos of a few sizes (landscape, portrait, square), up to 96 pixels.
+
+    Returns:
+      `{"train": number of training images, "validation": num_val, "synsets": [...]}`.
+    """
+    import tensorflow_datasets as tfds
+    from PIL import Image
+
+    labels_path = tfds.core.tfds_path("datasets/imagenet2012/labels.txt")
+    synsets = labels_path.read_text().split()[:num_classes]
+    rng = np.random.default_rng(seed)
+    sizes = [(72, 96), (96, 64), (80, 80), (60, 90)]
+
+    def photo(i):
+        h, w = sizes[i % len(sizes)]
+        coarse = rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)
+        return np.asarray(Image.fromarray(coarse).resize((w, h), Image.Resampling.BICUBIC))
+
+    inner = {}
+    k = 0
+    for synset in synsets:
+        files = {}
+        for i in range(per_class):
+            files[f"{synset}_{i}.JPEG"] = _jpeg_bytes(photo(k))
+            k += 1
+        inner[f"{synset}.tar"] = _tar_bytes(files)
+    val = {f"ILSVRC2012_val_{i + 1:08d}.JPEG": _jpeg_bytes(photo(i)) for i in range(num_val)}
+    os.makedirs(manual_dir, exist_ok=True)
+    for name, members in (("ILSVRC2012_img_train.tar", inner), ("ILSVRC2012_img_val.tar", val)):
+        with open(os.path.join(manual_dir, name), "wb") as f:
+            f.write(_tar_bytes(members))
+    return {"train": num_classes * per_class, "validation": num_val, "synsets": synsets}

@@ -337,3 +337,50 @@ def test_dali_missing_says_how_to_install(monkeypatch):
     with pytest.raises(ImportError, match=r"pip install 'revjax\[dali\]'"):
         dali_pipeline.require_dali()
     assert not dali_pipeline.dali_available()
+
+
+# ------------------------------------------------------------------------------------------
+# A fabricated ILSVRC2012 archive, prepared offline, pre-sized
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def prepared_imagenet(tmp_path_factory):
+    """Fabricated ILSVRC2012 tars -> `python -m revjax.prepare imagenet2012 --max-side 48`
+    (needs TensorFlow, in its own process as users run it)."""
+    pytest.importorskip("tensorflow")
+    from data_utils import write_imagenet_manual
+
+    root = tmp_path_factory.mktemp("imagenet")
+    counts = write_imagenet_manual(str(root / "manual"), num_classes=3, per_class=4, num_val=6)
+    data_dir = root / "tfds"
+    proc = subprocess.run(
+        [sys.executable, "-m", "revjax.prepare", "imagenet2012", "--data_dir", str(data_dir),
+         "--manual_dir", str(root / "manual"), "--max-side", "48"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"data_dir": data_dir, "presized": data_dir / "max_side_48", "stdout": proc.stdout,
+            **counts}
+
+
+def test_prepare_presizes_the_training_split(prepared_imagenet):
+    info = prepared_imagenet
+    assert "longest side <= 48" in info["stdout"] and "x)" in info["stdout"]
+    full = imagenet.encoded_source("train", info["data_dir"])
+    small = imagenet.encoded_source("train", info["presized"])
+    assert len(full) == len(small) == info["train"]
+    for i in range(len(full)):
+        (h, w), (hs, ws) = imagenet.jpeg_size(full[i]["image"]), imagenet.jpeg_size(
+            small[i]["image"])
+        assert max(hs, ws) == 48 and abs(hs / ws - h / w) < 0.05
+        assert int(small[i]["label"]) == int(full[i]["label"])
+        assert len(small[i]["image"]) < len(full[i]["image"])
+    # The validation split is the original one.
+    val = imagenet.encoded_source("validation", info["presized"])
+    assert len(val) == info["validation"]
+    assert val[0]["image"] == imagenet.encoded_source("validation", info["data_dir"])[0]["image"]
+    with pytest.raises(SystemExit):
+        from revjax import prepare
+
+        prepare.main(["cifar10", "--data_dir", str(info["data_dir"]), "--max-side", "48"])
