@@ -439,25 +439,29 @@ def _fmt(value, digits=0) -> str:
 def report(args, argv, inputs, imagenet_rows, steps, image_steps) -> str:
     jpeg_rows, worker_rows, sizing, dali = imagenet_rows
     command = _report.command_line(MODULE, argv)
-    grain0 = next((r["images_per_s"] for r in inputs if r["pipeline"] == "grain, 0 workers"),
-                  None)
+    cifar = inputs is not None
     head = _report.header(
         "Input pipeline throughput",
-        f"CIFAR-shaped uint8 32x32x3 (fabricated), batch {args.batch}, device split of "
-        f"{args.num_examples} images, Grain source of {args.grain_examples} (one reader thread "
-        f"without workers); device and Grain 0 workers: median of {args.repeats} interleaved "
-        f"rounds; Grain with workers: sustained rate over {args.sustained_batches} batches, "
-        "run one after the other (interleaved, their buffers fill while others are timed)",
+        (f"CIFAR-shaped uint8 32x32x3 (fabricated), batch {args.batch}, device split of "
+         f"{args.num_examples} images, Grain source of {args.grain_examples} (one reader thread "
+         f"without workers); device and Grain 0 workers: median of {args.repeats} interleaved "
+         f"rounds; Grain with workers: sustained rate over {args.sustained_batches} batches, "
+         "run one after the other (interleaved, their buffers fill while others are timed)")
+        if cifar else "ImageNet sections only",
         command,
     )
-    table1 = _report.markdown_table(
-        ["CIFAR input only", "images/s (wall)", "images per CPU-second", "x grain 0 workers"],
-        [
-            [r["pipeline"], _fmt(r["images_per_s"]), _fmt(r["images_per_cpu_s"]),
-             f"{r['images_per_s'] / grain0:.1f}" if grain0 else "-"]
-            for r in inputs
-        ],
-    )
+    table1 = ""
+    if cifar:
+        grain0 = next((r["images_per_s"] for r in inputs if r["pipeline"] == "grain, 0 workers"),
+                      None)
+        table1 = _report.markdown_table(
+            ["CIFAR input only", "images/s (wall)", "images per CPU-second", "x grain 0 workers"],
+            [
+                [r["pipeline"], _fmt(r["images_per_s"]), _fmt(r["images_per_cpu_s"]),
+                 f"{r['images_per_s'] / grain0:.1f}" if grain0 else "-"]
+                for r in inputs
+            ],
+        )
     old = jpeg_rows[0]["images_per_cpu_s"]
     rate_rows = [
         [r["pipeline"], _fmt(r["images_per_cpu_s"], 0), f"{r['images_per_cpu_s'] / old:.1f}",
@@ -505,7 +509,7 @@ def report(args, argv, inputs, imagenet_rows, steps, image_steps) -> str:
     best = max(jpeg_rows[1:], key=lambda r: r["images_per_cpu_s"])
     reduced_share = reduced_crop_share(args.jpeg_size, args.image_size)
     lines = [
-        head, "", table1, "",
+        head, "", *([table1, ""] if cifar else []),
         f"ImageNet-like: {args.jpegs} fabricated JPEGs of {args.jpeg_size[1]}x"
         f"{args.jpeg_size[0]} (smooth content plus grain, quality 90), batch {args.jpeg_batch}, "
         f"output {args.image_size}x{args.image_size}; one reader thread, CPU time of this "
@@ -530,11 +534,15 @@ def report(args, argv, inputs, imagenet_rows, steps, image_steps) -> str:
         f"flips, jitters and scales them; median of {args.repeats} interleaved rounds. On this "
         "CPU the augmentation shares the cores with the model; on an accelerator it is a few "
         "elementwise passes over the batch.", "", step_table(image_steps), "",
-        f"Train step, CIFAR-shaped: {model}, batch {args.train_batch}, 32x32x3, SGD + "
-        "momentum, BatchNorm; the ceiling is the same step on a fixed batch already on the "
-        f"device; median of {args.repeats} interleaved rounds; CPU ms is this process's CPU "
-        "time per step (all threads), the work whatever the load.", "", step_table(steps), "",
     ]
+    if cifar:
+        lines += [
+            f"Train step, CIFAR-shaped: {model}, batch {args.train_batch}, 32x32x3, SGD + "
+            "momentum, BatchNorm; the ceiling is the same step on a fixed batch already on the "
+            f"device; median of {args.repeats} interleaved rounds; CPU ms is this process's CPU "
+            "time per step (all threads), the work whatever the load.", "", step_table(steps),
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -546,22 +554,24 @@ def plot(path: Path, inputs, imagenet_rows, steps, image_steps, title: str) -> P
     fig = Figure(figsize=(13, 4.4), dpi=110)
     FigureCanvasAgg(fig)
     panels = [
-        ("CIFAR input only, images/s", [(r["pipeline"], r["images_per_s"]) for r in inputs]),
+        ("CIFAR input only, images/s",
+         [(r["pipeline"], r["images_per_s"]) for r in inputs or []]),
         ("ImageNet-like, images per host core-second",
          [(r["pipeline"].replace(", uint8", "").replace(", float32", ""),
            r["images_per_cpu_s"]) for r in jpeg_rows]),
         ("train step, ImageNet-shaped, images/s",
          [(r["input"].split(" (")[0], r["images_per_s"]) for r in image_steps]),
         ("train step, CIFAR-shaped, images/s",
-         [(r["input"].split(" (")[0], r["images_per_s"]) for r in steps]),
+         [(r["input"].split(" (")[0], r["images_per_s"]) for r in steps or []]),
     ]
+    panels = [p for p in panels if p[1]]
     for i, (name, bars) in enumerate(panels):
-        ax = fig.add_subplot(1, 4, i + 1)
+        ax = fig.add_subplot(1, len(panels), i + 1)
         labels = [b[0] for b in bars]
         ax.barh(range(len(bars)), [b[1] for b in bars], color=f"C{i}")
         ax.set_yticks(range(len(bars)), labels, fontsize=6)
         ax.invert_yaxis()
-        if i == 0:  # rates two orders of magnitude apart
+        if name.startswith("CIFAR"):  # rates two orders of magnitude apart
             ax.set_xscale("log")
         else:
             ax.set_xlim(left=0)
@@ -591,14 +601,19 @@ def main(argv=None) -> dict:
                         help="assumed train-step throughput of one GPU on ImageNet")
     parser.add_argument("--max-sides", type=int, nargs="*", default=[320, 256],
                         help="pre-sized variants: longest side at most N")
+    parser.add_argument("--imagenet-only", action="store_true",
+                        help="skip the CIFAR-shaped sections (the GPU check)")
     parser.add_argument("--step-model", default="revnet104")
+    parser.add_argument("--step-full", action="store_true",
+                        help="the preset's own widths and depth (default: narrowed for a CPU)")
     parser.add_argument("--step-batch", type=int, default=16)
     parser.add_argument("--step-workers", type=int, default=1,
                         help="Grain worker processes feeding the ImageNet-shaped train step")
     args = parser.parse_args(argv)
     args.model_overrides = ()
     # RevNet-104's ImageNet layout (stem, 4 stages) narrowed to run on a CPU.
-    args.step_overrides = (("units_per_stage", (2, 2, 2, 2)), ("widths", (16, 16, 16, 32, 64)))
+    args.step_overrides = () if args.step_full else (
+        ("units_per_stage", (2, 2, 2, 2)), ("widths", (16, 16, 16, 32, 64)))
     args.dali_batch, args.dali_batches = 64, 5
     args.device_batches, args.grain_batches, args.sustained_batches = 20, 2, 20
     args.jpeg_size, args.jpeg_batch, args.jpeg_batches, args.image_size = (375, 500), 16, 5, 224
@@ -614,10 +629,11 @@ def main(argv=None) -> dict:
         args.dali_batch, args.dali_batches = 4, 1
 
     start = time.perf_counter()
-    inputs = input_only(args)
+    cifar = not args.imagenet_only
+    inputs = input_only(args) if cifar else None
     imagenet_rows = (*imagenet_like(args), _dali_rate(args))
     image_steps = imagenet_steps(args)
-    steps = train_steps(args)
+    steps = train_steps(args) if cifar else None
     text = report(args, argv, inputs, imagenet_rows, steps, image_steps)
     out_dir = Path(args.out_dir)
     _report.write_report(out_dir, NAME, text)

@@ -364,6 +364,7 @@ def prepared_imagenet(tmp_path_factory):
             **counts}
 
 
+@pytest.mark.slow
 def test_prepare_presizes_the_training_split(prepared_imagenet):
     info = prepared_imagenet
     assert "longest side <= 48" in info["stdout"] and "x)" in info["stdout"]
