@@ -385,3 +385,53 @@ def test_prepare_presizes_the_training_split(prepared_imagenet):
         from revjax import prepare
 
         prepare.main(["cifar10", "--data_dir", str(info["data_dir"]), "--max-side", "48"])
+
+
+@pytest.mark.slow
+def test_trainer_on_the_prepared_archive_resumes_bit_identically(prepared_imagenet, tmp_path):
+    # The real chain: fabricated ILSVRC2012 tars -> prepare --max-side -> the trainer's
+    # ImageNet host path (auto on CPU) -> a checkpoint -> resume: the same weights.
+    import dataclasses
+    import json
+
+    from revjax import train
+
+    cfg = train.TrainConfig(
+        model="revnet_tiny", dataset="imagenet2012", image_size=16, batch_size=4,
+        eval_batch_size=4, num_steps=3, lr_boundaries=(1000,), log_every=1, checkpoint_every=2,
+        memory_report=False, num_devices=1, data_dir=str(prepared_imagenet["presized"]),
+    )
+    assert train.resolve_input_pipeline(cfg) == "grain"
+    inp = train.make_train_input(cfg, train.make_mesh(1), 16)
+    assert isinstance(inp, imagenet.ImageNetTrainInput)
+    batch = inp.step_args(0)[0]
+    assert batch["image"].dtype == np.uint8 and batch["image"].shape == (4, 16, 16, 3)
+    inp.close()
+    full = train.train_and_evaluate(cfg, tmp_path / "full")
+    train.train_and_evaluate(dataclasses.replace(cfg, num_steps=2), tmp_path / "split")
+    metadata = tmp_path / "split" / "checkpoints" / "2" / "data" / "metadata"
+    assert json.loads(metadata.read_text())["input_pipeline"] == "grain"
+    resumed = train.train_and_evaluate(cfg, tmp_path / "split")  # step 3: the next epoch
+    assert resumed["step"] == full["step"] == 3
+    for a, b in zip(jax.tree.leaves(resumed["state"]), jax.tree.leaves(full["state"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert np.isfinite(full["train_loss"]) and 0.0 <= full["eval_accuracy"] <= 1.0
+
+
+def test_trainer_pipeline_names_for_imagenet(monkeypatch):
+    import dataclasses
+
+    from experiments.train import load_config
+    from revjax import train
+    from revjax.data import dali_pipeline
+
+    cfg = load_config("imagenet_revnet104", quick=True)
+    assert train.resolve_input_pipeline(cfg) == "grain"  # auto on a CPU
+    with pytest.raises(ValueError, match="cannot read imagenet2012"):
+        train.resolve_input_pipeline(dataclasses.replace(cfg, input_pipeline="device"))
+    with pytest.raises(ValueError, match="imagenet2012 only"):
+        train.resolve_input_pipeline(load_config("digits").__class__(
+            dataset="digits", input_pipeline="dali"))
+    monkeypatch.setattr(dali_pipeline, "_import_dali", lambda: None)
+    with pytest.raises(ImportError, match=r"revjax\[dali\]"):
+        train.resolve_input_pipeline(dataclasses.replace(cfg, input_pipeline="dali"))

@@ -537,3 +537,81 @@ class ImageNetTrainInput(GrainTrainInput):
     def batch_at(self, step: int) -> dict:
         """The augmented batch of the last step read (`step` is its index)."""
         return self._augment_fn(super().batch_at(step), step)
+
+
+# --------------------------------------------------------------------------------------------
+# What the trainer builds
+# --------------------------------------------------------------------------------------------
+
+# The trainer's `TrainConfig.input_pipeline` names: "auto" resolves per dataset and platform.
+INPUT_PIPELINES: tuple[str, ...] = ("auto", "device", "grain", "dali")
+
+
+def resolve_imagenet_pipeline(choice: str) -> str:
+    """`"grain"` or `"dali"` for ImageNet: `"auto"` is DALI on NVIDIA GPUs where it is
+    installed, else the Grain host path; `"dali"` without DALI raises, saying how to install it.
+    """
+    from revjax.data import dali_pipeline
+
+    if choice == "dali":
+        dali_pipeline.require_dali()
+        return "dali"
+    if choice == "auto":
+        return "dali" if dali_pipeline.dali_available() else "grain"
+    if choice == "grain":
+        return "grain"
+    raise ValueError(
+        f"input_pipeline={choice!r} cannot read imagenet2012 (it does not fit in device "
+        "memory); use 'grain' (every platform), 'dali' (NVIDIA GPUs) or 'auto'."
+    )
+
+
+def make_train_input(
+    kind: str,
+    *,
+    batch_size: int,
+    seed: int,
+    batch_sharding,
+    data_dir: str | os.PathLike | None = None,
+    image_size: int = 224,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_workers: int = 0,
+    prefetch: int = 2,
+):
+    """The trainer's ImageNet training input: `ImageNetTrainInput` (kind "grain") or
+    `revjax.data.dali_pipeline.DaliTrainInput` (kind "dali")."""
+    if kind == "dali":
+        from revjax.data.dali_pipeline import DaliTrainInput
+
+        return DaliTrainInput(
+            batch_size=batch_size, seed=seed, batch_sharding=batch_sharding, data_dir=data_dir,
+            image_size=image_size, process_index=process_index, process_count=process_count,
+            prefetch=prefetch,
+        )
+    it = train_iterator(
+        batch_size=batch_size, seed=seed, data_dir=data_dir, image_size=image_size,
+        process_index=process_index, process_count=process_count, num_workers=num_workers,
+    )
+    return ImageNetTrainInput(it, batch_sharding, seed, prefetch=prefetch)
+
+
+def make_eval_input(
+    *,
+    batch_size: int,
+    batch_sharding,
+    data_dir: str | os.PathLike | None = None,
+    image_size: int = 224,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_workers: int = 0,
+):
+    """A function returning one pass over the validation split as global masked batches on
+    the devices (uint8 central crops from the host, scaled to [-1, 1] on the devices)."""
+    ds = eval_dataset(batch_size=batch_size, data_dir=data_dir, image_size=image_size,
+                      process_index=process_index, process_count=process_count)
+
+    def one_pass():
+        return eval_batches(grain_pipeline.iterate(ds, None, num_workers), batch_sharding)
+
+    return one_pass
