@@ -115,9 +115,13 @@ class TrainConfig:
       input_pipeline: ``"device"``: the training split lives in device memory and each batch is
         shuffled and augmented inside the jitted train step (CIFAR, digits; see
         `revjax.data.device_pipeline`); ``"grain"``: Grain workers on the host and device
-        prefetch (every dataset; ImageNet's only option); ``"auto"``: device where the dataset
-        supports it and fits, else Grain. The two give different (equally random) orders, so a
-        run resumes only with the pipeline it started with.
+        prefetch (every dataset; for ImageNet uint8 crops decoded at reduced scale, flipped,
+        jittered and scaled inside the step, `revjax.data.imagenet`); ``"dali"``: ImageNet
+        decoded on NVIDIA GPUs by DALI (``pip install 'revjax[dali]'``,
+        `revjax.data.dali_pipeline`); ``"auto"``: device where the dataset supports it and
+        fits, DALI for ImageNet on NVIDIA GPUs where installed, else Grain. The pipelines give
+        different (equally random) orders or pixels, so a run resumes only with the pipeline it
+        started with.
       prefetch: batches the Grain pipeline copies to the devices ahead of the step.
       preemption_sync_every: with several processes, steps between their agreement on a
         SIGTERM/SIGINT (one all-gather of an int); one process checks after every step for free.
@@ -341,7 +345,7 @@ _FIELD_CHECKS: dict[str, Callable[[Any], Any]] = {
     "memory_report": _boolean,
     "drift_every": _integer(0),
     "drift_threshold": _number(0.0, open_min=True),
-    "input_pipeline": _name(lambda: ["auto", "device", "grain"], "input pipeline"),
+    "input_pipeline": _name(lambda: ["auto", "device", "grain", "dali"], "input pipeline"),
     "prefetch": _integer(0),
     "preemption_sync_every": _integer(1),
     "optimizer": _name(lambda: list(OPTIMIZERS), "optimizer"),
@@ -768,7 +772,7 @@ def _global_batch(local: Mapping[str, np.ndarray], sharding: NamedSharding) -> d
 # Input
 # --------------------------------------------------------------------------------------------
 
-INPUT_PIPELINES = ("auto", "device", "grain")
+INPUT_PIPELINES = ("auto", "device", "grain", "dali")
 
 
 def resolve_input_pipeline(config: TrainConfig) -> str:
@@ -781,6 +785,11 @@ def resolve_input_pipeline(config: TrainConfig) -> str:
         raise ValueError(
             f"input_pipeline={choice!r}; use one of {', '.join(map(repr, INPUT_PIPELINES))}."
         )
+    if config.dataset == "imagenet2012":  # Grain host path or DALI; "auto" picks by platform
+        return data.imagenet.resolve_imagenet_pipeline(choice)
+    if choice == "dali":
+        raise ValueError(f"input_pipeline='dali' reads imagenet2012 only, not {config.dataset!r}; "
+                         "use 'auto', 'device' or 'grain'.")
     supported = config.dataset in data.DEVICE_DATASETS
     if choice == "device" and not supported:
         raise ValueError(
@@ -799,7 +808,15 @@ def make_train_input(config: TrainConfig, mesh: Mesh, image_size: int):
     from revjax import data
 
     batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
-    if resolve_input_pipeline(config) == "device":
+    kind = resolve_input_pipeline(config)
+    if config.dataset == "imagenet2012":  # uint8 crops; flip, jitter, scaling in the step
+        return data.imagenet.make_train_input(
+            kind, batch_size=config.batch_size, seed=config.seed, batch_sharding=batch_sharding,
+            data_dir=config.data_dir, image_size=image_size, process_index=jax.process_index(),
+            process_count=jax.process_count(), num_workers=config.num_workers,
+            prefetch=config.prefetch,
+        )
+    if kind == "device":
         info = data.get_dataset_info(config.dataset)
         arrays = data.load_split(config.dataset, info.train_split, config.data_dir, image_size)
         nbytes = arrays[0].nbytes + arrays[1].nbytes
@@ -824,6 +841,12 @@ def make_eval_input(config: TrainConfig, mesh: Mesh, image_size: int, kind: str,
     resident on the devices when ``kind == "device"``, else through Grain."""
     from revjax import data
 
+    if config.dataset == "imagenet2012":
+        return data.imagenet.make_eval_input(
+            batch_size=batch_size, batch_sharding=NamedSharding(mesh, P(DATA_AXIS)),
+            data_dir=config.data_dir, image_size=image_size, process_index=jax.process_index(),
+            process_count=jax.process_count(), num_workers=config.num_workers,
+        )
     if kind == "device":
         resident = data.DeviceEvalInput(
             config.dataset, batch_size=batch_size, batch_sharding=NamedSharding(mesh, P(DATA_AXIS)),
