@@ -562,7 +562,7 @@ def resolve_imagenet_pipeline(choice: str) -> str:
         return "grain"
     raise ValueError(
         f"input_pipeline={choice!r} cannot read imagenet2012 (it does not fit in device "
-        "memory); use 'grain' (every platform), 'dali' (NVIDIA GPUs) or 'auto'."
+        "memory); use input_pipeline='grain' (every platform), 'dali' (NVIDIA GPUs) or 'auto'."
     )
 
 
