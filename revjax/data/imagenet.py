@@ -118,6 +118,18 @@ def _simplejpeg():
 DECODERS: tuple[str, ...] = ("auto", "simplejpeg", "pil")
 
 
+def _reduction_of(height: int, width: int, decoded_hw, requested: int) -> int:
+    """The d of a libjpeg output of size `decoded_hw`: libjpeg's 1/d image is
+    `(ceil(height / d), ceil(width / d))`; the requested d first (tiny images fit several)."""
+    for d in (requested, *JPEG_REDUCTIONS):
+        if tuple(decoded_hw) == (-(-height // d), -(-width // d)):
+            return d
+    raise ValueError(
+        f"The JPEG decoder returned {tuple(decoded_hw)} for a {height}x{width} image at 1/"
+        f"{requested}: not a 1/1, 1/2, 1/4 or 1/8 scale."
+    )
+
+
 def _decode_reduced(jpeg: bytes, reduction: int, decoder: str = "auto"):
     """The JPEG decoded at 1/`reduction` (libjpeg DCT scaling) as an RGB PIL image, and the
     reduction actually used (1 for non-JPEG data).
@@ -140,8 +152,7 @@ def _decode_reduced(jpeg: bytes, reduction: int, decoder: str = "auto"):
         # The smallest TurboJPEG scale whose output is at least these sizes is exactly 1/d.
         array = sj.decode_jpeg(jpeg, "RGB", min_height=height // reduction,
                                min_width=width // reduction)
-        used = int(round(width / array.shape[1])) if reduction > 1 else 1
-        return Image.fromarray(array), used
+        return Image.fromarray(array), _reduction_of(height, width, array.shape[:2], reduction)
     im = Image.open(io.BytesIO(jpeg))
     used = 1
     if reduction > 1 and im.format == "JPEG":
