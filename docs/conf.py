@@ -63,12 +63,15 @@ templates_path = ["_templates"]
 # Every cross-reference inside revjax must resolve. Types of other libraries have no
 # inventory in an offline build, so references to them are not checked.
 nitpicky = True
-nitpick_ignore_regex = [
-    (r"py:.*", r"(jax|jaxlib|flax|optax|numpy|np|jnp|nnx|chex|grain|orbax|tfds|tensorflow_datasets)(\..*)?"),
-    (r"py:.*", r"(collections|typing|types|os|pathlib|abc|dataclasses|enum|logging|signal|threading)\..*"),
-    (r"py:.*", r"(Any|Callable|Iterator|Iterable|Mapping|Sequence|PathLike|Path|NamedTuple|Array|PRNGKeyArray|ArrayLike|PyTree|Shape|DType|Mesh|NamedSharding|Sharding|GraphDef|State)"),
-    (r"py:.*", r"(int|float|str|bool|bytes|dict|list|tuple|None|type|object|callable|optional)"),
+_EXTERNAL = [
+    r"(jax|jaxlib|flax|optax|numpy|np|jnp|nnx|chex|grain|orbax|tfds|tensorflow_datasets)(\..*)?",
+    r"(collections|typing|types|os|pathlib|abc|dataclasses|enum|logging|signal|threading)\..*",
+    r"(Any|Callable|Iterator|Iterable|Mapping|Sequence|PathLike|Path|NamedTuple)",
+    r"(Array|PRNGKeyArray|ArrayLike|PyTree|Shape|DType|Mesh|NamedSharding|Sharding)",
+    r"(GraphDef|State)",
+    r"(int|float|str|bool|bytes|dict|list|tuple|None|type|object|callable|optional)",
 ]
+nitpick_ignore_regex = [(r"py:.*", pattern) for pattern in _EXTERNAL]
 
 html_theme = "sphinx_book_theme"
 html_title = f"revjax {release}"

@@ -121,7 +121,7 @@ class TrainConfig:
       prefetch: batches the Grain pipeline copies to the devices ahead of the step.
       preemption_sync_every: with several processes, steps between their agreement on a
         SIGTERM/SIGINT (one all-gather of an int); one process checks after every step for free.
-      optimizer: ``"sgd"`` (the paper's recipe, the default) or ``"adamw"`` (Adam with decoupled weight decay,
+      optimizer: ``"sgd"`` (the paper's recipe) or ``"adamw"`` (Adam with decoupled weight decay,
         Loshchilov & Hutter: each step also subtracts ``lr_t * weight_decay * w`` from the
         kernels, outside the adaptive scaling; ``weight_decay`` then means that coefficient).
       adam_b1: AdamW's first-moment decay.

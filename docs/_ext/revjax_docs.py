@@ -139,7 +139,7 @@ def _attributes(doc: str) -> dict[str, str]:
         first = lines.index("Attributes:")
     except ValueError:
         return entries
-    current = None
+    current, entry_indent = None, 0
     for line in lines[first + 1 :]:
         if not line.strip():
             continue
