@@ -163,3 +163,19 @@ def test_examples_run(page, capsys):
     # As users run them: JAX's default promotion rules, not the suite's strict ones.
     with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
         exec(code, {"__name__": f"docs_example_{page.stem}"})
+
+
+def test_readme_figures_are_in_the_results_files_they_cite():
+    rows = [
+        line
+        for line in (ROOT / "README.md").read_text().splitlines()
+        if line.startswith("|") and "](results/" in line
+    ]
+    assert len(rows) >= 5
+    for row in rows:
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        source = re.search(r"\]\((results/[^)]+)\)", cells[-1])[1]
+        text = (ROOT / source).read_text()
+        for cell in cells[1:-1]:
+            for figure in re.findall(r"\d[\d,]*\.?\d*", cell):
+                assert figure in text, f"README figure {figure} is not in {source}: {row}"
