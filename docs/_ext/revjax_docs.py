@@ -212,13 +212,25 @@ def _on_config_inited(app, config) -> None:
     generate()
 
 
-def _factory_defaults(app, what, name, obj, options, signature, return_annotation):
-    """Shows a dataclass field's ``default_factory()`` value instead of ``<factory>``.
+def _class_signature(app, what, name, obj, options, signature, return_annotation):
+    """Fixes two class signatures autodoc gets wrong.
 
-    ``<factory>`` is not Python, so Sphinx could not parse the signature and would split it at
-    every comma (``tuple[int, ...]`` becoming two parameters).
+    - NNX modules: their metaclass's ``__call__`` hides ``__init__``, so autodoc shows
+      ``(*args, **kwargs)``; show ``__init__``'s parameters instead.
+    - Dataclasses: a field's ``default_factory()`` value instead of ``<factory>``, which is not
+      Python, so Sphinx could not parse the signature and would split it at every comma
+      (``tuple[int, ...]`` becoming two parameters).
     """
-    if what != "class" or not signature or "<factory>" not in signature:
+    if what != "class" or not signature:
+        return None
+    if signature.startswith("(*args") and "__init__" in vars(obj):
+        from sphinx.util.inspect import signature as sphinx_signature
+        from sphinx.util.inspect import stringify_signature
+
+        init = sphinx_signature(obj.__init__, bound_method=True)  # without self
+        text = stringify_signature(init, show_return_annotation=False, unqualified_typehints=True)
+        return text, None
+    if "<factory>" not in signature:
         return None
     factories = {
         f.name: f.default_factory
@@ -235,5 +247,5 @@ def _factory_defaults(app, what, name, obj, options, signature, return_annotatio
 
 def setup(app):
     app.connect("config-inited", _on_config_inited)
-    app.connect("autodoc-process-signature", _factory_defaults)
+    app.connect("autodoc-process-signature", _class_signature)
     return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}
