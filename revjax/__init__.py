@@ -54,7 +54,7 @@ from revjax.vit import vit_s16 as vit_s16
 from revjax.vit import vit_ti16 as vit_ti16
 from revjax.vit import vit_tiny as vit_tiny
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 __all__ = [
     "ReversibleSequence",

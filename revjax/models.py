@@ -488,8 +488,10 @@ def _invertible_stages(block, plan, config, rngs) -> list[InvertibleRevStage]:
 class ResNet(_Network):
     """Pre-activation ResNet, the RevNet's twin: same blocks, ordinary residual units.
 
-    Args as `RevNet`, without ``memory_saving`` / ``remat_transitions`` / ``exact_every`` /
-    ``carry_dtype``, plus:
+    Takes the arguments of `RevNet` except ``memory_saving``, ``remat_transitions``,
+    ``exact_every`` and ``carry_dtype``, and one more:
+
+    Args:
       remat_units: `jax.checkpoint` every unit (each stores only its input); a baseline for
         the memory benchmark. Also settable as an attribute.
     """

@@ -380,7 +380,7 @@ def test_remat_transitions_cut_memory():
     """The entry units stored only their inputs: compiled temp memory drops (on every backend;
     a plain `jax.checkpoint` saved nothing on XLA:CPU, 8.2 MiB either way for this model)."""
     from revjax.measure import compiled_memory
-    from revjax.train import TrainConfig, _abstract_state, make_train_step
+    from revjax.train import TrainConfig, abstract_train_state, make_train_step
 
     batch = {
         "image": jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.float32),
@@ -394,7 +394,7 @@ def test_remat_transitions_cut_memory():
             "units_per_stage": (3, 3),
             "widths": (16, 16, 32),
         }
-        graphdef, state, tx = _abstract_state(
+        graphdef, state, tx = abstract_train_state(
             TrainConfig(model="revnet_tiny", model_overrides=overrides), 10, 3
         )
         step = jax.jit(make_train_step(graphdef, tx))

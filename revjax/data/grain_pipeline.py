@@ -371,7 +371,7 @@ def eval_iterator(
 def global_batch(local: Mapping[str, np.ndarray], sharding) -> dict:
     """Assembles this process's part of a batch into one global `jax.Array` per key.
 
-    Arrays that are already `jax.Array`s (the device pipeline's batches) pass through.
+    Values that are already a `jax.Array` (the device pipeline's batches) pass through.
     """
     import jax
 
