@@ -404,10 +404,12 @@ def augment_batch(
         col = lambda a: a[:, None, None]  # noqa: E731  [B] -> [B, 1, 1]
         planes = tuple(x[..., c] + col(draws.brightness) for c in range(3))  # [B, H, W] each
         sat, hue, con = col(draws.saturation), col(draws.hue), col(draws.contrast)
-        first = _contrast(_saturation_and_hue(planes, sat, hue), con)
-        second = _saturation_and_hue(_contrast(planes, con), sat, hue)
         pick = col(draws.saturation_first)
-        planes = tuple(jnp.where(pick, a, b) for a, b in zip(first, second))
+        # Each image takes one order; the HSV round trip (the costly part) runs once for all:
+        # contrast before it where contrast comes first, after it where it comes second.
+        planes = tuple(jnp.where(pick, a, b) for a, b in zip(planes, _contrast(planes, con)))
+        planes = _saturation_and_hue(planes, sat, hue)
+        planes = tuple(jnp.where(pick, a, b) for a, b in zip(_contrast(planes, con), planes))
         x = jnp.clip(jnp.stack(planes, axis=-1), 0, 1)
     return x * 2 - 1
 
