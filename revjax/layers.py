@@ -22,6 +22,8 @@ grow with ``num_units``. What every NNX model needs is handled here:
 
 from __future__ import annotations
 
+import functools
+import inspect
 import operator
 from collections.abc import Callable
 from typing import Any
@@ -69,6 +71,40 @@ def _branch(graphdef: nnx.GraphDef, kwargs: dict[str, Any]) -> Callable:
     return call
 
 
+def _unit_builder(make: Callable, what: str) -> Callable[[nnx.Rngs], nnx.Module]:
+    """``make`` as a callable of ``rngs`` alone: as it is when it takes ``rngs`` positionally,
+    wrapped when it takes it by keyword only (the NNX convention ``__init__(self, *, rngs)``);
+    a TypeError saying how to wrap it when it needs other arguments too."""
+    if isinstance(make, type):  # a class: its metaclass hides __init__'s signature
+        signature = inspect.signature(functools.partial(make.__init__, None))
+    elif isinstance(make, functools.partial) and isinstance(make.func, type):
+        signature = inspect.signature(
+            functools.partial(make.func.__init__, None, *make.args, **make.keywords)
+        )
+    else:
+        try:
+            signature = inspect.signature(make)
+        except (TypeError, ValueError):  # no signature to read (a builtin): call as documented
+            return make
+    probe = object()
+    try:
+        signature.bind(probe)
+        return make
+    except TypeError:
+        pass
+    try:
+        signature.bind(rngs=probe)
+    except TypeError:
+        name = getattr(make, "__name__", type(make).__name__)
+        call = f"{name}(..., rngs=rngs)" if name.isidentifier() else "YourModule(..., rngs=rngs)"
+        raise TypeError(
+            f"{what} must build one unit from the RNG streams alone, called as {what}(rngs) "
+            f"or {what}(rngs=rngs), but {name}{signature} needs more arguments. Wrap it so "
+            f"that rngs is the only one: {what}=lambda rngs: {call}."
+        ) from None
+    return lambda rngs: make(rngs=rngs)
+
+
 class ReversibleSequence(nnx.Module):
     """``num_units`` reversible units whose F and G are any NNX modules, memory flat in depth.
 
@@ -92,6 +128,9 @@ class ReversibleSequence(nnx.Module):
     Args:
       make_f: ``rngs -> nnx.Module``, builds one unit's F; traced once under `nnx.vmap` over
         ``num_units`` split RNG streams, so every unit has its own weights and RNG streams.
+        Called as ``make_f(rngs)``, or ``make_f(rngs=rngs)`` when it takes ``rngs`` by keyword
+        only (a module class with ``__init__(self, *, rngs)``); wrap a module that needs other
+        arguments: ``lambda rngs: Attention(64, rngs=rngs)``.
         F is called as ``f(x, *context, **kwargs)``. Give RNG-using layers (``nnx.Dropout``,
         ``nnx.MultiHeadAttention`` with dropout) their ``rngs`` here, at construction.
       make_g: the same for G.
@@ -144,6 +183,8 @@ class ReversibleSequence(nnx.Module):
                 f"and G (e.g. a Module class or a lambda rngs: ...), got {type(make_f).__name__} "
                 f"and {type(make_g).__name__}."
             )
+        make_f = _unit_builder(make_f, "make_f")
+        make_g = _unit_builder(make_g, "make_g")
         get_coupling(coupling)  # an unknown name fails here, not at the first call
         check_exact_every(exact_every)
         self.num_units = n

@@ -306,6 +306,35 @@ def test_error_num_units(num_units):
         ReversibleSequence(make, make, num_units, rngs=nnx.Rngs(0))
 
 
+class KeywordOnlyLinear(nnx.Module):
+    """A module class in the NNX convention: ``rngs`` keyword-only."""
+
+    def __init__(self, *, rngs: nnx.Rngs):
+        self.linear = nnx.Linear(D, D, rngs=rngs)
+
+    def __call__(self, x):
+        return self.linear(x)
+
+
+class NeedsWidth(nnx.Module):
+    def __init__(self, width: int, *, rngs: nnx.Rngs):
+        self.linear = nnx.Linear(D, width, rngs=rngs)
+
+
+def test_make_with_keyword_only_rngs():
+    seq = ReversibleSequence(KeywordOnlyLinear, KeywordOnlyLinear, 2, rngs=nnx.Rngs(0))
+    assert seq.f.linear.kernel.shape == (2, D, D)  # built once per unit, stacked
+    x = jnp.ones((N, L, D))
+    y1, y2 = seq(x, x)
+    assert y1.shape == y2.shape == (N, L, D)
+
+
+def test_error_make_needs_more_than_rngs():
+    make = lambda rngs: nnx.Linear(D, D, rngs=rngs)
+    with pytest.raises(TypeError, match=r"make_g=lambda rngs: NeedsWidth\(\.\.\., rngs=rngs\)"):
+        ReversibleSequence(make, NeedsWidth, 2, rngs=nnx.Rngs(0))
+
+
 def test_public_name_and_revnet_uses_it():
     assert "ReversibleSequence" in revjax.__all__
     assert revjax.ReversibleSequence is ReversibleSequence

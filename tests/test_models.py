@@ -305,6 +305,19 @@ def test_input_errors(f32_models):
 
 
 @pytest.mark.parametrize(
+    ("shape", "match"),
+    [
+        ((2, 3, SIZE, SIZE), r"is channels-first \(NCHW\).*x\.transpose\(0, 2, 3, 1\)"),
+        ((2, 1, SIZE, SIZE), r"looks channels-first \(NCHW\) with 1 channels.*in_channels=1\."),
+    ],
+)
+def test_input_error_channels_first(f32_models, shape, match):
+    with pytest.raises(ValueError, match=match) as info:
+        f32_models["basic"](jnp.zeros(shape), train=False)
+    assert f"in_channels={SIZE}" not in str(info.value)  # not the advice for NHWC data
+
+
+@pytest.mark.parametrize(
     ("kwargs", "match"),
     [
         (dict(widths=(8, 9, 16)), "must be even"),
