@@ -8,7 +8,8 @@ program; nothing is allocated and nothing runs.
 
 Each compile runs in a child process, started by `compile_for_target` in an interpreter that has
 the target's JAX plugin (``jax[cuda12]`` or ``jax[tpu]``, same version as ``jax``, each in its
-own virtual environment because the CUDA wheels are ~3 GB: ``make aot-venvs``). The child sets
+own virtual environment because the CUDA wheels are ~3 GB: ``make aot-venv-cuda`` /
+``make aot-venv-tpu``). The child sets
 what must be set before JAX is imported (for CUDA: ``CUDA_VISIBLE_DEVICES=-1``, so that no GPU is
 looked for, and ``JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1``, without which the plugin's start-up check
 fails on ``cuInit`` and the plugin is never registered), reads compile jobs as JSON on stdin and
@@ -28,12 +29,16 @@ What the figures are:
   compare FLOPs of fully unrolled programs (``unroll=True``) only.
 
     python -m experiments.aot --list                                 # the known targets
-    python -m experiments.aot --target h100 --model revnet164 --batch 128
-    python -m experiments.aot --target cpu --model revnet_tiny --batch 2 --size 8
+    python -m experiments.aot --target h100 --model revnet164 --batch 128  # ...: fits
+    python -m experiments.aot --target cpu --model revnet_tiny --batch 2 --size 8 --memory-gib 1
+
+``--batch N`` ends with a verdict: ``fits`` when the compiled step (state donated, as in the
+training loop) is within the target's `Budget`, its memory minus ``--reserve`` (10 %), the same
+budget as ``experiments.bench_batch --target``; ``does not fit`` otherwise.
 
 Interpreters: ``--python`` (or the ``aot_python`` argument), else ``$REVJAX_AOT_CUDA_PYTHON`` /
 ``$REVJAX_AOT_TPU_PYTHON``, else ``.venv-aot-cuda/bin/python`` / ``.venv-aot-tpu/bin/python`` in
-the repository root (what ``make aot-venvs`` creates).
+the repository root (what ``make aot-venv-cuda`` / ``make aot-venv-tpu`` create).
 """
 
 from __future__ import annotations
@@ -212,6 +217,61 @@ def get_target(name: str) -> Target:
         ) from None
 
 
+# What a batch may use of a device's memory: the rest is kept for what a compiled program does not
+# count (CUDA context, cuDNN workspaces chosen by autotuning, the TPU runtime, fragmentation).
+DEFAULT_RESERVE = 0.10
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """The bytes a compiled train step may take on a device: its memory minus a reserve.
+
+    A compiled program fits when its total (arguments + outputs + temporaries - aliased, state
+    donated as in the training loop) is at most `bytes`. The same budget decides
+    ``python -m experiments.aot --batch N`` and the largest-batch search of
+    ``experiments.bench_batch --target``.
+
+    Attributes:
+      memory_bytes: the device's memory.
+      source: where ``memory_bytes`` comes from.
+      reserve: the fraction of it kept free.
+    """
+
+    memory_bytes: float
+    source: str
+    reserve: float = DEFAULT_RESERVE
+
+    @property
+    def bytes(self) -> float:
+        return self.memory_bytes * (1 - self.reserve)
+
+    def describe(self) -> str:
+        """``"device memory 79.6 GiB (source) minus a 10% reserve = 71.6 GiB"``."""
+        return (
+            f"device memory {self.memory_bytes / GiB:.1f} GiB ({self.source}) minus a "
+            f"{self.reserve:.0%} reserve = {self.bytes / GiB:.2f} GiB"
+        )
+
+    def verdict(self, total: float) -> str:
+        """``"fits"`` when ``total`` compiled bytes are within the budget, else
+        ``"does not fit"``."""
+        return "fits" if total <= self.bytes else "does not fit"
+
+
+def budget_for(
+    target: Target, *, reserve: float = DEFAULT_RESERVE, memory_gib: float | None = None
+) -> Budget | None:
+    """The `Budget` of ``target`` (``memory_gib`` replaces its memory); ``None`` when its memory is
+    unknown (the ``cpu`` target) and none is given."""
+    if not 0 <= reserve < 1:
+        raise SystemExit(f"--reserve is a fraction of device memory in [0, 1), got {reserve}")
+    if memory_gib:
+        return Budget(memory_gib * GiB, "--memory-gib", reserve)
+    if target.memory_bytes is None:
+        return None
+    return Budget(target.memory_bytes, target.memory_source, reserve)
+
+
 def target_python(target: Target, python: str | None = None) -> str:
     """The interpreter that compiles for ``target`` (see the module docstring for the order)."""
     if python:
@@ -226,7 +286,8 @@ def target_python(target: Target, python: str | None = None) -> str:
         return str(venv)
     raise SystemExit(
         f"target {target.name!r} needs an interpreter with `{target.install}` (same version as "
-        f"jax) and revjax's dependencies: run `make aot-venvs` (creates {venv.parent.parent}), "
+        f"jax) and revjax's dependencies: run `make aot-venv-{target.platform}` (creates "
+        f"{venv.parent.parent}), "
         f"or set ${var} / pass --aot-python to such an interpreter."
     )
 
@@ -765,17 +826,56 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--reserve`` and ``--memory-gib``: the `Budget` a compiled step is held against."""
+    parser.add_argument(
+        "--reserve",
+        type=float,
+        default=DEFAULT_RESERVE,
+        help="with --target: fraction of device memory kept free (CUDA context, cuDNN "
+        f"workspace, fragmentation; default {DEFAULT_RESERVE:.2f})",
+    )
+    parser.add_argument(
+        "--memory-gib", type=float, default=None, help="with --target: override device memory"
+    )
+
+
+def print_verdict(record: Mapping[str, Any], budget: Budget | None, target: Target) -> None:
+    """The last line of ``--batch N``: whether the compiled step fits ``budget``."""
+    if budget is None:
+        print(
+            f"no verdict: target {target.name!r} has no device memory to budget against; pass "
+            "--memory-gib (or pick a GPU/TPU target)"
+        )
+        return
+    if "error" in record:  # the compiler itself ran out of the target's memory
+        print(f"does not fit: the compile ran out of memory; budget: {budget.describe()}")
+        return
+    print(
+        f"{budget.verdict(record['total'])}: {record['total'] / GiB:.2f} GiB compiled "
+        f"(arguments + outputs + temporaries - aliased) against {budget.describe()}"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", metavar="TARGET", help=argparse.SUPPRESS)
     parser.add_argument("--list", action="store_true", help="list the known targets")
     add_target_arguments(parser)
+    add_budget_arguments(parser)
     parser.add_argument("--model", default="revnet164", help="a revjax.models preset")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--size", type=int, default=32, help="image side")
     parser.add_argument("--num-classes", type=int, default=10)
     parser.add_argument(
         "--overrides", default="{}", help="constructor arguments as JSON (unroll defaults to 1)"
+    )
+    parser.add_argument(
+        "--donate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="donate the train state as the training loop does (default; the fits verdict "
+        "assumes it)",
     )
     args = parser.parse_args(argv)
     if args.child:
@@ -786,6 +886,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"{t.name:8s} {t.description}; memory {t.memory_label} ({t.memory_source})")
         return
     target = get_target(args.target)
+    budget = budget_for(target, reserve=args.reserve, memory_gib=args.memory_gib)
     info, (record,) = compile_for_target(
         target,
         [
@@ -795,18 +896,27 @@ def main(argv: Sequence[str] | None = None) -> None:
                 batch=args.batch,
                 size=args.size,
                 num_classes=args.num_classes,
+                donate=args.donate,
             )
         ],
         python=args.aot_python,
+        cache=args.cache,
     )
     print(describe(target, info))
     if "error" in record:
-        raise SystemExit(record["error"])
-    for field in ("temp", "argument", "output", "alias", "total"):
-        print(f"{field:>9s}: {record[field] / 2**20:10.1f} MiB")
-    if record.get("flops") is not None:
-        print(f"    flops: {record['flops']:.4g} (a rolled loop's body counts once)")
-    print(f"  compile: {record['trace_lower_s']:.1f} s trace + lower, {record['compile_s']:.1f} s")
+        if not is_out_of_memory_error(record["error"]):
+            raise SystemExit(record["error"])
+        print(record["error"].splitlines()[0][:300])
+    else:
+        for field in ("temp", "argument", "output", "alias", "total"):
+            print(f"{field:>9s}: {record[field] / 2**20:10.1f} MiB")
+        if record.get("flops") is not None:
+            print(f"    flops: {record['flops']:.4g} (a rolled loop's body counts once)")
+        print(
+            f"  compile: {record['trace_lower_s']:.1f} s trace + lower, "
+            f"{record.get('compile_s', 0):.1f} s"
+        )
+    print_verdict(record, budget, target)
 
 
 if __name__ == "__main__":

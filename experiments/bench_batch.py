@@ -20,7 +20,8 @@ until one does: usually two or three tries per model.
 ``--target NAME`` simulates the search for a GPU/TPU this host does not have: the train step is
 compiled ahead of time for the target (`experiments.aot`, nothing runs) at candidate batch sizes,
 and a batch fits when its compiled bytes (arguments + outputs + temporaries - aliased, state
-donated) are within the target's memory minus ``--reserve``. It reports the largest multiple of
+donated) are within the target's memory minus ``--reserve`` (`experiments.aot.Budget`, the
+budget ``python -m experiments.aot --batch N`` judges by). It reports the largest multiple of
 ``--multiple`` (8) that fits, confirmed by compiling it and the next multiple, for the issue-10
 presets (RevNet-38/110/164 vs ResNet-32/110/164 at 32x32, RevNet-104 vs ResNet-101 at 224x224)
 or ``--models`` (``preset[:key=value,...]``), into ``bench_batch_<target>.md`` / ``.png``.
@@ -449,7 +450,7 @@ def line_near_budget(tries, budget: float, multiple: int) -> tuple[float | None,
     return per_image, int(b1 + (budget - t1) / per_image) // multiple * multiple
 
 
-def _simulate_model(compiler, spec: str, budget: float, args) -> dict:
+def _simulate_model(compiler, spec: str, budget: aot.Budget, args) -> dict:
     model, overrides = parse_model_spec(spec)
     size, classes = TARGET_MODELS.get(model, (32, 10))
     size = args.size or size
@@ -466,7 +467,7 @@ def _simulate_model(compiler, spec: str, budget: float, args) -> dict:
                 raise SystemExit(f"{NAME}: compiling {model} at batch {batch} failed: {r['error']}")
             r["total"] = math.inf
         records[batch] = r
-        fits = "fits" if r["total"] <= budget else "does not fit"
+        fits = budget.verdict(r["total"])
         how = "from the cache" if r.get("cached") else f"compile {r.get('compile_s', 0):.0f} s"
         print(
             f"  {model} {size}x{size}: batch {batch}: {r['total'] / 2**30:.2f} GiB ({fits}; {how})",
@@ -477,13 +478,13 @@ def _simulate_model(compiler, spec: str, budget: float, args) -> dict:
     start = start_for(args.start, spec) or (128 if size <= 64 else 32)
     largest, failed, tries = largest_fitting_batch(
         total_of,
-        budget,
+        budget.bytes,
         start=start,
         multiple=args.multiple,
         max_batch=args.max_batch,
         max_compiles=args.max_compiles,
     )
-    per_image, predicted = line_near_budget(tries, budget, args.multiple)
+    per_image, predicted = line_near_budget(tries, budget.bytes, args.multiple)
     params = next(iter(records.values())).get("params")
     return {
         "model": spec,
@@ -498,18 +499,17 @@ def _simulate_model(compiler, spec: str, budget: float, args) -> dict:
     }
 
 
-def simulate_on_target(args, on_row=None) -> tuple[dict, list[dict], float]:
+def simulate_on_target(args, on_row=None) -> tuple[dict, list[dict], aot.Budget]:
     """Largest batch of every model, compiled for ``args.target`` (``args.processes`` child
     processes); ``on_row(info, rows_so_far, budget)`` after each model (partial tables)."""
     target = aot.get_target(args.target)
-    if target.memory_bytes is None and not args.memory_gib:
+    budget = aot.budget_for(target, reserve=args.reserve, memory_gib=args.memory_gib)
+    if budget is None:
         raise SystemExit(
             f"{NAME}: target {target.name!r} has no device memory to budget against; pick a "
             f"GPU/TPU target ({', '.join(t for t in aot.TARGETS if t != 'cpu')}) or pass "
             "--memory-gib"
         )
-    memory = args.memory_gib * 2**30 if args.memory_gib else target.memory_bytes
-    budget = memory * (1 - args.reserve)
     models = args.models or default_target_models()
     pending = list(enumerate(models))
     rows: list[dict | None] = [None] * len(models)
@@ -672,18 +672,9 @@ def main(argv=None):
     parser.add_argument("--probe", nargs=2, metavar=("MODEL", "BATCH"), help=argparse.SUPPRESS)
     parser.add_argument("--overrides", default="{}", help=argparse.SUPPRESS)
     aot.add_target_arguments(parser)
-    parser.add_argument(
-        "--reserve",
-        type=float,
-        default=0.10,
-        help="with --target: fraction of device memory kept free (CUDA context, cuDNN "
-        "workspace, fragmentation; default 0.10)",
-    )
+    aot.add_budget_arguments(parser)
     parser.add_argument(
         "--multiple", type=int, default=8, help="with --target: batch granularity (default 8)"
-    )
-    parser.add_argument(
-        "--memory-gib", type=float, default=None, help="with --target: override device memory"
     )
     parser.add_argument(
         "--max-compiles",
@@ -708,9 +699,7 @@ def main(argv=None):
             details = (
                 "largest batch that fits, simulated: the trainer's train step (SGD + momentum, "
                 "state donated), rolled scans (unroll=1), float32, compiled for the target at "
-                f"candidate batch sizes; device memory {target.memory_label} "
-                f"({target.memory_source}) minus a {args.reserve:.0%} reserve = "
-                f"{budget / 2**30:.2f} GiB{done}"
+                f"candidate batch sizes; {budget.describe()}{done}"
             )
             head = _report.target_header(
                 "Largest batch",
@@ -722,13 +711,15 @@ def main(argv=None):
             _report.write_report(
                 args.out_dir,
                 name,
-                to_markdown_target(rows, head, budget, args.multiple, args.max_compiles, target),
+                to_markdown_target(
+                    rows, head, budget.bytes, args.multiple, args.max_compiles, target
+                ),
             )
             png = plot_target(
                 rows,
                 args.out_dir / f"{name}.png",
                 f"Compiled train-step memory vs batch, {target.description}",
-                budget,
+                budget.bytes,
             )
             print(f"wrote {png}")
 
