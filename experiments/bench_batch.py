@@ -22,7 +22,7 @@ compiled ahead of time for the target (`experiments.aot`, nothing runs) at candi
 and a batch fits when its compiled bytes (arguments + outputs + temporaries - aliased, state
 donated) are within the target's memory minus ``--reserve`` (`experiments.aot.Budget`, the
 budget ``python -m experiments.aot --batch N`` judges by). It reports the largest multiple of
-``--multiple`` (8) that fits, confirmed by compiling it and the next multiple, for the issue-10
+``--multiple`` (8) that fits, confirmed by compiling it and the next multiple, for the paper's
 presets (RevNet-38/110/164 vs ResNet-32/110/164 at 32x32, RevNet-104 vs ResNet-101 at 224x224)
 or ``--models`` (``preset[:key=value,...]``), into ``bench_batch_<target>.md`` / ``.png``.
 
@@ -42,13 +42,13 @@ import ast  # noqa: E402
 import inspect  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import threading  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
 
 from experiments import _report, aot  # noqa: E402
+from revjax import presets  # noqa: E402
 from revjax.measure import (  # noqa: E402
     compiled_memory,
     device_memory_limit_bytes,
@@ -276,23 +276,10 @@ def plot(rows: list[dict], path: Path, title: str, limit: int | None) -> Path:
 # Simulated: compiled for a target device ahead of time (--target), nothing runs
 # --------------------------------------------------------------------------------------------
 
-# The issue-10 comparison: preset -> (image side, classes), and the pairs it reports.
-TARGET_MODELS = {
-    "revnet38": (32, 10),
-    "resnet32": (32, 10),
-    "revnet110": (32, 10),
-    "resnet110": (32, 10),
-    "revnet164": (32, 10),
-    "resnet164": (32, 10),
-    "revnet104": (224, 1000),
-    "resnet101": (224, 1000),
-}
-TARGET_PAIRS = [
-    ("revnet38", "resnet32"),
-    ("revnet110", "resnet110"),
-    ("revnet164", "resnet164"),
-    ("revnet104", "resnet101"),
-]
+# The paper's RevNets compared on a target, each with its ResNet twin from the preset registry
+# (each at its preset's image side and classes: 32x32 / 10, ImageNet 224x224 / 1000).
+TARGET_REVNETS = ("revnet38", "revnet110", "revnet164", "revnet104")
+TARGET_MODELS = [m for rev in TARGET_REVNETS for m in (rev, presets.get(rev).twin)]
 
 
 def largest_fitting_batch(
@@ -425,8 +412,9 @@ def start_for(starts, spec: str) -> int | None:
 
 
 def default_target_models() -> list[str]:
-    """The issue-10 presets, plus RevNet-164 / RevNet-104 with the transition setting that is
-    not the default, and with invertible downsampling where the installed RevNet has it."""
+    """The paper's presets (`TARGET_MODELS`), plus RevNet-164 / RevNet-104 with the transition
+    setting that is not the default, and with invertible downsampling where the installed RevNet
+    has it."""
     params = inspect.signature(RevNet.__init__).parameters
     other = not params["remat_transitions"].default
     extra = [f"revnet164:remat_transitions={other}", f"revnet104:remat_transitions={other}"]
@@ -452,8 +440,11 @@ def line_near_budget(tries, budget: float, multiple: int) -> tuple[float | None,
 
 def _simulate_model(compiler, spec: str, budget: aot.Budget, args) -> dict:
     model, overrides = parse_model_spec(spec)
-    size, classes = TARGET_MODELS.get(model, (32, 10))
-    size = args.size or size
+    try:
+        preset = presets.get(model)
+    except ValueError as error:
+        raise SystemExit(f"{NAME}: {error}") from None
+    size, classes = args.size or preset.image_size, preset.num_classes
     records = {}
 
     def total_of(batch: int) -> float:
@@ -463,7 +454,7 @@ def _simulate_model(compiler, spec: str, budget: aot.Budget, args) -> dict:
         spec["donate"] = True  # as the training loop: old and new state share buffers
         r = compiler.compile(spec)
         if "error" in r:
-            if not aot.is_out_of_memory_error(r["error"]):
+            if not is_out_of_memory(r["error"]):
                 raise SystemExit(f"{NAME}: compiling {model} at batch {batch} failed: {r['error']}")
             r["total"] = math.inf
         records[batch] = r
@@ -510,28 +501,16 @@ def simulate_on_target(args, on_row=None) -> tuple[dict, list[dict], aot.Budget]
             f"GPU/TPU target ({', '.join(t for t in aot.TARGETS if t != 'cpu')}) or pass "
             "--memory-gib"
         )
-    models = args.models or default_target_models()
-    pending = list(enumerate(models))
-    rows: list[dict | None] = [None] * len(models)
-    infos: list[dict] = []
-    lock = threading.Lock()
-    cache = aot.open_cache(args.cache)
-
-    def work() -> None:  # one child process per thread; models shared out as they finish
-        with aot.TargetCompiler(target, python=args.aot_python, cache=cache) as compiler:
-            infos.append(compiler.info)
-            while True:
-                with lock:
-                    if not pending:
-                        return
-                    i, spec = pending.pop(0)
-                rows[i] = _simulate_model(compiler, spec, budget, args)
-                if on_row is not None:
-                    with lock:
-                        on_row(compiler.info, [r for r in rows if r is not None], budget)
-
-    aot.run_in_threads(work, min(max(1, args.processes), len(models)))
-    return infos[0], [r for r in rows if r is not None], budget
+    info, rows = aot.share_out(  # one child process per thread; models shared out
+        target,
+        args.models or default_target_models(),
+        lambda compiler, spec: _simulate_model(compiler, spec, budget, args),
+        processes=args.processes,
+        python=args.aot_python,
+        cache=args.cache,
+        on_result=None if on_row is None else lambda info, _, rows: on_row(info, rows, budget),
+    )
+    return info, rows, budget
 
 
 def to_markdown_target(
@@ -578,7 +557,7 @@ def to_markdown_target(
         )
     by_model = {r["model"]: r for r in rows}
     ratios = []
-    twins = dict(TARGET_PAIRS)
+    twins = presets.twins()
     for a in rows:
         b = by_model.get(twins.get(a["model"].split(":")[0], ""))
         if b and a["largest"] and b["largest"]:
