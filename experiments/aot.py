@@ -514,7 +514,9 @@ class CompileCache:
         return self.records.get(key)
 
     def put(self, key: str, record: Mapping[str, Any]) -> None:
-        if "error" in record and not is_out_of_memory_error(record["error"]):
+        from revjax.measure import is_out_of_memory  # imports JAX: the parent side only
+
+        if "error" in record and not is_out_of_memory(record["error"]):
             return
         with self._lock:
             self.records[key] = dict(record)
@@ -558,8 +560,61 @@ def compile_for_target(
       ``lowered_flops``, ``trace_lower_s``, ``compile_s``, ``params``; or ``error`` when that
       job failed to compile.
     """
-    pending = list(enumerate(jobs))
-    records: list[dict | None] = [None] * len(pending)
+
+    def handle(compiler: TargetCompiler, spec: Mapping[str, Any]) -> dict:
+        record = compiler.compile(spec)
+        record["target_info"] = compiler.info  # for partial reports
+        return record
+
+    def report(info: dict, record: dict, done: list) -> None:
+        if on_record is not None:
+            on_record(record)
+
+    return share_out(
+        target,
+        jobs,
+        handle,
+        processes=processes,
+        python=python,
+        timeout=timeout,
+        cache=cache,
+        on_result=report,
+    )
+
+
+def share_out(
+    target: str | Target,
+    items: Sequence[Any],
+    handle: Callable[[TargetCompiler, Any], Any],
+    *,
+    processes: int = 1,
+    python: str | None = None,
+    timeout: float | None = None,
+    cache: str | Path | CompileCache | None = None,
+    on_result: Callable[[dict, Any, list], None] | None = None,
+) -> tuple[dict, list]:
+    """Runs ``handle(compiler, item)`` for every item over ``processes`` `TargetCompiler`
+    children, each thread taking the next item as it finishes one (a search of many compiles
+    or a single compile alike).
+
+    Args:
+      target: a `TARGETS` name or a `Target`.
+      items: what to handle (compile jobs, models to search).
+      handle: ``(compiler, item) -> result``, run in the thread that owns ``compiler``.
+      processes: child processes at once (at most one per item).
+      python: the interpreter (default: `target_python`).
+      timeout: seconds per compile (``None``: no limit).
+      cache: a `CompileCache` (or its file) all children share.
+      on_result: ``(target info, result, results so far in item order)`` after each item,
+        called under a lock (partial reports).
+
+    Returns:
+      ``(info, results)``: the target's description from the first child, and one result per
+      item in the order of ``items``.
+    """
+    pending = list(enumerate(items))
+    results: list = [None] * len(pending)
+    finished = [False] * len(pending)
     infos: list[dict] = []
     lock = threading.Lock()
     cache = open_cache(cache)
@@ -571,15 +626,16 @@ def compile_for_target(
                 with lock:
                     if not pending:
                         return
-                    i, spec = pending.pop(0)
-                records[i] = record = compiler.compile(spec)
-                record["target_info"] = compiler.info  # for partial reports
-                if on_record is not None:
-                    with lock:
-                        on_record(record)
+                    i, item = pending.pop(0)
+                result = handle(compiler, item)
+                with lock:
+                    results[i], finished[i] = result, True
+                    if on_result is not None:
+                        done = [r for r, f in zip(results, finished) if f]
+                        on_result(compiler.info, result, done)
 
     run_in_threads(work, min(max(1, processes), max(1, len(pending))))
-    return infos[0], [r for r in records if r is not None]
+    return infos[0], [r for r, f in zip(results, finished) if f]
 
 
 def require_compiled(records: Sequence[dict], owner: str) -> None:
@@ -610,11 +666,6 @@ def run_in_threads(work: Callable[[], None], n: int) -> None:
         t.join()
     if errors:
         raise errors[0]
-
-
-def is_out_of_memory_error(message: str) -> bool:
-    """Whether a compile error says the program does not fit (TPU compiles can say so)."""
-    return any(s in message for s in ("RESOURCE_EXHAUSTED", "out of memory", "Ran out of memory"))
 
 
 def describe(target: Target, info: Mapping[str, Any]) -> str:
@@ -904,7 +955,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     print(describe(target, info))
     if "error" in record:
-        if not is_out_of_memory_error(record["error"]):
+        from revjax.measure import is_out_of_memory
+
+        if not is_out_of_memory(record["error"]):
             raise SystemExit(record["error"])
         print(record["error"].splitlines()[0][:300])
     else:
