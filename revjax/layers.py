@@ -18,6 +18,10 @@ grow with ``num_units``. What every NNX model needs is handled here:
   plain autodiff's with the same RNG.
 * **Side inputs** (``context``: conditioning, attention masks or biases, time embeddings) are
   shared by every unit and receive gradients, summed over units.
+
+`pure_call` is the pure form of any NNX module's call, ``(state, *args) -> (output,
+new_state)``, that the sequence gives the core for F and G; the model zoo and training steps use
+it too.
 """
 
 from __future__ import annotations
