@@ -55,8 +55,10 @@ class Preset:
 
     @property
     def reversible(self) -> bool:
-        """Whether the model has a memory-saving (reversible) path: ``memory_saving=False``
-        runs the same parameters through plain autodiff."""
+        """Whether the model has a memory-saving (reversible) path.
+
+        Such a model's ``memory_saving=False`` runs the same parameters through plain autodiff.
+        """
         return self.accepts("memory_saving")
 
     def accepts(self, option: str) -> bool:
