@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: run test lint bench clean package-check aot-venvs aot-tables docs
+.PHONY: run test lint bench clean package-check aot-venv-cuda aot-venv-tpu aot-venvs aot-tables docs
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -66,9 +66,14 @@ AOT_PIN = $(if $(AOT_JAX),==$(AOT_JAX))
 .venv-aot-cuda/bin/python .venv-aot-tpu/bin/python:
 	$(PYTHON) -m venv $(dir $(@D))
 
-aot-venvs: $(VENV)/.experiments .venv-aot-cuda/bin/python .venv-aot-tpu/bin/python
+# One each: `make aot-venv-cuda` (~3 GB of CUDA wheels) or `make aot-venv-tpu`; `aot-venvs`: both.
+aot-venv-cuda: $(VENV)/.experiments .venv-aot-cuda/bin/python
 	.venv-aot-cuda/bin/python -m pip install -e . 'jax[cuda12]$(AOT_PIN)'
+
+aot-venv-tpu: $(VENV)/.experiments .venv-aot-tpu/bin/python
 	.venv-aot-tpu/bin/python -m pip install -e . 'jax[tpu]$(AOT_PIN)'
+
+aot-venvs: aot-venv-cuda aot-venv-tpu
 
 # The committed GPU/TPU tables in results/ (compiles only; ~1-2 h on 2 busy cores).
 aot-tables: aot-venvs

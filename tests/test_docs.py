@@ -17,6 +17,7 @@ import pytest
 
 import revjax
 import revjax.data
+import revjax.presets
 import revjax.train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,8 +41,13 @@ def _api_names(page: str) -> list[str]:
 
 @pytest.mark.parametrize(
     "page, module",
-    [("revjax.md", revjax), ("data.md", revjax.data), ("train.md", revjax.train)],
-    ids=["revjax", "revjax.data", "revjax.train"],
+    [
+        ("revjax.md", revjax),
+        ("presets.md", revjax.presets),
+        ("data.md", revjax.data),
+        ("train.md", revjax.train),
+    ],
+    ids=["revjax", "revjax.presets", "revjax.data", "revjax.train"],
 )
 def test_api_reference_lists_every_public_name(page, module):
     listed = _api_names(page)
