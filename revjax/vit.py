@@ -54,7 +54,7 @@ from revjax.models import _preset
 Array = jax.Array
 Dtype = Any
 
-POOLS = ("mean", "cls")
+POOLS = ("mean", "cls", "avg")
 LN_EPSILON = 1e-6  # timm's and big_vision's ViT LayerNorm epsilon
 
 __all__ = [
@@ -479,8 +479,10 @@ class ViT(_VisionTransformer):
       mlp_ratio: MLP hidden width / D.
       num_classes: number of logits.
       in_channels: image channels.
-      pool: ``"mean"`` (mean over tokens, as RevViT) or ``"cls"`` (a learned class token, the
-        original ViT; with it the presets have the published parameter counts).
+      pool: ``"mean"`` (mean over tokens, as RevViT), ``"cls"`` (a learned class token, the
+        original ViT; with it the presets have the published parameter counts) or ``"avg"``
+        (timm's ``global_pool="avg"``: a class token is kept, its output is dropped, the patch
+        tokens are averaged and the final LayerNorm normalises the average, timm's ``fc_norm``).
       dropout: dropout after the embedding, in the MLP and after each projection.
       attention_dropout: dropout on the attention weights.
       drop_path_rate: stochastic-depth rate of the last block (linear from 0 at the first).
@@ -535,7 +537,7 @@ class ViT(_VisionTransformer):
             dtype=dtype,
             param_dtype=param_dtype,
             carry_dtype=carry_dtype,
-            cls_token=pool == "cls",
+            cls_token=pool in ("cls", "avg"),
             rngs=rngs,
         )
         self.pool = pool
@@ -579,6 +581,8 @@ class ViT(_VisionTransformer):
             block = jax.checkpoint(block)
         unroll = default_unroll(self.depth) if self.unroll is None else self.unroll
         h, _ = lax.scan(block, h, (attn_state, mlp_state), unroll=unroll)
+        if self.pool == "avg":  # timm's fc_norm: normalise the mean of the patch tokens
+            return self._logits(self.norm(jnp.mean(h[:, 1:], axis=1).astype(self.dtype)))
         h = self.norm(h.astype(self.dtype))
         features = h[:, 0] if self.pool == "cls" else jnp.mean(h, axis=1)  # [N, D]
         return self._logits(features)
