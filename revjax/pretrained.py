@@ -509,7 +509,7 @@ def timm_state_dict(model: ViT) -> dict[str, np.ndarray]:
         )
 
     def get(*path):
-        return np.asarray(_getattr_path(model, path)[...], dtype=np.float32)
+        return np.array(_getattr_path(model, path)[...], dtype=np.float32)  # a writable copy
 
     out = {
         "patch_embed.proj.weight": np.transpose(get("patch_embed", "conv", "kernel"), (3, 2, 0, 1)),
@@ -528,7 +528,7 @@ def timm_state_dict(model: ViT) -> dict[str, np.ndarray]:
     out[f"{norm}.bias"] = get("norm", "bias")
     out["head.weight"] = get("head", "kernel").T
     out["head.bias"] = get("head", "bias")
-    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+    return {k: np.ascontiguousarray(v) for k, v in out.items()}  # transposes: contiguous copies
 
 
 def _getattr_path(module: Any, path: tuple[str, ...]) -> Any:
@@ -624,11 +624,11 @@ def timm_state_from_big_vision(npz: Mapping[str, Any]) -> dict[str, np.ndarray]:
         p = f"blocks.{i}."
         out[p + "norm1.weight"] = block("LayerNorm_0/scale")
         out[p + "norm1.bias"] = block("LayerNorm_0/bias")
-        if None not in (q, k, v):
+        if all(t is not None for t in (q, k, v)):
             out[p + "attn.qkv.weight"] = np.concatenate(
                 [t.reshape(t.shape[0], -1).T for t in (q, k, v)], axis=0
             )  # [3D, D], rows [q; k; v], each heads x head_dim
-        if None not in (qb, kb, vb):
+        if all(t is not None for t in (qb, kb, vb)):
             out[p + "attn.qkv.bias"] = np.concatenate([t.reshape(-1) for t in (qb, kb, vb)])
         if o is not None:
             out[p + "attn.proj.weight"] = o.reshape(-1, o.shape[-1]).T  # [heads*hd, D] -> [D, D]

@@ -1,0 +1,102 @@
+"""Fine-tuning options: layer-wise learning-rate decay, frozen parts, weights from a file."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import revjax
+from revjax import finetune, pretrained
+
+
+@pytest.fixture(scope="module")
+def vit():
+    return revjax.vit_tiny(pool="cls", rngs=nnx.Rngs(0))  # depth 2
+
+
+def _flat(state) -> dict:
+    return {path: np.asarray(v.get_value()) for path, v in nnx.to_flat_state(state)}
+
+
+@pytest.mark.parametrize("kind", ["vit", "revvit"])
+def test_layer_decay_scales(kind, vit):
+    model = vit if kind == "vit" else revjax.RevViT.from_vit(vit)
+    scales = _flat(finetune.layer_decay_scales(nnx.state(model, nnx.Param), 0.5))
+    blocks = ("attn", "mlp") if kind == "vit" else ("blocks",)
+    for path, s in scales.items():
+        if path[0] in blocks:  # depth 2: block 0 at 0.5**2, block 1 at 0.5
+            np.testing.assert_array_equal(s.reshape(-1), [0.25, 0.5])
+        elif path[0] in finetune.EMBEDDING:
+            assert s == 0.125, path
+        else:
+            assert s == 1.0, path
+
+
+def test_layer_decay_refuses_models_without_blocks():
+    params = nnx.state(revjax.revnet_tiny(rngs=nnx.Rngs(0)), nnx.Param)
+    with pytest.raises(ValueError, match="ViT"):
+        finetune.layer_decay_scales(params, 0.7)
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        finetune.scale_by_layer_decay(1.5)
+
+
+def test_sgd_step_with_layer_decay_and_frozen_embedding(vit):
+    """One SGD step: each update is -lr * scale * grad; the embedding does not move."""
+    params = nnx.state(vit, nnx.Param)
+    grads = jax.tree.map(jnp.ones_like, params)
+    tx = optax.chain(
+        optax.sgd(0.1), finetune.scale_by_layer_decay(0.5), finetune.freeze(["embed"])
+    )
+    updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    new = _flat(optax.apply_updates(params, updates))
+    old = _flat(params)
+    scales = _flat(finetune.layer_decay_scales(params, 0.5))
+    for path in old:
+        if path[0] in finetune.EMBEDDING:
+            np.testing.assert_array_equal(new[path], old[path])
+        else:
+            np.testing.assert_allclose(
+                new[path] - old[path], np.broadcast_to(-0.1 * scales[path], old[path].shape),
+                rtol=1e-6, atol=1e-7,
+            )
+
+
+def test_freeze_mask_names_and_errors(vit):
+    params = nnx.state(vit, nnx.Param)
+    mask = _flat(finetune.freeze_mask(params, ["embed", "head"]))
+    assert {p[0] for p, m in mask.items() if m} == {"patch_embed", "pos_embed", "cls_token", "head"}
+    with pytest.raises(ValueError, match="no such part"):
+        finetune.freeze_mask(params, ["stem"])
+
+
+def test_init_from_file_into_vit_and_revvit(tmp_path, vit):
+    path = pretrained.save_timm(vit, tmp_path / "vit.safetensors")
+    fresh = revjax.vit_tiny(pool="cls", rngs=nnx.Rngs(9))
+    finetune.init_from(fresh, path)
+    assert all(np.array_equal(a, b) for a, b in zip(
+        _flat(nnx.state(fresh, nnx.Param)).values(), _flat(nnx.state(vit, nnx.Param)).values()
+    ))
+    # A RevViT with another number of classes: blocks from the file, its own new head.
+    rev = revjax.revvit_tiny(num_classes=5, rngs=nnx.Rngs(9))
+    head = np.asarray(rev.head.kernel[...])
+    finetune.init_from(rev, path)
+    np.testing.assert_array_equal(rev.blocks.g.fc2.kernel[...], vit.mlp.fc2.kernel[...])
+    np.testing.assert_array_equal(rev.pos_embed[...], vit.pos_embed[...][:, 1:])
+    np.testing.assert_array_equal(rev.head.kernel[...], head)
+    # Another architecture: the listed error, nothing loaded.
+    wide = revjax.revvit_tiny(embed_dim=16, rngs=nnx.Rngs(9))
+    with pytest.raises(pretrained.CheckpointMismatch, match="embed_dim"):
+        finetune.init_from(wide, path)
+
+
+def test_init_from_resamples_to_a_larger_image(tmp_path, vit):
+    path = pretrained.save_timm(vit, tmp_path / "vit.safetensors")
+    big = revjax.vit_tiny(pool="cls", image_size=16, rngs=nnx.Rngs(9))
+    finetune.init_from(big, path)
+    assert big.pos_embed.shape == (1, 1 + 64, 32)
+    np.testing.assert_array_equal(big.pos_embed[...][:, 0], vit.pos_embed[...][:, 0])
+    assert np.isfinite(np.asarray(big(jnp.ones((1, 16, 16, 3))))).all()
