@@ -487,6 +487,12 @@ def _build_vit(state, name, image_size, num_classes, num_heads, rngs, resize, ov
     if config["num_classes"] == 0 and num_classes is None:
         raise ValueError(f"{name} has no classification head: pass num_classes.")
     arch = dict(config)
+    clash = sorted(set(overrides) & set(arch))
+    if clash:
+        raise ValueError(
+            f"{clash} come from the checkpoint ({', '.join(f'{k}={arch[k]!r}' for k in clash)}) "
+            "and cannot be overridden; image_size and num_classes are load_timm arguments."
+        )
     if image_size is not None:
         arch["image_size"] = image_size
     if num_classes is not None:
