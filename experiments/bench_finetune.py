@@ -15,6 +15,8 @@ Two parts:
     python -m experiments.bench_finetune                  # both parts (CPU: ~10 minutes)
     python -m experiments.bench_finetune --no-memory      # the transfer only
     python -m experiments.bench_finetune --quick          # seconds: tiny sizes, for tests
+    python -m experiments.bench_finetune --no-memory --save-source workdirs/digits04_vit.safetensors
+                                  # also keep the pretrained ViT (digits_revvit_finetune's start)
 
 Writes ``<out-dir>/bench_finetune.md``.
 """
@@ -150,14 +152,21 @@ def accuracy(model, x, y) -> float:
 
 
 def transfer(pretrain_steps: int, finetune_steps: int, batch: int, lr: float,
-             layer_decay: float) -> dict:
-    """The toy transfer; returns accuracies on digits 5-9 (test split) and the settings."""
+             layer_decay: float, save_source: Path | None = None) -> dict:
+    """The toy transfer; returns accuracies on digits 5-9 (test split) and the settings.
+
+    ``save_source``: also write the ViT pretrained on digits 0-4 there (timm .safetensors), the
+    checkpoint `experiments/configs/digits_revvit_finetune.py` starts from.
+    """
     arch = dict(in_channels=1, num_classes=5, unroll=True)
     xa, ya, _, _ = digits_split(range(0, 5))
     xb, yb, xb_test, yb_test = digits_split(range(5, 10))
 
     source = vit.vit_tiny(pool="cls", **arch, rngs=nnx.Rngs(0))
     fit(source, optax.adamw(lr, weight_decay=0.05), xa, ya, steps=pretrain_steps, batch=batch)
+    if save_source is not None:
+        Path(save_source).parent.mkdir(parents=True, exist_ok=True)
+        print(f"  wrote {pretrained.save_timm(source, save_source)}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         path = pretrained.save_timm(source, Path(tmp) / "digits04.safetensors")
         loaded = pretrained.load_timm(path, num_heads=2, unroll=True)  # a timm checkpoint
@@ -211,7 +220,14 @@ def to_markdown(memory: dict | None, result: dict | None, *, batch: int, command
         parts.append(
             f"## Memory ({jax.default_backend().upper()} compile)\n\n"
             "Temporary bytes are the activations and the backward's working set; arguments "
-            "are parameters, AdamW moments and the batch.\n\n"
+            "are parameters, AdamW moments and the batch. "
+            + (
+                "Compiled by XLA:CPU on this host: its buffer assignment, not a GPU's (the "
+                "H100 target needs the CUDA ahead-of-time venv, `make aot-venvs`). Where "
+                "parameters are large XLA can place activations inside the gradient output "
+                "buffers, which temporary bytes do not count.\n\n"
+                if jax.default_backend() == "cpu" else "\n\n"
+            )
             + _report.markdown_table(
                 ["model", "image", "ViT temp MiB", "RevViT temp MiB", "RevViT / ViT",
                  "ViT args MiB", "RevViT args MiB"], rows,
@@ -243,6 +259,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-transfer", action="store_true", help="skip the transfer part")
     parser.add_argument("--batch", type=int, default=BATCH)
     parser.add_argument("--out-dir", type=Path, default=Path("results"))
+    parser.add_argument(
+        "--save-source", type=Path, default=None,
+        help="also save the ViT pretrained on digits 0-4 here (.safetensors, timm's layout)",
+    )
     args = parser.parse_args(argv)
     memory = result = None
     if not args.no_memory:
@@ -252,7 +272,8 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             memory = measure_memory(PAIRS, SIZES, batch=args.batch)
     if not args.no_transfer:
-        result = transfer(**(QUICK_TRANSFER if args.quick else TRANSFER))
+        settings = QUICK_TRANSFER if args.quick else TRANSFER
+        result = transfer(**settings, save_source=args.save_source)
         print(f"  transfer: {result}", flush=True)
     text = to_markdown(
         memory, result, batch=2 if args.quick else args.batch,

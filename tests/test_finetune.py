@@ -100,3 +100,14 @@ def test_init_from_resamples_to_a_larger_image(tmp_path, vit):
     assert big.pos_embed.shape == (1, 1 + 64, 32)
     np.testing.assert_array_equal(big.pos_embed[...][:, 0], vit.pos_embed[...][:, 0])
     assert np.isfinite(np.asarray(big(jnp.ones((1, 16, 16, 3))))).all()
+
+
+def test_bench_finetune_quick_memory_table(tmp_path):
+    from experiments import bench_finetune
+
+    out = bench_finetune.main(["--quick", "--no-transfer", "--out-dir", str(tmp_path)])
+    (row,) = out["memory"].values()
+    assert row["rev"]["temp"] > 0 and row["vit"]["temp"] > 0
+    text = (tmp_path / "bench_finetune.md").read_text()
+    assert "python -m experiments.bench_finetune --quick --no-transfer" in text.splitlines()[0]
+    assert "| ViT-S/16 | 32x32 |" in text
