@@ -138,7 +138,13 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
                 "Reading .safetensors needs the safetensors package (no torch): "
                 "pip install safetensors (or revjax[pretrained])."
             ) from err
-        return dict(load_file(path))
+        try:
+            return dict(load_file(path))
+        except TypeError:  # numpy has no bfloat16: read through JAX's (ml_dtypes) instead
+            from safetensors import safe_open
+
+            with safe_open(path, framework="flax") as f:
+                return {k: np.asarray(f.get_tensor(k)) for k in f.keys()}
     if suffix == ".npz":
         with np.load(path, allow_pickle=False) as f:
             return {k: np.asarray(f[k]) for k in f.files}

@@ -312,3 +312,13 @@ def test_rev_vit_from_vit_copies_every_block_parameter(tiny_token):
     assert revjax.count_params(rev) == revjax.count_params(vit) + new - gone
     x = jnp.asarray(_images(224, n=1).transpose(0, 2, 3, 1))
     assert np.all(np.isfinite(np.asarray(rev(x))))
+
+
+def test_bfloat16_safetensors_loads(tmp_path, tiny_token):
+    from safetensors.torch import save_file
+
+    half = {k: v.to(torch.bfloat16).contiguous() for k, v in tiny_token.state_dict().items()}
+    save_file(half, tmp_path / "bf16.safetensors")
+    model = pretrained.load_timm(tmp_path / "bf16.safetensors", unroll=1)
+    want = half["blocks.2.mlp.fc1.weight"].float().numpy().T
+    np.testing.assert_array_equal(np.asarray(model.mlp.fc1.kernel[...][2]), want)
