@@ -143,7 +143,8 @@ def test_safetensors_file_loads_without_torch(tmp_path, tiny_token):
         assert "torch" not in sys.modules or sys.modules["torch"] is None
         """
     )
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.getcwd())
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=repo)
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     _assert_close(np.load(tmp_path / "out.npy"), _timm_logits(tiny_token, x))
