@@ -46,8 +46,12 @@ SIZES = (224, 384)
 BATCH = 32
 
 # The toy transfer: tiny ViT on 8x8 digits (patch 2, D 32, 2 blocks), AdamW.
-TRANSFER = dict(pretrain_steps=300, finetune_steps=100, batch=64, lr=3e-3, layer_decay=0.75)
-QUICK_TRANSFER = dict(pretrain_steps=4, finetune_steps=3, batch=16, lr=3e-3, layer_decay=0.75)
+TRANSFER = dict(
+    pretrain_steps=300, finetune_steps=100, batch=64, lr=3e-3, layer_decay=0.75, seeds=(1, 2, 3)
+)
+QUICK_TRANSFER = dict(
+    pretrain_steps=4, finetune_steps=3, batch=16, lr=3e-3, layer_decay=0.75, seeds=(1,)
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,8 +156,11 @@ def accuracy(model, x, y) -> float:
 
 
 def transfer(pretrain_steps: int, finetune_steps: int, batch: int, lr: float,
-             layer_decay: float, save_source: Path | None = None) -> dict:
+             layer_decay: float, seeds=(1,), save_source: Path | None = None) -> dict:
     """The toy transfer; returns accuracies on digits 5-9 (test split) and the settings.
+
+    One pretraining run; for each fine-tuning seed (the new head's and the scratch model's
+    initialisation, the batch order) the converted model and the scratch model are trained.
 
     ``save_source``: also write the ViT pretrained on digits 0-4 there (timm .safetensors), the
     checkpoint `experiments/configs/digits_revvit_finetune.py` starts from.
@@ -170,24 +177,28 @@ def transfer(pretrain_steps: int, finetune_steps: int, batch: int, lr: float,
     with tempfile.TemporaryDirectory() as tmp:
         path = pretrained.save_timm(source, Path(tmp) / "digits04.safetensors")
         loaded = pretrained.load_timm(path, num_heads=2, unroll=True)  # a timm checkpoint
-    # New task: same 5 logits, a fresh head (the old one means digits 0-4).
-    target = RevViT.from_vit(loaded)
-    fresh_head = vit.revvit_tiny(**arch, rngs=nnx.Rngs(1)).head
-    nnx.update(target.head, nnx.state(fresh_head, nnx.Param))
-    scratch = vit.revvit_tiny(**arch, rngs=nnx.Rngs(1))
-
-    def tx(decay):
-        return optax.chain(
-            optax.adamw(lr, weight_decay=0.05),
-            finetune.scale_by_layer_decay(decay),
-            finetune.freeze(["embed"]) if decay < 1.0 else optax.identity(),
-        )
-
-    fit(target, tx(layer_decay), xb, yb, steps=finetune_steps, batch=batch, seed=1)
-    fit(scratch, tx(1.0), xb, yb, steps=finetune_steps, batch=batch, seed=1)
+    finetune_tx = optax.chain(
+        optax.adamw(lr, weight_decay=0.05),
+        finetune.scale_by_layer_decay(layer_decay),
+        finetune.freeze(["embed"]),
+    )
+    runs = {"pretrained": [], "scratch": []}
+    for seed in seeds:
+        # New task: same 5 logits, a fresh head (the old one means digits 0-4).
+        target = RevViT.from_vit(loaded)
+        fresh_head = vit.revvit_tiny(**arch, rngs=nnx.Rngs(seed)).head
+        nnx.update(target.head, nnx.state(fresh_head, nnx.Param))
+        scratch = vit.revvit_tiny(**arch, rngs=nnx.Rngs(seed))
+        fit(target, finetune_tx, xb, yb, steps=finetune_steps, batch=batch, seed=seed)
+        fit(scratch, optax.adamw(lr, weight_decay=0.05), xb, yb, steps=finetune_steps,
+            batch=batch, seed=seed)
+        runs["pretrained"].append(accuracy(target, xb_test, yb_test))
+        runs["scratch"].append(accuracy(scratch, xb_test, yb_test))
+        print(f"  seed {seed}: pretrained {runs['pretrained'][-1]:.3f}, "
+              f"scratch {runs['scratch'][-1]:.3f}", flush=True)
     return {
-        "pretrained": accuracy(target, xb_test, yb_test),
-        "scratch": accuracy(scratch, xb_test, yb_test),
+        **runs,
+        "seeds": tuple(seeds),
         "source_on_0_4": accuracy(loaded, *digits_split(range(0, 5))[2:]),
         "test_examples": len(yb_test),
         **dict(pretrain_steps=pretrain_steps, finetune_steps=finetune_steps, batch=batch,
@@ -242,11 +253,14 @@ def to_markdown(memory: dict | None, result: dict | None, *, batch: int, command
             f"fine-tuned {result['finetune_steps']} steps on digits 5-9 (new head, layer decay "
             f"{result['layer_decay']}, frozen embedding, AdamW lr {result['lr']}, batch "
             f"{result['batch']}), against the same RevViT from scratch for the same steps "
-            "(AdamW, nothing frozen).\n\n"
+            f"(AdamW, nothing frozen); fine-tuning seeds {list(result['seeds'])}.\n\n"
             + _report.markdown_table(
-                ["start", f"test accuracy on digits 5-9 ({result['test_examples']} images)"],
-                [["pretrained on 0-4, converted", f"{result['pretrained']:.3f}"],
-                 ["scratch", f"{result['scratch']:.3f}"]],
+                ["start", f"test accuracy on digits 5-9 ({result['test_examples']} images), "
+                 "mean", "per seed"],
+                [[label, f"{np.mean(result[key]):.3f}",
+                  ", ".join(f"{a:.3f}" for a in result[key])]
+                 for label, key in (("pretrained on 0-4, converted", "pretrained"),
+                                    ("scratch", "scratch"))],
             )
         )
     return "\n\n".join(parts) + "\n"
