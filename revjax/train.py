@@ -38,7 +38,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from revjax import models, vit
+from revjax import finetune, models, vit
 from revjax._resilience import (
     CheckpointMismatchError,
     DamagedCheckpointWarning,
@@ -141,6 +141,16 @@ class TrainConfig:
       compute_dtype: ``"bfloat16"`` (or another float dtype name) for the model's compute
         dtype, with float32 parameters and, in reversible models, float32 streams
         (``carry_dtype``); ``None``: the model's default. ``model_overrides`` take precedence.
+
+    Fine-tuning options (ViT / RevViT presets; `revjax.finetune`):
+      init_from: a pretrained ViT checkpoint to start from: timm ``.safetensors`` / ``.pth`` /
+        ``.bin`` or big_vision ``.npz`` (`revjax.finetune.init_from`: a RevViT gets the ViT's
+        blocks through `RevViT.from_vit`; another number of classes keeps the model's new
+        head). A resumed run restores its own checkpoint over it. ``None``: the initialisation.
+      layer_decay: layer-wise learning-rate decay (`revjax.finetune.scale_by_layer_decay`):
+        block i of n learns at ``layer_decay ** (n - i)`` times the head's rate; ``None``: off.
+      freeze: parts whose parameters never change (`revjax.finetune.freeze`), e.g.
+        ``("embed",)`` for the patch and position embedding.
     """
 
     model: str = "revnet38"
@@ -182,6 +192,10 @@ class TrainConfig:
     label_smoothing: float = 0.0
     grad_clip_norm: float | None = None
     compute_dtype: str | None = None
+    # Fine-tuning options (defaults: from the initialisation, one learning rate, all trained).
+    init_from: str | None = None
+    layer_decay: float | None = None
+    freeze: tuple[str, ...] = ()
 
     def __post_init__(self):
         _validate_config(self)
@@ -289,6 +303,23 @@ def _mapping(v):
     return v
 
 
+def _checkpoint_file(v):
+    suffixes = (".safetensors", ".pth", ".pt", ".bin", ".npz")
+    if v is None:
+        return None
+    if not isinstance(v, str | os.PathLike) or not os.fspath(v).lower().endswith(suffixes):
+        raise _Bad(f"a checkpoint file path ending in {', '.join(suffixes)}, or None")
+    return os.fspath(v)
+
+
+def _part_names(v):
+    if isinstance(v, str) or not isinstance(v, tuple | list) or not all(
+        isinstance(p, str) for p in v
+    ):
+        raise _Bad("a tuple of part names, e.g. ('embed',) or ('embed', 'attn'), or ()")
+    return tuple(v)
+
+
 def _steps(v):
     if isinstance(v, str) or not isinstance(v, tuple | list) or not all(
         _is_int(b) and b >= 0 for b in v
@@ -354,6 +385,9 @@ _FIELD_CHECKS: dict[str, Callable[[Any], Any]] = {
     "label_smoothing": _number(0.0, 1.0, open_max=True),
     "grad_clip_norm": _optional(_number(0.0, open_min=True)),
     "compute_dtype": _optional(_float_dtype_name),
+    "init_from": _checkpoint_file,
+    "layer_decay": _optional(_number(0.0, 1.0, open_min=True)),
+    "freeze": _part_names,
 }
 
 
@@ -454,6 +488,11 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
         )
     if config.grad_clip_norm is not None:
         tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
+    # Fine-tuning: scale whole updates (weight decay included), then zero the frozen ones.
+    if config.layer_decay is not None:
+        tx = optax.chain(tx, finetune.scale_by_layer_decay(config.layer_decay))
+    if config.freeze:
+        tx = optax.chain(tx, finetune.freeze(config.freeze))
     return tx
 
 
@@ -614,6 +653,8 @@ def create_train_state(
     """
     model = build_model(config.model, _model_overrides(config), num_classes, in_channels,
                         config.seed)
+    if config.init_from is not None:
+        finetune.init_from(model, config.init_from)
     # Everything that is not a Param rides in `batch_stats`: BatchNorm statistics and model
     # constants such as the ViTs' block indices (for the RevNet zoo: `models.functional`).
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, ...)

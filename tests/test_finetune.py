@@ -111,3 +111,55 @@ def test_bench_finetune_quick_memory_table(tmp_path):
     text = (tmp_path / "bench_finetune.md").read_text()
     assert "python -m experiments.bench_finetune --quick --no-transfer" in text.splitlines()[0]
     assert "| ViT-S/16 | 32x32 |" in text
+
+
+# --------------------------------------------------------------------------------------------
+# The trainer's fine-tuning options
+# --------------------------------------------------------------------------------------------
+
+
+def test_trainer_fine_tunes_from_a_checkpoint(tmp_path, vit):
+    """digits_revvit_finetune: the RevViT starts from the file's ViT (new 10-class head), one
+    step moves the blocks but not the frozen embedding."""
+    import dataclasses
+
+    from experiments.configs.digits_revvit_finetune import get_config
+    from revjax import train
+
+    source = revjax.vit_tiny(pool="cls", in_channels=1, num_classes=5, rngs=nnx.Rngs(4))
+    path = pretrained.save_timm(source, tmp_path / "digits04.safetensors")
+    cfg = dataclasses.replace(  # no warmup: the first step moves
+        get_config(quick=True), init_from=str(path), num_devices=1, warmup_steps=0
+    )
+    graphdef, state, tx = train.create_train_state(cfg, 10, 1)
+    params = _flat(state.params)
+    np.testing.assert_array_equal(
+        params[("blocks", "f", "qkv", "kernel")], source.attn.qkv.kernel[...]
+    )
+    assert params[("head", "kernel")].shape == (64, 10)
+    step = jax.jit(train.make_train_step(graphdef, tx))
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": jnp.asarray(rng.random((8, 8, 8, 1), np.float32)),
+        "label": jnp.asarray(rng.integers(0, 10, 8), jnp.int32),
+    }
+    new, _ = step(state, batch)
+    after = _flat(new.params)
+    for path_, value in params.items():
+        moved = not np.array_equal(value, after[path_])
+        assert moved == (path_[0] not in finetune.EMBEDDING), path_
+
+
+@pytest.mark.parametrize(
+    "field, value, expected",
+    [
+        ("init_from", "weights.ckpt", "checkpoint file path"),
+        ("layer_decay", 1.5, "<= 1"),
+        ("freeze", "embed", "tuple of part names"),
+    ],
+)
+def test_trainer_rejects_bad_fine_tuning_options(field, value, expected):
+    from revjax import train
+
+    with pytest.raises(train.ConfigError, match=expected):
+        train.TrainConfig(model="revvit_tiny", **{field: value})
