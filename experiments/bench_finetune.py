@@ -60,11 +60,12 @@ QUICK_TRANSFER = dict(
 
 
 def _abstract_step(preset: str, overrides: dict, *, batch: int, size: int, classes: int):
-    """The trainer's AdamW train step for a preset, abstract (`_report.abstract_train_step`'s
-    recipe with the fine-tuning optimiser)."""
+    """The trainer's fine-tuning train step for a preset, abstract (`_report.abstract_train_step`'s
+    recipe with AdamW, layer decay 0.75 and a frozen embedding)."""
     cfg = train.TrainConfig(
         model=preset, model_overrides=overrides, optimizer="adamw", learning_rate=1e-4,
         weight_decay=0.05, lr_schedule="cosine", warmup_steps=1, num_steps=10,
+        layer_decay=0.75, freeze=("embed",),
     )
     holder = {}
 
@@ -215,7 +216,8 @@ def to_markdown(memory: dict | None, result: dict | None, *, batch: int, command
     parts = [
         _report.header(
             "Fine-tuning pretrained ViTs: ViT vs its RevViT conversion",
-            f"compiled train step (AdamW, float32, rolled scans), batch {batch}, 1000 classes",
+            f"compiled trainer step (AdamW, layer decay 0.75, frozen embedding, float32, rolled "
+            f"scans), batch {batch}, 1000 classes",
             command,
         )
     ]
