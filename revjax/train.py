@@ -995,6 +995,7 @@ def _step_options(config: TrainConfig) -> dict[str, Any]:
 
 def _abstract_state(cfg, num_classes, in_channels):
     """Shapes of the train state without allocating it."""
+    cfg = dataclasses.replace(cfg, init_from=None)  # shapes do not depend on loaded weights
     holder = {}
 
     def build():
