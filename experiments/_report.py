@@ -236,18 +236,8 @@ def abstract_train_step(
       pytrees to lower it with.
     """
     cfg = _config(model, overrides)
-    holder = {}
-
-    def build():
-        graphdef, state, tx = train.create_train_state(cfg, num_classes, in_channels)
-        holder["graphdef"], holder["tx"] = graphdef, tx
-        return state
-
-    state = jax.eval_shape(build)
-    step = jax.jit(
-        train.make_train_step(holder["graphdef"], holder["tx"]),
-        donate_argnums=0 if donate else (),
-    )
+    graphdef, state, tx = train.abstract_train_state(cfg, num_classes, in_channels)
+    step = jax.jit(train.make_train_step(graphdef, tx), donate_argnums=0 if donate else ())
     return step, state, _batch_shapes(batch_size, image_size, in_channels)
 
 

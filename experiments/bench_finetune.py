@@ -67,15 +67,8 @@ def _abstract_step(preset: str, overrides: dict, *, batch: int, size: int, class
         weight_decay=0.05, lr_schedule="cosine", warmup_steps=1, num_steps=10,
         layer_decay=0.75, freeze=("embed",),
     )
-    holder = {}
-
-    def build():
-        graphdef, state, tx = train.create_train_state(cfg, classes, 3)
-        holder["graphdef"], holder["tx"] = graphdef, tx
-        return state
-
-    state = jax.eval_shape(build)
-    step = jax.jit(train.make_train_step(holder["graphdef"], holder["tx"]))
+    graphdef, state, tx = train.abstract_train_state(cfg, classes, 3)
+    step = jax.jit(train.make_train_step(graphdef, tx))
     batch_shapes = {
         "image": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32),
         "label": jax.ShapeDtypeStruct((batch,), jnp.int32),

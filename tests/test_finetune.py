@@ -163,3 +163,10 @@ def test_trainer_rejects_bad_fine_tuning_options(field, value, expected):
 
     with pytest.raises(train.ConfigError, match=expected):
         train.TrainConfig(model="revvit_tiny", **{field: value})
+
+
+def test_trainer_fine_tuning_needs_a_vit():
+    from revjax import train
+
+    with pytest.raises(train.ConfigError, match="need a ViT or RevViT preset"):
+        train.TrainConfig(model="revnet38", layer_decay=0.75)

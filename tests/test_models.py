@@ -83,6 +83,38 @@ def test_presets_are_listed():
         assert hasattr(models, name)
 
 
+def test_preset_registry():
+    """One registry: every preset constructor of `revjax` is in it, each reversible preset's
+    twin is the non-reversible model of the same family, and names resolve with suggestions."""
+    import revjax
+    from revjax import presets, vit
+
+    constructors = [n for n in revjax.__all__ if n[0].islower() and n in presets.names()]
+    assert set(presets.names()) == set(constructors)
+    assert presets.twins()["revnet38"] == "resnet32"
+    assert presets.twins()["revnet104"] == "resnet101"
+    for rev, twin in presets.twins().items():
+        pair = (presets.get(rev).cls, presets.get(twin).cls)
+        assert pair in ((RevNet, ResNet), (vit.RevViT, vit.ViT)), (rev, twin)
+        assert presets.get(rev).reversible and not presets.get(twin).reversible
+        assert presets.get(rev).image_size == presets.get(twin).image_size
+    for name in presets.names():
+        preset = presets.get(name)
+        assert getattr(revjax, name).__name__ == name
+        assert (preset.twin is not None) == preset.reversible
+    assert presets.get("revnet104").num_classes == 1000 and presets.get("vit_tiny").image_size == 8
+    assert presets.get("revvit_tiny").accepts("image_size")
+    assert not presets.get("revnet38").accepts("image_size")
+    model = nnx.eval_shape(lambda: presets.build("revnet38", 100, rngs=nnx.Rngs(0)))
+    assert models.count_params(model) == PARAM_COUNTS["revnet38", 100]
+    model = nnx.eval_shape(lambda: presets.build("revnet38", rngs=nnx.Rngs(0), in_channels=1))
+    assert model.in_channels == 1 and model.num_classes == 10
+    with pytest.raises(ValueError, match="Did you mean 'revnet38'"):
+        presets.get("revnet39")
+    with pytest.raises(ValueError, match="registered already"):
+        presets.register("revnet38", RevNet, "again", units_per_stage=(1,), widths=(8, 8))
+
+
 # --------------------------------------------------------------------------------------------
 # Shared tiny models and data
 # --------------------------------------------------------------------------------------------
@@ -185,7 +217,7 @@ def test_gradients_float32(block, f32_results):
     np.testing.assert_allclose(v1, v2, rtol=1e-6)
     # Measured ~4e-7 here (basic and bottleneck, BatchNorm in train mode), ~4e-7 for 2 stages
     # x 3 units and ~8e-7 for 2 stages x 9 units; BatchNorm amplifies rebuild error with depth
-    # (NOTES.md), so the bound leaves an order of magnitude of room.
+    # (`revjax.drift`), so the bound leaves an order of magnitude of room.
     assert float(relative_error(g1, g2)) <= 1e-5
     for leaf1, leaf2 in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         assert leaf1.shape == leaf2.shape and np.all(np.isfinite(leaf1))
@@ -305,6 +337,19 @@ def test_input_errors(f32_models):
 
 
 @pytest.mark.parametrize(
+    ("shape", "match"),
+    [
+        ((2, 3, SIZE, SIZE), r"is channels-first \(NCHW\).*x\.transpose\(0, 2, 3, 1\)"),
+        ((2, 1, SIZE, SIZE), r"looks channels-first \(NCHW\) with 1 channels.*in_channels=1\."),
+    ],
+)
+def test_input_error_channels_first(f32_models, shape, match):
+    with pytest.raises(ValueError, match=match) as info:
+        f32_models["basic"](jnp.zeros(shape), train=False)
+    assert f"in_channels={SIZE}" not in str(info.value)  # not the advice for NHWC data
+
+
+@pytest.mark.parametrize(
     ("kwargs", "match"),
     [
         (dict(widths=(8, 9, 16)), "must be even"),
@@ -380,7 +425,7 @@ def test_remat_transitions_cut_memory():
     """The entry units stored only their inputs: compiled temp memory drops (on every backend;
     a plain `jax.checkpoint` saved nothing on XLA:CPU, 8.2 MiB either way for this model)."""
     from revjax.measure import compiled_memory
-    from revjax.train import TrainConfig, _abstract_state, make_train_step
+    from revjax.train import TrainConfig, abstract_train_state, make_train_step
 
     batch = {
         "image": jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.float32),
@@ -394,7 +439,7 @@ def test_remat_transitions_cut_memory():
             "units_per_stage": (3, 3),
             "widths": (16, 16, 32),
         }
-        graphdef, state, tx = _abstract_state(
+        graphdef, state, tx = abstract_train_state(
             TrainConfig(model="revnet_tiny", model_overrides=overrides), 10, 3
         )
         step = jax.jit(make_train_step(graphdef, tx))

@@ -105,11 +105,11 @@ def uninterrupted(tmp_path_factory) -> Path:
 
 
 def test_every_config_field_has_a_check():
-    # A field added to TrainConfig needs one line in train._FIELD_CHECKS (type, range, names).
+    # A field added to TrainConfig needs one line in train.FIELD_CHECKS (type, range, names).
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    assert fields == set(train._FIELD_CHECKS), (
-        f"without a check: {sorted(fields - set(train._FIELD_CHECKS))}; "
-        f"checks for no field: {sorted(set(train._FIELD_CHECKS) - fields)}"
+    assert fields == set(train.FIELD_CHECKS), (
+        f"without a check: {sorted(fields - set(train.FIELD_CHECKS))}; "
+        f"checks for no field: {sorted(set(train.FIELD_CHECKS) - fields)}"
     )
 
 
@@ -298,7 +298,7 @@ def test_checkpoint_of_another_model_is_a_clear_error(uninterrupted, tmp_path):
     other = dataclasses.replace(TINY, model_overrides={"widths": (8, 8, 32)})
     # The trainer calls restore_latest before anything runs; abstract shapes spare the test
     # compiling a second model's initialisation.
-    _, target, _ = train._abstract_state(other, 10, 1)
+    _, target, _ = train.abstract_train_state(other, 10, 1)
     manager = _resilience.checkpoint_manager(workdir, 6)
     with pytest.raises(train.CheckpointMismatchError) as info:
         _resilience.restore_latest(manager, target, workdir)

@@ -1,0 +1,153 @@
+"""Devices and input: the data-parallel mesh, batch-size checks, and the choice between the
+device-resident and the Grain input pipelines.
+
+Data parallelism: a `jax.sharding.Mesh` over every device (all processes), the batch sharded
+along its ``"data"`` axis and the parameters replicated. XLA partitions the jitted step, so
+BatchNorm statistics are computed over the **global** batch, exactly as on one device. With
+several processes, `jax.distributed.initialize()` is called when the usual environment variables
+are present and each process reads its own shard of the data.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+if TYPE_CHECKING:
+    from revjax.train.config import TrainConfig
+
+__all__ = [
+    "DATA_AXIS",
+    "INPUT_PIPELINES",
+    "check_batch_size",
+    "make_eval_input",
+    "make_mesh",
+    "make_train_input",
+    "maybe_initialize_distributed",
+    "resolve_input_pipeline",
+]
+
+_log = logging.getLogger(__name__)
+
+DATA_AXIS = "data"
+
+
+def maybe_initialize_distributed() -> None:
+    """Calls `jax.distributed.initialize()` when a multi-process environment is configured.
+
+    By hand (e.g. two processes on one machine): set ``JAX_COORDINATOR_ADDRESS=host:port``,
+    ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` in each process.
+    """
+    markers = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
+    multi = any(os.environ.get(m) for m in markers) or (
+        int(os.environ.get("SLURM_NTASKS", "1")) > 1
+        or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+    )
+    if multi and not jax.distributed.is_initialized():
+        # JAX reads the coordinator address from the environment but not these two (outside
+        # SLURM / Open MPI / Kubernetes / Cloud TPU, which it detects itself).
+        count, index = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")
+        jax.distributed.initialize(
+            num_processes=int(count) if count else None, process_id=int(index) if index else None
+        )
+
+
+def make_mesh(num_devices: int | None = None) -> Mesh:
+    """A 1-D data-parallel mesh over every device (or the first ``num_devices`` local ones)."""
+    devices = jax.devices()
+    if num_devices is not None:
+        if jax.process_count() > 1:
+            raise ValueError("num_devices selects local devices; leave it None with multi-host.")
+        if not 1 <= num_devices <= len(devices):
+            raise ValueError(f"num_devices={num_devices}, but {len(devices)} devices exist.")
+        devices = devices[:num_devices]
+    return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def check_batch_size(batch_size: int, mesh: Mesh, what: str = "batch_size") -> None:
+    """Raises a clear error when the global batch does not split evenly over the devices."""
+    n = mesh.devices.size
+    if batch_size % n:
+        lower = batch_size // n * n
+        raise ValueError(
+            f"{what}={batch_size} is not divisible by the {n} devices of the data-parallel mesh. "
+            f"Use a multiple of {n} (e.g. {max(lower, n)} or {lower + n}), or fewer devices "
+            "(TrainConfig.num_devices)."
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Input
+# --------------------------------------------------------------------------------------------
+
+# The names `TrainConfig.input_pipeline` accepts.
+INPUT_PIPELINES = ("auto", "device", "grain")
+
+
+def resolve_input_pipeline(config: TrainConfig) -> str:
+    """``"device"`` or ``"grain"`` for ``config`` (``"auto"``: device where the dataset supports
+    it; `make_train_input` then also checks that it fits in device memory)."""
+    from revjax import data
+
+    choice = config.input_pipeline  # one of INPUT_PIPELINES (checked by TrainConfig)
+    supported = config.dataset in data.DEVICE_DATASETS
+    if choice == "device" and not supported:
+        raise ValueError(
+            f"input_pipeline='device' supports {', '.join(data.DEVICE_DATASETS)}, not "
+            f"{config.dataset!r} (it does not fit in device memory); use input_pipeline='grain'."
+        )
+    if choice == "auto":
+        return "device" if supported else "grain"
+    return choice
+
+
+def make_train_input(config: TrainConfig, mesh: Mesh, image_size: int):
+    """The training input of ``config``: a `revjax.data.DeviceTrainInput` or
+    `revjax.data.GrainTrainInput` (same interface: ``wrap_step``, ``step_args``,
+    ``arg_shardings``, ``batch_at``, ``get_state`` / ``set_state``, ``close``)."""
+    from revjax import data
+
+    batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
+    if resolve_input_pipeline(config) == "device":
+        info = data.get_dataset_info(config.dataset)
+        arrays = data.load_split(config.dataset, info.train_split, config.data_dir, image_size)
+        nbytes = arrays[0].nbytes + arrays[1].nbytes
+        if config.input_pipeline == "device" or data.fits_on_devices(nbytes):
+            return data.DeviceTrainInput(
+                config.dataset, batch_size=config.batch_size, seed=config.seed,
+                batch_sharding=batch_sharding, data_dir=config.data_dir, arrays=arrays,
+            )
+        _log.warning("The %s training split (%d bytes) does not fit beside the model on every "
+                     "device: using the Grain pipeline", config.dataset, nbytes)
+    it = data.train_iterator(
+        config.dataset, batch_size=config.batch_size, seed=config.seed,
+        data_dir=config.data_dir, image_size=image_size, process_index=jax.process_index(),
+        process_count=jax.process_count(), num_workers=config.num_workers,
+    )
+    return data.GrainTrainInput(it, batch_sharding, config.prefetch)
+
+
+def make_eval_input(config: TrainConfig, mesh: Mesh, image_size: int, kind: str,
+                    batch_size: int) -> Callable[[], Iterator]:
+    """A function returning one pass over the evaluation split as global masked batches:
+    resident on the devices when ``kind == "device"``, else through Grain."""
+    from revjax import data
+
+    if kind == "device":
+        resident = data.DeviceEvalInput(
+            config.dataset, batch_size=batch_size, batch_sharding=NamedSharding(mesh, P(DATA_AXIS)),
+            data_dir=config.data_dir, image_size=image_size,
+        )
+        return lambda: iter(resident)
+    return lambda: data.eval_iterator(
+        config.dataset, batch_size=batch_size, data_dir=config.data_dir, image_size=image_size,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        num_workers=config.num_workers,
+    )

@@ -1,0 +1,231 @@
+"""The model, the train state, and the pure train and evaluation steps.
+
+The NNX graph is split once (`create_train_state`): the steps work on pure pytrees, so they can
+be jitted, sharded and donated like any JAX function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+from revjax import finetune, models, vit
+from revjax.train.optim import make_optimizer
+
+if TYPE_CHECKING:
+    from revjax.train.config import TrainConfig
+
+__all__ = [
+    "TrainState",
+    "abstract_train_state",
+    "build_model",
+    "create_train_state",
+    "cross_entropy",
+    "evaluate",
+    "make_eval_step",
+    "make_train_step",
+    "model_presets",
+    "step_options",
+]
+
+
+def model_presets() -> list[str]:
+    """The preset names a `TrainConfig` accepts: the RevNet/ResNet zoo and the ViTs."""
+    presets = [n for n in models.__all__ if n[:6] in ("revnet", "resnet")]
+    return presets + [n for n in vit.__all__ if n[0].islower()]
+
+
+@struct.dataclass
+class TrainState:
+    """Pure pytree of everything a step changes."""
+
+    step: jax.Array
+    params: nnx.State
+    batch_stats: nnx.State
+    opt_state: optax.OptState
+
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0):
+    """Per-example softmax cross-entropy against integer labels, optionally label-smoothed.
+
+    With smoothing ``a`` the target is ``(1 - a) * one_hot + a / classes``
+    (`optax.smooth_labels`); ``a = 0`` is `optax.softmax_cross_entropy_with_integer_labels`.
+    """
+    if not label_smoothing:
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
+    return optax.softmax_cross_entropy(logits, optax.smooth_labels(targets, label_smoothing))
+
+
+
+def build_model(name: str, overrides: Mapping[str, Any], num_classes: int, in_channels: int,
+                seed: int) -> nnx.Module:
+    """Builds a preset of `revjax.models` by name."""
+    presets = model_presets()
+    if name not in presets:
+        raise ValueError(f"Unknown model preset {name!r}. Known presets: {', '.join(presets)}.")
+    preset = getattr(models if hasattr(models, name) else vit, name)
+    overrides = dict(overrides)
+    overrides.setdefault("in_channels", in_channels)
+    return preset(num_classes, rngs=nnx.Rngs(seed), **overrides)
+
+
+def _model_overrides(config: TrainConfig) -> dict[str, Any]:
+    """``model_overrides`` plus what other options imply: the compute dtype (reversible models
+    keep float32 streams) and a transformer's image size."""
+    overrides = dict(config.model_overrides)
+    if config.compute_dtype is not None:
+        overrides.setdefault("dtype", jnp.dtype(config.compute_dtype))
+        if config.model.startswith("rev"):
+            overrides.setdefault("carry_dtype", jnp.float32)
+    if config.image_size is not None and config.model in vit.__all__:
+        overrides.setdefault("image_size", config.image_size)
+    return overrides
+
+
+def create_train_state(
+    config: TrainConfig, num_classes: int, in_channels: int
+) -> tuple[nnx.GraphDef, TrainState, optax.GradientTransformation]:
+    """Builds the model and optimizer; returns ``(graphdef, state, tx)``.
+
+    The NNX graph is split once here: training steps then work on pure pytrees.
+    """
+    model = build_model(config.model, _model_overrides(config), num_classes, in_channels,
+                        config.seed)
+    if config.init_from is not None:
+        finetune.init_from(model, config.init_from)
+    # Everything that is not a Param rides in `batch_stats`: BatchNorm statistics and model
+    # constants such as the ViTs' block indices (for the RevNet zoo: `models.functional`).
+    graphdef, params, batch_stats = nnx.split(model, nnx.Param, ...)
+    tx = make_optimizer(config)
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=tx.init(params),
+    )
+    return graphdef, state, tx
+
+
+def abstract_train_state(
+    config: TrainConfig, num_classes: int, in_channels: int
+) -> tuple[nnx.GraphDef, TrainState, optax.GradientTransformation]:
+    """`create_train_state` on shapes only, to compile a step or restore into.
+
+    Returns:
+      ``(graphdef, state, tx)``; every leaf of the state is a `jax.ShapeDtypeStruct` (nothing
+      is allocated).
+    """
+    config = dataclasses.replace(config, init_from=None)  # shapes do not depend on the weights
+    holder = {}
+
+    def build():
+        graphdef, state, tx = create_train_state(config, num_classes, in_channels)
+        holder["graphdef"], holder["tx"] = graphdef, tx
+        return state
+
+    state = jax.eval_shape(build)
+    return holder["graphdef"], state, holder["tx"]
+
+
+def step_options(config: TrainConfig) -> dict[str, Any]:
+    """The `make_train_step` keywords ``config`` implies."""
+    return {"label_smoothing": config.label_smoothing, "seed": config.seed}
+
+
+def _apply(graphdef, params, batch_stats, x, *, train, key=None):
+    """`models.apply` for any model: returns every non-Param variable after the call, and gives
+    ``key`` to models that draw random numbers in training (dropout, drop-path: `revjax.ViT` /
+    `revjax.RevViT`); other models never see it."""
+    model = nnx.merge(graphdef, params, batch_stats, copy=True)
+    if train and key is not None and getattr(model, "uses_dropout_rng", False):
+        logits = model(x, train=True, rngs=key)
+    else:
+        logits = model(x, train=train)
+    return logits, nnx.state(model, nnx.Not(nnx.Param))
+
+
+def _loss_and_metrics(graphdef, params, batch_stats, batch, train, key=None, label_smoothing=0.0):
+    logits, new_stats = _apply(graphdef, params, batch_stats, batch["image"], train=train, key=key)
+    logits = logits.astype(jnp.float32)
+    losses = cross_entropy(logits, batch["label"], label_smoothing)
+    correct = (jnp.argmax(logits, axis=-1) == batch["label"]).astype(jnp.float32)
+    return losses, correct, new_stats
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    *,
+    label_smoothing: float = 0.0,
+    seed: int = 0,
+) -> Callable:
+    """Returns the pure step ``(state, batch) -> (state, metrics)`` (not yet jitted).
+
+    Args:
+      graphdef: the model's static part (`revjax.models.functional`).
+      tx: the optimizer.
+      label_smoothing: smoothing of the training targets (`cross_entropy`); the reported loss
+        is the smoothed one.
+      seed: models with dropout / drop-path get the key ``fold_in(fold_in(key(seed), 1),
+        step)``: a function of the step, so a resumed run draws the same masks.
+    """
+
+    def train_step(state: TrainState, batch: Mapping[str, jax.Array]):
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 1), state.step)
+
+        def loss_fn(params):
+            losses, correct, new_stats = _loss_and_metrics(
+                graphdef, params, state.batch_stats, batch, train=True, key=key,
+                label_smoothing=label_smoothing,
+            )
+            return jnp.mean(losses), (jnp.mean(correct), new_stats)
+
+        (loss, (accuracy, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params
+        )
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_state = state.replace(
+            step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state
+        )
+        return new_state, {"loss": loss, "accuracy": accuracy}
+
+    return train_step
+
+
+def make_eval_step(graphdef: nnx.GraphDef) -> Callable:
+    """Returns ``(state, batch) -> {"correct", "loss", "count"}`` sums over the masked batch."""
+
+    def eval_step(state: TrainState, batch: Mapping[str, jax.Array]):
+        losses, correct, _ = _loss_and_metrics(
+            graphdef, state.params, state.batch_stats, batch, train=False
+        )
+        mask = batch["mask"]
+        return {
+            "correct": jnp.sum(correct * mask),
+            "loss": jnp.sum(losses * mask),
+            "count": jnp.sum(mask),
+        }
+
+    return eval_step
+
+
+def evaluate(eval_step: Callable, state: TrainState, batches: Iterator, sharding) -> dict:
+    """Exact accuracy and loss over a masked, padded evaluation stream."""
+    from revjax.data import global_batch  # the input pipeline needs the experiments extra
+
+    totals = {"correct": 0.0, "loss": 0.0, "count": 0.0}
+    for local in batches:
+        out = eval_step(state, global_batch(local, sharding))
+        for k in totals:
+            totals[k] += float(out[k])
+    count = max(totals["count"], 1.0)
+    return {"eval_accuracy": totals["correct"] / count, "eval_loss": totals["loss"] / count}
