@@ -16,9 +16,11 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from revjax import presets
 from revjax.train.inputs import INPUT_PIPELINES
 from revjax.train.optim import LR_SCHEDULES, OPTIMIZERS
 from revjax.train.steps import model_presets
+from revjax.vit import RevViT, ViT
 
 __all__ = ["CROSS_CHECKS", "FIELD_CHECKS", "ConfigError", "TrainConfig", "validate_config"]
 
@@ -339,7 +341,7 @@ def _warmup_below_cosine_end(config: TrainConfig) -> str | None:
 
 def _fine_tuning_needs_a_vit(config: TrainConfig) -> str | None:
     used = [f for f in ("init_from", "layer_decay") if getattr(config, f) is not None]
-    if used and "vit" not in config.model:
+    if used and not issubclass(presets.get(config.model).cls, ViT | RevViT):
         return (
             f"{' and '.join(used)} need a ViT or RevViT preset (pretrained checkpoints and "
             f"layer-wise decay are defined for their blocks), got model={config.model!r}"
