@@ -54,7 +54,7 @@ from revjax.presets import register
 Array = jax.Array
 Dtype = Any
 
-POOLS = ("mean", "cls")
+POOLS = ("mean", "cls", "avg")
 LN_EPSILON = 1e-6  # timm's and big_vision's ViT LayerNorm epsilon
 
 __all__ = [
@@ -479,8 +479,10 @@ class ViT(_VisionTransformer):
       mlp_ratio: MLP hidden width / D.
       num_classes: number of logits.
       in_channels: image channels.
-      pool: ``"mean"`` (mean over tokens, as RevViT) or ``"cls"`` (a learned class token, the
-        original ViT; with it the presets have the published parameter counts).
+      pool: ``"mean"`` (mean over tokens, as RevViT), ``"cls"`` (a learned class token, the
+        original ViT; with it the presets have the published parameter counts) or ``"avg"``
+        (timm's ``global_pool="avg"``: a class token is kept, its output is dropped, the patch
+        tokens are averaged and the final LayerNorm normalises the average, timm's ``fc_norm``).
       dropout: dropout after the embedding, in the MLP and after each projection.
       attention_dropout: dropout on the attention weights.
       drop_path_rate: stochastic-depth rate of the last block (linear from 0 at the first).
@@ -535,7 +537,7 @@ class ViT(_VisionTransformer):
             dtype=dtype,
             param_dtype=param_dtype,
             carry_dtype=carry_dtype,
-            cls_token=pool == "cls",
+            cls_token=pool in ("cls", "avg"),
             rngs=rngs,
         )
         self.pool = pool
@@ -579,6 +581,8 @@ class ViT(_VisionTransformer):
             block = jax.checkpoint(block)
         unroll = default_unroll(self.depth) if self.unroll is None else self.unroll
         h, _ = lax.scan(block, h, (attn_state, mlp_state), unroll=unroll)
+        if self.pool == "avg":  # timm's fc_norm: normalise the mean of the patch tokens
+            return self._logits(self.norm(jnp.mean(h[:, 1:], axis=1).astype(self.dtype)))
         h = self.norm(h.astype(self.dtype))
         features = h[:, 0] if self.pool == "cls" else jnp.mean(h, axis=1)  # [N, D]
         return self._logits(features)
@@ -661,6 +665,30 @@ class RevViT(_VisionTransformer):
         h = merge_halves(x1, x2).astype(self.dtype)  # [N, T, 2D]
         return self._logits(jnp.mean(self.norm(h), axis=1))  # [N, 2D] -> [N, classes]
 
+    @classmethod
+    def from_vit(cls, vit: ViT, *, rngs: nnx.Rngs | None = None, **overrides: Any) -> RevViT:
+        """A RevViT carrying a trained `ViT`'s weights, for reversible fine-tuning.
+
+        Re²TAL's rewiring (Zhao et al., CVPR 2023): the residual sequence ``z_{k+1} = z_k +
+        R_k(z_k)`` of the ViT's sub-blocks (attention, MLP, attention, ...) becomes ``z_{k+1} =
+        z_{k-1} + R_k(z_k)``, which is RevViT's coupling with each block's attention as F and
+        its MLP as G. Every block parameter, the patch embedding and the position embedding
+        are copied; the class token (and its position entry) is dropped, since RevViT
+        mean-pools. The final LayerNorm over both streams starts as the ViT's norm on each
+        stream (scale and bias tiled) and the head as the ViT's head on the streams' average
+        (kernel ``[W; W] / 2``), so while the two streams agree the head sees what the ViT's
+        would; no other parameter is new. The function changes (the skip connections moved),
+        so fine-tune before use.
+
+        Args:
+          vit: the trained model.
+          rngs: keys for building the RevViT before its weights are overwritten (default
+            ``nnx.Rngs(0)``).
+          **overrides: RevViT-only arguments (``memory_saving``, ``exact_every``, ...) and
+            regularisation (``dropout``, ``drop_path_rate``...); the architecture is the ViT's.
+        """
+        return _rev_vit_from_vit(cls, vit, rngs, overrides)
+
     def streams(
         self, x: Array, *, train: bool = False, rngs: Any = None
     ) -> tuple[Array, Array]:
@@ -679,6 +707,53 @@ class RevViT(_VisionTransformer):
             exact_every=self.exact_every,
             unroll=self.unroll,
         )
+
+
+_ARCHITECTURE = (
+    "image_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "num_classes",
+    "in_channels",
+)
+
+
+def _rev_vit_from_vit(cls: type, vit: ViT, rngs: nnx.Rngs | None, overrides: dict) -> RevViT:
+    """`RevViT.from_vit`'s body: build the twin, then copy the parameters."""
+    if not isinstance(vit, ViT):
+        raise TypeError(f"RevViT.from_vit converts a revjax.ViT, got {type(vit).__name__}.")
+    fixed = sorted(set(overrides) & set(_ARCHITECTURE))
+    if fixed:
+        raise ValueError(
+            f"RevViT.from_vit keeps the ViT's architecture; {fixed} cannot be overridden. "
+            "Change the ViT first (revjax.pretrained.load_timm takes image_size and num_classes)."
+        )
+    arch = dict(
+        image_size=vit.image_size,
+        patch_size=vit.patch_size,
+        embed_dim=vit.embed_dim,
+        depth=vit.depth,
+        num_heads=vit.num_heads,
+        mlp_ratio=vit.mlp.fc1.kernel.shape[-1] / vit.embed_dim,
+        num_classes=vit.num_classes,
+        in_channels=vit.in_channels,
+        dropout=vit.dropout,
+        attention_dropout=vit.attention_dropout,
+        drop_path_rate=vit.drop_path_rate,
+        unroll=vit.unroll,
+        dtype=vit.dtype,
+        param_dtype=vit.param_dtype,
+        carry_dtype=vit.carry_dtype,
+    )
+    rev = cls(**{**arch, **overrides}, rngs=nnx.Rngs(0) if rngs is None else rngs)
+    nnx.update(rev.patch_embed, nnx.state(vit.patch_embed, nnx.Param))
+    nnx.update(rev.blocks.f, nnx.state(vit.attn, nnx.Param))
+    nnx.update(rev.blocks.g, nnx.state(vit.mlp, nnx.Param))
+    pos = vit.pos_embed[...]
+    rev.pos_embed[...] = pos[:, 1:] if vit.cls_token is not None else pos  # [1, T, D]
+    for name in ("scale", "bias"):
+        getattr(rev.norm, name)[...] = jnp.tile(getattr(vit.norm, name)[...], 2)  # [2D]
+    kernel = vit.head.kernel[...]  # [D, classes]
+    rev.head.kernel[...] = jnp.concatenate([kernel, kernel], axis=0) / 2  # [2D, classes]
+    rev.head.bias[...] = vit.head.bias[...]
+    return rev
 
 
 # --------------------------------------------------------------------------------------------

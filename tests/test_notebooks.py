@@ -27,6 +27,7 @@ NOTEBOOKS = [
     "02_train_cifar10",
     "03_memory_and_drift",
     "04_your_own_reversible_model",
+    "05_finetune_pretrained",
 ]
 REPO_URL = "https://github.com/revjax/revjax"
 KERNEL_NAME = "revjax-test-python3"

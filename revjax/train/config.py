@@ -16,9 +16,11 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from revjax import presets
 from revjax.train.inputs import INPUT_PIPELINES
 from revjax.train.optim import LR_SCHEDULES, OPTIMIZERS
 from revjax.train.steps import model_presets
+from revjax.vit import RevViT, ViT
 
 __all__ = ["CROSS_CHECKS", "FIELD_CHECKS", "ConfigError", "TrainConfig", "validate_config"]
 
@@ -87,6 +89,16 @@ class TrainConfig:
       compute_dtype: ``"bfloat16"`` (or another float dtype name) for the model's compute
         dtype, with float32 parameters and, in reversible models, float32 streams
         (``carry_dtype``); ``None``: the model's default. ``model_overrides`` take precedence.
+      init_from: a pretrained ViT checkpoint to start from (ViT / RevViT presets): timm
+        ``.safetensors`` / ``.pth`` / ``.bin`` or big_vision ``.npz`` (`revjax.finetune.init_from`:
+        a RevViT gets the ViT's blocks through `RevViT.from_vit`; another number of classes
+        keeps the model's new head). A resumed run restores its own checkpoint over it.
+        ``None``: the initialisation.
+      layer_decay: layer-wise learning-rate decay (ViT / RevViT presets;
+        `revjax.finetune.scale_by_layer_decay`): block i of n learns at
+        ``layer_decay ** (n - i)`` times the head's rate; ``None``: off.
+      freeze: parts whose parameters never change (`revjax.finetune.freeze`), e.g.
+        ``("embed",)`` for the patch and position embedding.
     """
 
     model: str = "revnet38"
@@ -128,6 +140,10 @@ class TrainConfig:
     label_smoothing: float = 0.0
     grad_clip_norm: float | None = None
     compute_dtype: str | None = None
+    # Fine-tuning options (defaults: from the initialisation, one learning rate, all trained).
+    init_from: str | None = None
+    layer_decay: float | None = None
+    freeze: tuple[str, ...] = ()
 
     def __post_init__(self):
         validate_config(self)
@@ -230,6 +246,23 @@ def _mapping(v):
     return v
 
 
+def _checkpoint_file(v):
+    suffixes = (".safetensors", ".pth", ".pt", ".bin", ".npz")
+    if v is None:
+        return None
+    if not isinstance(v, str | os.PathLike) or not os.fspath(v).lower().endswith(suffixes):
+        raise _Bad(f"a checkpoint file path ending in {', '.join(suffixes)}, or None")
+    return os.fspath(v)
+
+
+def _part_names(v):
+    if isinstance(v, str) or not isinstance(v, tuple | list) or not all(
+        isinstance(p, str) for p in v
+    ):
+        raise _Bad("a tuple of part names, e.g. ('embed',) or ('embed', 'attn'), or ()")
+    return tuple(v)
+
+
 def _steps(v):
     if isinstance(v, str) or not isinstance(v, tuple | list) or not all(
         _is_int(b) and b >= 0 for b in v
@@ -295,6 +328,9 @@ FIELD_CHECKS: dict[str, Callable[[Any], Any]] = {
     "label_smoothing": _number(0.0, 1.0, open_max=True),
     "grad_clip_norm": _optional(_number(0.0, open_min=True)),
     "compute_dtype": _optional(_float_dtype_name),
+    "init_from": _checkpoint_file,
+    "layer_decay": _optional(_number(0.0, 1.0, open_min=True)),
+    "freeze": _part_names,
 }
 
 
@@ -307,9 +343,22 @@ def _warmup_below_cosine_end(config: TrainConfig) -> str | None:
     return None
 
 
+def _fine_tuning_needs_a_vit(config: TrainConfig) -> str | None:
+    used = [f for f in ("init_from", "layer_decay") if getattr(config, f) is not None]
+    if used and not issubclass(presets.get(config.model).cls, ViT | RevViT):
+        return (
+            f"{' and '.join(used)} need a ViT or RevViT preset (pretrained checkpoints and "
+            f"layer-wise decay are defined for their blocks), got model={config.model!r}"
+        )
+    return None
+
+
 # Rules over several fields, checked after every field passed its own check: each returns the
 # problem text (naming the fields and the fix) or None.
-CROSS_CHECKS: tuple[Callable[[TrainConfig], str | None], ...] = (_warmup_below_cosine_end,)
+CROSS_CHECKS: tuple[Callable[[TrainConfig], str | None], ...] = (
+    _warmup_below_cosine_end,
+    _fine_tuning_needs_a_vit,
+)
 
 
 def validate_config(config: TrainConfig) -> None:

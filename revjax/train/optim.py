@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from revjax import finetune
+
 if TYPE_CHECKING:
     from revjax.train.config import TrainConfig
 
@@ -182,4 +184,9 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     tx = OPTIMIZERS[config.optimizer](config, learning_rate_schedule(config))
     if config.grad_clip_norm is not None:
         tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
+    # Fine-tuning: scale whole updates (weight decay included), then zero the frozen ones.
+    if config.layer_decay is not None:
+        tx = optax.chain(tx, finetune.scale_by_layer_decay(config.layer_decay))
+    if config.freeze:
+        tx = optax.chain(tx, finetune.freeze(config.freeze))
     return tx

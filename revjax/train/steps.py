@@ -6,6 +6,7 @@ be jitted, sharded and donated like any JAX function.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from revjax import models, vit
+from revjax import finetune, models, vit
 from revjax.train.optim import make_optimizer
 
 if TYPE_CHECKING:
@@ -98,6 +99,8 @@ def create_train_state(
     """
     model = build_model(config.model, _model_overrides(config), num_classes, in_channels,
                         config.seed)
+    if config.init_from is not None:
+        finetune.init_from(model, config.init_from)
     # Everything that is not a Param rides in `batch_stats`: BatchNorm statistics and model
     # constants such as the ViTs' block indices (for the RevNet zoo: `models.functional`).
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, ...)
@@ -120,6 +123,7 @@ def abstract_train_state(
       ``(graphdef, state, tx)``; every leaf of the state is a `jax.ShapeDtypeStruct` (nothing
       is allocated).
     """
+    config = dataclasses.replace(config, init_from=None)  # shapes do not depend on the weights
     holder = {}
 
     def build():
