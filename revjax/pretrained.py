@@ -67,7 +67,8 @@ __all__ = [
     "timm_state_from_big_vision",
 ]
 
-# timm's ViT presets this module reads and writes (names as `timm.create_model` takes them).
+#: timm's ViT presets this module reads and writes (names as `timm.create_model` takes them),
+#: each with its architecture (`image_size`, `patch_size`, `embed_dim`, `depth`, `num_heads`).
 TIMM_VARIANTS: dict[str, dict[str, int]] = {
     f"vit_{size}_patch16_{image}": dict(
         image_size=image, patch_size=16, embed_dim=width, depth=12, num_heads=heads

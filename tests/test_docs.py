@@ -17,7 +17,9 @@ import pytest
 
 import revjax
 import revjax.data
+import revjax.finetune
 import revjax.presets
+import revjax.pretrained
 import revjax.train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,10 +46,12 @@ def _api_names(page: str) -> list[str]:
     [
         ("revjax.md", revjax),
         ("presets.md", revjax.presets),
+        ("pretrained.md", revjax.pretrained),
+        ("finetune.md", revjax.finetune),
         ("data.md", revjax.data),
         ("train.md", revjax.train),
     ],
-    ids=["revjax", "revjax.presets", "revjax.data", "revjax.train"],
+    ids=["revjax", "revjax.presets", "revjax.pretrained", "revjax.finetune", "revjax.data", "revjax.train"],
 )
 def test_api_reference_lists_every_public_name(page, module):
     listed = _api_names(page)

@@ -225,7 +225,9 @@ def imagenet_augment_reference(
 
     Args:
       image: uint8 `[H, W, 3]`, a resized crop.
-      flip ... saturation_first: the draws (see `color_jitter_with`).
+      flip: mirror the image left to right.
+      brightness, saturation, hue, contrast, saturation_first: the jitter draws (see
+        `color_jitter_with`).
       color_jitter: apply the jitter.
 
     Returns:
