@@ -1,11 +1,12 @@
-# The README's quickstart: `make run` (main job) and `make test` (the test suite).
+# The README's quickstart: `make run` (main job) and `make test` (the test suite); `make docs`
+# builds the documentation site into docs/_build/html.
 # Each target creates .venv if needed and installs what it needs, so both work on a fresh clone.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: run test lint bench clean package-check aot-venvs aot-tables
+.PHONY: run test lint bench clean package-check aot-venv-cuda aot-venv-tpu aot-venvs aot-tables docs
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +18,10 @@ $(VENV)/.experiments: $(VENV)/bin/python pyproject.toml
 
 $(VENV)/.test: $(VENV)/bin/python pyproject.toml
 	$(PIP) install -e '.[test]'
+	touch $@
+
+$(VENV)/.docs: $(VENV)/bin/python pyproject.toml
+	$(PIP) install -e '.[docs]'
 	touch $@
 
 run: $(VENV)/.experiments
@@ -41,11 +46,17 @@ package-check: $(VENV)/.test
 	cd build && wheel-venv/bin/revjax-prepare --help > /dev/null
 	@echo "package-check: sdist + wheel built, wheel installed and used in a clean venv"
 
+# The documentation site, offline: warnings are errors, every broken reference fails the build;
+# notebooks are rendered as committed (the test suite executes them).
+docs: $(VENV)/.docs
+	$(PY) -m sphinx -b html -W --keep-going -n docs docs/_build/html
+	@echo "docs: open docs/_build/html/index.html"
+
 bench: $(VENV)/.experiments
 	$(PY) -m experiments.bench_core
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache build dist
+	rm -rf $(VENV) .pytest_cache .ruff_cache build dist docs/_build docs/_generated docs/api/generated
 
 # Ahead-of-time compilation for GPU / TPU targets (experiments/aot.py): one venv per plugin,
 # jax pinned to the main venv's version. Not part of `make test` (CI never downloads them).
@@ -55,9 +66,14 @@ AOT_PIN = $(if $(AOT_JAX),==$(AOT_JAX))
 .venv-aot-cuda/bin/python .venv-aot-tpu/bin/python:
 	$(PYTHON) -m venv $(dir $(@D))
 
-aot-venvs: $(VENV)/.experiments .venv-aot-cuda/bin/python .venv-aot-tpu/bin/python
+# One each: `make aot-venv-cuda` (~3 GB of CUDA wheels) or `make aot-venv-tpu`; `aot-venvs`: both.
+aot-venv-cuda: $(VENV)/.experiments .venv-aot-cuda/bin/python
 	.venv-aot-cuda/bin/python -m pip install -e . 'jax[cuda12]$(AOT_PIN)'
+
+aot-venv-tpu: $(VENV)/.experiments .venv-aot-tpu/bin/python
 	.venv-aot-tpu/bin/python -m pip install -e . 'jax[tpu]$(AOT_PIN)'
+
+aot-venvs: aot-venv-cuda aot-venv-tpu
 
 # The committed GPU/TPU tables in results/ (compiles only; ~1-2 h on 2 busy cores).
 aot-tables: aot-venvs

@@ -8,7 +8,8 @@ program; nothing is allocated and nothing runs.
 
 Each compile runs in a child process, started by `compile_for_target` in an interpreter that has
 the target's JAX plugin (``jax[cuda12]`` or ``jax[tpu]``, same version as ``jax``, each in its
-own virtual environment because the CUDA wheels are ~3 GB: ``make aot-venvs``). The child sets
+own virtual environment because the CUDA wheels are ~3 GB: ``make aot-venv-cuda`` /
+``make aot-venv-tpu``). The child sets
 what must be set before JAX is imported (for CUDA: ``CUDA_VISIBLE_DEVICES=-1``, so that no GPU is
 looked for, and ``JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1``, without which the plugin's start-up check
 fails on ``cuInit`` and the plugin is never registered), reads compile jobs as JSON on stdin and
@@ -28,12 +29,16 @@ What the figures are:
   compare FLOPs of fully unrolled programs (``unroll=True``) only.
 
     python -m experiments.aot --list                                 # the known targets
-    python -m experiments.aot --target h100 --model revnet164 --batch 128
-    python -m experiments.aot --target cpu --model revnet_tiny --batch 2 --size 8
+    python -m experiments.aot --target h100 --model revnet164 --batch 128  # ...: fits
+    python -m experiments.aot --target cpu --model revnet_tiny --batch 2 --size 8 --memory-gib 1
+
+``--batch N`` ends with a verdict: ``fits`` when the compiled step (state donated, as in the
+training loop) is within the target's `Budget`, its memory minus ``--reserve`` (10 %), the same
+budget as ``experiments.bench_batch --target``; ``does not fit`` otherwise.
 
 Interpreters: ``--python`` (or the ``aot_python`` argument), else ``$REVJAX_AOT_CUDA_PYTHON`` /
 ``$REVJAX_AOT_TPU_PYTHON``, else ``.venv-aot-cuda/bin/python`` / ``.venv-aot-tpu/bin/python`` in
-the repository root (what ``make aot-venvs`` creates).
+the repository root (what ``make aot-venv-cuda`` / ``make aot-venv-tpu`` create).
 """
 
 from __future__ import annotations
@@ -212,6 +217,61 @@ def get_target(name: str) -> Target:
         ) from None
 
 
+# What a batch may use of a device's memory: the rest is kept for what a compiled program does not
+# count (CUDA context, cuDNN workspaces chosen by autotuning, the TPU runtime, fragmentation).
+DEFAULT_RESERVE = 0.10
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """The bytes a compiled train step may take on a device: its memory minus a reserve.
+
+    A compiled program fits when its total (arguments + outputs + temporaries - aliased, state
+    donated as in the training loop) is at most `bytes`. The same budget decides
+    ``python -m experiments.aot --batch N`` and the largest-batch search of
+    ``experiments.bench_batch --target``.
+
+    Attributes:
+      memory_bytes: the device's memory.
+      source: where ``memory_bytes`` comes from.
+      reserve: the fraction of it kept free.
+    """
+
+    memory_bytes: float
+    source: str
+    reserve: float = DEFAULT_RESERVE
+
+    @property
+    def bytes(self) -> float:
+        return self.memory_bytes * (1 - self.reserve)
+
+    def describe(self) -> str:
+        """``"device memory 79.6 GiB (source) minus a 10% reserve = 71.6 GiB"``."""
+        return (
+            f"device memory {self.memory_bytes / GiB:.1f} GiB ({self.source}) minus a "
+            f"{self.reserve:.0%} reserve = {self.bytes / GiB:.2f} GiB"
+        )
+
+    def verdict(self, total: float) -> str:
+        """``"fits"`` when ``total`` compiled bytes are within the budget, else
+        ``"does not fit"``."""
+        return "fits" if total <= self.bytes else "does not fit"
+
+
+def budget_for(
+    target: Target, *, reserve: float = DEFAULT_RESERVE, memory_gib: float | None = None
+) -> Budget | None:
+    """The `Budget` of ``target`` (``memory_gib`` replaces its memory); ``None`` when its memory is
+    unknown (the ``cpu`` target) and none is given."""
+    if not 0 <= reserve < 1:
+        raise SystemExit(f"--reserve is a fraction of device memory in [0, 1), got {reserve}")
+    if memory_gib:
+        return Budget(memory_gib * GiB, "--memory-gib", reserve)
+    if target.memory_bytes is None:
+        return None
+    return Budget(target.memory_bytes, target.memory_source, reserve)
+
+
 def target_python(target: Target, python: str | None = None) -> str:
     """The interpreter that compiles for ``target`` (see the module docstring for the order)."""
     if python:
@@ -226,7 +286,8 @@ def target_python(target: Target, python: str | None = None) -> str:
         return str(venv)
     raise SystemExit(
         f"target {target.name!r} needs an interpreter with `{target.install}` (same version as "
-        f"jax) and revjax's dependencies: run `make aot-venvs` (creates {venv.parent.parent}), "
+        f"jax) and revjax's dependencies: run `make aot-venv-{target.platform}` (creates "
+        f"{venv.parent.parent}), "
         f"or set ${var} / pass --aot-python to such an interpreter."
     )
 
@@ -453,7 +514,9 @@ class CompileCache:
         return self.records.get(key)
 
     def put(self, key: str, record: Mapping[str, Any]) -> None:
-        if "error" in record and not is_out_of_memory_error(record["error"]):
+        from revjax.measure import is_out_of_memory  # imports JAX: the parent side only
+
+        if "error" in record and not is_out_of_memory(record["error"]):
             return
         with self._lock:
             self.records[key] = dict(record)
@@ -497,8 +560,61 @@ def compile_for_target(
       ``lowered_flops``, ``trace_lower_s``, ``compile_s``, ``params``; or ``error`` when that
       job failed to compile.
     """
-    pending = list(enumerate(jobs))
-    records: list[dict | None] = [None] * len(pending)
+
+    def handle(compiler: TargetCompiler, spec: Mapping[str, Any]) -> dict:
+        record = compiler.compile(spec)
+        record["target_info"] = compiler.info  # for partial reports
+        return record
+
+    def report(info: dict, record: dict, done: list) -> None:
+        if on_record is not None:
+            on_record(record)
+
+    return share_out(
+        target,
+        jobs,
+        handle,
+        processes=processes,
+        python=python,
+        timeout=timeout,
+        cache=cache,
+        on_result=report,
+    )
+
+
+def share_out(
+    target: str | Target,
+    items: Sequence[Any],
+    handle: Callable[[TargetCompiler, Any], Any],
+    *,
+    processes: int = 1,
+    python: str | None = None,
+    timeout: float | None = None,
+    cache: str | Path | CompileCache | None = None,
+    on_result: Callable[[dict, Any, list], None] | None = None,
+) -> tuple[dict, list]:
+    """Runs ``handle(compiler, item)`` for every item over ``processes`` `TargetCompiler`
+    children, each thread taking the next item as it finishes one (a search of many compiles
+    or a single compile alike).
+
+    Args:
+      target: a `TARGETS` name or a `Target`.
+      items: what to handle (compile jobs, models to search).
+      handle: ``(compiler, item) -> result``, run in the thread that owns ``compiler``.
+      processes: child processes at once (at most one per item).
+      python: the interpreter (default: `target_python`).
+      timeout: seconds per compile (``None``: no limit).
+      cache: a `CompileCache` (or its file) all children share.
+      on_result: ``(target info, result, results so far in item order)`` after each item,
+        called under a lock (partial reports).
+
+    Returns:
+      ``(info, results)``: the target's description from the first child, and one result per
+      item in the order of ``items``.
+    """
+    pending = list(enumerate(items))
+    results: list = [None] * len(pending)
+    finished = [False] * len(pending)
     infos: list[dict] = []
     lock = threading.Lock()
     cache = open_cache(cache)
@@ -510,15 +626,16 @@ def compile_for_target(
                 with lock:
                     if not pending:
                         return
-                    i, spec = pending.pop(0)
-                records[i] = record = compiler.compile(spec)
-                record["target_info"] = compiler.info  # for partial reports
-                if on_record is not None:
-                    with lock:
-                        on_record(record)
+                    i, item = pending.pop(0)
+                result = handle(compiler, item)
+                with lock:
+                    results[i], finished[i] = result, True
+                    if on_result is not None:
+                        done = [r for r, f in zip(results, finished) if f]
+                        on_result(compiler.info, result, done)
 
     run_in_threads(work, min(max(1, processes), max(1, len(pending))))
-    return infos[0], [r for r in records if r is not None]
+    return infos[0], [r for r, f in zip(results, finished) if f]
 
 
 def require_compiled(records: Sequence[dict], owner: str) -> None:
@@ -549,11 +666,6 @@ def run_in_threads(work: Callable[[], None], n: int) -> None:
         t.join()
     if errors:
         raise errors[0]
-
-
-def is_out_of_memory_error(message: str) -> bool:
-    """Whether a compile error says the program does not fit (TPU compiles can say so)."""
-    return any(s in message for s in ("RESOURCE_EXHAUSTED", "out of memory", "Ran out of memory"))
 
 
 def describe(target: Target, info: Mapping[str, Any]) -> str:
@@ -765,17 +877,56 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--reserve`` and ``--memory-gib``: the `Budget` a compiled step is held against."""
+    parser.add_argument(
+        "--reserve",
+        type=float,
+        default=DEFAULT_RESERVE,
+        help="with --target: fraction of device memory kept free (CUDA context, cuDNN "
+        f"workspace, fragmentation; default {DEFAULT_RESERVE:.2f})",
+    )
+    parser.add_argument(
+        "--memory-gib", type=float, default=None, help="with --target: override device memory"
+    )
+
+
+def print_verdict(record: Mapping[str, Any], budget: Budget | None, target: Target) -> None:
+    """The last line of ``--batch N``: whether the compiled step fits ``budget``."""
+    if budget is None:
+        print(
+            f"no verdict: target {target.name!r} has no device memory to budget against; pass "
+            "--memory-gib (or pick a GPU/TPU target)"
+        )
+        return
+    if "error" in record:  # the compiler itself ran out of the target's memory
+        print(f"does not fit: the compile ran out of memory; budget: {budget.describe()}")
+        return
+    print(
+        f"{budget.verdict(record['total'])}: {record['total'] / GiB:.2f} GiB compiled "
+        f"(arguments + outputs + temporaries - aliased) against {budget.describe()}"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", metavar="TARGET", help=argparse.SUPPRESS)
     parser.add_argument("--list", action="store_true", help="list the known targets")
     add_target_arguments(parser)
+    add_budget_arguments(parser)
     parser.add_argument("--model", default="revnet164", help="a revjax.models preset")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--size", type=int, default=32, help="image side")
     parser.add_argument("--num-classes", type=int, default=10)
     parser.add_argument(
         "--overrides", default="{}", help="constructor arguments as JSON (unroll defaults to 1)"
+    )
+    parser.add_argument(
+        "--donate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="donate the train state as the training loop does (default; the fits verdict "
+        "assumes it)",
     )
     args = parser.parse_args(argv)
     if args.child:
@@ -786,6 +937,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"{t.name:8s} {t.description}; memory {t.memory_label} ({t.memory_source})")
         return
     target = get_target(args.target)
+    budget = budget_for(target, reserve=args.reserve, memory_gib=args.memory_gib)
     info, (record,) = compile_for_target(
         target,
         [
@@ -795,18 +947,29 @@ def main(argv: Sequence[str] | None = None) -> None:
                 batch=args.batch,
                 size=args.size,
                 num_classes=args.num_classes,
+                donate=args.donate,
             )
         ],
         python=args.aot_python,
+        cache=args.cache,
     )
     print(describe(target, info))
     if "error" in record:
-        raise SystemExit(record["error"])
-    for field in ("temp", "argument", "output", "alias", "total"):
-        print(f"{field:>9s}: {record[field] / 2**20:10.1f} MiB")
-    if record.get("flops") is not None:
-        print(f"    flops: {record['flops']:.4g} (a rolled loop's body counts once)")
-    print(f"  compile: {record['trace_lower_s']:.1f} s trace + lower, {record['compile_s']:.1f} s")
+        from revjax.measure import is_out_of_memory
+
+        if not is_out_of_memory(record["error"]):
+            raise SystemExit(record["error"])
+        print(record["error"].splitlines()[0][:300])
+    else:
+        for field in ("temp", "argument", "output", "alias", "total"):
+            print(f"{field:>9s}: {record[field] / 2**20:10.1f} MiB")
+        if record.get("flops") is not None:
+            print(f"    flops: {record['flops']:.4g} (a rolled loop's body counts once)")
+        print(
+            f"  compile: {record['trace_lower_s']:.1f} s trace + lower, "
+            f"{record.get('compile_s', 0):.1f} s"
+        )
+    print_verdict(record, budget, target)
 
 
 if __name__ == "__main__":

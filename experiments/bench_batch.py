@@ -20,8 +20,9 @@ until one does: usually two or three tries per model.
 ``--target NAME`` simulates the search for a GPU/TPU this host does not have: the train step is
 compiled ahead of time for the target (`experiments.aot`, nothing runs) at candidate batch sizes,
 and a batch fits when its compiled bytes (arguments + outputs + temporaries - aliased, state
-donated) are within the target's memory minus ``--reserve``. It reports the largest multiple of
-``--multiple`` (8) that fits, confirmed by compiling it and the next multiple, for the issue-10
+donated) are within the target's memory minus ``--reserve`` (`experiments.aot.Budget`, the
+budget ``python -m experiments.aot --batch N`` judges by). It reports the largest multiple of
+``--multiple`` (8) that fits, confirmed by compiling it and the next multiple, for the paper's
 presets (RevNet-38/110/164 vs ResNet-32/110/164 at 32x32, RevNet-104 vs ResNet-101 at 224x224)
 or ``--models`` (``preset[:key=value,...]``), into ``bench_batch_<target>.md`` / ``.png``.
 
@@ -41,13 +42,13 @@ import ast  # noqa: E402
 import inspect  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import threading  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
 
 from experiments import _report, aot  # noqa: E402
+from revjax import presets  # noqa: E402
 from revjax.measure import (  # noqa: E402
     compiled_memory,
     device_memory_limit_bytes,
@@ -275,23 +276,10 @@ def plot(rows: list[dict], path: Path, title: str, limit: int | None) -> Path:
 # Simulated: compiled for a target device ahead of time (--target), nothing runs
 # --------------------------------------------------------------------------------------------
 
-# The issue-10 comparison: preset -> (image side, classes), and the pairs it reports.
-TARGET_MODELS = {
-    "revnet38": (32, 10),
-    "resnet32": (32, 10),
-    "revnet110": (32, 10),
-    "resnet110": (32, 10),
-    "revnet164": (32, 10),
-    "resnet164": (32, 10),
-    "revnet104": (224, 1000),
-    "resnet101": (224, 1000),
-}
-TARGET_PAIRS = [
-    ("revnet38", "resnet32"),
-    ("revnet110", "resnet110"),
-    ("revnet164", "resnet164"),
-    ("revnet104", "resnet101"),
-]
+# The paper's RevNets compared on a target, each with its ResNet twin from the preset registry
+# (each at its preset's image side and classes: 32x32 / 10, ImageNet 224x224 / 1000).
+TARGET_REVNETS = ("revnet38", "revnet110", "revnet164", "revnet104")
+TARGET_MODELS = [m for rev in TARGET_REVNETS for m in (rev, presets.get(rev).twin)]
 
 
 def largest_fitting_batch(
@@ -424,8 +412,9 @@ def start_for(starts, spec: str) -> int | None:
 
 
 def default_target_models() -> list[str]:
-    """The issue-10 presets, plus RevNet-164 / RevNet-104 with the transition setting that is
-    not the default, and with invertible downsampling where the installed RevNet has it."""
+    """The paper's presets (`TARGET_MODELS`), plus RevNet-164 / RevNet-104 with the transition
+    setting that is not the default, and with invertible downsampling where the installed RevNet
+    has it."""
     params = inspect.signature(RevNet.__init__).parameters
     other = not params["remat_transitions"].default
     extra = [f"revnet164:remat_transitions={other}", f"revnet104:remat_transitions={other}"]
@@ -449,10 +438,13 @@ def line_near_budget(tries, budget: float, multiple: int) -> tuple[float | None,
     return per_image, int(b1 + (budget - t1) / per_image) // multiple * multiple
 
 
-def _simulate_model(compiler, spec: str, budget: float, args) -> dict:
+def _simulate_model(compiler, spec: str, budget: aot.Budget, args) -> dict:
     model, overrides = parse_model_spec(spec)
-    size, classes = TARGET_MODELS.get(model, (32, 10))
-    size = args.size or size
+    try:
+        preset = presets.get(model)
+    except ValueError as error:
+        raise SystemExit(f"{NAME}: {error}") from None
+    size, classes = args.size or preset.image_size, preset.num_classes
     records = {}
 
     def total_of(batch: int) -> float:
@@ -462,11 +454,11 @@ def _simulate_model(compiler, spec: str, budget: float, args) -> dict:
         spec["donate"] = True  # as the training loop: old and new state share buffers
         r = compiler.compile(spec)
         if "error" in r:
-            if not aot.is_out_of_memory_error(r["error"]):
+            if not is_out_of_memory(r["error"]):
                 raise SystemExit(f"{NAME}: compiling {model} at batch {batch} failed: {r['error']}")
             r["total"] = math.inf
         records[batch] = r
-        fits = "fits" if r["total"] <= budget else "does not fit"
+        fits = budget.verdict(r["total"])
         how = "from the cache" if r.get("cached") else f"compile {r.get('compile_s', 0):.0f} s"
         print(
             f"  {model} {size}x{size}: batch {batch}: {r['total'] / 2**30:.2f} GiB ({fits}; {how})",
@@ -477,13 +469,13 @@ def _simulate_model(compiler, spec: str, budget: float, args) -> dict:
     start = start_for(args.start, spec) or (128 if size <= 64 else 32)
     largest, failed, tries = largest_fitting_batch(
         total_of,
-        budget,
+        budget.bytes,
         start=start,
         multiple=args.multiple,
         max_batch=args.max_batch,
         max_compiles=args.max_compiles,
     )
-    per_image, predicted = line_near_budget(tries, budget, args.multiple)
+    per_image, predicted = line_near_budget(tries, budget.bytes, args.multiple)
     params = next(iter(records.values())).get("params")
     return {
         "model": spec,
@@ -498,40 +490,27 @@ def _simulate_model(compiler, spec: str, budget: float, args) -> dict:
     }
 
 
-def simulate_on_target(args, on_row=None) -> tuple[dict, list[dict], float]:
+def simulate_on_target(args, on_row=None) -> tuple[dict, list[dict], aot.Budget]:
     """Largest batch of every model, compiled for ``args.target`` (``args.processes`` child
     processes); ``on_row(info, rows_so_far, budget)`` after each model (partial tables)."""
     target = aot.get_target(args.target)
-    if target.memory_bytes is None and not args.memory_gib:
+    budget = aot.budget_for(target, reserve=args.reserve, memory_gib=args.memory_gib)
+    if budget is None:
         raise SystemExit(
             f"{NAME}: target {target.name!r} has no device memory to budget against; pick a "
             f"GPU/TPU target ({', '.join(t for t in aot.TARGETS if t != 'cpu')}) or pass "
             "--memory-gib"
         )
-    memory = args.memory_gib * 2**30 if args.memory_gib else target.memory_bytes
-    budget = memory * (1 - args.reserve)
-    models = args.models or default_target_models()
-    pending = list(enumerate(models))
-    rows: list[dict | None] = [None] * len(models)
-    infos: list[dict] = []
-    lock = threading.Lock()
-    cache = aot.open_cache(args.cache)
-
-    def work() -> None:  # one child process per thread; models shared out as they finish
-        with aot.TargetCompiler(target, python=args.aot_python, cache=cache) as compiler:
-            infos.append(compiler.info)
-            while True:
-                with lock:
-                    if not pending:
-                        return
-                    i, spec = pending.pop(0)
-                rows[i] = _simulate_model(compiler, spec, budget, args)
-                if on_row is not None:
-                    with lock:
-                        on_row(compiler.info, [r for r in rows if r is not None], budget)
-
-    aot.run_in_threads(work, min(max(1, args.processes), len(models)))
-    return infos[0], [r for r in rows if r is not None], budget
+    info, rows = aot.share_out(  # one child process per thread; models shared out
+        target,
+        args.models or default_target_models(),
+        lambda compiler, spec: _simulate_model(compiler, spec, budget, args),
+        processes=args.processes,
+        python=args.aot_python,
+        cache=args.cache,
+        on_result=None if on_row is None else lambda info, _, rows: on_row(info, rows, budget),
+    )
+    return info, rows, budget
 
 
 def to_markdown_target(
@@ -578,7 +557,7 @@ def to_markdown_target(
         )
     by_model = {r["model"]: r for r in rows}
     ratios = []
-    twins = dict(TARGET_PAIRS)
+    twins = presets.twins()
     for a in rows:
         b = by_model.get(twins.get(a["model"].split(":")[0], ""))
         if b and a["largest"] and b["largest"]:
@@ -672,18 +651,9 @@ def main(argv=None):
     parser.add_argument("--probe", nargs=2, metavar=("MODEL", "BATCH"), help=argparse.SUPPRESS)
     parser.add_argument("--overrides", default="{}", help=argparse.SUPPRESS)
     aot.add_target_arguments(parser)
-    parser.add_argument(
-        "--reserve",
-        type=float,
-        default=0.10,
-        help="with --target: fraction of device memory kept free (CUDA context, cuDNN "
-        "workspace, fragmentation; default 0.10)",
-    )
+    aot.add_budget_arguments(parser)
     parser.add_argument(
         "--multiple", type=int, default=8, help="with --target: batch granularity (default 8)"
-    )
-    parser.add_argument(
-        "--memory-gib", type=float, default=None, help="with --target: override device memory"
     )
     parser.add_argument(
         "--max-compiles",
@@ -708,9 +678,7 @@ def main(argv=None):
             details = (
                 "largest batch that fits, simulated: the trainer's train step (SGD + momentum, "
                 "state donated), rolled scans (unroll=1), float32, compiled for the target at "
-                f"candidate batch sizes; device memory {target.memory_label} "
-                f"({target.memory_source}) minus a {args.reserve:.0%} reserve = "
-                f"{budget / 2**30:.2f} GiB{done}"
+                f"candidate batch sizes; {budget.describe()}{done}"
             )
             head = _report.target_header(
                 "Largest batch",
@@ -722,13 +690,15 @@ def main(argv=None):
             _report.write_report(
                 args.out_dir,
                 name,
-                to_markdown_target(rows, head, budget, args.multiple, args.max_compiles, target),
+                to_markdown_target(
+                    rows, head, budget.bytes, args.multiple, args.max_compiles, target
+                ),
             )
             png = plot_target(
                 rows,
                 args.out_dir / f"{name}.png",
                 f"Compiled train-step memory vs batch, {target.description}",
-                budget,
+                budget.bytes,
             )
             print(f"wrote {png}")
 

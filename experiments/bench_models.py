@@ -40,19 +40,19 @@ from pathlib import Path
 import jax
 
 from experiments import _report, aot
+from revjax import presets
 from revjax.measure import time_interleaved
 from revjax.models import RevNet
 
 NAME = "bench_models"
 MODULE = f"experiments.{NAME}"
 
-# RevNet preset -> (ResNet twin, dataset: (image size, classes, default batch))
+# The paper's RevNets: preset -> (its ResNet twin from the registry, dataset), dataset:
+# (image size, classes, default batch).
+PAPER_REVNETS = ("revnet38", "revnet110", "revnet164", "revnet56", "revnet104")
 PAIRS = {
-    "revnet38": ("resnet32", "cifar"),
-    "revnet110": ("resnet110", "cifar"),
-    "revnet164": ("resnet164", "cifar"),
-    "revnet56": ("resnet50", "imagenet"),
-    "revnet104": ("resnet101", "imagenet"),
+    rev: (presets.get(rev).twin, "imagenet" if presets.get(rev).image_size == 224 else "cifar")
+    for rev in PAPER_REVNETS
 }
 DATASETS = {"cifar": (32, 10, 128), "imagenet": (224, 1000, 32)}
 
@@ -102,7 +102,7 @@ def memory_lines() -> dict[str, tuple[str, int, dict]]:
 MEMORY_LINES = memory_lines()
 
 # --quick: the tiny test models, shrunk further so that the whole run takes seconds on a CPU.
-QUICK_PAIR = {"revnet_tiny": ("resnet_tiny", "tiny")}
+QUICK_PAIR = {"revnet_tiny": (presets.get("revnet_tiny").twin, "tiny")}
 QUICK_DATASET = (8, 10, 2)
 QUICK_OVERRIDES = {"units_per_stage": (3,), "widths": (4, 8), "strides": (2,)}
 

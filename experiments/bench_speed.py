@@ -43,19 +43,13 @@ from pathlib import Path
 import jax
 
 from experiments import _report, aot
+from revjax import presets
 from revjax.measure import time_interleaved
+from revjax.models import RevNet
 
 NAME = "bench_speed"
 MODULE = f"experiments.{NAME}"
 
-TWINS = {
-    "revnet38": "resnet32",
-    "revnet110": "resnet110",
-    "revnet164": "resnet164",
-    "revnet56": "resnet50",
-    "revnet104": "resnet101",
-    "revnet_tiny": "resnet_tiny",
-}
 VARIANTS = ("reversible", "plain", "twin")
 
 
@@ -72,10 +66,11 @@ class Entry:
 
 def preset_entry(name: str) -> Entry:
     """The entry of a RevNet preset name; its depth is the number in the name."""
-    if name not in TWINS:
-        raise SystemExit(f"{NAME}: no ResNet twin known for {name!r}; use one of {list(TWINS)}")
+    twins = {r: t for r, t in presets.twins().items() if presets.get(r).cls is RevNet}
+    if name not in twins:
+        raise SystemExit(f"{NAME}: no ResNet twin known for {name!r}; use one of {list(twins)}")
     digits = re.findall(r"\d+", name)
-    return Entry(name, name, TWINS[name], int(digits[0]) if digits else 0)
+    return Entry(name, name, twins[name], int(digits[0]) if digits else 0)
 
 
 # Two depths of a one-stage tiny model (1 and 2 units) so that the quick run also exercises the

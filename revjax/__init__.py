@@ -24,6 +24,7 @@ from revjax.drift import DriftWarning as DriftWarning
 from revjax.drift import gradient_agreement as gradient_agreement
 from revjax.drift import reconstruction_error as reconstruction_error
 from revjax.layers import ReversibleSequence as ReversibleSequence
+from revjax.layers import pure_call as pure_call
 from revjax.models import ResNet as ResNet
 from revjax.models import RevNet as RevNet
 from revjax.models import apply as apply
@@ -54,10 +55,11 @@ from revjax.vit import vit_s16 as vit_s16
 from revjax.vit import vit_ti16 as vit_ti16
 from revjax.vit import vit_tiny as vit_tiny
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 __all__ = [
     "ReversibleSequence",
+    "pure_call",
     "DriftMonitor",
     "DriftWarning",
     "gradient_agreement",

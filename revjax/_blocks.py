@@ -33,7 +33,7 @@ from revjax._core import (
     shortcut_unit_segment,
     tie_to_cotangent,
 )
-from revjax.layers import ReversibleSequence, _branch, stacked
+from revjax.layers import ReversibleSequence, pure_call, stacked
 
 Array = jax.Array
 Dtype = Any
@@ -99,7 +99,8 @@ class LayerConfig:
 
         Two-pass variance by default (``bn_fast_variance=False``): the fast E[x^2] - E[x]^2
         form loses ~1e-4 relative in float32, which BatchNorm then amplifies in the rebuilt
-        activations (NOTES.md; measured in ``experiments/bench_drift.py``).
+        activations (the "fast variance" rows of ``results/bench_drift.md``, made by
+        ``experiments/bench_drift.py``).
         """
         bn = nnx.BatchNorm(
             features,
@@ -509,21 +510,6 @@ class InvertibleEntryUnit(nnx.Module):
 # --------------------------------------------------------------------------------------------
 
 
-def pure_call(graphdef: nnx.GraphDef) -> Callable:
-    """A pure ``(state, *args) -> (output, new_batch_stats)`` version of a module's call.
-
-    ``copy=True``: without it the merged module's BatchNorm writes into the caller's State,
-    which fails under `jax.vjp` / `jax.jit` (a mutation from another trace level).
-    """
-
-    def call(state: nnx.State, *args, **kwargs):
-        m = nnx.merge(graphdef, state, copy=True)
-        out = m(*args, **kwargs)
-        return out, nnx.state(m, nnx.BatchStat)
-
-    return call
-
-
 def call_rematerialised(module: nnx.Module, *args, train: bool) -> Any:
     """Calls ``module`` storing only its inputs: its activations are recomputed in the backward.
 
@@ -642,7 +628,7 @@ class RevStage(nnx.Module):
             return y1, y2
         # The settings belong to the RevNet (settable attributes there): passed per call.
         # Batch statistics are written back once, from the forward pass.
-        return self.reversible._apply(
+        return self.reversible.call_with(
             y1,
             y2,
             (),
@@ -738,8 +724,8 @@ def chain_invertible_stages(
         (f_def, f_state), (g_def, g_state) = nnx.split(f), nnx.split(g)
         params.append((f_state, g_state))
         modules.append((f, g))
-        calls = [_branch(d, {"train": train}) for d in (f_def, g_def)]
-        return tuple(lambda p, x, c=c: c(p, x, ()) for c in calls)
+        calls = [pure_call(d) for d in (f_def, g_def)]
+        return tuple(lambda p, x, c=c: c(p, x, train=train) for c in calls)
 
     for stage in stages:
         entry = stage.entry

@@ -18,10 +18,16 @@ grow with ``num_units``. What every NNX model needs is handled here:
   plain autodiff's with the same RNG.
 * **Side inputs** (``context``: conditioning, attention masks or biases, time embeddings) are
   shared by every unit and receive gradients, summed over units.
+
+`pure_call` is the pure form of any NNX module's call, ``(state, *args) -> (output,
+new_state)``, that the sequence gives the core for F and G; the model zoo and training steps use
+it too.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import operator
 from collections.abc import Callable
 from typing import Any
@@ -33,7 +39,7 @@ from revjax._core import Coupling, check_exact_every, get_coupling, reversible_s
 
 Array = jax.Array
 
-__all__ = ["ReversibleSequence", "stacked"]
+__all__ = ["ReversibleSequence", "pure_call", "stacked"]
 
 
 def stacked(n: int, make: Callable[[nnx.Rngs], nnx.Module], rngs: nnx.Rngs) -> nnx.Module:
@@ -52,21 +58,80 @@ def stacked(n: int, make: Callable[[nnx.Rngs], nnx.Module], rngs: nnx.Rngs) -> n
     return build(rngs)
 
 
-def _branch(graphdef: nnx.GraphDef, kwargs: dict[str, Any]) -> Callable:
-    """F or G as the core wants it: ``(state, x, context) -> (h, new_state)``.
+def pure_call(
+    graphdef: nnx.GraphDef, method: str | Callable[..., Any] | None = None
+) -> Callable[..., tuple[Any, nnx.State]]:
+    """A module's call as a pure function of its state: ``(state, *args, **kwargs) ->
+    (output, new_state)``, for `jax.jit`, `jax.vjp`, `lax.scan` and custom VJPs.
 
-    ``state`` is one unit's full state (parameters, batch statistics, RNG keys and counters);
-    ``new_state`` is everything but the parameters after the call (what the call may have
-    changed). Merging a copy keeps the call pure: the recomputation in the backward pass starts
-    from the same state as the forward, so BatchNorm and dropout behave identically there.
+    ``state`` is the module's state (one `nnx.State`, or a tuple of them, e.g. ``(params,
+    batch_stats)`` from ``nnx.split(model, nnx.Param, ...)``); ``new_state`` is everything but
+    the parameters after the call (batch statistics, RNG counters: what the call may change),
+    for `nnx.update`. The module is merged from a copy of ``state``, so the call never writes
+    into the caller's arrays: without the copy, a BatchNorm inside `jax.vjp` or `jax.jit` would
+    mutate a State from another trace level. A recomputation from the same state therefore
+    behaves exactly as the first call (the same batch statistics, the same dropout masks).
+
+    Example::
+
+        graphdef, params, batch_stats = nnx.split(model, nnx.Param, ...)
+        call = revjax.pure_call(graphdef)
+        logits, new_stats = jax.jit(call, static_argnames="train")(
+            (params, batch_stats), x, train=True
+        )
+
+    Args:
+      graphdef: the module's graph definition (from `nnx.split`).
+      method: what to call on the merged module: ``None`` (the module itself), a method name,
+        or a function ``(module, *args, **kwargs) -> output``.
     """
 
-    def call(state: nnx.State, x: Array, context: tuple) -> tuple[Any, nnx.State]:
-        m = nnx.merge(graphdef, state, copy=True)
-        h = m(x, *context, **kwargs)
-        return h, nnx.state(m, nnx.Not(nnx.Param))
+    def call(state: nnx.State | tuple, *args: Any, **kwargs: Any) -> tuple[Any, nnx.State]:
+        states = tuple(state) if isinstance(state, tuple | list) else (state,)
+        module = nnx.merge(graphdef, *states, copy=True)
+        if method is None:
+            out = module(*args, **kwargs)
+        elif isinstance(method, str):
+            out = getattr(module, method)(*args, **kwargs)
+        else:
+            out = method(module, *args, **kwargs)
+        return out, nnx.state(module, nnx.Not(nnx.Param))
 
     return call
+
+
+def _unit_builder(make: Callable, what: str) -> Callable[[nnx.Rngs], nnx.Module]:
+    """``make`` as a callable of ``rngs`` alone: as it is when it takes ``rngs`` positionally,
+    wrapped when it takes it by keyword only (the NNX convention ``__init__(self, *, rngs)``);
+    a TypeError saying how to wrap it when it needs other arguments too."""
+    if isinstance(make, type):  # a class: its metaclass hides __init__'s signature
+        signature = inspect.signature(functools.partial(make.__init__, None))
+    elif isinstance(make, functools.partial) and isinstance(make.func, type):
+        signature = inspect.signature(
+            functools.partial(make.func.__init__, None, *make.args, **make.keywords)
+        )
+    else:
+        try:
+            signature = inspect.signature(make)
+        except (TypeError, ValueError):  # no signature to read (a builtin): call as documented
+            return make
+    probe = object()
+    try:
+        signature.bind(probe)
+        return make
+    except TypeError:
+        pass
+    try:
+        signature.bind(rngs=probe)
+    except TypeError:
+        name = getattr(make, "__name__", type(make).__name__)
+        call = f"{name}(..., rngs=rngs)" if name.isidentifier() else "YourModule(..., rngs=rngs)"
+        raise TypeError(
+            f"{what} must build one unit from the RNG streams alone, called as {what}(rngs) "
+            f"or {what}(rngs=rngs), but {name}{signature} needs more arguments. Wrap it so "
+            f"that rngs is the only one: {what}=lambda rngs: {call}."
+        ) from None
+    return lambda rngs: make(rngs=rngs)
 
 
 class ReversibleSequence(nnx.Module):
@@ -92,6 +157,9 @@ class ReversibleSequence(nnx.Module):
     Args:
       make_f: ``rngs -> nnx.Module``, builds one unit's F; traced once under `nnx.vmap` over
         ``num_units`` split RNG streams, so every unit has its own weights and RNG streams.
+        Called as ``make_f(rngs)``, or ``make_f(rngs=rngs)`` when it takes ``rngs`` by keyword
+        only (a module class with ``__init__(self, *, rngs)``); wrap a module that needs other
+        arguments: ``lambda rngs: Attention(64, rngs=rngs)``.
         F is called as ``f(x, *context, **kwargs)``. Give RNG-using layers (``nnx.Dropout``,
         ``nnx.MultiHeadAttention`` with dropout) their ``rngs`` here, at construction.
       make_g: the same for G.
@@ -144,6 +212,8 @@ class ReversibleSequence(nnx.Module):
                 f"and G (e.g. a Module class or a lambda rngs: ...), got {type(make_f).__name__} "
                 f"and {type(make_g).__name__}."
             )
+        make_f = _unit_builder(make_f, "make_f")
+        make_g = _unit_builder(make_g, "make_g")
         get_coupling(coupling)  # an unknown name fails here, not at the first call
         check_exact_every(exact_every)
         self.num_units = n
@@ -167,7 +237,7 @@ class ReversibleSequence(nnx.Module):
           ValueError: F or G outputs that do not fit the halves, or a context that is not made
             of arrays.
         """
-        return self._apply(
+        return self.call_with(
             x1,
             x2,
             context,
@@ -177,7 +247,7 @@ class ReversibleSequence(nnx.Module):
             unroll=self.unroll,
         )
 
-    def _apply(
+    def call_with(
         self,
         x1: Array,
         x2: Array,
@@ -188,8 +258,21 @@ class ReversibleSequence(nnx.Module):
         exact_every: int | None,
         unroll: int | bool | None,
     ) -> tuple[Array, Array]:
-        # The call with every setting explicit, for containers (the RevNet's stages) that own
-        # the settings themselves.
+        """The call with every setting explicit, for a container that owns the settings (a
+        RevNet stage, a RevViT): they override the sequence's own attributes for this call.
+
+        Args:
+          x1: first half, as in `__call__`.
+          x2: second half.
+          context: the side inputs, as a tuple (``seq(x1, x2, *context)``).
+          kwargs: the static keyword options for F and G, as a dict.
+          memory_saving: rebuild activations in the backward (custom VJP) or plain autodiff.
+          exact_every: with memory saving, store every k-th unit's exact input (or ``None``).
+          unroll: scan unroll (``None``: `revjax.default_unroll`).
+
+        Returns:
+          ``(y1, y2)``; raises as `__call__`.
+        """
         check_exact_every(exact_every)
         for i, item in enumerate(context):
             is_nnx = lambda a: isinstance(a, nnx.Module | nnx.Variable)
@@ -208,9 +291,11 @@ class ReversibleSequence(nnx.Module):
                 )
         f_def, f_state = nnx.split(self.f)
         g_def, g_state = nnx.split(self.g)
+        # F and G as the core wants them: ``(state, x, context) -> (h, new_state)``.
+        f_call, g_call = pure_call(f_def), pure_call(g_def)
         (y1, y2), (f_new, g_new) = reversible_sequence(
-            _branch(f_def, kwargs),
-            _branch(g_def, kwargs),
+            lambda state, x, context: f_call(state, x, *context, **kwargs),
+            lambda state, x, context: g_call(state, x, *context, **kwargs),
             f_state,
             g_state,
             x1,

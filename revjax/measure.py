@@ -135,13 +135,15 @@ def device_memory_limit_bytes(device: jax.Device | None = None) -> int | None:
     return int(stats["bytes_limit"])
 
 
-def is_out_of_memory(error: BaseException) -> bool:
+def is_out_of_memory(error: BaseException | str) -> bool:
     """Whether ``error`` is XLA running out of device memory (at compile or at run time).
 
     XLA reports it as ``XlaRuntimeError`` / ``JaxRuntimeError`` with a ``RESOURCE_EXHAUSTED``
     status, whose exact class has moved between jaxlib versions, so the message is checked.
+    ``error`` may also be such a message as text (a compile error reported by another process).
     """
-    text = f"{type(error).__name__}: {error}".lower()
+    text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    text = text.lower()
     return "resource_exhausted" in text or "out of memory" in text
 
 

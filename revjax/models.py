@@ -33,7 +33,7 @@ first included since the stem is narrower than the stage), one 1x1 projection co
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -51,6 +51,8 @@ from revjax._blocks import (
 )
 from revjax._checks import check_images
 from revjax._core import check_exact_every, merge_halves, split_halves
+from revjax.layers import pure_call
+from revjax.presets import register
 
 Array = jax.Array
 Dtype = Any
@@ -488,8 +490,10 @@ def _invertible_stages(block, plan, config, rngs) -> list[InvertibleRevStage]:
 class ResNet(_Network):
     """Pre-activation ResNet, the RevNet's twin: same blocks, ordinary residual units.
 
-    Args as `RevNet`, without ``memory_saving`` / ``remat_transitions`` / ``exact_every`` /
-    ``carry_dtype``, plus:
+    Takes the arguments of `RevNet` except ``memory_saving``, ``remat_transitions``,
+    ``exact_every`` and ``carry_dtype``, and one more:
+
+    Args:
       remat_units: `jax.checkpoint` every unit (each stores only its input); a baseline for
         the memory benchmark. Also settable as an attribute.
     """
@@ -587,9 +591,7 @@ def apply(
     Returns:
       ``(logits, new_batch_stats)``; in eval mode ``new_batch_stats`` equals ``batch_stats``.
     """
-    model = nnx.merge(graphdef, params, batch_stats, copy=True)
-    logits = model(x, train=train)
-    return logits, nnx.state(model, nnx.Not(nnx.Param))
+    return pure_call(graphdef)((params, batch_stats), x, train=train)
 
 
 def count_params(model: nnx.Module) -> int:
@@ -602,30 +604,11 @@ def count_params(model: nnx.Module) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def _preset(name: str, cls: type, summary: str, **arch) -> Callable[..., nnx.Module]:
-    """A preset constructor ``(num_classes=..., *, rngs, **overrides) -> model``."""
-    default_classes = arch.pop("num_classes", 1000 if arch.get("stem") == "imagenet" else 10)
-
-    def build(num_classes: int = default_classes, *, rngs: nnx.Rngs, **overrides) -> nnx.Module:
-        return cls(**{**arch, "num_classes": num_classes, **overrides}, rngs=rngs)
-
-    build.__name__ = build.__qualname__ = name
-    build.__doc__ = (
-        f"{summary}\n\n"
-        f"Architecture: {cls.__name__}({', '.join(f'{k}={v!r}' for k, v in arch.items())}).\n"
-        "Args:\n"
-        f"  num_classes: number of logits (default {default_classes}).\n"
-        "  rngs: initialisation keys.\n"
-        f"  **overrides: any other {cls.__name__} argument (memory_saving, dropout, dtype, ...).\n"
-    )
-    return build
-
-
 _CIFAR_BASIC = dict(block="basic", stem="cifar")
 _CIFAR_BOTTLENECK = dict(block="bottleneck", stem="cifar")
 _IMAGENET = dict(block="bottleneck", stem="imagenet")
 
-resnet32 = _preset(
+resnet32 = register(
     "resnet32",
     ResNet,
     "ResNet-32 (CIFAR): 464,154 parameters for 10 classes.",
@@ -633,15 +616,16 @@ resnet32 = _preset(
     widths=(16, 16, 32, 64),
     **_CIFAR_BASIC,
 )
-revnet38 = _preset(
+revnet38 = register(
     "revnet38",
     RevNet,
     "RevNet-38 (CIFAR): 464,890 parameters for 10 classes.",
+    twin="resnet32",
     units_per_stage=(3, 3, 3),
     widths=(32, 32, 64, 112),
     **_CIFAR_BASIC,
 )
-resnet110 = _preset(
+resnet110 = register(
     "resnet110",
     ResNet,
     "ResNet-110 (CIFAR): 1,727,962 parameters for 10 classes.",
@@ -649,15 +633,16 @@ resnet110 = _preset(
     widths=(16, 16, 32, 64),
     **_CIFAR_BASIC,
 )
-revnet110 = _preset(
+revnet110 = register(
     "revnet110",
     RevNet,
     "RevNet-110 (CIFAR): 1,729,194 parameters for 10 classes.",
+    twin="resnet110",
     units_per_stage=(9, 9, 9),
     widths=(32, 32, 64, 128),
     **_CIFAR_BASIC,
 )
-resnet164 = _preset(
+resnet164 = register(
     "resnet164",
     ResNet,
     "ResNet-164 (CIFAR, bottleneck): 1,703,258 parameters for 10 classes.",
@@ -665,15 +650,16 @@ resnet164 = _preset(
     widths=(16, 16, 32, 64),
     **_CIFAR_BOTTLENECK,
 )
-revnet164 = _preset(
+revnet164 = register(
     "revnet164",
     RevNet,
     "RevNet-164 (CIFAR, bottleneck): 1,748,778 parameters for 10 classes.",
+    twin="resnet164",
     units_per_stage=(9, 9, 9),
     widths=(32, 32, 64, 128),
     **_CIFAR_BOTTLENECK,
 )
-resnet50 = _preset(
+resnet50 = register(
     "resnet50",
     ResNet,
     "Pre-activation ResNet-50 (ImageNet).",
@@ -681,15 +667,16 @@ resnet50 = _preset(
     widths=(64, 64, 128, 256, 512),
     **_IMAGENET,
 )
-revnet56 = _preset(
+revnet56 = register(
     "revnet56",
     RevNet,
     "RevNet-56 (ImageNet), the RevNet-104 widths with 2-2-3-2 units.",
+    twin="resnet50",
     units_per_stage=(2, 2, 3, 2),
     widths=(128, 128, 256, 512, 832),
     **_IMAGENET,
 )
-resnet101 = _preset(
+resnet101 = register(
     "resnet101",
     ResNet,
     "Pre-activation ResNet-101 (ImageNet): 44,541,480 parameters.",
@@ -697,23 +684,25 @@ resnet101 = _preset(
     widths=(64, 64, 128, 256, 512),
     **_IMAGENET,
 )
-revnet104 = _preset(
+revnet104 = register(
     "revnet104",
     RevNet,
     "RevNet-104 (ImageNet): 45,428,072 parameters.",
+    twin="resnet101",
     units_per_stage=(2, 2, 11, 2),
     widths=(128, 128, 256, 512, 832),
     **_IMAGENET,
 )
-revnet_tiny = _preset(
+revnet_tiny = register(
     "revnet_tiny",
     RevNet,
     "A tiny RevNet for tests (two stages of two units, widths 8/8/16).",
+    twin="resnet_tiny",
     units_per_stage=(2, 2),
     widths=(8, 8, 16),
     **_CIFAR_BASIC,
 )
-resnet_tiny = _preset(
+resnet_tiny = register(
     "resnet_tiny",
     ResNet,
     "The tiny RevNet's ResNet twin, for tests.",

@@ -49,7 +49,7 @@ from jax import lax
 from revjax._checks import check_images
 from revjax._core import check_exact_every, default_unroll, merge_halves
 from revjax.layers import ReversibleSequence, stacked
-from revjax.models import _preset
+from revjax.presets import register
 
 Array = jax.Array
 Dtype = Any
@@ -149,8 +149,8 @@ def _linear(fan_in: int, fan_out: int, *, dtype, param_dtype, rngs) -> nnx.Linea
 
 
 def _layer_norm(features: int, *, dtype, param_dtype, rngs) -> nnx.LayerNorm:
-    # Two-pass variance: the fast form loses ~1e-4 relative in float32 (NOTES.md), which the
-    # reversible backward would then see as reconstruction error.
+    # Two-pass variance: the fast one-pass form loses precision in float32 (as BatchNorm's does:
+    # results/bench_drift.md), which the reversible backward would see as reconstruction error.
     return nnx.LayerNorm(
         features,
         epsilon=LN_EPSILON,
@@ -670,7 +670,7 @@ class RevViT(_VisionTransformer):
         # The blocks' key data is a context input (shared by every unit; integer, so it gets
         # no gradient); each block folds in its index, and the backward replays the same keys.
         context = () if key_data is None else (key_data,)
-        return self.blocks._apply(
+        return self.blocks.call_with(
             tokens,
             tokens,
             context,
@@ -701,37 +701,41 @@ _TINY = dict(
     num_classes=10,
 )
 
-vit_ti16 = _preset(
+vit_ti16 = register(
     "vit_ti16", ViT, "ViT-Ti/16 (224x224); with pool='cls': 5,717,416 parameters.",
     **_IMAGENET, **_TI,
 )
-vit_s16 = _preset(
+vit_s16 = register(
     "vit_s16", ViT, "ViT-S/16 (224x224); with pool='cls': 22,050,664 parameters.",
     **_IMAGENET, **_S,
 )
-vit_b16 = _preset(
+vit_b16 = register(
     "vit_b16", ViT, "ViT-B/16 (224x224); with pool='cls': 86,567,656 parameters.",
     **_IMAGENET, **_B,
 )
-revvit_ti16 = _preset(
-    "revvit_ti16", RevViT, "RevViT-Ti/16 (224x224): 5,909,416 parameters.", **_IMAGENET, **_TI
+revvit_ti16 = register(
+    "revvit_ti16", RevViT, "RevViT-Ti/16 (224x224): 5,909,416 parameters.", twin="vit_ti16",
+    **_IMAGENET, **_TI,
 )
-revvit_s16 = _preset(
-    "revvit_s16", RevViT, "RevViT-S/16 (224x224): 22,434,664 parameters.", **_IMAGENET, **_S
+revvit_s16 = register(
+    "revvit_s16", RevViT, "RevViT-S/16 (224x224): 22,434,664 parameters.", twin="vit_s16",
+    **_IMAGENET, **_S,
 )
-revvit_b16 = _preset(
-    "revvit_b16", RevViT, "RevViT-B/16 (224x224): 87,335,656 parameters.", **_IMAGENET, **_B
+revvit_b16 = register(
+    "revvit_b16", RevViT, "RevViT-B/16 (224x224): 87,335,656 parameters.", twin="vit_b16",
+    **_IMAGENET, **_B,
 )
-vit_cifar = _preset(
+vit_cifar = register(
     "vit_cifar", ViT, "A ViT for 32x32 images (patch 4, D 192, 8 blocks, 3 heads).", **_CIFAR
 )
-revvit_cifar = _preset(
+revvit_cifar = register(
     "revvit_cifar", RevViT, "The CIFAR ViT's reversible twin (patch 4, D 192, 8 blocks).",
-    **_CIFAR,
+    twin="vit_cifar", **_CIFAR,
 )
-vit_tiny = _preset(
+vit_tiny = register(
     "vit_tiny", ViT, "A tiny ViT for 8x8 digits and tests (patch 2, D 32, 2 blocks).", **_TINY
 )
-revvit_tiny = _preset(
-    "revvit_tiny", RevViT, "The tiny ViT's reversible twin (patch 2, D 32, 2 blocks).", **_TINY
+revvit_tiny = register(
+    "revvit_tiny", RevViT, "The tiny ViT's reversible twin (patch 2, D 32, 2 blocks).",
+    twin="vit_tiny", **_TINY,
 )

@@ -2,6 +2,7 @@
 target: the child-process plumbing the GPU/TPU compiles use, without any CUDA or TPU wheel."""
 
 import argparse
+import json
 import math
 import re
 
@@ -40,7 +41,7 @@ def test_targets_name_their_device_memory():
 def test_missing_interpreter_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.delenv("REVJAX_AOT_CUDA_PYTHON", raising=False)
     monkeypatch.setattr(aot, "ROOT", tmp_path)
-    with pytest.raises(SystemExit, match=r"make aot-venvs.*REVJAX_AOT_CUDA_PYTHON"):
+    with pytest.raises(SystemExit, match=r"make aot-venv-cuda.*REVJAX_AOT_CUDA_PYTHON"):
         aot.target_python(aot.TARGETS["h100"])
 
 
@@ -78,6 +79,31 @@ def test_child_compiles_what_this_process_compiles():
     # Donation aliases the state: counted once, as in the training loop.
     assert ok["alias"] == 0 and ok4["alias"] > 0
     assert ok4["total"] == ok4["argument"] + ok4["output"] + ok4["temp"] - ok4["alias"]
+
+
+def test_batch_ends_with_the_fits_verdict(tmp_path, capsys):
+    """``aot --batch N`` ends with fits / does not fit against the target's memory minus the
+    reserve bench_batch uses; the figures it judges are those of the donated train step."""
+    argv = ["--target", "cpu", "--model", "revnet_tiny", "--batch", "2", "--size", "8"]
+    argv += ["--overrides", json.dumps(TINY), "--cache", str(tmp_path / "cache.jsonl")]
+    aot.main([*argv, "--memory-gib", "1"])
+    out = capsys.readouterr().out.splitlines()
+    total_mib = float(next(line for line in out if "total:" in line).split()[1])
+    assert out[-1].startswith("fits: ")
+    assert f"minus a {aot.DEFAULT_RESERVE:.0%} reserve = 0.90 GiB" in out[-1]
+    (entry,) = [json.loads(line) for line in (tmp_path / "cache.jsonl").read_text().splitlines()]
+    assert entry["record"]["donate"] and entry["record"]["alias"] > 0  # as the training loop
+    assert abs(entry["record"]["total"] / 2**20 - total_mib) <= 0.05
+    # A budget below the compiled total (the rerun is answered from the cache).
+    gib = entry["record"]["total"] / 2**30
+    aot.main([*argv, "--memory-gib", str(gib), "--reserve", "0.5"])
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.startswith("does not fit: ") and "--memory-gib" in last
+    aot.main(argv)  # the cpu target has no device memory of its own
+    assert capsys.readouterr().out.splitlines()[-1].startswith("no verdict: ")
+    budget = aot.budget_for(aot.TARGETS["h100"])
+    assert budget.bytes == aot.TARGETS["h100"].memory_bytes * (1 - aot.DEFAULT_RESERVE)
+    assert budget.verdict(budget.bytes) == "fits" and budget.verdict(budget.bytes + 1) != "fits"
 
 
 def _fake_totals(fixed, per_image, budget, oom_above=None):

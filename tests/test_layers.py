@@ -12,6 +12,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -304,6 +305,69 @@ def test_error_num_units(num_units):
     make = lambda rngs: nnx.Linear(D, D, rngs=rngs)
     with pytest.raises(ValueError, match="num_units >= 1"):
         ReversibleSequence(make, make, num_units, rngs=nnx.Rngs(0))
+
+
+class _Normed(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.linear = nnx.Linear(D, D, rngs=rngs)
+        self.norm = nnx.BatchNorm(D, use_running_average=False, rngs=rngs)
+
+    def __call__(self, x, scale=1.0):
+        return self.norm(self.linear(x)) * scale
+
+    def doubled(self, x):
+        return 2 * self(x)
+
+
+def test_pure_call_matches_the_stateful_call():
+    """`revjax.pure_call`: the same output and state update as calling the module, without
+    writing into the State it was given (under `jax.jit`, split into several States too)."""
+    x = jax.random.normal(jax.random.key(0), (N, D))
+    module = _Normed(nnx.Rngs(0))
+    graphdef, params, stats = nnx.split(module, nnx.Param, ...)
+    before = jax.tree.map(jnp.copy, stats)
+    out, new_state = jax.jit(revjax.pure_call(graphdef))((params, stats), x, scale=3.0)
+    assert jax.tree.all(jax.tree.map(jnp.array_equal, stats, before))  # not written into
+    expected = module(x, scale=3.0)
+    np.testing.assert_allclose(out, expected, rtol=1e-6)
+    updated = nnx.state(module, nnx.BatchStat)
+    for got, want in zip(jax.tree.leaves(new_state), jax.tree.leaves(updated), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert not jax.tree.all(jax.tree.map(jnp.array_equal, new_state, before))  # stats moved
+    one_state = nnx.split(_Normed(nnx.Rngs(0)))[1]
+    doubled, _ = revjax.pure_call(graphdef, "doubled")(one_state, x)
+    np.testing.assert_allclose(doubled, 2 * revjax.pure_call(graphdef)(one_state, x)[0])
+    halved, _ = revjax.pure_call(graphdef, lambda m, x: m(x) / 2)(one_state, x)
+    np.testing.assert_allclose(halved, revjax.pure_call(graphdef)(one_state, x)[0] / 2)
+
+
+class KeywordOnlyLinear(nnx.Module):
+    """A module class in the NNX convention: ``rngs`` keyword-only."""
+
+    def __init__(self, *, rngs: nnx.Rngs):
+        self.linear = nnx.Linear(D, D, rngs=rngs)
+
+    def __call__(self, x):
+        return self.linear(x)
+
+
+class NeedsWidth(nnx.Module):
+    def __init__(self, width: int, *, rngs: nnx.Rngs):
+        self.linear = nnx.Linear(D, width, rngs=rngs)
+
+
+def test_make_with_keyword_only_rngs():
+    seq = ReversibleSequence(KeywordOnlyLinear, KeywordOnlyLinear, 2, rngs=nnx.Rngs(0))
+    assert seq.f.linear.kernel.shape == (2, D, D)  # built once per unit, stacked
+    x = jnp.ones((N, L, D))
+    y1, y2 = seq(x, x)
+    assert y1.shape == y2.shape == (N, L, D)
+
+
+def test_error_make_needs_more_than_rngs():
+    make = lambda rngs: nnx.Linear(D, D, rngs=rngs)
+    with pytest.raises(TypeError, match=r"make_g=lambda rngs: NeedsWidth\(\.\.\., rngs=rngs\)"):
+        ReversibleSequence(make, NeedsWidth, 2, rngs=nnx.Rngs(0))
 
 
 def test_public_name_and_revnet_uses_it():

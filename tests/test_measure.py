@@ -101,6 +101,9 @@ def test_is_out_of_memory():
     assert measure.is_out_of_memory(oom)
     assert measure.is_out_of_memory(MemoryError("CUDA out of memory"))
     assert not measure.is_out_of_memory(ValueError("Incompatible shapes for broadcasting"))
+    # A compile error reported as text by an ahead-of-time compile child (experiments/aot.py).
+    assert measure.is_out_of_memory("XlaRuntimeError: RESOURCE_EXHAUSTED: Ran out of memory")
+    assert not measure.is_out_of_memory("ValueError: Unknown model preset 'revnet39'.")
 
 
 def test_time_fn_and_time_interleaved():

@@ -83,6 +83,38 @@ def test_presets_are_listed():
         assert hasattr(models, name)
 
 
+def test_preset_registry():
+    """One registry: every preset constructor of `revjax` is in it, each reversible preset's
+    twin is the non-reversible model of the same family, and names resolve with suggestions."""
+    import revjax
+    from revjax import presets, vit
+
+    constructors = [n for n in revjax.__all__ if n[0].islower() and n in presets.names()]
+    assert set(presets.names()) == set(constructors)
+    assert presets.twins()["revnet38"] == "resnet32"
+    assert presets.twins()["revnet104"] == "resnet101"
+    for rev, twin in presets.twins().items():
+        pair = (presets.get(rev).cls, presets.get(twin).cls)
+        assert pair in ((RevNet, ResNet), (vit.RevViT, vit.ViT)), (rev, twin)
+        assert presets.get(rev).reversible and not presets.get(twin).reversible
+        assert presets.get(rev).image_size == presets.get(twin).image_size
+    for name in presets.names():
+        preset = presets.get(name)
+        assert getattr(revjax, name).__name__ == name
+        assert (preset.twin is not None) == preset.reversible
+    assert presets.get("revnet104").num_classes == 1000 and presets.get("vit_tiny").image_size == 8
+    assert presets.get("revvit_tiny").accepts("image_size")
+    assert not presets.get("revnet38").accepts("image_size")
+    model = nnx.eval_shape(lambda: presets.build("revnet38", 100, rngs=nnx.Rngs(0)))
+    assert models.count_params(model) == PARAM_COUNTS["revnet38", 100]
+    model = nnx.eval_shape(lambda: presets.build("revnet38", rngs=nnx.Rngs(0), in_channels=1))
+    assert model.in_channels == 1 and model.num_classes == 10
+    with pytest.raises(ValueError, match="Did you mean 'revnet38'"):
+        presets.get("revnet39")
+    with pytest.raises(ValueError, match="registered already"):
+        presets.register("revnet38", RevNet, "again", units_per_stage=(1,), widths=(8, 8))
+
+
 # --------------------------------------------------------------------------------------------
 # Shared tiny models and data
 # --------------------------------------------------------------------------------------------
@@ -185,7 +217,7 @@ def test_gradients_float32(block, f32_results):
     np.testing.assert_allclose(v1, v2, rtol=1e-6)
     # Measured ~4e-7 here (basic and bottleneck, BatchNorm in train mode), ~4e-7 for 2 stages
     # x 3 units and ~8e-7 for 2 stages x 9 units; BatchNorm amplifies rebuild error with depth
-    # (NOTES.md), so the bound leaves an order of magnitude of room.
+    # (`revjax.drift`), so the bound leaves an order of magnitude of room.
     assert float(relative_error(g1, g2)) <= 1e-5
     for leaf1, leaf2 in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         assert leaf1.shape == leaf2.shape and np.all(np.isfinite(leaf1))
@@ -302,6 +334,19 @@ def test_input_errors(f32_models):
         model(jnp.zeros((2, SIZE, SIZE, 1)), train=False)
     with pytest.raises(ValueError, match="Cast to float"):
         model(jnp.zeros((2, SIZE, SIZE, 3), jnp.uint8), train=False)
+
+
+@pytest.mark.parametrize(
+    ("shape", "match"),
+    [
+        ((2, 3, SIZE, SIZE), r"is channels-first \(NCHW\).*x\.transpose\(0, 2, 3, 1\)"),
+        ((2, 1, SIZE, SIZE), r"looks channels-first \(NCHW\) with 1 channels.*in_channels=1\."),
+    ],
+)
+def test_input_error_channels_first(f32_models, shape, match):
+    with pytest.raises(ValueError, match=match) as info:
+        f32_models["basic"](jnp.zeros(shape), train=False)
+    assert f"in_channels={SIZE}" not in str(info.value)  # not the advice for NHWC data
 
 
 @pytest.mark.parametrize(

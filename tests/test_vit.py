@@ -201,6 +201,8 @@ def test_input_errors(tiny_models):
         model(jnp.zeros((1, 8, 8, 3)))
     with pytest.raises(ValueError, match="rank 4"):
         model(jnp.zeros((8, 8, 1)))
+    with pytest.raises(ValueError, match=r"channels-first \(NCHW\).*Transpose to NHWC"):
+        model(jnp.zeros((1, 1, 8, 8)))
     with pytest.raises(ValueError, match="floating-point"):
         model(jnp.zeros((1, 8, 8, 1), jnp.int32))
     with pytest.raises(ValueError, match="exact_every"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from revjax import presets
 from revjax.train import TrainConfig
 
 # The paper's CIFAR recipe (the RevNet authors' `resnet/configs/cifar_configs.py`): batch 100,
@@ -39,15 +40,6 @@ IMAGENET = dict(
     num_workers=8,
 )
 
-# ResNet twin of each RevNet in the paper's tables (similar parameter count).
-TWINS = {
-    "revnet38": "resnet32",
-    "revnet110": "resnet110",
-    "revnet164": "resnet164",
-    "revnet56": "resnet50",
-    "revnet104": "resnet101",
-}
-
 # Quick variants: a few steps of a narrow network, for tests and smoke runs.
 QUICK = dict(
     batch_size=8,
@@ -72,7 +64,7 @@ def make_config(model: str, dataset: str, quick: bool = False, **changes) -> Tra
     """The paper's recipe for ``model`` on ``dataset`` (``quick``: a tiny smoke-test variant)."""
     imagenet = dataset == "imagenet2012"
     recipe = dict(IMAGENET if imagenet else CIFAR)
-    twin = TWINS.get(model)
+    twin = presets.get(model).twin  # a RevNet's ResNet twin (similar parameter count)
     config = TrainConfig(model=model, twin_model=twin, dataset=dataset, **recipe)
     if quick:
         overrides = _quick_overrides(model, imagenet)

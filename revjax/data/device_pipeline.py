@@ -46,8 +46,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from revjax.data.sources import _check_name, _resolve_image_size, make_source, mean_image
-from revjax.data.transforms import CIFAR_PAD, PIXEL_SCALE, _digits_image
+from revjax.data.sources import get_dataset_info, make_source, mean_image
+from revjax.data.transforms import CIFAR_PAD, PIXEL_SCALE, digits_image
 
 __all__ = [
     "DEVICE_DATASETS",
@@ -117,20 +117,19 @@ def load_split(
 
     Digits are resized to `image_size` here, once (the deterministic part of their transform).
     """
-    info = _check_name(name)
-    size = _resolve_image_size(info, image_size)
+    size = get_dataset_info(name, image_size).image_shape[0]
     source = make_source(name, split, data_dir)
     n = len(source)
     if n == 0:
         raise ValueError(f"Split {split!r} of {name!r} is empty.")
     first = np.asarray(source[0]["image"])
     if name == "digits":
-        first = _digits_image(source[0], size)
+        first = digits_image(source[0], size)
     images = np.empty((n, *first.shape), np.uint8)
     labels = np.empty((n,), np.int32)
     for i in range(n):
         example = source[i]
-        image = _digits_image(example, size) if name == "digits" else example["image"]
+        image = digits_image(example, size) if name == "digits" else example["image"]
         images[i] = image
         labels[i] = int(example["label"])
     return images, labels
@@ -284,7 +283,7 @@ class DeviceTrainInput:
         arrays: tuple[np.ndarray, np.ndarray] | None = None,
         mean: np.ndarray | None = None,
     ):
-        info = _check_name(name)
+        info = get_dataset_info(name)
         augment = info.default_augment if augment is None else augment
         self.spec = augment_spec(name, augment)
         if not isinstance(seed, int | np.integer) or seed < 0:
@@ -417,7 +416,7 @@ class DeviceEvalInput:
         arrays: tuple[np.ndarray, np.ndarray] | None = None,
         mean: np.ndarray | None = None,
     ):
-        info = _check_name(name)
+        info = get_dataset_info(name)
         self.spec = augment_spec(name, False)
         if arrays is None:
             arrays = load_split(name, split or info.eval_split, data_dir, image_size)

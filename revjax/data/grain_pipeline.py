@@ -29,13 +29,13 @@ from typing import Any
 import grain
 import numpy as np
 
-from revjax.data.sources import _check_name, _resolve_image_size, make_source, mean_image
+from revjax.data.sources import get_dataset_info, make_source, mean_image
 from revjax.data.transforms import (
     PIXEL_SCALE,
-    _digits_image,
-    _label,
     cifar_eval_transform,
     cifar_train_transform,
+    digits_image,
+    example_label,
     imagenet_eval_transform,
     imagenet_train_transform,
 )
@@ -61,13 +61,13 @@ class _TrainTransform:
                 return imagenet_train_transform(example, rng, self.image_size)
             return imagenet_eval_transform(example, self.image_size)
         # digits: optional light augmentation, a random shift of up to 1 pixel.
-        image = _digits_image(example, self.image_size)
+        image = digits_image(example, self.image_size)
         if self.augment:
             h, w = image.shape[:2]
             padded = np.pad(image, ((1, 1), (1, 1), (0, 0)))
             top, left = rng.integers(0, 3, size=2)
             image = padded[top : top + h, left : left + w]
-        return {"image": image.astype(np.float32) * PIXEL_SCALE, "label": _label(example)}
+        return {"image": image.astype(np.float32) * PIXEL_SCALE, "label": example_label(example)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,8 +82,8 @@ class _EvalTransform:
         elif self.name == "imagenet2012":
             out = imagenet_eval_transform(example, self.image_size)
         else:
-            image = _digits_image(example, self.image_size)
-            out = {"image": image.astype(np.float32) * PIXEL_SCALE, "label": _label(example)}
+            image = digits_image(example, self.image_size)
+            out = {"image": image.astype(np.float32) * PIXEL_SCALE, "label": example_label(example)}
         out["mask"] = np.float32(1.0)
         return out
 
@@ -171,9 +171,9 @@ def train_dataset(
 
     See `train_iterator` for the arguments; `ds[k]` is this process's part of global batch k.
     """
-    info = _check_name(name)
+    info = get_dataset_info(name, image_size)
     _check_sharding(batch_size, process_index, process_count)
-    image_size = _resolve_image_size(info, image_size)
+    image_size = info.image_shape[0]
     augment = info.default_augment if augment is None else augment
     _seeds(seed)  # checked before the (possibly slow) source is opened
     source = make_source(name, split or info.train_split, data_dir)
@@ -295,9 +295,9 @@ def eval_dataset(
 
     See `eval_iterator` for the arguments.
     """
-    info = _check_name(name)
+    info = get_dataset_info(name, image_size)
     local_batch = _check_sharding(batch_size, process_index, process_count)
-    image_size = _resolve_image_size(info, image_size)
+    image_size = info.image_shape[0]
     source = make_source(name, split or info.eval_split, data_dir)
     n = len(source)
     padded = math.ceil(n / batch_size) * batch_size
@@ -369,7 +369,7 @@ def eval_iterator(
 def global_batch(local: Mapping[str, np.ndarray], sharding) -> dict:
     """Assembles this process's part of a batch into one global `jax.Array` per key.
 
-    Arrays that are already `jax.Array`s (the device pipeline's batches) pass through.
+    Values that are already a `jax.Array` (the device pipeline's batches) pass through.
     """
     import jax
 

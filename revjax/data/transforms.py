@@ -37,7 +37,8 @@ PIXEL_SCALE = np.float32(1.0 / 255.0)
 # --------------------------------------------------------------------------------------------
 
 
-def _label(example: Mapping[str, Any]) -> np.int32:
+def example_label(example: Mapping[str, Any]) -> np.int32:
+    """An example's class label as the pipelines' ``int32``."""
     return np.int32(example["label"])
 
 
@@ -66,13 +67,13 @@ def cifar_train_transform(
     image = padded[top : top + h, left : left + w]
     if rng.random() < 0.5:
         image = image[:, ::-1]
-    return {"image": np.ascontiguousarray(image), "label": _label(example)}
+    return {"image": np.ascontiguousarray(image), "label": example_label(example)}
 
 
 def cifar_eval_transform(example: Mapping[str, Any], mean: np.ndarray) -> dict[str, np.ndarray]:
     """CIFAR evaluation preprocessing: mean subtraction only (0..255 units)."""
     image = np.asarray(example["image"], dtype=np.float32) - mean
-    return {"image": image, "label": _label(example)}
+    return {"image": image, "label": example_label(example)}
 
 
 def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -205,7 +206,7 @@ def imagenet_train_transform(
         image = _color_jitter(image, rng)
     return {
         "image": np.ascontiguousarray(image * 2 - 1, dtype=np.float32),
-        "label": _label(example),
+        "label": example_label(example),
     }
 
 
@@ -231,7 +232,7 @@ def imagenet_eval_transform(
     top, left, h, w = _central_crop_box(image.shape[0], image.shape[1])
     image = _resize(image[top : top + h, left : left + w], image_size, image_size)
     image = image.astype(np.float32) / 255.0
-    return {"image": image * 2.0 - 1.0, "label": _label(example)}
+    return {"image": image * 2.0 - 1.0, "label": example_label(example)}
 
 
 def _central_crop_box(height: int, width: int) -> tuple[int, int, int, int]:
@@ -242,7 +243,9 @@ def _central_crop_box(height: int, width: int) -> tuple[int, int, int, int]:
     return top, left, height - 2 * top, width - 2 * left
 
 
-def _digits_image(example: Mapping[str, Any], image_size: int) -> np.ndarray:
+def digits_image(example: Mapping[str, Any], image_size: int) -> np.ndarray:
+    """A digits example's 8x8 image (uint8, values 0..16) resized to ``image_size`` squared
+    (bilinear), the deterministic part of the digits transform both pipelines share."""
     image = np.asarray(example["image"])
     return _resize(image, image_size, image_size)
 

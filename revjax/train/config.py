@@ -25,7 +25,7 @@ __all__ = ["CROSS_CHECKS", "FIELD_CHECKS", "ConfigError", "TrainConfig", "valida
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Everything one training run needs; experiments/configs/*.py build these.
+    """Everything one training run needs; the configs in `experiments/configs/` build these.
 
     Every field is checked (type, range, known names) when the config is made, so a bad value
     raises `ConfigError` naming the field and the fix before anything runs.
@@ -66,10 +66,7 @@ class TrainConfig:
       prefetch: batches the Grain pipeline copies to the devices ahead of the step.
       preemption_sync_every: with several processes, steps between their agreement on a
         SIGTERM/SIGINT (one all-gather of an int); one process checks after every step for free.
-
-    Transformer options (see "Optimizer options" below; the defaults keep the paper's SGD
-    recipe above unchanged):
-      optimizer: ``"sgd"`` (the recipe above) or ``"adamw"`` (Adam with decoupled weight decay,
+      optimizer: ``"sgd"`` (the paper's recipe) or ``"adamw"`` (Adam with decoupled weight decay,
         Loshchilov & Hutter: each step also subtracts ``lr_t * weight_decay * w`` from the
         kernels, outside the adaptive scaling; ``weight_decay`` then means that coefficient).
       adam_b1: AdamW's first-moment decay.

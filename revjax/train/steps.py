@@ -114,8 +114,12 @@ def create_train_state(
 def abstract_train_state(
     config: TrainConfig, num_classes: int, in_channels: int
 ) -> tuple[nnx.GraphDef, TrainState, optax.GradientTransformation]:
-    """`create_train_state` on shapes only: ``(graphdef, state, tx)`` with the state's leaves
-    `jax.ShapeDtypeStruct`s (nothing is allocated), to compile a step or restore into."""
+    """`create_train_state` on shapes only, to compile a step or restore into.
+
+    Returns:
+      ``(graphdef, state, tx)``; every leaf of the state is a `jax.ShapeDtypeStruct` (nothing
+      is allocated).
+    """
     holder = {}
 
     def build():
