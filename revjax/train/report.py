@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from revjax import presets
 from revjax.measure import compiled_memory
 from revjax.train.steps import abstract_train_state, make_train_step, step_options
 
@@ -114,7 +115,7 @@ def train_step_memory(
     }
     rolled = {"unroll": 1}
     variants = {"model": (config.model, {**config.model_overrides, **rolled})}
-    if config.model.startswith(("revnet", "revvit")):
+    if presets.get(config.model).reversible:
         variants["model_plain"] = (
             config.model, {**config.model_overrides, **rolled, "memory_saving": False}
         )
