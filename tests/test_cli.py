@@ -100,21 +100,22 @@ def _cli(*args: str) -> list[str]:
 def _signal_while_compiling(cmd, signum: int, cwd: Path, times: int = 1):
     """Starts ``cmd``, sends ``signum`` when it prints that it compiles the train step (before
     step 1); returns ``(returncode, output)``."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
     lines = []
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("Compiling the train step"):
-                for _ in range(times):
-                    proc.send_signal(signum)
-                    time.sleep(0.3)
-                break
-        lines += proc.stdout.read().splitlines(keepends=True)
-        proc.wait(timeout=300)
-    finally:
-        proc.kill()
+    with subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True) as proc:
+        try:
+            for line in proc.stdout:
+                lines.append(line)
+                if line.startswith("Compiling the train step"):
+                    for _ in range(times):
+                        proc.send_signal(signum)
+                        time.sleep(0.3)
+                    break
+            lines += proc.stdout.read().splitlines(keepends=True)
+            proc.wait(timeout=300)
+        except BaseException:
+            proc.kill()
+            raise
     return proc.returncode, "".join(lines)
 
 
