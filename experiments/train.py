@@ -172,15 +172,14 @@ def _command_line_fix(err: ConfigError) -> str:
     return f"{err.problem}; use {' or '.join(f'--set {fix}' for fix in err.fixes)}."
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None):
-    """revjax's warnings as one ``warning:`` line; others as Python prints them."""
+def _format_warning(message, category, filename, lineno, line=None):
+    """revjax's warnings as one ``warning:`` line; others as Python formats them."""
     if category.__module__.startswith("revjax"):
-        print(f"warning: {message}", file=sys.stderr if file is None else file, flush=True)
-    else:
-        _python_show_warning(message, category, filename, lineno, file, line)
+        return f"warning: {message}\n"
+    return _python_format_warning(message, category, filename, lineno, line)
 
 
-_python_show_warning = warnings.showwarning
+_python_format_warning = warnings.formatwarning
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -219,7 +218,7 @@ def main(argv=None) -> dict:
         config = apply_overrides(load_config(args.config, args.quick), args.set)
     except ConfigError as err:
         _fail(str(err))
-    warnings.showwarning = _show_warning
+    warnings.formatwarning = _format_warning
     try:
         result = train_and_evaluate(config, args.workdir, config_name=config_name(args))
     except (DatasetNotPreparedError, ConfigError) as err:
@@ -231,7 +230,7 @@ def main(argv=None) -> dict:
             print(_stopped_line(stop, args), file=sys.stderr, flush=True)
         raise SystemExit(stop.exit_code) from None
     finally:
-        warnings.showwarning = _python_show_warning
+        warnings.formatwarning = _python_format_warning
     summary = {
         "config": args.config,
         "model": config.model,
