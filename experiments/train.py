@@ -4,14 +4,17 @@
     python -m experiments.train --config cifar10_revnet38 --workdir w --set data_dir=~/tfds
     python -m experiments.train --config experiments/configs/digits.py --quick --workdir /tmp/w
 
-``--config`` is a module name in ``experiments/configs`` or a path to a Python file defining
-``get_config(quick=False)``. ``--set key=value`` overrides any `TrainConfig` field (values are
-parsed as Python literals when possible, e.g. ``--set num_steps=100 --set lr_boundaries=(50,)``).
+``--config`` is a module name in ``experiments/configs`` (``--help`` lists them) or a path to a
+Python file defining ``get_config(quick=False)``. ``--set key=value`` overrides any `TrainConfig`
+field (``--list-keys`` lists them with their defaults; values are parsed as Python literals when
+possible, e.g. ``--set num_steps=100 --set lr_boundaries=(50,)``).
 
 Exit status: 0 done; 2 a bad command line or config (``error: <what and the fix>``, no
-traceback) or a dataset that is not prepared; 143 / 130 stopped by SIGTERM / SIGINT after saving
-a checkpoint (it prints the step and the command that resumes: the same command); 1 any other
-error inside training (with its traceback).
+traceback; misspelt names get the closest known one) or a dataset that is not prepared; 143 /
+130 stopped by SIGTERM / SIGINT (after saving a checkpoint it prints the step and the command
+that resumes: the same command; before the first step it says that nothing was trained, or
+that the checkpoint it would have resumed is untouched); 1 any other error inside training
+(with its traceback). A second SIGTERM / SIGINT ends the process at once.
 """
 
 from __future__ import annotations
@@ -19,17 +22,39 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import difflib
 import importlib
 import importlib.util
+import inspect
 import json
 import os
+import re
 import shlex
+import signal
 import sys
+import warnings
 from pathlib import Path
 
 from revjax.train import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def known_configs() -> dict[str, str]:
+    """The config modules in ``experiments/configs`` and the first line of each docstring
+    (read from the source: nothing is imported)."""
+    out = {}
+    for path in sorted(CONFIG_DIR.glob("*.py")):
+        if path.stem in ("__init__", "common"):
+            continue
+        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        out[path.stem] = doc.strip().splitlines()[0].replace("``", "") if doc.strip() else ""
+    return out
+
+
+def _did_you_mean(name: str, known) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def load_config(name: str, quick: bool = False):
@@ -40,29 +65,60 @@ def load_config(name: str, quick: bool = False):
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     else:
-        try:
-            module = importlib.import_module(f"experiments.configs.{name}")
-        except ModuleNotFoundError:
-            known = sorted(
-                p.stem for p in CONFIG_DIR.glob("*.py") if p.stem not in ("__init__", "common")
-            )
+        known = known_configs()
+        if name not in known:
             raise ConfigError(
-                f"Unknown config {name!r}. Known configs: {', '.join(known)} (or a path to a "
-                ".py file with get_config)."
-            ) from None
+                f"Unknown config {name!r}{_did_you_mean(name, known)}. Known configs: "
+                f"{', '.join(known)} (or a path to a .py file with get_config); --help "
+                "describes them."
+            )
+        module = importlib.import_module(f"experiments.configs.{name}")
     return module.get_config(quick)
+
+
+def field_docs() -> dict[str, str]:
+    """Each `TrainConfig` field's meaning, from the class docstring (one line per field)."""
+    from revjax.train import TrainConfig
+
+    docs: dict[str, str] = {}
+    current = None
+    for line in inspect.cleandoc(TrainConfig.__doc__ or "").splitlines():
+        entry = re.match(r"^  (\w+): (.*)$", line)
+        if entry:
+            current = entry.group(1)
+            docs[current] = entry.group(2).strip()
+        elif current and line.startswith("    ") and line.strip():
+            docs[current] += " " + line.strip()
+        else:
+            current = None
+    return docs
+
+
+def list_keys() -> str:
+    """The ``--set`` keys: each `TrainConfig` field with its default and meaning."""
+    from revjax.train import TrainConfig
+
+    docs = field_docs()
+    default = TrainConfig()
+    lines = ["--set KEY=VALUE keys (TrainConfig fields; default, then meaning):"]
+    for f in dataclasses.fields(TrainConfig):
+        meaning = docs.get(f.name, "(not documented)").replace("``", "").replace("`", "")
+        lines.append(f"  {f.name}={getattr(default, f.name)!r}\n      {meaning}")
+    return "\n".join(lines)
 
 
 def apply_overrides(config, assignments):
     """Applies ``key=value`` strings to a frozen dataclass config."""
-    fields = {f.name for f in dataclasses.fields(config)}
+    fields = [f.name for f in dataclasses.fields(config)]
     changes = {}
     for item in assignments:
         key, sep, raw = item.partition("=")
-        if not sep or key not in fields:
-            raise ConfigError(
-                f"Bad --set {item!r}: expected KEY=VALUE, KEY one of {', '.join(sorted(fields))}."
-            )
+        if not sep:
+            raise ConfigError(f"Bad --set {item!r}: expected KEY=VALUE (--list-keys lists the "
+                              "keys).")
+        if key not in fields:
+            raise ConfigError(f"Bad --set {item!r}: unknown key {key!r}"
+                              f"{_did_you_mean(key, fields)}; --list-keys lists the keys.")
         try:
             value = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
@@ -71,6 +127,24 @@ def apply_overrides(config, assignments):
             value = os.path.expanduser(value)
         changes[key] = value
     return dataclasses.replace(config, **changes)
+
+
+def _stopped_line(stop, args: argparse.Namespace) -> str:
+    """One line: where the signal stopped the run and how to resume."""
+    resume = f"; resume with: {resume_command(args)}" if stop.checkpoint else ""
+    if stop.started:
+        return f"{stop.signal_name} at step {stop.step}: checkpoint saved in {stop.checkpoint}" \
+            + resume
+    if stop.checkpoint is None:
+        return f"{stop.signal_name} before the first step: nothing was trained and no " \
+            "checkpoint was written."
+    return (f"{stop.signal_name} before the first step: the checkpoint at step {stop.step} "
+            f"({stop.checkpoint}) is untouched{resume}")
+
+
+def config_name(args: argparse.Namespace) -> str:
+    """The name a checkpoint records for this run's config: ``--config`` and ``--quick``."""
+    return f"{args.config} --quick" if args.quick else args.config
 
 
 def resume_command(args: argparse.Namespace) -> str:
@@ -91,13 +165,51 @@ def _fail(message: str):
     raise SystemExit(2)
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description="Train a revjax config.")
-    parser.add_argument("--config", default="digits", help="config module or .py path")
-    parser.add_argument("--workdir", required=True, help="checkpoints and metrics go here")
+def _command_line_fix(err: ConfigError) -> str:
+    """A `ConfigError` raised once training started, its fixes as ``--set`` flags."""
+    if not err.fixes:
+        return str(err)
+    return f"{err.problem}; use {' or '.join(f'--set {fix}' for fix in err.fixes)}."
+
+
+def _format_warning(message, category, filename, lineno, line=None):
+    """revjax's warnings as one ``warning:`` line; others as Python formats them."""
+    if category.__module__.startswith("revjax"):
+        return f"warning: {message}\n"
+    return _python_format_warning(message, category, filename, lineno, line)
+
+
+_python_format_warning = warnings.formatwarning
+
+
+def _parser() -> argparse.ArgumentParser:
+    configs = known_configs()
+    width = max(map(len, configs), default=0)
+    listed = "\n".join(f"  {name:<{width}}  {doc}" for name, doc in configs.items())
+    parser = argparse.ArgumentParser(
+        description="Train a revjax config.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"configs (--config NAME):\n{listed}\n\n--list-keys prints every --set key "
+               "with its default and meaning.",
+    )
+    parser.add_argument("--config", default="digits", help="config name (below) or .py path")
+    parser.add_argument("--workdir", help="checkpoints and metrics go here (required to train)")
     parser.add_argument("--quick", action="store_true", help="the config's tiny smoke variant")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field (--list-keys lists them)")
+    parser.add_argument("--list-keys", action="store_true",
+                        help="print the --set keys with defaults and meaning, then exit")
+    return parser
+
+
+def main(argv=None) -> dict:
+    parser = _parser()
     args = parser.parse_args(argv)
+    if args.list_keys:
+        print(list_keys())
+        return {}
+    if not args.workdir:
+        parser.error("--workdir is required to train")
 
     from revjax.data import DatasetNotPreparedError
     from revjax.train import Preempted, train_and_evaluate
@@ -106,18 +218,19 @@ def main(argv=None) -> dict:
         config = apply_overrides(load_config(args.config, args.quick), args.set)
     except ConfigError as err:
         _fail(str(err))
+    warnings.formatwarning = _format_warning
     try:
-        result = train_and_evaluate(config, args.workdir)
-    except DatasetNotPreparedError as err:
-        _fail(str(err))
+        result = train_and_evaluate(config, args.workdir, config_name=config_name(args))
+    except (DatasetNotPreparedError, ConfigError) as err:
+        _fail(_command_line_fix(err) if isinstance(err, ConfigError) else str(err))
     except Preempted as stop:
         import jax
 
         if jax.process_index() == 0:
-            print(f"{stop.signal_name} at step {stop.step}: checkpoint saved in "
-                  f"{stop.checkpoint}; resume with: {resume_command(args)}",
-                  file=sys.stderr, flush=True)
+            print(_stopped_line(stop, args), file=sys.stderr, flush=True)
         raise SystemExit(stop.exit_code) from None
+    finally:
+        warnings.formatwarning = _python_format_warning
     summary = {
         "config": args.config,
         "model": config.model,
@@ -136,4 +249,8 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":  # the guard Grain's worker processes need
+    # The trainer catches the first SIGINT; a second one (and one outside training) ends the
+    # process at once, as SIGTERM does, instead of raising KeyboardInterrupt wherever Python
+    # happens to be (inside an XLA compile that ends in a crash).
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     main()

@@ -36,24 +36,36 @@ DAMAGED_DIR = "damaged_checkpoints"
 
 
 class Preempted(Exception):
-    """Training stopped on a signal after saving a checkpoint at ``step``.
+    """Training stopped on a signal: after saving a checkpoint at ``step``, or before the first
+    step (``started`` False: nothing was trained and no checkpoint was written; ``step`` is
+    the step of the checkpoint the run would have resumed from, untouched, or 0).
 
     ``exit_code`` is the status a command-line program should exit with: 128 + the signal
     number (143 for SIGTERM, 130 for SIGINT), the shell's convention for "ended by a signal".
     Calling `revjax.train.train_and_evaluate` again with the same config and workdir resumes.
+    ``checkpoint`` is the checkpoint to resume from (``None``: there is none).
     """
 
-    def __init__(self, step: int, signum: int, workdir: str | os.PathLike):
+    def __init__(self, step: int, signum: int, workdir: str | os.PathLike, started: bool = True):
         self.step = int(step)
         self.signum = int(signum)
         self.signal_name = signal.Signals(signum).name
         self.workdir = Path(workdir)
-        self.checkpoint = self.workdir / "checkpoints" / str(self.step)
+        self.started = bool(started)
+        has_checkpoint = started or self.step > 0
+        self.checkpoint = self.workdir / "checkpoints" / str(self.step) if has_checkpoint else None
         self.exit_code = 128 + self.signum
-        super().__init__(
-            f"Stopped by {self.signal_name} at step {self.step}; checkpoint saved in "
-            f"{self.checkpoint}. Run again with the same config and workdir to resume."
-        )
+        super().__init__(f"Stopped by {self.signal_name} {self.outcome()}")
+
+    def outcome(self) -> str:
+        """What the stop left behind, in words (the end of the message)."""
+        resume = "Run again with the same config and workdir to resume."
+        if self.started:
+            return f"at step {self.step}; checkpoint saved in {self.checkpoint}. {resume}"
+        if self.checkpoint is None:
+            return "before the first step: nothing was trained and no checkpoint was written."
+        return (f"before the first step: the checkpoint at step {self.step} ({self.checkpoint}) "
+                f"is untouched. {resume}")
 
 
 class StopSignals:
@@ -61,13 +73,21 @@ class StopSignals:
 
     Handlers are installed by `install()` only in the main thread (Python delivers signals
     there; elsewhere this is a no-op and the signals keep their previous behaviour) and
-    put back by `restore()`.
+    put back by `restore()`. The first signal puts the previous handlers back at once, so a
+    second one acts as it would without this class even while a long native call (an XLA
+    compile) keeps Python from running any handler: the default SIGTERM action ends the
+    process, a notebook's interrupt raises `KeyboardInterrupt`.
+
+    ``announce`` (settable): print a line on the first signal (on during training, where the
+    step in flight and the checkpoint take a while; off during start-up, where the stop
+    follows at the end of the current phase and its own line says what happened).
     """
 
     def __init__(self, sync_every: int = 1, signals=(signal.SIGTERM, signal.SIGINT)):
         self.sync_every = max(int(sync_every), 1)
         self.signals = tuple(signals)
         self.received: int | None = None
+        self.announce = True
         self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
@@ -85,12 +105,13 @@ class StopSignals:
         self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
-        if self.received is not None:  # second signal: stop now, the default way
+        if self.received is not None:  # a second signal raced the restore below
             self.restore()
             signal.raise_signal(signum)
             return
         self.received = signum
-        if jax.process_index() == 0:
+        self.restore()  # a second signal: stop now, the previous way
+        if self.announce and jax.process_index() == 0:
             print(
                 f"Received {signal.Signals(signum).name}: finishing the current step, then "
                 "saving a checkpoint (send it again to stop at once).",
@@ -103,10 +124,15 @@ class StopSignals:
         Call it on every process after every step: with several processes it is a collective
         (an all-gather of one int) every `sync_every` steps.
         """
+        if jax.process_count() > 1 and step % self.sync_every:
+            return None
+        return self.agreed_now()
+
+    def agreed_now(self) -> int | None:
+        """The signal every process stops on now, or None; a collective with several
+        processes (call it at the same point on every process)."""
         if jax.process_count() == 1:
             return self.received
-        if step % self.sync_every:
-            return None
         from jax.experimental import multihost_utils
 
         flags = np.asarray(multihost_utils.process_allgather(np.int32(self.received or 0)))
@@ -141,22 +167,37 @@ def checkpoint_manager(workdir: Path, keep: int):
         item_handlers={
             "state": ocp.StandardCheckpointHandler(),
             "data": ocp.JsonCheckpointHandler(),
+            "config": ocp.JsonCheckpointHandler(),
         },
     )
 
 
-def save(manager, step: int, state: Any, data_state: Mapping[str, Any]) -> None:
+def save(manager, step: int, state: Any, data_state: Mapping[str, Any],
+         record: Mapping[str, Any] | None = None) -> None:
+    """Writes ``state``, the data iterator's position and the config ``record`` as one step."""
     import orbax.checkpoint as ocp
 
     # Orbax writes to a temporary directory and renames it when complete: atomic. The data
-    # iterator's position goes into the same step, so the two cannot disagree.
-    manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(dict(data_state))
-        ),
-    )
+    # iterator's position and the config record go into the same step, so they cannot
+    # disagree with the arrays.
+    items = {"state": ocp.args.StandardSave(state), "data": ocp.args.JsonSave(dict(data_state))}
+    if record is not None:
+        items["config"] = ocp.args.JsonSave(dict(record))
+    manager.save(step, args=ocp.args.Composite(**items))
     manager.wait_until_finished()
+
+
+def read_record(manager, step: int) -> dict | None:
+    """The config record saved with checkpoint ``step``; None for a checkpoint without one
+    (written before checkpoints carried it) or an unreadable record."""
+    import orbax.checkpoint as ocp
+
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    except Exception:  # no "config" item (KeyError), or a damaged one: resume without it
+        return None
+    record = restored["config"]
+    return dict(record) if isinstance(record, Mapping) else None
 
 
 def _restore(manager, step: int, target: Any) -> tuple[Any, dict]:
@@ -231,10 +272,12 @@ def restore_latest(manager, target: Any, workdir: Path) -> tuple[int, Any, dict]
             continue
         diffs = _differences(on_disk, wanted)
         if diffs:
+            record = read_record(manager, step) or {}
+            named = f" ({record['name']})" if record.get("name") else ""
             raise CheckpointMismatchError(
                 f"The checkpoint {directory / str(step)} was written by a different model or "
-                f"config: {'; '.join(diffs)}. Train this config in a new workdir, or resume "
-                "with the model settings that wrote it."
+                f"config{named}: {'; '.join(diffs)}. Train this config in a new workdir, or "
+                "resume with the model settings that wrote it."
             )
         try:
             state, data_state = _restore(manager, step, target)

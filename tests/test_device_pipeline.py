@@ -188,7 +188,8 @@ def test_trainer_resume_through_grain_prefetch_is_bit_identical(tmp_path):
     train.train_and_evaluate(dataclasses.replace(cfg, num_steps=2), tmp_path / "split")
     metadata = tmp_path / "split" / "checkpoints" / "2" / "data" / "metadata"
     assert json.loads(metadata.read_text())["input_pipeline"] == "grain"
-    resumed = train.train_and_evaluate(cfg, tmp_path / "split")
+    with pytest.warns(train.ConfigChangedWarning, match="num_steps 2 -> 4"):
+        resumed = train.train_and_evaluate(cfg, tmp_path / "split")
     assert resumed["step"] == full["step"] == 4
     for a, b in zip(jax.tree.leaves(resumed["state"]), jax.tree.leaves(full["state"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

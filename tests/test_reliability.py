@@ -154,7 +154,7 @@ def test_config_values_are_normalised():
         (["--set", "num_steps=-5"], "error: num_steps=-5 is invalid: expected an integer >= 1"),
         (["--set", "batch_size=0"], "error: batch_size=0 is invalid: expected an integer >= 1"),
         (["--set", "model=resnet33"], "error: model='resnet33' is invalid: expected a known"),
-        (["--set", "nope=1"], "error: Bad --set 'nope=1': expected KEY=VALUE"),
+        (["--set", "nope=1"], "error: Bad --set 'nope=1': unknown key 'nope'"),
         (["--config", "nope"], "error: Unknown config 'nope'. Known configs: "),
     ],
 )
@@ -228,7 +228,8 @@ def test_sigterm_saves_checkpoint_and_resume_is_bit_identical(uninterrupted, tmp
     from experiments.train import main
 
     args = shlex.split(resume.split(" && ", 1)[1])[3:]  # after "python -m experiments.train"
-    result = main([*args, "--set", f"num_steps={stopped + 1}"])
+    with pytest.warns(train.ConfigChangedWarning, match=f"num_steps 1000 -> {stopped + 1}"):
+        result = main([*args, "--set", f"num_steps={stopped + 1}"])
     assert result["step"] == stopped + 1
     if stopped + 1 <= TINY.num_steps:
         reference = _restore(uninterrupted, stopped + 1)
@@ -255,9 +256,10 @@ def test_truncated_latest_checkpoint_is_skipped(uninterrupted, tmp_path):
     workdir = _copy(uninterrupted, tmp_path)
     for f in (workdir / "checkpoints" / "6" / "state").rglob("d/*"):
         os.truncate(f, f.stat().st_size // 2)  # a crash or a full disk mid-copy
-    with pytest.warns(_resilience.DamagedCheckpointWarning) as caught:
-        result = train.train_and_evaluate(dataclasses.replace(TINY, num_steps=5), workdir)
-    (warning,) = caught
+    with pytest.warns(train.ConfigChangedWarning, match="num_steps 6 -> 5"):
+        with pytest.warns(_resilience.DamagedCheckpointWarning) as caught:
+            result = train.train_and_evaluate(dataclasses.replace(TINY, num_steps=5), workdir)
+    (warning,) = [w for w in caught if w.category is _resilience.DamagedCheckpointWarning]
     assert str(warning.message).startswith(
         f"Skipped damaged checkpoint {workdir / 'checkpoints' / '6'} ("
     )

@@ -160,7 +160,8 @@ def test_resume_gives_identical_weights(tmp_path):
     # "Interrupted" after 2 steps (a checkpoint was written), then restarted with the same
     # workdir: resumes params, optimizer, batch stats and the data iterator position.
     train.train_and_evaluate(dataclasses.replace(cfg, num_steps=2), tmp_path / "split")
-    resumed = train.train_and_evaluate(cfg, tmp_path / "split")
+    with pytest.warns(train.ConfigChangedWarning, match=r"changes 1 field: num_steps 2 -> 4\."):
+        resumed = train.train_and_evaluate(cfg, tmp_path / "split")
     assert resumed["step"] == full["step"] == 4
     for a, b in zip(jax.tree.leaves(resumed["state"]), jax.tree.leaves(full["state"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # bit-identical on CPU

@@ -10,7 +10,8 @@ along its ``"data"`` axis and the parameters replicated (`revjax.train.inputs`).
 
 Modules: `config` (`TrainConfig` and its validation table), `optim` (optimizers and schedules),
 `steps` (model, state, train and evaluation steps), `inputs` (mesh and input pipelines),
-`report` (metrics, memory report, progress), `loop` (`train_and_evaluate`).
+`report` (metrics, memory report, progress), `record` (the config record each checkpoint
+carries), `loop` (`train_and_evaluate`).
 
 Typical use::
 
@@ -48,6 +49,7 @@ from revjax.train.optim import sgd as sgd
 from revjax.train.optim import warmup_schedule as warmup_schedule
 from revjax.train.optim import weight_decay_mask as weight_decay_mask
 from revjax.train.optim import with_warmup as with_warmup
+from revjax.train.record import ConfigChangedWarning as ConfigChangedWarning
 from revjax.train.report import MetricWriter as MetricWriter
 from revjax.train.report import format_memory_report as format_memory_report
 from revjax.train.report import train_step_memory as train_step_memory
@@ -64,6 +66,7 @@ from revjax.train.steps import step_options as step_options
 
 __all__ = [
     "CheckpointMismatchError",
+    "ConfigChangedWarning",
     "ConfigError",
     "DamagedCheckpointWarning",
     "NoReadableCheckpointError",

@@ -156,7 +156,21 @@ class TrainConfig:
 
 
 class ConfigError(ValueError):
-    """A `TrainConfig` value has the wrong type, range or name; the message says the fix."""
+    """A `TrainConfig` value has the wrong type, range or name; the message says the fix.
+
+    ``problem`` is what is wrong; ``fixes`` the settings that would fix it (``"key=value"``
+    texts, empty when the problem text says the fix), so a command line can name them in its
+    own syntax (``--set key=value``).
+    """
+
+    def __init__(self, problem: str, fixes: tuple[str, ...] = ()):
+        self.problem, self.fixes = problem, tuple(fixes)
+        super().__init__(f"{problem}; use {_one_of(self.fixes)}." if fixes else problem)
+
+
+def _one_of(items) -> str:
+    items = list(items)
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} or {items[-1]}"
 
 
 def _dataset_names() -> list[str] | None:

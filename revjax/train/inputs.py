@@ -61,25 +61,34 @@ def maybe_initialize_distributed() -> None:
 
 def make_mesh(num_devices: int | None = None) -> Mesh:
     """A 1-D data-parallel mesh over every device (or the first ``num_devices`` local ones)."""
+    from revjax.train.config import ConfigError
+
     devices = jax.devices()
     if num_devices is not None:
         if jax.process_count() > 1:
-            raise ValueError("num_devices selects local devices; leave it None with multi-host.")
+            raise ConfigError("num_devices selects local devices; it must be None with several "
+                              "processes", fixes=("num_devices=None",))
         if not 1 <= num_devices <= len(devices):
-            raise ValueError(f"num_devices={num_devices}, but {len(devices)} devices exist.")
+            raise ConfigError(f"num_devices={num_devices}, but {len(devices)} devices exist",
+                              fixes=(f"num_devices={len(devices)}", "num_devices=None"))
         devices = devices[:num_devices]
     return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
 def check_batch_size(batch_size: int, mesh: Mesh, what: str = "batch_size") -> None:
-    """Raises a clear error when the global batch does not split evenly over the devices."""
+    """Raises `revjax.train.ConfigError` when the global batch does not split evenly over the
+    devices, naming the settings that fix it (``what`` or ``num_devices``)."""
+    from revjax.train.config import ConfigError
+
     n = mesh.devices.size
     if batch_size % n:
         lower = batch_size // n * n
-        raise ValueError(
-            f"{what}={batch_size} is not divisible by the {n} devices of the data-parallel mesh. "
-            f"Use a multiple of {n} (e.g. {max(lower, n)} or {lower + n}), or fewer devices "
-            "(TrainConfig.num_devices)."
+        fixes = [f"{what}={size}" for size in dict.fromkeys((max(lower, n), lower + n))]
+        if jax.process_count() == 1:  # num_devices picks local devices: one process only
+            fixes.append(f"num_devices={max(d for d in range(1, n) if batch_size % d == 0)}")
+        raise ConfigError(
+            f"{what}={batch_size} is not divisible by the {n} devices of the data-parallel mesh",
+            fixes=tuple(fixes),
         )
 
 

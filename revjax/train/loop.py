@@ -3,9 +3,12 @@ evaluation, checkpoint, preemption), each a small function below."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,7 @@ from revjax._resilience import (
     Preempted,
     StopSignals,
     checkpoint_manager,
+    read_record,
     restore_latest,
     save,
 )
@@ -32,6 +36,7 @@ from revjax.train.inputs import (
     maybe_initialize_distributed,
 )
 from revjax.train.optim import learning_rate_schedule
+from revjax.train.record import ConfigChangedWarning, changed_message, config_record, resume_line
 from revjax.train.report import (
     MetricWriter,
     format_memory_report,
@@ -110,26 +115,77 @@ class _MetricWindow:
         return record
 
 
-def _restore(manager, state, workdir: Path, train_input, sharding) -> tuple[int | None, Any]:
+def _restore(manager, state, workdir: Path, train_input, sharding, config: TrainConfig,
+             config_name: str | None) -> tuple[int | None, Any]:
     """``(step, state)`` of the latest readable checkpoint (the input position restored into
-    ``train_input``), or ``(None, state)`` for a fresh run; closes ``manager`` on failure."""
-    try:
-        restored = restore_latest(manager, state, workdir)  # skips damaged, names mismatched
-    except BaseException:
-        manager.close()
-        raise
+    ``train_input``), or ``(None, state)`` for a fresh run. Prints the resume line and warns
+    once (`ConfigChangedWarning`) when the checkpoint's config record differs from ``config``."""
+    restored = restore_latest(manager, state, workdir)  # skips damaged, names mismatched
     if restored is None:
         return None, state
     latest, state, data_state = restored
     train_input.set_state(data_state)
-    _log.info("Resumed from step %d in %s", int(latest), workdir)
+    record = read_record(manager, latest)
+    if jax.process_index() == 0:
+        print(resume_line(int(latest), workdir, record), flush=True)
+    changed = changed_message(record, config, config_name) if record else None
+    if changed:
+        warnings.warn(changed, ConfigChangedWarning, stacklevel=3)
     return int(latest), jax.device_put(state, sharding)
 
 
-def _report_memory(config: TrainConfig, info, writer: MetricWriter) -> dict[str, int]:
+def _say(text: str) -> None:
+    """A status line on process 0 (what the trainer is doing before step 1)."""
+    if jax.process_index() == 0:
+        print(text, flush=True)
+
+
+def _while_handling_signals(fn):
+    """``fn()`` in a helper thread while the main thread waits in short joins, so Python's
+    signal handlers run during a long native call (an XLA compile), where the main thread
+    would otherwise not run them until the call returns: the first signal is recorded at
+    once and a second one acts at once. Outside the main thread: ``fn()`` directly."""
+    if threading.current_thread() is not threading.main_thread():
+        return fn()
+    out: dict[str, Any] = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as err:  # re-raised in the calling thread
+            out["error"] = err
+
+    worker = threading.Thread(target=run, name="revjax-compile", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.05)
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+class _StartUp:
+    """Stops the start-up cleanly on a SIGTERM / SIGINT received so far: `check()` between
+    phases (never inside a compile) raises `Preempted` with ``started`` False, naming the
+    checkpoint a resume would use (``resumed``), untouched."""
+
+    def __init__(self, stop: StopSignals, workdir: Path):
+        self.stop, self.workdir, self.resumed = stop, workdir, 0
+
+    def check(self) -> None:
+        signum = self.stop.agreed_now()  # the same decision on every process
+        if signum is not None:
+            raise Preempted(self.resumed, signum, self.workdir, started=False)
+
+
+def _report_memory(config: TrainConfig, info, writer: MetricWriter, check) -> dict[str, int]:
     """Compiles the train step of the model, its plain variant and its twin; prints and
     records their temporary memory."""
-    mem = train_step_memory(config, info.num_classes, info.image_shape[2], info.image_shape)
+    twin = f" and its twin {config.twin_model}" if config.twin_model else ""
+    _say(f"Compiling {config.model}'s train step with memory saving on and off{twin} for the "
+         "memory report...")
+    mem = _while_handling_signals(lambda: train_step_memory(
+        config, info.num_classes, info.image_shape[2], info.image_shape, before_compile=check))
     if jax.process_index() == 0:
         print(format_memory_report(mem, config), flush=True)
     writer.write(0, {f"compiled_temp_bytes/{k}": v for k, v in mem.items()})
@@ -155,7 +211,8 @@ def _due(step: int, every: int) -> bool:
     return bool(every) and step % every == 0
 
 
-def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> dict[str, Any]:
+def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike, *,
+                       config_name: str | None = None) -> dict[str, Any]:
     """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and evaluates.
 
     Args:
@@ -164,53 +221,102 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> dict[
         (``tensorboard/``) go here. A second call with the same workdir resumes, including the
         position of the data iterator, so an interrupted run ends with the same weights as an
         uninterrupted one.
+      config_name: the config's name, recorded in each checkpoint with every field of
+        ``config`` (the command line passes e.g. ``"digits --quick"``).
 
     Returns:
       The final metrics: ``eval_accuracy``, ``eval_loss``, ``train_loss``, ``step``,
       ``images_per_second``, and the memory report where computed.
 
-    On SIGTERM or SIGINT the step in flight finishes, a checkpoint is written and `Preempted`
-    is raised (every process stops at the same step); calling again resumes. A damaged newest
-    checkpoint is skipped with a `DamagedCheckpointWarning` (moved to ``damaged_checkpoints/``).
+    Resuming prints one line naming the checkpoint's step, time and config, and a changed
+    field value gives one `ConfigChangedWarning` listing every change (``old -> new``).
+
+    SIGTERM and SIGINT are caught from the start. Before the first step (loading data,
+    compiling) the run stops at the end of the current phase and raises `Preempted` with
+    ``started`` False: nothing trained, no checkpoint written or changed. During training the
+    step in flight finishes, a checkpoint is written and `Preempted` is raised (every process
+    stops at the same step); calling again resumes. A second signal acts at once, as it would
+    without the trainer. A damaged newest checkpoint is skipped with a
+    `DamagedCheckpointWarning` (moved to ``damaged_checkpoints/``).
 
     Raises:
-      Preempted: stopped by a signal after saving a checkpoint (``exit_code``: 128 + signal).
+      Preempted: stopped by a signal (``exit_code``: 128 + signal).
       CheckpointMismatchError: the workdir's checkpoint holds a different model's arrays.
       NoReadableCheckpointError: the workdir has checkpoints but none can be read.
       NonFiniteLossError: the loss became NaN/Inf (the last good checkpoint is kept).
       revjax.data.DatasetNotPreparedError: the dataset is not prepared in ``data_dir``.
-      ValueError: a batch size the devices cannot split evenly, unknown names.
+      ConfigError: a batch size the devices cannot split evenly, too many devices.
+      ValueError: unknown names.
     """
+    stop = StopSignals(config.preemption_sync_every)
+    stop.announce = False  # before step 1 the stop's own line says what happened
+    stop.install()  # before anything slow: the first compile takes a while
+    with contextlib.ExitStack() as cleanup:  # signal handlers, checkpoints, training input
+        cleanup.callback(stop.restore)
+        state, result, run_eval, writer = _train(config, Path(workdir), config_name, stop,
+                                                 cleanup)
+    final = run_eval(state)
+    writer.write(result["step"], final)
+    writer.close()
+    result.update(final)
+    result["state"] = state
+    return result
+
+
+def _train(config: TrainConfig, workdir: Path, config_name: str | None, stop: StopSignals,
+           cleanup: contextlib.ExitStack):
+    """Start-up and the training loop; returns ``(state, result, run_eval, writer)``."""
     from revjax import data  # the input pipeline needs the experiments extra
 
     maybe_initialize_distributed()
-    workdir = Path(workdir).expanduser().absolute()  # Orbax requires absolute paths
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = workdir.expanduser().absolute()  # Orbax requires absolute paths
+    startup = _StartUp(stop, workdir)
     mesh = make_mesh(config.num_devices)
     eval_batch_size = config.eval_batch_size or config.batch_size
     check_batch_size(config.batch_size, mesh)
     check_batch_size(eval_batch_size, mesh, "eval_batch_size")
+    workdir.mkdir(parents=True, exist_ok=True)
     info = data.get_dataset_info(config.dataset, config.image_size)
     image_size = info.image_shape[0]
 
     # Fails early, with the prepare command, if data are missing.
     train_input = make_train_input(config, mesh, image_size)
+    cleanup.callback(train_input.close)
     eval_iter = make_eval_input(config, mesh, image_size, train_input.kind, eval_batch_size)
+    startup.check()
 
     graphdef, state, tx = create_train_state(config, info.num_classes, info.image_shape[2])
     replicated = NamedSharding(mesh, P())
     batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
     state = jax.device_put(state, replicated)
     manager = checkpoint_manager(workdir, config.keep_checkpoints)
-    last_saved, state = _restore(manager, state, workdir, train_input, replicated)
-    step = last_saved or 0
+    cleanup.callback(manager.close)
+    last_saved, state = _restore(manager, state, workdir, train_input, replicated, config,
+                                 config_name)
+    step = startup.resumed = last_saved or 0
+    startup.check()
 
-    train_step = jax.jit(
-        train_input.wrap_step(make_train_step(graphdef, tx, **step_options(config))),
-        in_shardings=(replicated, *train_input.arg_shardings()),
-        out_shardings=(replicated, replicated),
-        donate_argnums=0,
-    )
+    writer = MetricWriter(workdir)
+    result: dict[str, Any] = {}
+    if config.memory_report and step == 0:
+        result["memory"] = _report_memory(config, info, writer, startup.check)
+        startup.check()
+
+    # Compiled ahead of step 1 (with its arguments), so a signal during the compile stops
+    # before anything is trained.
+    train_step, first_args = None, None
+    if step < config.num_steps:
+        first_args = train_input.step_args(step)
+        devices = mesh.devices.size
+        _say(f"Compiling the train step ({config.model}, batch {config.batch_size} over "
+             f"{devices} device{'s' if devices > 1 else ''})...")
+        train_step = _while_handling_signals(jax.jit(
+            train_input.wrap_step(make_train_step(graphdef, tx, **step_options(config))),
+            in_shardings=(replicated, *train_input.arg_shardings()),
+            out_shardings=(replicated, replicated),
+            donate_argnums=0,
+        ).lower(state, *first_args).compile)
+        startup.check()
     eval_step = jax.jit(
         make_eval_step(graphdef), in_shardings=(replicated, batch_sharding),
         out_shardings=replicated,
@@ -219,64 +325,50 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> dict[
     def run_eval(state) -> dict:
         return evaluate(eval_step, state, eval_iter(), batch_sharding)
 
-    writer = MetricWriter(workdir)
-    result: dict[str, Any] = {}
-    if config.memory_report and step == 0:
-        result["memory"] = _report_memory(config, info, writer)
     drift_monitor = _drift_monitor(config, graphdef)
     schedule = learning_rate_schedule(config)
     losses, window = _LossWatch(workdir), _MetricWindow()
     bar = progress_bar(config.num_steps, step)
+    if bar is not None:
+        cleanup.callback(bar.close)
+    config_rec = config_record(config, config_name)
 
     def checkpoint():
         losses.check()
-        save(manager, step, state, train_input.get_state())
+        save(manager, step, state, train_input.get_state(), config_rec)
 
-    stop = StopSignals(config.preemption_sync_every)  # SIGTERM/SIGINT: save, then stop
-    stop.install()
-    try:
-        while step < config.num_steps:
-            state, metrics = train_step(state, *train_input.step_args(step))
-            step += 1
-            losses.add(step, metrics["loss"])
-            window.metrics.append(metrics)
-            if bar is not None:
-                bar.update(1)
-            if _due(step, config.log_every) or step == config.num_steps:
-                losses.check()
-                record = window.record(config.batch_size, float(schedule(step - 1)))
-                writer.write(step, record)
-                result.update(record)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{record['train_loss']:.3f}",
-                                    acc=f"{record['train_accuracy']:.3f}")
-            if drift_monitor is not None and _due(step, config.drift_every):
-                _check_drift(drift_monitor, state, train_input, step, writer)
-            if _due(step, config.eval_every) and step != config.num_steps:
-                writer.write(step, run_eval(state))
-            if _due(step, config.checkpoint_every):
-                checkpoint()
-                last_saved = step
-            signum = stop.agreed(step)  # the same decision on every process
-            if signum is not None:
-                if last_saved != step:
-                    checkpoint()
-                losses.check()
-                raise Preempted(step, signum, workdir)
-        if last_saved != step:
-            checkpoint()
-        losses.check()
-    finally:
-        stop.restore()
+    stop.announce = True  # from here: finish the step in flight, save, then stop
+    while step < config.num_steps:
+        args, first_args = first_args or train_input.step_args(step), None
+        state, metrics = train_step(state, *args)
+        step += 1
+        losses.add(step, metrics["loss"])
+        window.metrics.append(metrics)
         if bar is not None:
-            bar.close()
-        manager.close()
-        train_input.close()
-
-    record = run_eval(state)
-    writer.write(step, record)
-    writer.close()
-    result.update(record)
+            bar.update(1)
+        if _due(step, config.log_every) or step == config.num_steps:
+            losses.check()
+            record = window.record(config.batch_size, float(schedule(step - 1)))
+            writer.write(step, record)
+            result.update(record)
+            if bar is not None:
+                bar.set_postfix(loss=f"{record['train_loss']:.3f}",
+                                acc=f"{record['train_accuracy']:.3f}")
+        if drift_monitor is not None and _due(step, config.drift_every):
+            _check_drift(drift_monitor, state, train_input, step, writer)
+        if _due(step, config.eval_every) and step != config.num_steps:
+            writer.write(step, run_eval(state))
+        if _due(step, config.checkpoint_every):
+            checkpoint()
+            last_saved = step
+        signum = stop.agreed(step)  # the same decision on every process
+        if signum is not None:
+            if last_saved != step:
+                checkpoint()
+            losses.check()
+            raise Preempted(step, signum, workdir)
+    if last_saved != step:
+        checkpoint()
+    losses.check()
     result["step"] = step
-    result["state"] = state
-    return result
+    return state, result, run_eval, writer

@@ -9,7 +9,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from revjax import presets
 from revjax.measure import compiled_memory
 from revjax.train.steps import abstract_train_state, make_train_step, step_options
 
@@ -96,7 +97,7 @@ def progress_bar(total: int, initial: int):
 
 def train_step_memory(
     config: TrainConfig, num_classes: int, in_channels: int, image_shape: tuple[int, int, int],
-    batch_size: int | None = None,
+    batch_size: int | None = None, before_compile: Callable[[], None] | None = None,
 ) -> dict[str, int]:
     """Compiled temp bytes of one train step for the model, the same model with memory saving
     off, and the twin (if configured).
@@ -104,6 +105,8 @@ def train_step_memory(
     Compiles on abstract shapes; nothing runs. Scans are compiled rolled (``unroll=1``), the
     GPU/TPU configuration, so the figure is the one an accelerator sees even when measured on
     CPU (where training itself runs unrolled for speed; see `revjax.default_unroll`).
+    ``before_compile`` is called before each of the (up to three) compiles: the trainer stops
+    there on a signal.
     """
     batch_size = batch_size or config.batch_size
     batch = {
@@ -112,7 +115,7 @@ def train_step_memory(
     }
     rolled = {"unroll": 1}
     variants = {"model": (config.model, {**config.model_overrides, **rolled})}
-    if config.model.startswith(("revnet", "revvit")):
+    if presets.get(config.model).reversible:
         variants["model_plain"] = (
             config.model, {**config.model_overrides, **rolled, "memory_saving": False}
         )
@@ -120,6 +123,8 @@ def train_step_memory(
         variants["twin"] = (config.twin_model, {**config.twin_overrides, **rolled})
     out = {}
     for key, (name, overrides) in variants.items():
+        if before_compile is not None:
+            before_compile()
         cfg = dataclasses.replace(config, model=name, model_overrides=overrides)
         graphdef, state, tx = abstract_train_state(cfg, num_classes, in_channels)
         step = jax.jit(make_train_step(graphdef, tx, **step_options(config)))

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from revjax import finetune, models, vit
+from revjax import finetune, presets  # presets: filled by revjax.models and revjax.vit
 from revjax.train.optim import make_optimizer
 
 if TYPE_CHECKING:
@@ -36,9 +36,8 @@ __all__ = [
 
 
 def model_presets() -> list[str]:
-    """The preset names a `TrainConfig` accepts: the RevNet/ResNet zoo and the ViTs."""
-    presets = [n for n in models.__all__ if n[:6] in ("revnet", "resnet")]
-    return presets + [n for n in vit.__all__ if n[0].islower()]
+    """The preset names a `TrainConfig` accepts: every model of `revjax.presets`."""
+    return presets.names()
 
 
 @struct.dataclass
@@ -67,25 +66,26 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
 
 def build_model(name: str, overrides: Mapping[str, Any], num_classes: int, in_channels: int,
                 seed: int) -> nnx.Module:
-    """Builds a preset of `revjax.models` by name."""
-    presets = model_presets()
-    if name not in presets:
-        raise ValueError(f"Unknown model preset {name!r}. Known presets: {', '.join(presets)}.")
-    preset = getattr(models if hasattr(models, name) else vit, name)
+    """Builds the `revjax.presets` model called ``name``.
+
+    Raises:
+      ValueError: an unknown name (with the closest known names).
+    """
     overrides = dict(overrides)
     overrides.setdefault("in_channels", in_channels)
-    return preset(num_classes, rngs=nnx.Rngs(seed), **overrides)
+    return presets.build(name, num_classes, rngs=nnx.Rngs(seed), **overrides)
 
 
 def _model_overrides(config: TrainConfig) -> dict[str, Any]:
     """``model_overrides`` plus what other options imply: the compute dtype (reversible models
     keep float32 streams) and a transformer's image size."""
     overrides = dict(config.model_overrides)
+    preset = presets.get(config.model)
     if config.compute_dtype is not None:
         overrides.setdefault("dtype", jnp.dtype(config.compute_dtype))
-        if config.model.startswith("rev"):
+        if preset.reversible:
             overrides.setdefault("carry_dtype", jnp.float32)
-    if config.image_size is not None and config.model in vit.__all__:
+    if config.image_size is not None and preset.accepts("image_size"):
         overrides.setdefault("image_size", config.image_size)
     return overrides
 
