@@ -41,7 +41,15 @@ from flax import nnx
 from jax import lax
 
 from revjax._blocks import pure_call
-from revjax._core import _exact_range, _exact_slot, additive_coupling, default_unroll
+from revjax._core import (
+    additive_coupling,
+    default_unroll,
+    exact_range,
+    exact_slot,
+    make_carry,
+    unit_forward,
+    unit_inverse,
+)
 
 Array = jax.Array
 
@@ -63,11 +71,15 @@ class DriftWarning(RuntimeWarning):
 # --------------------------------------------------------------------------------------------
 
 
-def _stage_reconstruction(stage, h1: Array, h2: Array, exact_every: int | None):
+def _stage_reconstruction(stage, h1, h2, exact_every, arithmetic="float", frac_bits=16):
     """Forward through one RevStage storing every reversible unit's input, then the rebuild.
 
-    Returns ``((y1, y2), stats)``: the stage output and per-unit error statistics of the
-    rebuilt inputs, each shaped ``[units - 1]``.
+    Both run the core's own unit (`revjax._core.unit_forward` / `unit_inverse`) on the
+    model's carries: floats, or int32 fixed point, where the rebuild should be bit-exact.
+
+    Returns:
+      ``((y1, y2), stats)``: the stage output and per-unit error statistics of the rebuilt
+      inputs, each shaped ``[units - 1]``.
     """
     y1, y2 = stage.entry(h1, h2, train=True)
     if not stage.num_reversible:
@@ -77,29 +89,28 @@ def _stage_reconstruction(stage, h1: Array, h2: Array, exact_every: int | None):
     g_def, g_state = nnx.split(stage.reversible.g)
     f_call, g_call = pure_call(f_def), pure_call(g_def)
     # Train mode, batch statistics: what the forward and the backward's recomputation use.
-    f = lambda p, a: f_call(p, a, train=True)[0]
-    g = lambda p, a: g_call(p, a, train=True)[0]
+    # The core's residual-function protocol: (params, x, key, context) -> (h, aux).
+    f = lambda p, a, key, ctx: (f_call(p, a, train=True)[0], None)
+    g = lambda p, a, key, ctx: (g_call(p, a, train=True)[0], None)
     cpl = additive_coupling  # RevNet's coupling; casts F/G outputs to the carry dtype
+    arith = make_carry(arithmetic, frac_bits, y1.dtype)
     unroll = default_unroll(n)
 
     def forward(carry, params):
         a1, a2 = carry
-        fp, gp = params
-        b1 = cpl.combine(a1, f(fp, a2))
-        b2 = cpl.combine(a2, g(gp, b1))
+        (b1, b2), _, _ = unit_forward(arith, cpl, f, g, *params, None, None, a1, a2)
         return (b1, b2), (a1, a2)
 
-    # stored: every unit's exact input, [n, N, H, W, C/2] per half.
-    (z1, z2), stored = lax.scan(forward, (y1, y2), (f_state, g_state), unroll=unroll)
+    # stored: every unit's exact input carry, [n, N, H, W, C/2] per half.
+    c1, c2 = arith.enter(y1), arith.enter(y2)
+    (z1, z2), stored = lax.scan(forward, (c1, c2), (f_state, g_state), unroll=unroll)
 
     def inverse(carry, xs):
-        b1, b2 = carry
         i, fp, gp, s1, s2 = xs
-        a2 = cpl.uncombine(b2, g(gp, b1))
-        a1 = cpl.uncombine(b1, f(fp, a2))
+        a1, a2 = unit_inverse(arith, cpl, f, g, fp, gp, None, None, *carry)
         if exact_every is not None:
             # The memory-saving backward uses the stored inputs of units n-k, n-2k, ... > 0.
-            keep, _ = _exact_slot(i, *_exact_range(n, exact_every), exact_every)
+            keep, _ = exact_slot(i, *exact_range(n, exact_every), exact_every)
             a1, a2 = jnp.where(keep, s1, a1), jnp.where(keep, s2, a2)
         return (a1, a2), (a1, a2)
 
@@ -110,7 +121,31 @@ def _stage_reconstruction(stage, h1: Array, h2: Array, exact_every: int | None):
         reverse=True,
         unroll=unroll,
     )
-    return (z1, z2), _unit_errors(stored, rebuilt)
+    mismatches = sum(
+        jnp.sum(r != s, axis=tuple(range(1, s.ndim))) for r, s in zip(rebuilt, stored)
+    )  # [n]: elements whose bits differ
+    view = lambda t: tuple(jax.vmap(arith.view)(a) for a in t)
+    stats = _unit_errors(view(stored), view(rebuilt))
+    stats["mismatches"] = mismatches
+    return (arith.leave(z1), arith.leave(z2)), stats
+
+
+def _reconstruction_arrays(graphdef, params, batch_stats, x) -> dict[str, dict[str, Array]]:
+    """Pure, jit-able core of `reconstruction_error`: per stage, per-unit statistics."""
+    model = nnx.merge(graphdef, params, batch_stats, copy=True)
+    if not hasattr(model, "stem_halves") or not hasattr(model, "stages"):
+        raise TypeError(
+            f"reconstruction_error needs a revjax.RevNet (or its graphdef), got "
+            f"{type(model).__name__}: only reversible stages rebuild their inputs."
+        )
+    exact_every = model.exact_every if model.memory_saving else None
+    h1, h2 = model.stem_halves(x, train=True)
+    out = {}
+    for s, stage in enumerate(model.stages):
+        (h1, h2), stats = _stage_reconstruction(stage, h1, h2, exact_every, *_arithmetic_of(model))
+        if stats is not None:
+            out[f"stage{s}"] = stats
+    return out
 
 
 def _unit_errors(stored, rebuilt) -> dict[str, Array]:
@@ -144,22 +179,9 @@ def _unit_errors(stored, rebuilt) -> dict[str, Array]:
     }
 
 
-def _reconstruction_arrays(graphdef, params, batch_stats, x) -> dict[str, dict[str, Array]]:
-    """Pure, jit-able core of `reconstruction_error`: per stage, per-unit statistics."""
-    model = nnx.merge(graphdef, params, batch_stats, copy=True)
-    if not hasattr(model, "stem_halves") or not hasattr(model, "stages"):
-        raise TypeError(
-            f"reconstruction_error needs a revjax.RevNet (or its graphdef), got "
-            f"{type(model).__name__}: only reversible stages rebuild their inputs."
-        )
-    exact_every = model.exact_every if model.memory_saving else None
-    h1, h2 = model.stem_halves(x, train=True)
-    out = {}
-    for s, stage in enumerate(model.stages):
-        (h1, h2), stats = _stage_reconstruction(stage, h1, h2, exact_every)
-        if stats is not None:
-            out[f"stage{s}"] = stats
-    return out
+def _arithmetic_of(model) -> tuple[str, int]:
+    """The model's carry arithmetic and fraction bits (float for models without the option)."""
+    return getattr(model, "arithmetic", "float"), getattr(model, "frac_bits", 16)
 
 
 _reconstruction_jit = jax.jit(_reconstruction_arrays, static_argnums=0)
@@ -219,6 +241,7 @@ def _summarise(arrays: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, A
             "max_rel": float(per_unit["max_rel"].max()),
             "rel": float(per_unit["rel"].max()),
             "channel_rel": float(per_unit["channel_rel"].max()),
+            "mismatches": int(per_unit["mismatches"].sum()),
             "per_unit": per_unit,
         }
     return out
