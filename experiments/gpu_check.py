@@ -1,5 +1,6 @@
-"""GPU check: benchmarks 1 (memory vs depth), 3 (speed) and 5 (largest batch) on one GPU in
-under 8 minutes, plus the presets table of ``experiments/bench_models.py`` if time is left.
+"""GPU check: benchmarks 1 (memory vs depth), 3 (speed) and 5 (largest batch) on one GPU, and
+the fixed-point rebuild's bit mismatches, in under 10 minutes, plus the presets table of
+``experiments/bench_models.py`` if time is left.
 
 No network and no installs beyond a JAX GPU image (jax with CUDA, flax, optax, matplotlib).
 Refuses loudly, with exit status 1, when no GPU/TPU is visible: it never measures the CPU
@@ -12,7 +13,8 @@ to ``<out-dir>/gpu_check.md``. Any failed or timed-out benchmark makes the exit 
 
 Expected on one H100/H200-class GPU (sizes chosen for that): memory vs depth with 7 depths x 5
 lines (~3 min), speed of RevNet-38/110/164 vs plain and twins (~2 min), largest batch of
-RevNet-164 / ResNet-164 (~2 min).
+RevNet-164 / ResNet-164 (~2 min), fixed-point exactness of RevNet-38/164 and the CIFAR RevViT
+in float32 and bfloat16 (~2 min).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ NAME = "gpu_check"
 MODULE = f"experiments.{NAME}"
 ROOT = Path(__file__).resolve().parent.parent
 
-# (benchmark module, arguments, seconds it may take at most). The budgets add up to 7.5 min;
+# (benchmark module, arguments, seconds it may take at most). The budgets add up to 9.5 min;
 # bench_models gets whatever is left.
 STAGES = [
     (
@@ -56,6 +58,9 @@ STAGES = [
     ),
     ("bench_speed", ["--models", "revnet38", "revnet110", "revnet164"], 130),
     ("bench_batch", ["--probe-timeout", "90"], 130),
+    # Does the GPU give F the same bits in the forward and in the backward's recomputation?
+    # Rebuild mismatches of fixed-point models (0: bit-exact).
+    ("bench_arithmetic", ["--exactness", "--no-speed", "--batch", "32"], 120),
 ]
 # Run only if present, with the time left (>= 60 s); running out of that time is reported but
 # does not fail the check, since the budget is the required benchmarks'.
@@ -89,8 +94,8 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--budget",
         type=float,
-        default=470.0,
-        help="seconds for everything (default 470: under 8 minutes)",
+        default=590.0,
+        help="seconds for everything (default 590: under 10 minutes)",
     )
     parser.add_argument("--skip", nargs="*", default=[], help="benchmark modules to leave out")
     args = parser.parse_args(argv)

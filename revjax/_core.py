@@ -374,7 +374,8 @@ def check_arithmetic(
 
 def quantize(h: Array, frac_bits: int) -> Array:
     """Rounds ``h`` to the grid of step ``2**-frac_bits``, as int32 fixed point."""
-    h = h.astype(jnp.promote_types(h.dtype, jnp.float32))
+    # At least float32: h * 2**frac_bits must hold the grid's integers exactly.
+    h = h.astype(jnp.float64 if h.dtype == jnp.float64 else jnp.float32)
     return jnp.round(h * 2.0**frac_bits).astype(jnp.int32)
 
 

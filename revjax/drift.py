@@ -215,8 +215,14 @@ def reconstruction_error(
       that unit's largest absolute activation), ``rel`` (over units, largest
       ``||rebuilt - stored|| / ||stored||``), ``channel_rel`` (over units and channels, the
       largest RMS error in units of the channel's batch standard deviation: the error as the
-      next BatchNorm sees it), and ``per_unit``: a dict of NumPy arrays ``[units - 1]`` with
-      the same four statistics and ``scale`` (largest absolute activation) per unit.
+      next BatchNorm sees it), ``mismatches`` (int: rebuilt elements whose bits differ from
+      the stored ones, over all units; 0 is a bit-exact rebuild, what fixed-point models
+      give wherever XLA computes F/G the same way twice; float models differ almost
+      everywhere), and ``per_unit``: a dict of NumPy arrays ``[units - 1]`` with the same
+      statistics and ``scale`` (largest absolute activation) per unit.
+
+    With ``arithmetic="fixed"`` the forward and the rebuild run on the model's int32 carries,
+    as the memory-saving backward does; errors are measured on their values.
     """
     if x is None:
         raise TypeError("reconstruction_error needs the images x.")
@@ -324,7 +330,8 @@ class DriftMonitor:
 
         monitor = DriftMonitor(graphdef, threshold=1e-3)
         metrics = monitor.check(state.params, state.batch_stats, batch["image"])
-        # {"stage0/max_rel": 2e-7, ..., "max_rel": 4e-7}
+        # {"stage0/max_rel": 2e-7, ..., "max_rel": 4e-7, "mismatches": 8190}
+        # A fixed-point model: {"stage0/max_rel": 0.0, ..., "mismatches": 0}
     """
 
     def __init__(self, graphdef: nnx.GraphDef, threshold: float = 1e-3):
@@ -336,7 +343,8 @@ class DriftMonitor:
         self._fn = functools.partial(_reconstruction_jit, graphdef)
 
     def check(self, params: nnx.State, batch_stats: nnx.State, images: Array) -> dict[str, float]:
-        """Measures the drift on ``images``; returns ``{"stage<i>/<stat>": value, "max_rel"}``.
+        """Measures the drift on ``images``; returns ``{"stage<i>/<stat>": value, "max_rel",
+        "mismatches"}`` (``mismatches``: rebuilt elements whose bits differ, all stages).
 
         Warns with `DriftWarning` when any stage's ``max_rel`` exceeds the threshold or is not
         finite.
@@ -344,10 +352,11 @@ class DriftMonitor:
         summary = _summarise(jax.device_get(self._fn(params, batch_stats, images)))
         metrics: dict[str, float] = {}
         for stage, stats in summary.items():
-            for key in ("max_abs", "max_rel", "rel", "channel_rel"):
+            for key in ("max_abs", "max_rel", "rel", "channel_rel", "mismatches"):
                 metrics[f"{stage}/{key}"] = stats[key]
         worst = max(summary.items(), key=lambda kv: _nan_last(kv[1]["max_rel"]), default=None)
         metrics["max_rel"] = worst[1]["max_rel"] if worst else 0.0
+        metrics["mismatches"] = sum(stats["mismatches"] for stats in summary.values())
         if worst is not None and not worst[1]["max_rel"] <= self.threshold:
             stage, stats = worst
             unit = int(np.nanargmax(np.nan_to_num(stats["per_unit"]["max_rel"], nan=np.inf)))

@@ -49,6 +49,7 @@ from revjax._resilience import (
     restore_latest,
     save,
 )
+from revjax.layers import check_carry_range
 from revjax.measure import compiled_memory, device_peak_bytes
 
 __all__ = [
@@ -141,6 +142,9 @@ class TrainConfig:
       compute_dtype: ``"bfloat16"`` (or another float dtype name) for the model's compute
         dtype, with float32 parameters and, in reversible models, float32 streams
         (``carry_dtype``); ``None``: the model's default. ``model_overrides`` take precedence.
+      arithmetic: reversible models' carry arithmetic, ``"float"`` or ``"fixed"`` (exact,
+        int32 fixed point); ``None``: the model's default. ``model_overrides`` take precedence.
+      frac_bits: fraction bits of fixed-point carries; ``None``: the model's default.
     """
 
     model: str = "revnet38"
@@ -182,6 +186,8 @@ class TrainConfig:
     label_smoothing: float = 0.0
     grad_clip_norm: float | None = None
     compute_dtype: str | None = None
+    arithmetic: str | None = None
+    frac_bits: int | None = None
 
     def __post_init__(self):
         _validate_config(self)
@@ -354,6 +360,8 @@ _FIELD_CHECKS: dict[str, Callable[[Any], Any]] = {
     "label_smoothing": _number(0.0, 1.0, open_max=True),
     "grad_clip_norm": _optional(_number(0.0, open_min=True)),
     "compute_dtype": _optional(_float_dtype_name),
+    "arithmetic": _name(lambda: ["float", "fixed"], "carry arithmetic", optional=True),
+    "frac_bits": _integer(0, optional=True),
 }
 
 
@@ -600,6 +608,9 @@ def _model_overrides(config: TrainConfig) -> dict[str, Any]:
         overrides.setdefault("dtype", jnp.dtype(config.compute_dtype))
         if config.model.startswith("rev"):
             overrides.setdefault("carry_dtype", jnp.float32)
+    for name in ("arithmetic", "frac_bits"):
+        if getattr(config, name) is not None and config.model.startswith("rev"):
+            overrides.setdefault(name, getattr(config, name))
     if config.image_size is not None and config.model in vit.__all__:
         overrides.setdefault("image_size", config.image_size)
     return overrides
@@ -1107,6 +1118,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> dict[
         bad = _first_non_finite(pending)
         pending.clear()
         if bad is not None:
+            check_carry_range(state.batch_stats)  # a fixed-point carry out of range, named
             raise NonFiniteLossError(bad, workdir)
 
     stop = StopSignals(config.preemption_sync_every)  # SIGTERM/SIGINT: save, then stop
