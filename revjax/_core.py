@@ -8,6 +8,12 @@ A reversible unit works on two halves ``(x1, x2)`` of its input::
 where ``(+)`` is the coupling's combine rule. Because ``x2 = y2 (-) G(y1)`` and
 ``x1 = y1 (-) F(x2)``, the backward pass can rebuild every unit's input from its output, so a
 sequence of n units stores only its output, whatever n is (Gomez et al., 2017).
+
+The halves are carried in one of two arithmetics (`make_carry`): floating point, where the
+rebuild is exact up to rounding, or int32 fixed point (``arithmetic="fixed"``), where each F/G
+output is rounded to the grid ``2**-frac_bits`` before an integer addition, so the rebuild is
+bit-exact whenever F computes the same bits twice. Every scan runs the same `unit_forward` /
+`unit_inverse` on carries; the values crossing the custom VJPs stay floating.
 """
 
 from __future__ import annotations
