@@ -524,8 +524,8 @@ def make_carry(arithmetic: str, frac_bits: int, dtype: Any, *, traced: bool = Fa
 def _in_range(arith, peak: Array | None, *outputs: Array) -> tuple[Array, ...]:
     """With fixed-point carries, NaN outputs when ``peak`` reached the range limit (or is NaN).
 
-    A value beyond the range would have wrapped around; NaN makes that loud (the trainer's
-    non-finite-loss guard stops and names the overflow, see `find_carry_overflow`).
+    A value beyond the range would have wrapped around; NaN keeps it from passing as a number
+    (the reliable signal is the peak itself: see `revjax.check_carry_range`).
     """
     if not arith.fixed:
         return outputs
@@ -633,7 +633,9 @@ def reversible_sequence(
     is the carry's value in the halves' dtype. Rounding's gradient is the straight-through
     identity; ``memory_saving=False`` computes the same rounded forward. Carries must stay
     below `carry_limit` (16384 with 16 fraction bits): past it the outputs are NaN rather than
-    wrapped-around numbers (``return_peak`` says how close they came).
+    wrapped-around numbers, and ``return_peak`` gives the largest magnitude reached (what
+    `revjax.ReversibleSequence` records and the trainer checks: downstream layers compiled by
+    XLA may turn NaN back into numbers, so the peak, not the NaN, is the reliable signal).
 
     Side inputs: ``context`` (a pytree of arrays, e.g. a conditioning vector, an attention mask
     or bias, a time embedding) is passed unchanged to every unit's F and G. Its inexact leaves

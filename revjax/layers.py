@@ -167,7 +167,8 @@ class ReversibleSequence(nnx.Module):
         so the backward rebuilds them bit for bit (see `revjax.reversible_sequence`; additive
         coupling only). Then ``carry_peak`` (a `CarryPeak`) records the largest magnitude the
         carries reach; past `revjax.carry_limit` the outputs are NaN and `check_carry_range`
-        raises `revjax.CarryRangeError` naming this module.
+        (which the trainer calls at every log step) raises `revjax.CarryRangeError` naming
+        this module.
       frac_bits: fraction bits of the fixed-point carries.
 
     Call:

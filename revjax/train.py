@@ -1117,8 +1117,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike) -> dict[
     def check_finite():
         bad = _first_non_finite(pending)
         pending.clear()
+        check_carry_range(state.batch_stats)  # fixed-point carries out of range: named
         if bad is not None:
-            check_carry_range(state.batch_stats)  # a fixed-point carry out of range, named
             raise NonFiniteLossError(bad, workdir)
 
     stop = StopSignals(config.preemption_sync_every)  # SIGTERM/SIGINT: save, then stop
