@@ -128,7 +128,7 @@ def build(units: int, *, seed: int = 0, **overrides) -> nnx.Module:
             in_channels=1,
             unroll=1,
             rngs=nnx.Rngs(0),
-            **{"arithmetic": "float", **overrides},
+            **{"arithmetic": "float", "exact_every": 8, **overrides},
         )
     )
     return fill(model, seed)
@@ -170,7 +170,8 @@ def cast(tree: Any, dtype) -> Any:
 def variant(model: nnx.Module, **overrides) -> nnx.GraphDef:
     """The graphdef of ``model``'s architecture built with ``overrides`` (same weights fit).
 
-    Options not given (memory saving, exact_every, dtypes, BatchNorm) take their defaults.
+    Options not given take the model's arithmetic and exact_every, and the constructor's
+    defaults otherwise (memory saving, dtypes, BatchNorm).
     """
     abstract = nnx.eval_shape(lambda: models.RevNet(**_config(model, overrides), rngs=nnx.Rngs(0)))
     graphdef, _, _ = models.functional(abstract)
@@ -190,6 +191,7 @@ def _config(model: nnx.Module, overrides: Mapping[str, Any]) -> dict[str, Any]:
         unroll=model.unroll,
         downsample=model.downsample,
         arithmetic=model.arithmetic,
+        exact_every=model.exact_every,
     )
     cfg.update(overrides)
     return cfg
@@ -410,6 +412,7 @@ def measure_invertible(
                 strides=(1, 2, 2),
                 downsample="invertible",
                 unroll=1,
+                arithmetic="float",
                 rngs=nnx.Rngs(0),
             )
         )

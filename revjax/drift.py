@@ -21,8 +21,9 @@ pre-activation within that error of zero may flip its mask, and one flipped elem
 the gradient by O(1 / sqrt(elements per channel)), which BatchNorm spreads over its whole
 channel. Plain float32 autodiff flips masks too (relative to float64), but from ~1e-7
 perturbations, so far fewer. Gradients of deep stages were off by up to ~1e-2 relative (plain:
-~1e-6), mostly in the first units and the entry unit before them. ``RevNet(exact_every=8)``
-(the default) bounds the accumulation to 8 units and brings them back to plain's accuracy;
+~1e-6), mostly in the first units and the entry unit before them. With float arithmetic,
+``RevNet(arithmetic="float", exact_every=8)`` bounds the accumulation to 8 units and brings
+them back to plain's accuracy;
 BatchNorm epsilon 1e-3 (vs Flax's 1e-5) and two-pass variance reduce the amplification.
 
 Fixed-point models (``arithmetic="fixed"``) carry the halves as int32 inside the reversible
@@ -370,8 +371,9 @@ class DriftMonitor:
                 f"{stats['max_rel']:.3g} (relative, worst at reversible unit {unit}), above the "
                 f"drift threshold {self.threshold:g}. Gradients of the memory-saving backward "
                 "are then inaccurate. Check for exploding weights or non-finite activations; "
-                "RevNet(exact_every=k) bounds the accumulated error, carry_dtype=jnp.float32 "
-                "helps half-precision models, memory_saving=False avoids the rebuild.",
+                "arithmetic='fixed' rebuilds exactly, RevNet(exact_every=k) bounds the "
+                "accumulated error, carry_dtype=jnp.float32 helps half-precision models, "
+                "memory_saving=False avoids the rebuild.",
                 DriftWarning,
                 stacklevel=2,
             )

@@ -20,7 +20,8 @@ from revjax import models
 from revjax._core import relative_error
 from revjax.drift import DriftMonitor, DriftWarning, gradient_agreement, reconstruction_error
 
-TINY = dict(units_per_stage=(4, 4), widths=(8, 8, 16), unroll=1)
+# Float arithmetic: what drifts (fixed-point models rebuild exactly: tests/test_fixed_point.py).
+TINY = dict(units_per_stage=(4, 4), widths=(8, 8, 16), unroll=1, arithmetic="float")
 
 
 def _abstract(**kw):
