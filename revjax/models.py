@@ -323,12 +323,14 @@ class RevNet(_Network):
         ``units - 1``; rebuilding starts from the exact stage output), so rounding error of
         the rebuilt activations accumulates over at most k units, at the cost of
         ``(n - 1) // k`` stored activations per stage: none for stages of up to k + 1 units
-        (all the CIFAR presets), memory O(depth / k) beyond. Default 8: without it, float32
-        gradients of deep stages lose up to ~1e-2 relative, because the backward recomputes
-        ReLU masks and BatchNorm statistics from rebuilt activations whose error grows towards
-        the stage's first unit (`revjax.drift`, ``results/bench_drift.md``); with 8 they match
-        plain float32 autodiff. ``None``: store none (activation memory flat in depth). Also
-        settable as an attribute.
+        (all the CIFAR presets), memory O(depth / k) beyond. Only useful with
+        ``arithmetic="float"``: there, without it, float32 gradients of deep stages lose up to
+        ~1e-2 relative, because the backward recomputes ReLU masks and BatchNorm statistics
+        from rebuilt activations whose error grows towards the stage's first unit
+        (`revjax.drift`, ``results/bench_drift.md``); with 8 they match plain float32
+        autodiff. ``None`` (default): store none (activation memory flat in depth); the
+        default fixed-point arithmetic rebuilds exactly and needs none. Also settable as an
+        attribute.
       carry_dtype: dtype of the two halves carried between units (default: the compute
         ``dtype``). With ``dtype=jnp.bfloat16, carry_dtype=jnp.float32`` F and G compute in
         bfloat16 but the halves are added and rebuilt in float32, so mixed-precision training
@@ -336,8 +338,9 @@ class RevNet(_Network):
         float32 model. With fixed-point arithmetic the halves are int32 inside the reversible
         units whatever this is; it is then the dtype F and G receive them in and the stored
         entry-unit inputs' dtype.
-      arithmetic: ``"float"`` (the paper's floating-point rebuild) or ``"fixed"``: the
-        reversible units carry the halves as int32 fixed point with ``frac_bits`` fraction
+      arithmetic: ``"fixed"`` (default) or ``"float"`` (the paper's floating-point rebuild,
+        whose drift ``exact_every=8`` bounds). ``"fixed"``: the reversible units carry the
+        halves as int32 fixed point with ``frac_bits`` fraction
         bits, so the backward rebuilds their activations bit for bit (no drift at any depth or
         compute dtype; see `revjax.reversible_sequence`). With ``downsample='invertible'`` the
         whole chain, entry units included, is fixed point. Each sequence's largest carry
@@ -368,9 +371,9 @@ class RevNet(_Network):
         bn_momentum: float = 0.99,
         bn_epsilon: float = 1e-3,
         bn_fast_variance: bool = False,
-        exact_every: int | None = 8,
+        exact_every: int | None = None,
         carry_dtype: Dtype | None = None,
-        arithmetic: str = "float",
+        arithmetic: str = "fixed",
         frac_bits: int = DEFAULT_FRAC_BITS,
         rngs: nnx.Rngs,
     ):

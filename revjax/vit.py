@@ -612,8 +612,9 @@ class RevViT(_VisionTransformer):
       carry_dtype: dtype of the two streams (default: float32, or float64 for a float64
         model): with ``dtype=jnp.bfloat16`` F and G compute in bfloat16 while the streams are
         added and rebuilt in float32.
-      arithmetic: ``"float"`` or ``"fixed"``: the streams are int32 fixed point inside the
-        blocks, so the backward rebuilds them bit for bit (see `revjax.ReversibleSequence`;
+      arithmetic: ``"fixed"`` (default) or ``"float"`` (the paper's). ``"fixed"``: the
+        streams are int32 fixed point inside the blocks, so the backward rebuilds them bit for
+        bit (see `revjax.ReversibleSequence`;
         the streams then reach F and G in ``carry_dtype``).
       frac_bits: fraction bits of fixed-point streams.
     """
@@ -638,7 +639,7 @@ class RevViT(_VisionTransformer):
         dtype: Dtype | None = None,
         param_dtype: Dtype = jnp.float32,
         carry_dtype: Dtype | None = None,
-        arithmetic: str = "float",
+        arithmetic: str = "fixed",
         frac_bits: int = DEFAULT_FRAC_BITS,
         rngs: nnx.Rngs,
     ):
