@@ -19,6 +19,11 @@ batch 16, BatchNorm in train mode), at initialisation and after training on digi
 3. **Per unit** (18 units): where the error sits.
 4. **Invertible downsampling**: a 3-stage RevNet with ``downsample='invertible'`` (27 units in
    one `revjax._core.reversible_chain`, as RevNet-164's), ``exact_every`` None and 8.
+5. **Fixed point** (``arithmetic="fixed"``, ``exact_every=None``; depth sweep): rebuild
+   mismatches (elements whose bits differ) and largest error, gradient agreement with plain
+   autodiff of the same fixed-point model, in float32 and with bfloat16 compute, beside the
+   float arithmetic's; and both arithmetics' reversible gradients against float64 plain
+   autodiff of the float model (what fixed-point rounding itself costs).
 
 Writes ``<out-dir>/bench_drift.md`` and ``bench_drift.png``::
 
@@ -118,7 +123,12 @@ def build(units: int, *, seed: int = 0, **overrides) -> nnx.Module:
     """A one-stage RevNet for digits (``units`` per stage), weights drawn with NumPy."""
     model = nnx.eval_shape(
         lambda: models.RevNet(
-            (units,), WIDTHS, in_channels=1, unroll=1, rngs=nnx.Rngs(0), **overrides
+            (units,),
+            WIDTHS,
+            in_channels=1,
+            unroll=1,
+            rngs=nnx.Rngs(0),
+            **{"arithmetic": "float", "exact_every": 8, **overrides},
         )
     )
     return fill(model, seed)
@@ -160,8 +170,16 @@ def cast(tree: Any, dtype) -> Any:
 def variant(model: nnx.Module, **overrides) -> nnx.GraphDef:
     """The graphdef of ``model``'s architecture built with ``overrides`` (same weights fit).
 
-    Options not given (memory saving, exact_every, dtypes, BatchNorm) take their defaults.
+    Options not given take the model's arithmetic and exact_every, and the constructor's
+    defaults otherwise (memory saving, dtypes, BatchNorm).
     """
+    abstract = nnx.eval_shape(lambda: models.RevNet(**_config(model, overrides), rngs=nnx.Rngs(0)))
+    graphdef, _, _ = models.functional(abstract)
+    return graphdef
+
+
+def _config(model: nnx.Module, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``model``'s architecture as RevNet arguments, with ``overrides``."""
     cfg = dict(
         units_per_stage=model.units_per_stage,
         widths=model.widths,
@@ -172,11 +190,11 @@ def variant(model: nnx.Module, **overrides) -> nnx.GraphDef:
         in_channels=model.in_channels,
         unroll=model.unroll,
         downsample=model.downsample,
+        arithmetic=model.arithmetic,
+        exact_every=model.exact_every,
     )
     cfg.update(overrides)
-    abstract = nnx.eval_shape(lambda: models.RevNet(**cfg, rngs=nnx.Rngs(0)))
-    graphdef, _, _ = models.functional(abstract)
-    return graphdef
+    return cfg
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,6 +232,24 @@ def float64_gradients(model: nnx.Module, params, batch_stats, x, y, **overrides)
             y,
         )
         return jax.device_get(g)
+
+
+def with_peaks(model: nnx.Module, batch_stats: nnx.State, **overrides) -> nnx.State:
+    """``batch_stats`` of ``model``, plus the zero `revjax.CarryPeak` s that its variant with
+    ``overrides`` (fixed-point arithmetic) also holds."""
+    abstract = nnx.eval_shape(lambda: models.RevNet(**_config(model, overrides), rngs=nnx.Rngs(0)))
+    _, _, stats = models.functional(abstract)
+    given = dict(nnx.to_flat_state(batch_stats))
+    for path, leaf in nnx.to_flat_state(stats):
+        value = given[path].get_value() if path in given else jnp.zeros(leaf.shape, leaf.dtype)
+        nnx.replace_by_pure_dict(stats, _nested(path, value))
+    return stats
+
+
+def _nested(path: tuple, value: Any) -> dict:
+    for key in reversed(path):
+        value = {key: value}
+    return value
 
 
 def reference_gradients(model, params, batch_stats, x, y, **overrides):
@@ -288,7 +324,7 @@ def measure_depth(
     t0 = time.perf_counter()
     trained = train(model, steps)
     states = {"init": (params, batch_stats), "trained": trained[:2]}
-    out: dict[str, list] = {"sweep": [], "options": [], "per_unit": []}
+    out: dict[str, list] = {"sweep": [], "options": [], "per_unit": [], "fixed": []}
     raw = variant(model, exact_every=None)  # the drift itself: no stored inputs
     bf16 = {"dtype": jnp.bfloat16, "carry_dtype": jnp.float32, "exact_every": None}
     for state_name, (p, s) in states.items():
@@ -320,6 +356,33 @@ def measure_depth(
                 "bf16_rev_plain_cos": bf_plain["cos"],
             }
         )
+        row = {
+            "units": n,
+            "state": state_name,
+            "float_mismatches": rec["mismatches"],
+            "float_rev_plain_rel": raw_plain["rel"],
+            "float_rev_plain_cos": raw_plain["cos"],
+            "float_rev_f64_rel": gradient_agreement(g_raw, g64)["rel"],
+            "float_bf16_mismatches": rec_b["mismatches"],
+            "float_bf16_rev_plain_rel": bf_plain["rel"],
+            "float_bf16_rev_plain_cos": bf_plain["cos"],
+        }
+        for tag, extra in (("f32", {}), ("bf16", bf16)):
+            fixed = {**extra, "arithmetic": "fixed", "exact_every": None}
+            s_fx = with_peaks(model, s, **fixed)
+            gd_fx = variant(model, **fixed)
+            rec_fx = _with_promotion(reconstruction_error, gd_fx, p, s_fx, x)["stage0"]
+            g_fx = _with_promotion(gradients, gd_fx, p, s_fx, x, y)
+            g_fx_plain = _with_promotion(
+                gradients, variant(model, memory_saving=False, **fixed), p, s_fx, x, y
+            )
+            agree = gradient_agreement(g_fx, g_fx_plain)
+            row[f"{tag}_mismatches"] = rec_fx["mismatches"]
+            row[f"{tag}_rec_max_abs"] = rec_fx["max_abs"]
+            row[f"{tag}_rev_plain_rel"] = agree["rel"]
+            row[f"{tag}_rev_plain_cos"] = agree["cos"]
+            row[f"{tag}_rev_f64_rel"] = gradient_agreement(g_fx, g64)["rel"]
+        out["fixed"].append(row)
         known = {"exact_every=None": (g_raw, rec), OPTION_DEFAULT: (g_def, None)}
         if options:
             out["options"] += _options_rows(
@@ -349,6 +412,7 @@ def measure_invertible(
                 strides=(1, 2, 2),
                 downsample="invertible",
                 unroll=1,
+                arithmetic="float",
                 rngs=nnx.Rngs(0),
             )
         )
@@ -576,6 +640,59 @@ def report(results: dict, command: str, steps: int) -> str:
             for r in sorted(options, key=lambda r: (r["state"], r["units"]))
         ]
         lines += [_report.markdown_table(cols, rows), ""]
+    if results.get("fixed"):
+        lines += [
+            "## Fixed point: exact rebuild (`arithmetic='fixed'`)",
+            "",
+            "The same stage with `exact_every=None`, its halves carried as int32 fixed point "
+            "(16 fraction bits) inside the reversible units: `mismatches` counts rebuilt "
+            "elements whose bits differ from the forward's (all units; float arithmetic "
+            "differs almost everywhere), `rev vs plain` / `cos` compare the reversible "
+            "gradients with plain autodiff of the same model and arithmetic, `vs f64` with "
+            "float64 plain autodiff of the float model (what rounding to the grid costs). "
+            "bf16: F and G compute in bfloat16.",
+            "",
+        ]
+        cols = [
+            "units",
+            "weights",
+            "f32 float: mismatches",
+            "rev vs plain",
+            "cos",
+            "f32 fixed: mismatches",
+            "rev vs plain",
+            "cos",
+            "float vs f64",
+            "fixed vs f64",
+            "bf16 float: mismatches",
+            "rev vs plain",
+            "cos",
+            "bf16 fixed: mismatches",
+            "rev vs plain",
+            "cos",
+        ]
+        rows = [
+            [
+                r["units"],
+                r["state"],
+                r["float_mismatches"],
+                _e(r["float_rev_plain_rel"]),
+                f"{r['float_rev_plain_cos']:.7f}",
+                r["f32_mismatches"],
+                _e(r["f32_rev_plain_rel"]),
+                f"{r['f32_rev_plain_cos']:.7f}",
+                _e(r["float_rev_f64_rel"]),
+                _e(r["f32_rev_f64_rel"]),
+                r["float_bf16_mismatches"],
+                _e(r["float_bf16_rev_plain_rel"]),
+                f"{r['float_bf16_rev_plain_cos']:.5f}",
+                r["bf16_mismatches"],
+                _e(r["bf16_rev_plain_rel"]),
+                f"{r['bf16_rev_plain_cos']:.7f}",
+            ]
+            for r in sorted(results["fixed"], key=lambda r: (r["state"], r["units"]))
+        ]
+        lines += [_report.markdown_table(cols, rows), ""]
     if results.get("invertible"):
         lines += [
             "## Invertible downsampling: one chain across stages",
@@ -710,7 +827,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     names = QUICK_OPTIONS if args.quick else tuple(OPTIONS)
     steps = QUICK_TRAIN_STEPS if args.quick else TRAIN_STEPS
     x, y = next(digits_batches(BATCH, seed=1))
-    results: dict[str, list] = {"sweep": [], "options": [], "per_unit": []}
+    results: dict[str, list] = {"sweep": [], "options": [], "per_unit": [], "fixed": []}
     for n in sorted(set(depths) | set(option_depths)):
         out = measure_depth(
             n,
@@ -721,7 +838,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             per_unit=n == per_unit_depth,
         )
         for key in results:
-            if key != "sweep" or n in depths:
+            if key not in ("sweep", "fixed") or n in depths:
                 results[key] += out[key]
     if args.invertible:
         if args.quick:  # 6 units, at init, stored inputs none: the section's plumbing

@@ -5,10 +5,12 @@ rebuild their inputs from their outputs in the backward pass, so activation memo
 with depth.
 """
 
+from revjax._core import CarryRangeError as CarryRangeError
 from revjax._core import ChainSegment as ChainSegment
 from revjax._core import Coupling as Coupling
 from revjax._core import additive_coupling as additive_coupling
 from revjax._core import affine_coupling as affine_coupling
+from revjax._core import carry_limit as carry_limit
 from revjax._core import default_unroll as default_unroll
 from revjax._core import get_coupling as get_coupling
 from revjax._core import inverse_sequence as inverse_sequence
@@ -23,7 +25,9 @@ from revjax.drift import DriftMonitor as DriftMonitor
 from revjax.drift import DriftWarning as DriftWarning
 from revjax.drift import gradient_agreement as gradient_agreement
 from revjax.drift import reconstruction_error as reconstruction_error
+from revjax.layers import CarryPeak as CarryPeak
 from revjax.layers import ReversibleSequence as ReversibleSequence
+from revjax.layers import check_carry_range as check_carry_range
 from revjax.layers import pure_call as pure_call
 from revjax.models import ResNet as ResNet
 from revjax.models import RevNet as RevNet
@@ -58,8 +62,12 @@ from revjax.vit import vit_tiny as vit_tiny
 __version__ = "0.2.0.dev0"
 
 __all__ = [
+    "CarryPeak",
+    "CarryRangeError",
     "ReversibleSequence",
     "pure_call",
+    "carry_limit",
+    "check_carry_range",
     "DriftMonitor",
     "DriftWarning",
     "gradient_agreement",

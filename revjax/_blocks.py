@@ -33,7 +33,7 @@ from revjax._core import (
     shortcut_unit_segment,
     tie_to_cotangent,
 )
-from revjax.layers import ReversibleSequence, pure_call, stacked
+from revjax.layers import ReversibleSequence, new_carry_peak, pure_call, record_peak, stacked
 
 Array = jax.Array
 Dtype = Any
@@ -565,6 +565,9 @@ class RevStage(nnx.Module):
       first: whether this is the network's first stage (its entry F skips the BN-ReLU).
       config: shared layer options.
       rngs: initialisation keys.
+      arithmetic: carry arithmetic of the reversible units (``"float"`` or ``"fixed"``; see
+        `revjax.ReversibleSequence`).
+      frac_bits: fraction bits of fixed-point carries.
     """
 
     def __init__(
@@ -578,6 +581,8 @@ class RevStage(nnx.Module):
         first: bool,
         config: LayerConfig,
         rngs: nnx.Rngs,
+        arithmetic: str = "float",
+        frac_bits: int = 16,
     ):
         self.entry = RevEntryUnit(
             block,
@@ -592,7 +597,14 @@ class RevStage(nnx.Module):
         make = lambda r: residual_function(block, half, half, config=config, rngs=r)
         self.num_reversible = units - 1
         self.reversible = (
-            ReversibleSequence(make, make, self.num_reversible, rngs=rngs)
+            ReversibleSequence(
+                make,
+                make,
+                self.num_reversible,
+                rngs=rngs,
+                arithmetic=arithmetic,
+                frac_bits=frac_bits,
+            )
             if self.num_reversible
             else None
         )
@@ -659,6 +671,9 @@ class InvertibleRevStage(RevStage):
       first: whether this is the network's first stage (its entry F skips the BN-ReLU).
       config: shared layer options.
       rngs: initialisation keys.
+      arithmetic: carry arithmetic of the reversible units and, in `chain_invertible_stages`,
+        of the entry unit (whose `CarryPeak` is ``entry_peak``).
+      frac_bits: fraction bits of fixed-point carries.
     """
 
     def __init__(
@@ -673,6 +688,8 @@ class InvertibleRevStage(RevStage):
         first: bool,
         config: LayerConfig,
         rngs: nnx.Rngs,
+        arithmetic: str = "float",
+        frac_bits: int = 16,
     ):
         self.entry = InvertibleEntryUnit(
             block,
@@ -689,10 +706,19 @@ class InvertibleRevStage(RevStage):
         )
         self.num_reversible = units - 1
         self.reversible = (
-            ReversibleSequence(make, make, self.num_reversible, rngs=rngs)
+            ReversibleSequence(
+                make,
+                make,
+                self.num_reversible,
+                rngs=rngs,
+                arithmetic=arithmetic,
+                frac_bits=frac_bits,
+            )
             if self.num_reversible
             else None
         )
+        self.arithmetic, self.frac_bits = arithmetic, frac_bits
+        self.entry_peak = new_carry_peak(frac_bits) if arithmetic == "fixed" else None
 
     def __call__(self, x1: Array, x2: Array, *, train: bool, memory_saving: bool = True, **kw):
         """As `RevStage.__call__`; the entry unit is recomputed whenever memory saving is on."""
@@ -708,6 +734,7 @@ def chain_invertible_stages(
     train: bool,
     unroll: int | bool | None = None,
     exact_every: int | None = None,
+    memory_saving: bool = True,
 ) -> tuple[Array, Array]:
     """Applies invertible stages as one `revjax._core.reversible_chain`: one custom VJP that
     stores only the last stage's output (and the inputs ``exact_every`` names, counted over all
@@ -715,9 +742,13 @@ def chain_invertible_stages(
 
     Each stage contributes its entry unit (a `shortcut_unit_segment` over the space-to-depth
     shortcut) and its reversible units (a `sequence_segment`). Batch statistics are written
-    back once, from the forward pass.
+    back once, from the forward pass. The carry arithmetic is the stages' (``"fixed"``: the
+    whole chain on int32 carries, rebuilt bit for bit); each segment's largest carry
+    magnitude goes to its `CarryPeak` (the stage's ``entry_peak``, its sequence's
+    ``carry_peak``).
     """
-    segments, params, modules = [], [], []
+    segments, params, modules, peaks = [], [], [], []
+    arithmetic, frac_bits = stages[0].arithmetic, stages[0].frac_bits
 
     def branches(f: nnx.Module, g: nnx.Module) -> tuple[Callable, Callable]:
         # F and G as the core's pure ``(state, x) -> (h, new_state)``; their states as params.
@@ -733,14 +764,31 @@ def chain_invertible_stages(
         segments.append(
             shortcut_unit_segment(f, g, entry.shortcut, entry.shortcut.inverse, has_aux=True)
         )
+        peaks.append(stage.entry_peak)
         if stage.reversible is not None:
             rev = stage.reversible
             f, g = branches(rev.f, rev.g)
             segments.append(sequence_segment(f, g, rev.num_units, has_aux=True, unroll=unroll))
-    (y1, y2), aux = reversible_chain(segments, params, x1, x2, exact_every=exact_every)
+            peaks.append(rev.carry_peak)
+    fixed = arithmetic == "fixed"
+    out = reversible_chain(
+        segments,
+        params,
+        x1,
+        x2,
+        exact_every=exact_every if memory_saving else None,
+        memory_saving=memory_saving,
+        arithmetic=arithmetic,
+        frac_bits=frac_bits,
+        return_peak=fixed,
+    )
+    ((y1, y2), aux), seg_peaks = out if fixed else (out, None)
     for (f_mod, g_mod), (f_new, g_new) in zip(modules, aux, strict=True):
         nnx.update(f_mod, f_new)
         nnx.update(g_mod, g_new)
+    if fixed:
+        for variable, peak in zip(peaks, seg_peaks, strict=True):
+            record_peak(variable, peak)
     return y1, y2
 
 

@@ -8,10 +8,17 @@ A reversible unit works on two halves ``(x1, x2)`` of its input::
 where ``(+)`` is the coupling's combine rule. Because ``x2 = y2 (-) G(y1)`` and
 ``x1 = y1 (-) F(x2)``, the backward pass can rebuild every unit's input from its output, so a
 sequence of n units stores only its output, whatever n is (Gomez et al., 2017).
+
+The halves are carried in one of two arithmetics (`make_carry`): floating point, where the
+rebuild is exact up to rounding, or int32 fixed point (``arithmetic="fixed"``), where each F/G
+output is rounded to the grid ``2**-frac_bits`` before an integer addition, so the rebuild is
+bit-exact whenever F computes the same bits twice. Every scan runs the same `unit_forward` /
+`unit_inverse` on carries; the values crossing the custom VJPs stay floating.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -25,11 +32,16 @@ Array = jax.Array
 PyTree = Any
 
 __all__ = [
+    "ARITHMETICS",
+    "DEFAULT_FRAC_BITS",
+    "CarryRangeError",
     "ChainSegment",
     "Coupling",
     "additive_coupling",
     "affine_coupling",
+    "carry_limit",
     "get_coupling",
+    "inverse_sequence",
     "merge_halves",
     "reversible_chain",
     "reversible_sequence",
@@ -299,6 +311,285 @@ def _add_cotangents(a: PyTree, b: PyTree) -> PyTree:
     return jax.tree.map(jnp.add, a, b)
 
 
+# --------------------------------------------------------------------------------------------
+# Carry arithmetic: floating point, or fixed point (exact)
+# --------------------------------------------------------------------------------------------
+
+ARITHMETICS = ("float", "fixed")
+
+#: Fraction bits of the fixed-point carries when none are given: a grid step of 2**-16
+#: (1.5e-5) and a range of ``|value| < 2**(30 - 16) = 16384`` (see `carry_limit`).
+DEFAULT_FRAC_BITS = 16
+
+
+class CarryRangeError(FloatingPointError):
+    """A fixed-point carry left the range its fraction bits allow (it would wrap around).
+
+    Attributes:
+      where: what overflowed (a module path such as ``"stages/2/reversible"``, or a
+        description).
+      peak: the largest magnitude seen.
+      frac_bits: the fraction bits in use.
+    """
+
+    def __init__(self, where: str, peak: float, frac_bits: int):
+        self.where, self.peak, self.frac_bits = where, float(peak), int(frac_bits)
+        limit = carry_limit(frac_bits)
+        fewer = max(frac_bits - max(math.ceil(math.log2(max(peak, 1.0) * 2 / limit)), 1), 0)
+        super().__init__(
+            f"Fixed-point carries of {where} reached |value| = {peak:.6g}, beyond the range "
+            f"{limit:g} that frac_bits={frac_bits} allows (int32 with {frac_bits} fraction bits "
+            "would wrap around). Use fewer fraction bits (frac_bits="
+            f"{fewer} doubles the headroom {2 ** (frac_bits - fewer):g}-fold), look for exploding "
+            "weights or activations (a lower learning rate), or arithmetic='float'."
+        )
+
+
+def carry_limit(frac_bits: int) -> float:
+    """Largest magnitude (exclusive) a fixed-point carry with ``frac_bits`` may reach: 2**(30-f).
+
+    Half of int32's range, so that the sum of two in-range values (a carry and a rounded F/G
+    output) cannot wrap around.
+    """
+    return float(2.0 ** (30 - frac_bits))
+
+
+def check_arithmetic(
+    arithmetic: Any, frac_bits: Any = DEFAULT_FRAC_BITS, coupling: Any = None, owner: str = ""
+) -> None:
+    """Raises a ValueError for an unknown arithmetic, bad ``frac_bits`` or fixed + affine."""
+    prefix = f"{owner}: " if owner else ""
+    if arithmetic not in ARITHMETICS:
+        raise ValueError(
+            f"{prefix}unknown arithmetic {arithmetic!r}; use 'float' (the paper's floating-point "
+            "rebuild) or 'fixed' (int32 fixed-point carries: a bit-exact rebuild)."
+        )
+    if isinstance(frac_bits, bool) or not isinstance(frac_bits, int) or not 0 <= frac_bits <= 29:
+        raise ValueError(
+            f"{prefix}frac_bits must be an int in [0, 29] (fraction bits of the int32 carries), "
+            f"got {frac_bits!r}. {DEFAULT_FRAC_BITS} is the default."
+        )
+    name = coupling.name if isinstance(coupling, Coupling) else coupling
+    if arithmetic == "fixed" and name is not None and name != "additive":
+        raise ValueError(
+            f"{prefix}arithmetic='fixed' needs the additive coupling: an affine unit multiplies "
+            "by a scale, which has no exact inverse on a fixed-point grid. Use "
+            "coupling='additive', or arithmetic='float' with the affine coupling."
+        )
+
+
+def quantize(h: Array, frac_bits: int) -> Array:
+    """Rounds ``h`` to the grid of step ``2**-frac_bits``, as int32 fixed point."""
+    # At least float32: h * 2**frac_bits must hold the grid's integers exactly.
+    h = h.astype(jnp.float64 if h.dtype == jnp.float64 else jnp.float32)
+    return jnp.round(h * 2.0**frac_bits).astype(jnp.int32)
+
+
+def dequantize(c: Array, frac_bits: int, dtype: Any) -> Array:
+    """The float value of the int32 fixed-point ``c`` in ``dtype`` (rounded to its precision)."""
+    return c.astype(dtype) * jnp.asarray(2.0**-frac_bits, dtype)
+
+
+@jax.custom_jvp
+def _straight_through(x: Array, value: Array) -> Array:
+    """Returns ``value``, with the derivative of ``x`` (rounding's straight-through gradient)."""
+    return value
+
+
+@_straight_through.defjvp
+def _straight_through_jvp(primals, tangents):
+    _, value = primals
+    dx, _ = tangents
+    return value, dx
+
+
+def _max_abs(tree: PyTree) -> Array:
+    """Largest ``|leaf|`` over the leaves of ``tree``, float32 (NaN if any element is NaN)."""
+    return functools.reduce(
+        jnp.maximum, [jnp.max(jnp.abs(a)).astype(jnp.float32) for a in jax.tree.leaves(tree)]
+    )
+
+
+class FloatCarry(NamedTuple):
+    """Carries the halves as floats, combined by the coupling (the paper's arithmetic)."""
+
+    dtype: Any
+
+    fixed = False
+
+    def enter(self, x: Array) -> Array:
+        """A float half -> a carry."""
+        return x
+
+    def leave(self, c: Array) -> Array:
+        """A carry -> the float half it stands for."""
+        return c
+
+    def view(self, c: Array) -> Array:
+        """What F/G see of a carry."""
+        return c
+
+    def combine(self, cpl: Coupling, c: Array, h: Any) -> Array:
+        return cpl.combine(c, h)
+
+    def uncombine(self, cpl: Coupling, c: Array, h: Any) -> Array:
+        return cpl.uncombine(c, h)
+
+    def linear(self, fn: Callable, c: Array) -> Array:
+        """Applies a linear map that moves or pads elements (a shortcut) to a carry."""
+        return fn(c)
+
+    def magnitude(self, c: Array) -> Array:
+        return _max_abs(c)
+
+
+class FixedCarry(NamedTuple):
+    """Carries the halves as int32 fixed point with ``frac_bits`` fraction bits.
+
+    ``combine(c, h) = c + q(h)`` with ``q(h) = round(h * 2**frac_bits)``: integer addition, so
+    ``uncombine(combine(c, h), h) == c`` bit for bit whenever h is computed the same way twice.
+    F and G see ``view(c)``, the carry's value in ``dtype``.
+    """
+
+    dtype: Any
+    frac_bits: int
+
+    fixed = True
+
+    def enter(self, x: Array) -> Array:
+        return quantize(x, self.frac_bits)
+
+    def leave(self, c: Array) -> Array:
+        return dequantize(c, self.frac_bits, self.dtype)
+
+    def view(self, c: Array) -> Array:
+        return dequantize(c, self.frac_bits, self.dtype)
+
+    def combine(self, cpl: Coupling, c: Array, h: Array) -> Array:
+        return c + quantize(h, self.frac_bits)
+
+    def uncombine(self, cpl: Coupling, c: Array, h: Array) -> Array:
+        return c - quantize(h, self.frac_bits)
+
+    def linear(self, fn: Callable, c: Array) -> Array:
+        return fn(c)
+
+    def magnitude(self, c: Array) -> Array:
+        return jnp.max(jnp.abs(c)).astype(jnp.float32) * (2.0**-self.frac_bits)
+
+
+class TracedFixedCarry(NamedTuple):
+    """`FixedCarry` for plain autodiff: the carry is ``(int32 value, float twin)``.
+
+    The twin accumulates the unrounded sum, only to carry the straight-through gradient: what
+    F/G see (and the output) is the int32 carry's value, with the twin's derivative. So plain
+    autodiff computes the very values of the memory-saving forward.
+    """
+
+    dtype: Any
+    frac_bits: int
+
+    fixed = True
+
+    def enter(self, x: Array) -> tuple[Array, Array]:
+        return quantize(x, self.frac_bits), x
+
+    def leave(self, c: tuple[Array, Array]) -> Array:
+        return _straight_through(c[1], dequantize(c[0], self.frac_bits, self.dtype))
+
+    view = leave
+
+    def combine(self, cpl: Coupling, c: tuple, h: Array) -> tuple[Array, Array]:
+        return c[0] + quantize(h, self.frac_bits), cpl.combine(c[1], h)
+
+    def uncombine(self, cpl: Coupling, c: tuple, h: Array) -> tuple[Array, Array]:
+        return c[0] - quantize(h, self.frac_bits), cpl.uncombine(c[1], h)
+
+    def linear(self, fn: Callable, c: tuple) -> tuple[Array, Array]:
+        return fn(c[0]), fn(c[1])
+
+    def magnitude(self, c: tuple) -> Array:
+        return jnp.max(jnp.abs(c[0])).astype(jnp.float32) * (2.0**-self.frac_bits)
+
+
+def make_carry(arithmetic: str, frac_bits: int, dtype: Any, *, traced: bool = False):
+    """The carry arithmetic for halves of ``dtype``: `FloatCarry`, `FixedCarry`, or for plain
+    autodiff (``traced``) `TracedFixedCarry`."""
+    if arithmetic == "float":
+        return FloatCarry(jnp.dtype(dtype))
+    cls = TracedFixedCarry if traced else FixedCarry
+    return cls(jnp.dtype(dtype), frac_bits)
+
+
+def _in_range(arith, peak: Array | None, *outputs: Array) -> tuple[Array, ...]:
+    """With fixed-point carries, NaN outputs when ``peak`` reached the range limit (or is NaN).
+
+    A value beyond the range would have wrapped around; NaN keeps it from passing as a number
+    (the reliable signal is the peak itself: see `revjax.check_carry_range`).
+    """
+    if not arith.fixed:
+        return outputs
+    ok = peak < carry_limit(arith.frac_bits)  # False for NaN
+    return tuple(jnp.where(ok, y, jnp.asarray(jnp.nan, y.dtype)) for y in outputs)
+
+
+# --------------------------------------------------------------------------------------------
+# One unit, forward and inverse (the one definition every scan uses)
+# --------------------------------------------------------------------------------------------
+
+
+def unit_forward(arith, cpl, f_branch, g_branch, fp, gp, key, context, a1, a2, peak=None):
+    """One reversible unit on carries: ``b1 = a1 (+) F(a2)``, ``b2 = a2 (+) G(b1)``.
+
+    ``arith`` is the carry arithmetic (`make_carry`), ``f_branch`` / ``g_branch`` the
+    normalised residual functions ``(params, x, key, context) -> (h, aux)``, ``key`` the unit's
+    key (split into F's and G's). With ``peak`` (a float32 scalar, or None to skip), also
+    returns the largest magnitude of the unit's input carries and F/G outputs so far.
+
+    Returns:
+      ``((b1, b2), (aux_f, aux_g), peak)``.
+    """
+    kf, kg = _split_unit_key(key)
+    h_f, aux_f = f_branch(fp, arith.view(a2), kf, context)
+    b1 = arith.combine(cpl, a1, h_f)
+    h_g, aux_g = g_branch(gp, arith.view(b1), kg, context)
+    b2 = arith.combine(cpl, a2, h_g)
+    if peak is not None:
+        parts = (arith.magnitude(a1), arith.magnitude(a2), _max_abs(h_f), _max_abs(h_g))
+        peak = functools.reduce(jnp.maximum, parts, peak)
+    return (b1, b2), (aux_f, aux_g), peak
+
+
+def unit_inverse(arith, cpl, f_branch, g_branch, fp, gp, key, context, b1, b2):
+    """Inverse of `unit_forward`: ``a2 = b2 (-) G(b1)``, ``a1 = b1 (-) F(a2)`` (aux discarded)."""
+    kf, kg = _split_unit_key(key)
+    a2 = arith.uncombine(cpl, b2, g_branch(gp, arith.view(b1), kg, context)[0])
+    a1 = arith.uncombine(cpl, b1, f_branch(fp, arith.view(a2), kf, context)[0])
+    return a1, a2
+
+
+class SequenceSetting(NamedTuple):
+    """The static setting of one sequence's forward and backward scans.
+
+    Attributes:
+      coupling: the `Coupling`.
+      f: F as a normalised ``_Branch``.
+      g: G as a normalised ``_Branch``.
+      unroll: ``lax.scan`` unroll.
+      arith: the carry arithmetic (`make_carry`).
+      exact_every: k of ``exact_every`` (None: no stored inputs).
+      track_peak: also compute the largest carry / F / G magnitude (always on for fixed point).
+    """
+
+    coupling: Coupling
+    f: Any
+    g: Any
+    unroll: int | bool
+    arith: Any
+    exact_every: int | None = None
+    track_peak: bool = False
+
+
 def reversible_sequence(
     f: Callable,
     g: Callable,
@@ -315,6 +606,9 @@ def reversible_sequence(
     remat: bool = False,
     exact_every: int | None = None,
     context: PyTree = None,
+    arithmetic: str = "float",
+    frac_bits: int = DEFAULT_FRAC_BITS,
+    return_peak: bool = False,
 ):
     """Applies n reversible units in sequence, storing no per-unit activation.
 
@@ -328,6 +622,20 @@ def reversible_sequence(
     reverse and evaluates G(y1) and F(x2) once each through `jax.vjp`, using each primal output
     both to rebuild the input (``x2 = y2 (-) G(y1)``, ``x1 = y1 (-) F(x2)``) and to pull back the
     cotangent. Cost: one extra forward per unit; activation memory independent of n.
+
+    Exact arithmetic (``arithmetic="fixed"``, additive coupling only): inside the sequence the
+    halves are carried as int32 fixed point with ``frac_bits`` fraction bits; F and G see the
+    carries' values in the halves' dtype, and their outputs are rounded to the grid
+    (``q(h) = round(h * 2**frac_bits)``) before the integer addition. So
+    ``x1 = y1 - q(F(x2))`` rebuilds the forward's carry bit for bit whenever F gives the same
+    bits twice, whatever precision it computes in, and the backward rebuilds from the int32
+    output carry the forward saved. The input is rounded to the grid on entry and the output
+    is the carry's value in the halves' dtype. Rounding's gradient is the straight-through
+    identity; ``memory_saving=False`` computes the same rounded forward. Carries must stay
+    below `carry_limit` (16384 with 16 fraction bits): past it the outputs are NaN rather than
+    wrapped-around numbers, and ``return_peak`` gives the largest magnitude reached (what
+    `revjax.ReversibleSequence` records and the trainer checks: downstream layers compiled by
+    XLA may turn NaN back into numbers, so the peak, not the NaN, is the reliable signal).
 
     Side inputs: ``context`` (a pytree of arrays, e.g. a conditioning vector, an attention mask
     or bias, a time embedding) is passed unchanged to every unit's F and G. Its inexact leaves
@@ -368,20 +676,28 @@ def reversible_sequence(
         so no input is rounded through more than k inverse units, with ``(n - 1) // k`` stored
         activations: none when ``n <= k``. ``k=1`` stores every input but unit 0's (rebuilt
         through one unit from unit 1's), so gradients equal plain autodiff's up to one unit's
-        rounding; ``None`` (default) stores none.
+        rounding; ``None`` (default) stores none. Fixed-point arithmetic needs none.
       context: optional side inputs shared by every unit (a pytree of arrays, not stacked),
         passed to F and G as their last argument. Inexact leaves receive gradients summed over
         the units; other leaves (boolean masks, integer positions) get none.
+      arithmetic: ``"float"`` (the paper's floating-point rebuild, exact up to rounding) or
+        ``"fixed"`` (int32 fixed-point carries, a bit-exact rebuild; additive coupling only).
+      frac_bits: fraction bits of the fixed-point carries (grid step ``2**-frac_bits``, range
+        ``carry_limit(frac_bits)``).
+      return_peak: also return the largest magnitude of any carry and F/G output (float32
+        scalar; NaN if any was NaN), to watch the fixed-point range.
 
     Returns:
-      ``(y1, y2)``, or ``((y1, y2), (f_aux, g_aux))`` when ``has_aux``.
+      ``(y1, y2)``, or ``((y1, y2), (f_aux, g_aux))`` when ``has_aux``; with ``return_peak``,
+      ``(that, peak)``.
 
     Raises:
-      ValueError: unknown coupling, params without a common leading axis, a number of keys
-        different from n, a context that is not a pytree of arrays, or F/G outputs whose
-        shapes don't fit the halves.
+      ValueError: unknown coupling or arithmetic, fixed point with the affine coupling, params
+        without a common leading axis, a number of keys different from n, a context that is
+        not a pytree of arrays, or F/G outputs whose shapes don't fit the halves.
     """
     cpl = get_coupling(coupling)
+    check_arithmetic(arithmetic, frac_bits, cpl)
     n = _num_units(f_params, g_params)
     if context is not None:
         _check_context(context)
@@ -392,6 +708,11 @@ def reversible_sequence(
                 f"keys must hold one PRNG key per unit: expected a leading axis of {n}, got "
                 f"shape {jnp.shape(keys)}. Use jax.random.split(key, {n})."
             )
+    if arithmetic == "fixed" and jnp.result_type(x1) != jnp.result_type(x2):
+        raise ValueError(
+            "arithmetic='fixed' needs both halves in one dtype, got "
+            f"{jnp.result_type(x1)} and {jnp.result_type(x2)}: cast them to the carry dtype."
+        )
     if unroll is None:
         unroll = default_unroll(n)
     f_branch = _Branch(f, has_aux, keys is not None, context is not None)
@@ -404,16 +725,23 @@ def reversible_sequence(
             "nothing is stored to begin with. Pass memory_saving=False with remat=True."
         )
     check_exact_every(exact_every)
+    arith = make_carry(arithmetic, frac_bits, jnp.result_type(x1), traced=not memory_saving)
+    setting = SequenceSetting(
+        cpl,
+        f_branch,
+        g_branch,
+        unroll,
+        arith,
+        exact_every if memory_saving else None,
+        track_peak=return_peak or arith.fixed,
+    )
     if memory_saving:
-        run = _make_memory_saving(cpl, f_branch, g_branch, unroll, exact_every)
+        run = _make_memory_saving(setting)
     else:
-        run = lambda fp, gp, a, b, k, c: _scan_forward(
-            cpl, f_branch, g_branch, unroll, fp, gp, a, b, k, c, remat=remat
-        )
-    (y1, y2), aux = run(f_params, g_params, x1, x2, keys, context)
-    if has_aux:
-        return (y1, y2), aux
-    return y1, y2
+        run = lambda fp, gp, a, b, k, c: _plain_sequence(setting, fp, gp, a, b, k, c, remat)
+    (y1, y2), aux, peak = run(f_params, g_params, x1, x2, keys, context)
+    out = ((y1, y2), aux) if has_aux else (y1, y2)
+    return (out, peak) if return_peak else out
 
 
 def _check_shapes(cpl, f_branch, g_branch, f_params, g_params, x1, x2, keys, context) -> None:
@@ -443,25 +771,65 @@ def _check_shapes(cpl, f_branch, g_branch, f_params, g_params, x1, x2, keys, con
     expect(g_branch, gp0, x1, kg, x2, "G", "x2")
 
 
+def _input_peak(setting: SequenceSetting, x1: Array, x2: Array) -> Array | None:
+    # Measured on the float inputs: a NaN input must not vanish into an integer carry.
+    return _max_abs((x1, x2)) if setting.track_peak else None
+
+
 def _scan_forward(
-    cpl, f_branch, g_branch, unroll, f_params, g_params, x1, x2, keys, context=None, remat=False
+    setting, fp, gp, c1, c2, keys, context=None, peak=None, *, stored_units=None, remat=False
 ):
-    """The forward sequence as a ``lax.scan``; also the plain-autodiff path."""
+    """The forward sequence on carries as one ``lax.scan`` of `unit_forward`.
+
+    Also the plain-autodiff path (with ``remat``, each unit under `jax.checkpoint`).
+    ``stored_units``: ``(first, count)`` to also keep the exact input carries of units
+    ``first, first + k, ...`` (k = ``setting.exact_every``) in a carried buffer of ``count``
+    activations per half, updated in place; see `exact_range`.
+
+    Returns:
+      ``((c1, c2), aux, stored, peak)``; ``stored`` is ``(buf1, buf2)`` or None.
+    """
+    n = _num_units(fp, gp)
+    s = setting
+    count = 0 if stored_units is None else stored_units[1]
+    first, k = (stored_units[0], s.exact_every) if count else (0, 1)
+    bufs = (
+        (jnp.zeros((count, *c1.shape), c1.dtype), jnp.zeros((count, *c2.shape), c2.dtype))
+        if count
+        else None
+    )  # [count, *half.shape] each
 
     def body(carry, xs):
-        a1, a2 = carry
-        fp, gp, key = xs
-        kf, kg = _split_unit_key(key)
-        h_f, aux_f = f_branch(fp, a2, kf, context)
-        b1 = cpl.combine(a1, h_f)
-        h_g, aux_g = g_branch(gp, b1, kg, context)
-        b2 = cpl.combine(a2, h_g)
-        return (b1, b2), (aux_f, aux_g)
+        (a1, a2), bufs, peak = carry
+        i, p_f, p_g, key = xs
+        if bufs is not None:
+            keep, slot = exact_slot(i, first, count, k)
+            bufs = tuple(
+                lax.dynamic_update_index_in_dim(b, jnp.where(keep, a, b[slot]), slot, 0)
+                for b, a in zip(bufs, (a1, a2), strict=True)
+            )
+        (b1, b2), aux, peak = unit_forward(
+            s.arith, s.coupling, s.f, s.g, p_f, p_g, key, context, a1, a2, peak
+        )
+        return ((b1, b2), bufs, peak), aux
 
     if remat:
         body = jax.checkpoint(body)
-    (y1, y2), aux = lax.scan(body, (x1, x2), (f_params, g_params, keys), unroll=unroll)
-    return (y1, y2), aux
+    ((y1, y2), bufs, peak), aux = lax.scan(
+        body, ((c1, c2), bufs, peak), (jnp.arange(n), fp, gp, keys), unroll=s.unroll
+    )
+    return (y1, y2), aux, bufs, peak
+
+
+def _plain_sequence(setting, fp, gp, x1, x2, keys, context, remat=False):
+    """Plain autodiff through the forward scan: ``((y1, y2), aux, peak)`` on float halves."""
+    arith = setting.arith
+    peak = _input_peak(setting, x1, x2)
+    (c1, c2), aux, _, peak = _scan_forward(
+        setting, fp, gp, arith.enter(x1), arith.enter(x2), keys, context, peak, remat=remat
+    )
+    y1, y2 = _in_range(arith, peak, arith.leave(c1), arith.leave(c2))
+    return (y1, y2), aux, peak
 
 
 def check_exact_every(exact_every: Any, owner: str = "") -> None:
@@ -489,59 +857,20 @@ def exact_units(n: int, k: int | None) -> tuple[int, ...]:
     return tuple(range(n - k, 0, -k))[::-1]
 
 
-def _exact_range(n: int, k: int) -> tuple[int, int]:
+def exact_range(n: int, k: int) -> tuple[int, int]:
     """`exact_units(n, k)` as ``(first, count)``: units ``first, first + k, ...``."""
     count = (n - 1) // k
     return n - count * k, count
 
 
-def _exact_slot(i: Array, first: int, count: int, k: int) -> tuple[Array, Array]:
+def exact_slot(i: Array, first: int, count: int, k: int) -> tuple[Array, Array]:
     """For unit ``i`` (traced): ``(is unit i's input stored, its slot in the buffer)``.
 
-    The stored units are ``first, first + k, ...`` (``count`` of them; see `_exact_range`).
+    The stored units are ``first, first + k, ...`` (``count`` of them; see `exact_range`).
     """
     keep = (i >= first) & ((i - first) % k == 0) & (i < first + count * k)
     slot = jnp.clip((i - first) // k, 0, max(count - 1, 0))
     return keep, slot
-
-
-def _scan_forward_with_boundaries(
-    cpl, f_branch, g_branch, unroll, k, fp, gp, x1, x2, keys, context=None, stored_units=None
-):
-    """The forward scan, also keeping the exact inputs of `exact_units` (n-k, n-2k, ... > 0).
-
-    The stored inputs live in a carried buffer of ``(n - 1) // k`` activations per half,
-    updated in place, so memory grows with ``n / k``; with ``n <= k`` it is the plain scan.
-    ``stored_units``: ``(first, count)`` to store units ``first, first + k, ...`` instead
-    (`reversible_chain` places them over the whole chain).
-    """
-    n = _num_units(fp, gp)
-    first, n_stored = _exact_range(n, k) if stored_units is None else stored_units
-    if not n_stored:
-        (y1, y2), aux = _scan_forward(
-            cpl, f_branch, g_branch, unroll, fp, gp, x1, x2, keys, context
-        )
-        return (y1, y2), aux, None
-    buf1 = jnp.zeros((n_stored, *x1.shape), x1.dtype)  # [n_stored, *x1.shape]
-    buf2 = jnp.zeros((n_stored, *x2.shape), x2.dtype)
-
-    def body(carry, xs):
-        a1, a2, s1, s2 = carry
-        i, p_f, p_g, key = xs
-        keep, slot = _exact_slot(i, first, n_stored, k)
-        s1 = lax.dynamic_update_index_in_dim(s1, jnp.where(keep, a1, s1[slot]), slot, 0)
-        s2 = lax.dynamic_update_index_in_dim(s2, jnp.where(keep, a2, s2[slot]), slot, 0)
-        kf, kg = _split_unit_key(key)
-        h_f, aux_f = f_branch(p_f, a2, kf, context)
-        b1 = cpl.combine(a1, h_f)
-        h_g, aux_g = g_branch(p_g, b1, kg, context)
-        b2 = cpl.combine(a2, h_g)
-        return (b1, b2, s1, s2), (aux_f, aux_g)
-
-    (y1, y2, buf1, buf2), aux = lax.scan(
-        body, (x1, x2, buf1, buf2), (jnp.arange(n), fp, gp, keys), unroll=unroll
-    )
-    return (y1, y2), aux, (buf1, buf2)
 
 
 def _after(b1, b2, db1, db2):
@@ -576,37 +905,26 @@ def tie_to_cotangent(tree: PyTree, cotangent: PyTree) -> PyTree:
     return jax.tree.map(tie, tree)
 
 
-def _sequence_backward(
-    cpl,
-    f_branch,
-    g_branch,
-    unroll,
-    k,
-    f_params,
-    g_params,
-    y1,
-    y2,
-    keys,
-    context,
-    stored,
-    dy1,
-    dy2,
-    stored_units=None,
-):
+def _sequence_backward(setting, fp, gp, y1, y2, keys, context, stored, dy1, dy2, stored_units=None):
     """The memory-saving backward of a sequence: rebuilds its input while pulling back.
 
     Walks the units in reverse and evaluates G(y1) and F(x2) once each through `jax.vjp`,
     using each primal output both to rebuild the unit's input (``x2 = y2 (-) G(y1)``,
-    ``x1 = y1 (-) F(x2)``) and to pull back the cotangent. ``stored``: the exact inputs kept by
-    `_scan_forward_with_boundaries` (``(buf1, buf2)``) or None; ``stored_units`` as there.
+    ``x1 = y1 (-) F(x2)``) and to pull back the cotangent. ``y1, y2`` are carries in
+    ``setting.arith`` (int32 for fixed point: the rebuild is then exact); F and G are
+    differentiated at the carries' float view, and the combine rule at its float form
+    (rounding's gradient is the identity). ``stored``: the exact input carries kept by
+    `_scan_forward` (``(buf1, buf2)``) or None; ``stored_units`` as there.
 
     Returns:
-      ``((x1, x2), (dx1, dx2), (df_params, dg_params, dcontext))``: the rebuilt input (exact
-      up to rounding), its cotangent and the cotangents of the parameters and side inputs.
+      ``((x1, x2), (dx1, dx2), (df_params, dg_params, dcontext))``: the rebuilt input carries,
+      the cotangent of their float view and the cotangents of the parameters and side inputs.
     """
-    n = _num_units(f_params, g_params)
+    s, arith, cpl = setting, setting.arith, setting.coupling
+    n = _num_units(fp, gp)
+    k = s.exact_every
     if stored is not None:
-        first, count = _exact_range(n, k) if stored_units is None else stored_units
+        first, count = exact_range(n, k) if stored_units is None else stored_units
     # Cotangent of the side inputs, summed over units: zeros for inexact leaves, None else.
     dcontext = jax.tree.map(lambda c: jnp.zeros_like(c) if _differentiable(c) else None, context)
 
@@ -615,25 +933,27 @@ def _sequence_backward(
         # of the rebuilt ones, so no chain of rebuilt units is longer than k.
         if stored is None:
             return rebuilt
-        keep, slot = _exact_slot(i, first, count, k)
+        keep, slot = exact_slot(i, first, count, k)
         return jnp.where(keep, stored[half][slot], rebuilt)
 
     def body(carry, xs):
         b1, b2, db1, db2, dctx = carry
-        i, fp, gp, key = xs
+        i, p_f, p_g, key = xs
         kf, kg = _split_unit_key(key)
         b1, b2 = _after(b1, b2, db1, db2)
         # G(y1) once: its value rebuilds x2, its VJP pulls back the cotangent of y2.
         # Non-inexact leaves of the parameters and context (RNG counters, masks) get None.
-        h_g, g_vjp = _vjp_inexact(lambda p, a, c: g_branch(p, a, kg, c)[0], gp, b1, context)
-        a2 = exact(i, cpl.uncombine(b2, h_g), 1)
-        da2, dh_g = jax.vjp(cpl.combine, a2, h_g)[1](db2)
+        v1 = arith.view(b1)
+        h_g, g_vjp = _vjp_inexact(lambda p, a, c: s.g(p, a, kg, c)[0], p_g, v1, context)
+        a2 = exact(i, arith.uncombine(cpl, b2, h_g), 1)
+        v2 = arith.view(a2)
+        da2, dh_g = jax.vjp(cpl.combine, v2, h_g)[1](db2)
         dgp, db1_from_g, dctx_g = g_vjp(dh_g)
         db1 = db1 + db1_from_g
         # F(x2) once: its value rebuilds x1, its VJP pulls back the cotangent of y1.
-        h_f, f_vjp = _vjp_inexact(lambda p, a, c: f_branch(p, a, kf, c)[0], fp, a2, context)
-        a1 = exact(i, cpl.uncombine(b1, h_f), 0)
-        da1, dh_f = jax.vjp(cpl.combine, a1, h_f)[1](db1)
+        h_f, f_vjp = _vjp_inexact(lambda p, a, c: s.f(p, a, kf, c)[0], p_f, v2, context)
+        a1 = exact(i, arith.uncombine(cpl, b1, h_f), 0)
+        da1, dh_f = jax.vjp(cpl.combine, arith.view(a1), h_f)[1](db1)
         dfp, da2_from_f, dctx_f = f_vjp(dh_f)
         da2 = da2 + da2_from_f
         dctx = _add_cotangents(dctx, _add_cotangents(dctx_g, dctx_f))
@@ -642,44 +962,53 @@ def _sequence_backward(
     (x1, x2, dx1, dx2, dcontext), (dfp, dgp) = lax.scan(
         body,
         (y1, y2, dy1, dy2, dcontext),
-        (jnp.arange(n), f_params, g_params, keys),
+        (jnp.arange(n), fp, gp, keys),
         reverse=True,
-        unroll=unroll,
+        unroll=s.unroll,
     )
     return (x1, x2), (dx1, dx2), (dfp, dgp, dcontext)
 
 
-def _make_memory_saving(cpl, f_branch, g_branch, unroll, exact_every=None):
-    """Builds the custom-VJP sequence for one (coupling, F, G, unroll, exact_every) setting."""
+def _make_memory_saving(setting: SequenceSetting):
+    """Builds the custom-VJP sequence for one static setting: ``((y1, y2), aux, peak)``."""
+    arith = setting.arith
+
+    def forward(f_params, g_params, x1, x2, keys, context):
+        n = _num_units(f_params, g_params)
+        k = setting.exact_every
+        plan = None if k is None else exact_range(n, k)
+        peak = _input_peak(setting, x1, x2)
+        (c1, c2), aux, stored, peak = _scan_forward(
+            setting,
+            f_params,
+            g_params,
+            arith.enter(x1),
+            arith.enter(x2),
+            keys,
+            context,
+            peak,
+            stored_units=plan,
+        )
+        y1, y2 = _in_range(arith, peak, arith.leave(c1), arith.leave(c2))
+        return ((y1, y2), aux, peak), (c1, c2, stored)
 
     @jax.custom_vjp
     def run(f_params, g_params, x1, x2, keys, context):
-        return _scan_forward(
-            cpl, f_branch, g_branch, unroll, f_params, g_params, x1, x2, keys, context
-        )
+        return forward(f_params, g_params, x1, x2, keys, context)[0]
 
     def run_fwd(f_params, g_params, x1, x2, keys, context):
-        if exact_every is None:
-            (y1, y2), aux = _scan_forward(
-                cpl, f_branch, g_branch, unroll, f_params, g_params, x1, x2, keys, context
-            )
-            stored = None
-        else:
-            inputs = (f_params, g_params, x1, x2, keys, context)
-            (y1, y2), aux, stored = _scan_forward_with_boundaries(
-                cpl, f_branch, g_branch, unroll, exact_every, *inputs
-            )
-        # The residuals: parameters, the sequence output, the keys, the side inputs (and, with
-        # exact_every, the exact inputs of `exact_units`). No other activation.
-        return ((y1, y2), aux), (f_params, g_params, y1, y2, keys, context, stored)
+        out, (c1, c2, stored) = forward(f_params, g_params, x1, x2, keys, context)
+        # The residuals: parameters, the output carries (int32 for fixed point: the backward
+        # rebuilds from them, not from the rounded float outputs), the keys, the side inputs
+        # and, with exact_every, the exact input carries of `exact_units`. No other activation.
+        return out, (f_params, g_params, c1, c2, keys, context, stored)
 
     def run_bwd(residuals, cotangents):
-        f_params, g_params, y1, y2, keys, context, stored = residuals
-        (dy1, dy2), _ = cotangents  # aux is not differentiated
+        f_params, g_params, c1, c2, keys, context, stored = residuals
+        (dy1, dy2), _, _ = cotangents  # aux and peak are not differentiated
         _, (dx1, dx2), (dfp, dgp, dcontext) = _sequence_backward(
-            cpl, f_branch, g_branch, unroll, exact_every, f_params, g_params, y1, y2, keys,
-            context, stored, dy1, dy2,
-        )  # fmt: skip
+            setting, f_params, g_params, c1, c2, keys, context, stored, dy1, dy2
+        )
         return dfp, dgp, dx1, dx2, None, dcontext
 
     run.defvjp(run_fwd, run_bwd)
@@ -695,16 +1024,20 @@ class ChainSegment(NamedTuple):
     """One invertible piece of a `reversible_chain`, mapping halves to halves.
 
     Build them with `sequence_segment` (stacked reversible units) and `shortcut_unit_segment`
-    (one unit whose halves change shape through an injective linear shortcut).
+    (one unit whose halves change shape through an injective linear shortcut). A segment works
+    on carries in the chain's arithmetic ``arith`` (`make_carry`: floats, or int32 fixed
+    point).
 
     Attributes:
       num_units: how many units the segment counts for ``exact_every`` placement.
-      forward: ``(params, x1, x2, stored_units, k) -> ((y1, y2), aux, stored)``.
-        ``stored_units`` is ``(first, count)`` or None: keep the exact inputs of local units
-        ``first, first + k, ...`` (``stored`` holds them; None when nothing is kept).
-      backward: ``(params, stored, y1, y2, dy1, dy2, stored_units, k) -> ((x1, x2), (dx1,
-        dx2), dparams)``: rebuilds the segment's input from its output while pulling the
-        cotangent back (using the stored inputs in place of rebuilt ones).
+      forward: ``(params, c1, c2, stored_units, k, arith, peak) -> ((d1, d2), aux, stored,
+        peak)``. ``stored_units`` is ``(first, count)`` or None: keep the exact input carries
+        of local units ``first, first + k, ...`` (``stored`` holds them; None when nothing is
+        kept). ``peak``: a float32 scalar to update with the largest carry / F / G magnitude,
+        or None.
+      backward: ``(params, stored, d1, d2, dy1, dy2, stored_units, k, arith) -> ((c1, c2),
+        (dx1, dx2), dparams)``: rebuilds the segment's input carries from its output carries
+        while pulling the cotangent back (using the stored inputs in place of rebuilt ones).
     """
 
     num_units: int
@@ -729,22 +1062,22 @@ def sequence_segment(
     unroll = default_unroll(num_units) if unroll is None else unroll
     f_branch, g_branch = _Branch(f, has_aux, False), _Branch(g, has_aux, False)
 
-    def forward(params, x1, x2, stored_units, k):
+    def setting(arith, k):
+        check_arithmetic("fixed" if arith.fixed else "float", DEFAULT_FRAC_BITS, cpl)
+        return SequenceSetting(cpl, f_branch, g_branch, unroll, arith, k)
+
+    def forward(params, c1, c2, stored_units, k, arith, peak=None):
         fp, gp = params
-        if stored_units is None:
-            (y1, y2), aux = _scan_forward(cpl, f_branch, g_branch, unroll, fp, gp, x1, x2, None)
-            return (y1, y2), aux, None
-        return _scan_forward_with_boundaries(
-            cpl, f_branch, g_branch, unroll, k, fp, gp, x1, x2, None, None, stored_units
+        return _scan_forward(
+            setting(arith, k), fp, gp, c1, c2, None, None, peak, stored_units=stored_units
         )
 
-    def backward(params, stored, y1, y2, dy1, dy2, stored_units, k):
+    def backward(params, stored, d1, d2, dy1, dy2, stored_units, k, arith):
         fp, gp = params
-        x, dx, (dfp, dgp, _) = _sequence_backward(
-            cpl, f_branch, g_branch, unroll, k, fp, gp, y1, y2, None, None, stored,
-            dy1, dy2, stored_units,
-        )  # fmt: skip
-        return x, dx, (dfp, dgp)
+        c, dx, (dfp, dgp, _) = _sequence_backward(
+            setting(arith, k), fp, gp, d1, d2, None, None, stored, dy1, dy2, stored_units
+        )
+        return c, dx, (dfp, dgp)
 
     return ChainSegment(num_units, forward, backward)
 
@@ -763,42 +1096,51 @@ def shortcut_unit_segment(
     ``shortcut_inverse`` (e.g. space-to-depth plus zero channels, as in i-RevNet), so that
     ``x2 = P^-1(y2 - G(y1))`` and ``x1 = P^-1(y1 - F(x2))``. F maps ``x2`` to ``P(x1)``'s
     shape (it carries the stride), G maps ``y1`` to ``y2``'s. Params are ``(f_params,
-    g_params)``, not stacked.
+    g_params)``, not stacked. With fixed-point carries ``P`` and ``P^-1`` must only move and
+    pad elements (no arithmetic), so that they act on the integers exactly.
     """
     f_branch, g_branch = _Branch(f, has_aux, False), _Branch(g, has_aux, False)
 
-    def combine(x, h):
+    def float_combine(x, h):
         p = shortcut(x)
         return p + _cast_like(h, p)
 
-    def forward(params, x1, x2, stored_units, k):
+    def forward(params, c1, c2, stored_units, k, arith, peak=None):
         fp, gp = params
-        h_f, aux_f = f_branch(fp, x2, None)
-        y1 = combine(x1, h_f)
-        h_g, aux_g = g_branch(gp, y1, None)
-        y2 = combine(x2, h_g)
+        h_f, aux_f = f_branch(fp, arith.view(c2), None)
+        d1 = arith.combine(additive_coupling, arith.linear(shortcut, c1), h_f)
+        h_g, aux_g = g_branch(gp, arith.view(d1), None)
+        d2 = arith.combine(additive_coupling, arith.linear(shortcut, c2), h_g)
+        if peak is not None:
+            parts = (arith.magnitude(c1), arith.magnitude(c2), _max_abs(h_f), _max_abs(h_g))
+            peak = functools.reduce(jnp.maximum, parts, peak)
         keep = stored_units is not None and stored_units[1]
-        return (y1, y2), (aux_f, aux_g), ((x1, x2) if keep else None)
+        return (d1, d2), (aux_f, aux_g), ((c1, c2) if keep else None), peak
 
-    def backward(params, stored, y1, y2, dy1, dy2, stored_units, k):
+    def backward(params, stored, d1, d2, dy1, dy2, stored_units, k, arith):
         fp, gp = params
-        y1, y2 = _after(y1, y2, dy1, dy2)
-        h_g, g_vjp = _vjp_inexact(lambda p, a: g_branch(p, a, None)[0], gp, y1)
-        x2 = shortcut_inverse(y2 - _cast_like(h_g, y2)) if stored is None else stored[1]
-        dx2, dh_g = jax.vjp(combine, x2, h_g)[1](dy2)
+        d1, d2 = _after(d1, d2, dy1, dy2)
+        h_g, g_vjp = _vjp_inexact(lambda p, a: g_branch(p, a, None)[0], gp, arith.view(d1))
+        if stored is None:
+            c2 = shortcut_inverse(arith.uncombine(additive_coupling, d2, h_g))
+        else:
+            c2 = stored[1]
+        dx2, dh_g = jax.vjp(float_combine, arith.view(c2), h_g)[1](dy2)
         dgp, dy1_from_g = g_vjp(dh_g)
         dy1 = dy1 + dy1_from_g
         # F's recomputation may not start before G's pullback is done: left free, XLA:GPU
-        # overlaps them and holds both branches' full-size buffers at once (RevNet-164 with
-        # invertible downsampling, H100 target, batch 128: 256.2 -> 226.1 MiB temp). A barrier
-        # moves no data and computes nothing. dx2 stays out of it: forced early, it would live
-        # through F's pullback (230.3 MiB with it).
-        x2, dy1 = lax.optimization_barrier((x2, dy1))
-        h_f, f_vjp = _vjp_inexact(lambda p, a: f_branch(p, a, None)[0], fp, x2)
-        x1 = shortcut_inverse(y1 - _cast_like(h_f, y1)) if stored is None else stored[0]
-        dx1, dh_f = jax.vjp(combine, x1, h_f)[1](dy1)
+        # overlaps them and holds both branches' full-size buffers at once. A barrier moves no
+        # data and computes nothing. dx2 stays out of it: forced early, it would live through
+        # F's pullback.
+        c2, dy1 = lax.optimization_barrier((c2, dy1))
+        h_f, f_vjp = _vjp_inexact(lambda p, a: f_branch(p, a, None)[0], fp, arith.view(c2))
+        if stored is None:
+            c1 = shortcut_inverse(arith.uncombine(additive_coupling, d1, h_f))
+        else:
+            c1 = stored[0]
+        dx1, dh_f = jax.vjp(float_combine, arith.view(c1), h_f)[1](dy1)
         dfp, dx2_from_f = f_vjp(dh_f)
-        return (x1, x2), (dx1, dx2 + dx2_from_f), (dfp, dgp)
+        return (c1, c2), (dx1, dx2 + dx2_from_f), (dfp, dgp)
 
     return ChainSegment(1, forward, backward)
 
@@ -828,6 +1170,9 @@ def reversible_chain(
     *,
     memory_saving: bool = True,
     exact_every: int | None = None,
+    arithmetic: str = "float",
+    frac_bits: int = DEFAULT_FRAC_BITS,
+    return_peak: bool = False,
 ) -> tuple[tuple[Array, Array], tuple]:
     """Applies invertible segments in turn as one custom VJP that stores only the final output.
 
@@ -844,9 +1189,16 @@ def reversible_chain(
       memory_saving: False runs the same segments through plain autodiff (the reference).
       exact_every: bound every rebuilt chain at k units, counting units across segments: the
         inputs of units ``N-k, N-2k, ... > 0`` of the N units are stored (`chain_exact_units`).
+      arithmetic: ``"float"`` or ``"fixed"``: the halves are carried through every segment as
+        int32 fixed point, so the whole chain is rebuilt bit for bit (see
+        `reversible_sequence`; the shortcuts move and pad the integers).
+      frac_bits: fraction bits of the fixed-point carries.
+      return_peak: also return one float32 scalar per segment: the largest magnitude of its
+        input carries and F/G outputs.
 
     Returns:
-      ``((y1, y2), aux)``, ``aux`` holding each segment's F/G aux outputs (not differentiated).
+      ``((y1, y2), aux)``, ``aux`` holding each segment's F/G aux outputs (not differentiated);
+      with ``return_peak``, ``(that, peaks)``.
     """
     segments, params = tuple(segments), tuple(params)
     if len(segments) != len(params):
@@ -855,41 +1207,56 @@ def reversible_chain(
             f"segments and {len(params)} parameter pytrees."
         )
     check_exact_every(exact_every)
+    check_arithmetic(arithmetic, frac_bits)
     plans = chain_exact_units(segments, exact_every if memory_saving else None)
+    arith = make_carry(arithmetic, frac_bits, jnp.result_type(x1), traced=not memory_saving)
+    track = return_peak or arith.fixed
 
     def forward(params, x1, x2, keep):
-        auxes, stored = [], []
+        auxes, stored, peaks = [], [], []
+        c1, c2 = arith.enter(x1), arith.enter(x2)
+        peak = _max_abs((x1, x2)) if track else None
         for seg, p, plan in zip(segments, params, plans, strict=True):
-            (x1, x2), aux, s = seg.forward(p, x1, x2, plan if keep else None, exact_every)
+            seg_peak = jnp.zeros((), jnp.float32) if track else None
+            (c1, c2), aux, s, seg_peak = seg.forward(
+                p, c1, c2, plan if keep else None, exact_every, arith, seg_peak
+            )
             auxes.append(aux)
             stored.append(s)
-        return ((x1, x2), tuple(auxes)), tuple(stored)
+            peaks.append(seg_peak)
+            peak = jnp.maximum(peak, seg_peak) if track else None
+        y1, y2 = _in_range(arith, peak, arith.leave(c1), arith.leave(c2))
+        return ((y1, y2), tuple(auxes), tuple(peaks)), (c1, c2, tuple(stored))
+
+    def finish(out):
+        (y1, y2), aux, peaks = out
+        return (((y1, y2), aux), peaks) if return_peak else ((y1, y2), aux)
 
     if not memory_saving:
-        return forward(params, x1, x2, False)[0]
+        return finish(forward(params, x1, x2, False)[0])
 
     @jax.custom_vjp
     def run(params, x1, x2):
         return forward(params, x1, x2, False)[0]
 
     def run_fwd(params, x1, x2):
-        ((y1, y2), aux), stored = forward(params, x1, x2, True)
-        # The residuals: parameters, the chain's output and the inputs `chain_exact_units`
-        # names. No segment's output: each is rebuilt from the next one.
-        return ((y1, y2), aux), (params, y1, y2, stored)
+        out, (c1, c2, stored) = forward(params, x1, x2, True)
+        # The residuals: parameters, the chain's output carries and the inputs
+        # `chain_exact_units` names. No segment's output: each is rebuilt from the next one.
+        return out, (params, c1, c2, stored)
 
     def run_bwd(residuals, cotangents):
-        params, y1, y2, stored = residuals
-        (dy1, dy2), _ = cotangents  # aux is not differentiated
+        params, c1, c2, stored = residuals
+        (dy1, dy2), _, _ = cotangents  # aux and peaks are not differentiated
         dparams = [None] * len(segments)
         for j in reversed(range(len(segments))):
-            (y1, y2), (dy1, dy2), dparams[j] = segments[j].backward(
-                params[j], stored[j], y1, y2, dy1, dy2, plans[j], exact_every
+            (c1, c2), (dy1, dy2), dparams[j] = segments[j].backward(
+                params[j], stored[j], c1, c2, dy1, dy2, plans[j], exact_every, arith
             )
         return tuple(dparams), dy1, dy2
 
     run.defvjp(run_fwd, run_bwd)
-    return run(params, x1, x2)
+    return finish(run(params, x1, x2))
 
 
 def inverse_sequence(
@@ -905,13 +1272,20 @@ def inverse_sequence(
     keys: Array | None = None,
     unroll: int | bool | None = None,
     context: PyTree = None,
+    arithmetic: str = "float",
+    frac_bits: int = DEFAULT_FRAC_BITS,
 ) -> tuple[Array, Array]:
     """Rebuilds the input of `reversible_sequence` from its output (units in reverse).
 
     Takes the same arguments as `reversible_sequence` (aux outputs of F/G are discarded).
-    Used to test reconstruction and to measure numerical drift.
+    Used to test reconstruction and to measure numerical drift. With ``arithmetic="fixed"`` the
+    output is rounded to the grid on entry and the rebuild runs on int32 carries; it is exact
+    when ``(y1, y2)`` are the fixed-point sequence's outputs and their carries fit the halves'
+    float precision (``|value| < 2**(mantissa bits - frac_bits)``: 256 for float32 with 16
+    fraction bits).
     """
     cpl = get_coupling(coupling)
+    check_arithmetic(arithmetic, frac_bits, cpl)
     n = _num_units(f_params, g_params)
     if unroll is None:
         unroll = default_unroll(n)
@@ -919,21 +1293,20 @@ def inverse_sequence(
         _check_context(context)
     f_branch = _Branch(f, has_aux, keys is not None, context is not None)
     g_branch = _Branch(g, has_aux, keys is not None, context is not None)
+    arith = make_carry(arithmetic, frac_bits, jnp.result_type(y1))
 
     def body(carry, xs):
-        b1, b2 = carry
         fp, gp, key = xs
-        kf, kg = _split_unit_key(key)
-        a1, a2 = cpl.inverse(
-            lambda a: f_branch(fp, a, kf, context)[0],
-            lambda a: g_branch(gp, a, kg, context)[0],
-            b1,
-            b2,
-        )
-        return (a1, a2), None
+        return unit_inverse(arith, cpl, f_branch, g_branch, fp, gp, key, context, *carry), None
 
-    (x1, x2), _ = lax.scan(body, (y1, y2), (f_params, g_params, keys), reverse=True, unroll=unroll)
-    return x1, x2
+    (c1, c2), _ = lax.scan(
+        body,
+        (arith.enter(y1), arith.enter(y2)),
+        (f_params, g_params, keys),
+        reverse=True,
+        unroll=unroll,
+    )
+    return arith.leave(c1), arith.leave(c2)
 
 
 def relative_error(a: PyTree, b: PyTree) -> Array:

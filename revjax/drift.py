@@ -21,9 +21,15 @@ pre-activation within that error of zero may flip its mask, and one flipped elem
 the gradient by O(1 / sqrt(elements per channel)), which BatchNorm spreads over its whole
 channel. Plain float32 autodiff flips masks too (relative to float64), but from ~1e-7
 perturbations, so far fewer. Gradients of deep stages were off by up to ~1e-2 relative (plain:
-~1e-6), mostly in the first units and the entry unit before them. ``RevNet(exact_every=8)``
-(the default) bounds the accumulation to 8 units and brings them back to plain's accuracy;
+~1e-6), mostly in the first units and the entry unit before them. With float arithmetic,
+``RevNet(arithmetic="float", exact_every=8)`` bounds the accumulation to 8 units and brings
+them back to plain's accuracy;
 BatchNorm epsilon 1e-3 (vs Flax's 1e-5) and two-pass variance reduce the amplification.
+
+Fixed-point models (``arithmetic="fixed"``) carry the halves as int32 inside the reversible
+units and rebuild them bit for bit: `reconstruction_error` and `DriftMonitor` then report zero
+error and count ``mismatches``, the rebuilt elements whose bits differ from the forward's (0
+unless XLA computes F/G differently in the rebuild).
 """
 
 from __future__ import annotations
@@ -41,7 +47,15 @@ from flax import nnx
 from jax import lax
 
 from revjax._blocks import pure_call
-from revjax._core import _exact_range, _exact_slot, additive_coupling, default_unroll
+from revjax._core import (
+    additive_coupling,
+    default_unroll,
+    exact_range,
+    exact_slot,
+    make_carry,
+    unit_forward,
+    unit_inverse,
+)
 
 Array = jax.Array
 
@@ -63,11 +77,15 @@ class DriftWarning(RuntimeWarning):
 # --------------------------------------------------------------------------------------------
 
 
-def _stage_reconstruction(stage, h1: Array, h2: Array, exact_every: int | None):
+def _stage_reconstruction(stage, h1, h2, exact_every, arithmetic="float", frac_bits=16):
     """Forward through one RevStage storing every reversible unit's input, then the rebuild.
 
-    Returns ``((y1, y2), stats)``: the stage output and per-unit error statistics of the
-    rebuilt inputs, each shaped ``[units - 1]``.
+    Both run the core's own unit (`revjax._core.unit_forward` / `unit_inverse`) on the
+    model's carries: floats, or int32 fixed point, where the rebuild should be bit-exact.
+
+    Returns:
+      ``((y1, y2), stats)``: the stage output and per-unit error statistics of the rebuilt
+      inputs, each shaped ``[units - 1]``.
     """
     y1, y2 = stage.entry(h1, h2, train=True)
     if not stage.num_reversible:
@@ -77,29 +95,28 @@ def _stage_reconstruction(stage, h1: Array, h2: Array, exact_every: int | None):
     g_def, g_state = nnx.split(stage.reversible.g)
     f_call, g_call = pure_call(f_def), pure_call(g_def)
     # Train mode, batch statistics: what the forward and the backward's recomputation use.
-    f = lambda p, a: f_call(p, a, train=True)[0]
-    g = lambda p, a: g_call(p, a, train=True)[0]
+    # The core's residual-function protocol: (params, x, key, context) -> (h, aux).
+    f = lambda p, a, key, ctx: (f_call(p, a, train=True)[0], None)
+    g = lambda p, a, key, ctx: (g_call(p, a, train=True)[0], None)
     cpl = additive_coupling  # RevNet's coupling; casts F/G outputs to the carry dtype
+    arith = make_carry(arithmetic, frac_bits, y1.dtype)
     unroll = default_unroll(n)
 
     def forward(carry, params):
         a1, a2 = carry
-        fp, gp = params
-        b1 = cpl.combine(a1, f(fp, a2))
-        b2 = cpl.combine(a2, g(gp, b1))
+        (b1, b2), _, _ = unit_forward(arith, cpl, f, g, *params, None, None, a1, a2)
         return (b1, b2), (a1, a2)
 
-    # stored: every unit's exact input, [n, N, H, W, C/2] per half.
-    (z1, z2), stored = lax.scan(forward, (y1, y2), (f_state, g_state), unroll=unroll)
+    # stored: every unit's exact input carry, [n, N, H, W, C/2] per half.
+    c1, c2 = arith.enter(y1), arith.enter(y2)
+    (z1, z2), stored = lax.scan(forward, (c1, c2), (f_state, g_state), unroll=unroll)
 
     def inverse(carry, xs):
-        b1, b2 = carry
         i, fp, gp, s1, s2 = xs
-        a2 = cpl.uncombine(b2, g(gp, b1))
-        a1 = cpl.uncombine(b1, f(fp, a2))
+        a1, a2 = unit_inverse(arith, cpl, f, g, fp, gp, None, None, *carry)
         if exact_every is not None:
             # The memory-saving backward uses the stored inputs of units n-k, n-2k, ... > 0.
-            keep, _ = _exact_slot(i, *_exact_range(n, exact_every), exact_every)
+            keep, _ = exact_slot(i, *exact_range(n, exact_every), exact_every)
             a1, a2 = jnp.where(keep, s1, a1), jnp.where(keep, s2, a2)
         return (a1, a2), (a1, a2)
 
@@ -110,7 +127,31 @@ def _stage_reconstruction(stage, h1: Array, h2: Array, exact_every: int | None):
         reverse=True,
         unroll=unroll,
     )
-    return (z1, z2), _unit_errors(stored, rebuilt)
+    mismatches = sum(
+        jnp.sum(r != s, axis=tuple(range(1, s.ndim))) for r, s in zip(rebuilt, stored)
+    )  # [n]: elements whose bits differ
+    view = lambda t: tuple(jax.vmap(arith.view)(a) for a in t)
+    stats = _unit_errors(view(stored), view(rebuilt))
+    stats["mismatches"] = mismatches
+    return (arith.leave(z1), arith.leave(z2)), stats
+
+
+def _reconstruction_arrays(graphdef, params, batch_stats, x) -> dict[str, dict[str, Array]]:
+    """Pure, jit-able core of `reconstruction_error`: per stage, per-unit statistics."""
+    model = nnx.merge(graphdef, params, batch_stats, copy=True)
+    if not hasattr(model, "stem_halves") or not hasattr(model, "stages"):
+        raise TypeError(
+            f"reconstruction_error needs a revjax.RevNet (or its graphdef), got "
+            f"{type(model).__name__}: only reversible stages rebuild their inputs."
+        )
+    exact_every = model.exact_every if model.memory_saving else None
+    h1, h2 = model.stem_halves(x, train=True)
+    out = {}
+    for s, stage in enumerate(model.stages):
+        (h1, h2), stats = _stage_reconstruction(stage, h1, h2, exact_every, *_arithmetic_of(model))
+        if stats is not None:
+            out[f"stage{s}"] = stats
+    return out
 
 
 def _unit_errors(stored, rebuilt) -> dict[str, Array]:
@@ -144,22 +185,9 @@ def _unit_errors(stored, rebuilt) -> dict[str, Array]:
     }
 
 
-def _reconstruction_arrays(graphdef, params, batch_stats, x) -> dict[str, dict[str, Array]]:
-    """Pure, jit-able core of `reconstruction_error`: per stage, per-unit statistics."""
-    model = nnx.merge(graphdef, params, batch_stats, copy=True)
-    if not hasattr(model, "stem_halves") or not hasattr(model, "stages"):
-        raise TypeError(
-            f"reconstruction_error needs a revjax.RevNet (or its graphdef), got "
-            f"{type(model).__name__}: only reversible stages rebuild their inputs."
-        )
-    exact_every = model.exact_every if model.memory_saving else None
-    h1, h2 = model.stem_halves(x, train=True)
-    out = {}
-    for s, stage in enumerate(model.stages):
-        (h1, h2), stats = _stage_reconstruction(stage, h1, h2, exact_every)
-        if stats is not None:
-            out[f"stage{s}"] = stats
-    return out
+def _arithmetic_of(model) -> tuple[str, int]:
+    """The model's carry arithmetic and fraction bits (float for models without the option)."""
+    return getattr(model, "arithmetic", "float"), getattr(model, "frac_bits", 16)
 
 
 _reconstruction_jit = jax.jit(_reconstruction_arrays, static_argnums=0)
@@ -193,8 +221,14 @@ def reconstruction_error(
       that unit's largest absolute activation), ``rel`` (over units, largest
       ``||rebuilt - stored|| / ||stored||``), ``channel_rel`` (over units and channels, the
       largest RMS error in units of the channel's batch standard deviation: the error as the
-      next BatchNorm sees it), and ``per_unit``: a dict of NumPy arrays ``[units - 1]`` with
-      the same four statistics and ``scale`` (largest absolute activation) per unit.
+      next BatchNorm sees it), ``mismatches`` (int: rebuilt elements whose bits differ from
+      the stored ones, over all units; 0 is a bit-exact rebuild, what fixed-point models
+      give wherever XLA computes F/G the same way twice; float models differ almost
+      everywhere), and ``per_unit``: a dict of NumPy arrays ``[units - 1]`` with the same
+      statistics and ``scale`` (largest absolute activation) per unit.
+
+    With ``arithmetic="fixed"`` the forward and the rebuild run on the model's int32 carries,
+    as the memory-saving backward does; errors are measured on their values.
     """
     if x is None:
         raise TypeError("reconstruction_error needs the images x.")
@@ -219,6 +253,7 @@ def _summarise(arrays: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, A
             "max_rel": float(per_unit["max_rel"].max()),
             "rel": float(per_unit["rel"].max()),
             "channel_rel": float(per_unit["channel_rel"].max()),
+            "mismatches": int(per_unit["mismatches"].sum()),
             "per_unit": per_unit,
         }
     return out
@@ -301,7 +336,8 @@ class DriftMonitor:
 
         monitor = DriftMonitor(graphdef, threshold=1e-3)
         metrics = monitor.check(state.params, state.batch_stats, batch["image"])
-        # {"stage0/max_rel": 2e-7, ..., "max_rel": 4e-7}
+        # {"stage0/max_rel": 2e-7, ..., "max_rel": 4e-7, "mismatches": 8190}
+        # A fixed-point model: {"stage0/max_rel": 0.0, ..., "mismatches": 0}
     """
 
     def __init__(self, graphdef: nnx.GraphDef, threshold: float = 1e-3):
@@ -313,7 +349,8 @@ class DriftMonitor:
         self._fn = functools.partial(_reconstruction_jit, graphdef)
 
     def check(self, params: nnx.State, batch_stats: nnx.State, images: Array) -> dict[str, float]:
-        """Measures the drift on ``images``; returns ``{"stage<i>/<stat>": value, "max_rel"}``.
+        """Measures the drift on ``images``; returns ``{"stage<i>/<stat>": value, "max_rel",
+        "mismatches"}`` (``mismatches``: rebuilt elements whose bits differ, all stages).
 
         Warns with `DriftWarning` when any stage's ``max_rel`` exceeds the threshold or is not
         finite.
@@ -321,10 +358,11 @@ class DriftMonitor:
         summary = _summarise(jax.device_get(self._fn(params, batch_stats, images)))
         metrics: dict[str, float] = {}
         for stage, stats in summary.items():
-            for key in ("max_abs", "max_rel", "rel", "channel_rel"):
+            for key in ("max_abs", "max_rel", "rel", "channel_rel", "mismatches"):
                 metrics[f"{stage}/{key}"] = stats[key]
         worst = max(summary.items(), key=lambda kv: _nan_last(kv[1]["max_rel"]), default=None)
         metrics["max_rel"] = worst[1]["max_rel"] if worst else 0.0
+        metrics["mismatches"] = sum(stats["mismatches"] for stats in summary.values())
         if worst is not None and not worst[1]["max_rel"] <= self.threshold:
             stage, stats = worst
             unit = int(np.nanargmax(np.nan_to_num(stats["per_unit"]["max_rel"], nan=np.inf)))
@@ -333,8 +371,9 @@ class DriftMonitor:
                 f"{stats['max_rel']:.3g} (relative, worst at reversible unit {unit}), above the "
                 f"drift threshold {self.threshold:g}. Gradients of the memory-saving backward "
                 "are then inaccurate. Check for exploding weights or non-finite activations; "
-                "RevNet(exact_every=k) bounds the accumulated error, carry_dtype=jnp.float32 "
-                "helps half-precision models, memory_saving=False avoids the rebuild.",
+                "arithmetic='fixed' rebuilds exactly, RevNet(exact_every=k) bounds the "
+                "accumulated error, carry_dtype=jnp.float32 helps half-precision models, "
+                "memory_saving=False avoids the rebuild.",
                 DriftWarning,
                 stacklevel=2,
             )

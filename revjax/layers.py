@@ -19,6 +19,11 @@ grow with ``num_units``. What every NNX model needs is handled here:
 * **Side inputs** (``context``: conditioning, attention masks or biases, time embeddings) are
   shared by every unit and receive gradients, summed over units.
 
+* **Exact arithmetic** (``arithmetic="fixed"``): the halves are carried as int32 fixed point
+  inside the sequence, so the backward rebuilds them bit for bit; the largest magnitude they
+  reach is kept in a `CarryPeak` variable, and `check_carry_range` names a sequence whose
+  carries left the range.
+
 `pure_call` is the pure form of any NNX module's call, ``(state, *args) -> (output,
 new_state)``, that the sequence gives the core for F and G; the model zoo and training steps use
 it too.
@@ -33,13 +38,65 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from revjax._core import Coupling, check_exact_every, get_coupling, reversible_sequence
+from revjax._core import (
+    DEFAULT_FRAC_BITS,
+    CarryRangeError,
+    Coupling,
+    carry_limit,
+    check_arithmetic,
+    check_exact_every,
+    get_coupling,
+    reversible_sequence,
+)
 
 Array = jax.Array
 
-__all__ = ["ReversibleSequence", "pure_call", "stacked"]
+__all__ = ["CarryPeak", "ReversibleSequence", "check_carry_range", "pure_call", "stacked"]
+
+
+class CarryPeak(nnx.BatchStat):
+    """The largest magnitude a module's fixed-point carries reached (a running maximum).
+
+    Written by the forward pass, like BatchNorm statistics (so it travels with them: in
+    ``batch_stats`` of `revjax.functional` and the trainer's state), with the fraction bits as
+    metadata. NaN values (a non-finite activation) are not recorded: they are not a range
+    problem.
+    """
+
+
+def new_carry_peak(frac_bits: int) -> CarryPeak:
+    """A fresh `CarryPeak` (0) for carries with ``frac_bits`` fraction bits."""
+    return CarryPeak(jnp.zeros((), jnp.float32), frac_bits=frac_bits)
+
+
+def record_peak(variable: CarryPeak, peak: Array) -> None:
+    """Raises ``variable`` to ``peak`` if larger (NaN ignored)."""
+    variable[...] = jnp.fmax(variable[...], peak)
+
+
+def check_carry_range(tree: Any) -> None:
+    """Raises `revjax.CarryRangeError` if any fixed-point carry in ``tree`` left its range.
+
+    ``tree``: a model (NNX module) or a pytree holding its `CarryPeak` variables (e.g. the
+    ``batch_stats`` State of `revjax.functional` or of the trainer). The error names the first
+    module path whose carries reached `revjax.carry_limit` of their fraction bits, the largest
+    magnitude seen and the fix. Does nothing when every carry is in range (or there are none).
+    """
+    if isinstance(tree, nnx.Module):
+        tree = nnx.state(tree, CarryPeak)
+    is_var = lambda x: isinstance(x, nnx.Variable)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_var)[0]:
+        if not isinstance(leaf, CarryPeak):
+            continue
+        frac_bits = leaf.get_metadata().get("frac_bits", DEFAULT_FRAC_BITS)
+        peak = float(np.asarray(jax.device_get(leaf.get_value())))
+        if peak >= carry_limit(frac_bits):
+            where = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+            raise CarryRangeError(where or "the model", peak, frac_bits)
 
 
 def stacked(n: int, make: Callable[[nnx.Rngs], nnx.Module], rngs: nnx.Rngs) -> nnx.Module:
@@ -174,6 +231,14 @@ class ReversibleSequence(nnx.Module):
         reconstruction error accumulates over at most k units (memory grows with
         ``num_units / k``); ``None`` stores none. See `revjax.reversible_sequence`.
       unroll: scan unroll; ``None``: full on CPU, rolled on GPU/TPU (`revjax.default_unroll`).
+      arithmetic: ``"float"`` (the paper's floating-point rebuild) or ``"fixed"``: the halves
+        are carried as int32 fixed point with ``frac_bits`` fraction bits inside the sequence,
+        so the backward rebuilds them bit for bit (see `revjax.reversible_sequence`; additive
+        coupling only). Then ``carry_peak`` (a `CarryPeak`) records the largest magnitude the
+        carries reach; past `revjax.carry_limit` the outputs are NaN and `check_carry_range`
+        (which the trainer calls at every log step) raises `revjax.CarryRangeError` naming
+        this module.
+      frac_bits: fraction bits of the fixed-point carries.
 
     Call:
       ``seq(x1, x2, *context, **kwargs) -> (y1, y2)``. ``context``: arrays (or pytrees of
@@ -196,6 +261,8 @@ class ReversibleSequence(nnx.Module):
         memory_saving: bool = True,
         exact_every: int | None = None,
         unroll: int | bool | None = None,
+        arithmetic: str = "float",
+        frac_bits: int = DEFAULT_FRAC_BITS,
     ):
         try:
             n = operator.index(num_units)
@@ -214,13 +281,18 @@ class ReversibleSequence(nnx.Module):
             )
         make_f = _unit_builder(make_f, "make_f")
         make_g = _unit_builder(make_g, "make_g")
-        get_coupling(coupling)  # an unknown name fails here, not at the first call
+        # An unknown name (or fixed point with the affine coupling) fails here, not at the
+        # first call.
+        check_arithmetic(arithmetic, frac_bits, get_coupling(coupling), "ReversibleSequence")
         check_exact_every(exact_every)
         self.num_units = n
         self.coupling = coupling
         self.memory_saving = memory_saving
         self.exact_every = exact_every
         self.unroll = unroll
+        self.arithmetic = arithmetic
+        self.frac_bits = frac_bits
+        self.carry_peak = new_carry_peak(frac_bits) if arithmetic == "fixed" else None
         self.f = stacked(n, make_f, rngs)
         self.g = stacked(n, make_g, rngs)
 
@@ -293,7 +365,8 @@ class ReversibleSequence(nnx.Module):
         g_def, g_state = nnx.split(self.g)
         # F and G as the core wants them: ``(state, x, context) -> (h, new_state)``.
         f_call, g_call = pure_call(f_def), pure_call(g_def)
-        (y1, y2), (f_new, g_new) = reversible_sequence(
+        fixed = self.arithmetic == "fixed"
+        out = reversible_sequence(
             lambda state, x, context: f_call(state, x, *context, **kwargs),
             lambda state, x, context: g_call(state, x, *context, **kwargs),
             f_state,
@@ -306,7 +379,13 @@ class ReversibleSequence(nnx.Module):
             unroll=unroll,
             exact_every=exact_every if memory_saving else None,
             context=tuple(context),
+            arithmetic=self.arithmetic,
+            frac_bits=self.frac_bits,
+            return_peak=fixed,
         )
+        ((y1, y2), (f_new, g_new)), peak = out if fixed else (out, None)
+        if fixed:
+            record_peak(self.carry_peak, peak)
         # The forward's new state (batch statistics, advanced RNG counters), stacked over units:
         # one update per call, as in plain mode.
         nnx.update(self.f, f_new)

@@ -50,7 +50,13 @@ from revjax._blocks import (
     chain_invertible_stages,
 )
 from revjax._checks import check_images
-from revjax._core import check_exact_every, merge_halves, split_halves
+from revjax._core import (
+    DEFAULT_FRAC_BITS,
+    check_arithmetic,
+    check_exact_every,
+    merge_halves,
+    split_halves,
+)
 from revjax.layers import pure_call
 from revjax.presets import register
 
@@ -319,17 +325,31 @@ class RevNet(_Network):
         ``units - 1``; rebuilding starts from the exact stage output), so rounding error of
         the rebuilt activations accumulates over at most k units, at the cost of
         ``(n - 1) // k`` stored activations per stage: none for stages of up to k + 1 units
-        (all the CIFAR presets), memory O(depth / k) beyond. Default 8: without it, float32
-        gradients of deep stages lose up to ~1e-2 relative, because the backward recomputes
-        ReLU masks and BatchNorm statistics from rebuilt activations whose error grows towards
-        the stage's first unit (`revjax.drift`, ``results/bench_drift.md``); with 8 they match
-        plain float32 autodiff. ``None``: store none (activation memory flat in depth). Also
-        settable as an attribute.
+        (all the CIFAR presets), memory O(depth / k) beyond. Only useful with
+        ``arithmetic="float"``: there, without it, float32 gradients of deep stages lose up to
+        ~1e-2 relative, because the backward recomputes ReLU masks and BatchNorm statistics
+        from rebuilt activations whose error grows towards the stage's first unit
+        (`revjax.drift`, ``results/bench_drift.md``); with 8 they match plain float32
+        autodiff. ``None`` (default): store none (activation memory flat in depth); the
+        default fixed-point arithmetic rebuilds exactly and needs none. Also settable as an
+        attribute.
       carry_dtype: dtype of the two halves carried between units (default: the compute
         ``dtype``). With ``dtype=jnp.bfloat16, carry_dtype=jnp.float32`` F and G compute in
         bfloat16 but the halves are added and rebuilt in float32, so mixed-precision training
         keeps a float32 reconstruction; ``jnp.float64`` (with x64 enabled) does the same for a
-        float32 model.
+        float32 model. With fixed-point arithmetic the halves are int32 inside the reversible
+        units whatever this is; it is then the dtype F and G receive them in and the stored
+        entry-unit inputs' dtype.
+      arithmetic: ``"fixed"`` (default) or ``"float"`` (the paper's floating-point rebuild,
+        whose drift ``exact_every=8`` bounds). ``"fixed"``: the reversible units carry the
+        halves as int32 fixed point with ``frac_bits`` fraction
+        bits, so the backward rebuilds their activations bit for bit (no drift at any depth or
+        compute dtype; see `revjax.reversible_sequence`). With ``downsample='invertible'`` the
+        whole chain, entry units included, is fixed point. Each sequence's largest carry
+        magnitude is kept in a `revjax.CarryPeak` (in ``batch_stats``); carries beyond
+        `revjax.carry_limit` make the output NaN and `revjax.check_carry_range` names the stage.
+      frac_bits: fraction bits of fixed-point carries (grid step ``2**-frac_bits``, range
+        ``|value| < 2**(30 - frac_bits)``).
       rngs: initialisation keys (``params`` stream).
     """
 
@@ -353,10 +373,14 @@ class RevNet(_Network):
         bn_momentum: float = 0.99,
         bn_epsilon: float = 1e-3,
         bn_fast_variance: bool = False,
-        exact_every: int | None = 8,
+        exact_every: int | None = None,
         carry_dtype: Dtype | None = None,
+        arithmetic: str = "fixed",
+        frac_bits: int = DEFAULT_FRAC_BITS,
         rngs: nnx.Rngs,
     ):
+        check_arithmetic(arithmetic, frac_bits, owner="RevNet")
+        arith = {"arithmetic": arithmetic, "frac_bits": frac_bits}
         config, plan = self._setup(
             units_per_stage,
             widths,
@@ -377,6 +401,8 @@ class RevNet(_Network):
         )
         check_exact_every(exact_every, "RevNet")
         self.exact_every = exact_every
+        self.arithmetic = arithmetic
+        self.frac_bits = frac_bits
         self.carry_dtype = self.dtype if carry_dtype is None else jnp.dtype(carry_dtype)
         self.memory_saving = memory_saving
         self.remat_transitions = remat_transitions
@@ -386,7 +412,7 @@ class RevNet(_Network):
             )
         self.downsample = downsample
         if downsample == "invertible":
-            self.stages = nnx.List(_invertible_stages(block, plan, config, rngs))
+            self.stages = nnx.List(_invertible_stages(block, plan, config, rngs, **arith))
             # The head sees the grown halves.
             carried = 2 * self.stages[-1].entry.shortcut.out_features
             self.head = Head(carried, num_classes, config=config, rngs=rngs)
@@ -402,6 +428,7 @@ class RevNet(_Network):
                         first=i == 0,
                         config=config,
                         rngs=rngs,
+                        **arith,
                     )
                     for i, (units, c_in, c_out, stride) in enumerate(plan)
                 ]
@@ -422,11 +449,19 @@ class RevNet(_Network):
           ValueError: for a rank other than 4, a wrong channel count or an integer dtype.
         """
         h1, h2 = self.stem_halves(x, train=train)
-        if self.downsample == "invertible" and self.memory_saving:
+        if self.downsample == "invertible" and (self.memory_saving or self.arithmetic == "fixed"):
             # Every unit is invertible: one custom VJP over all stages stores only the last
-            # stage's output, rebuilding every earlier stage's output in the backward.
+            # stage's output, rebuilding every earlier stage's output in the backward. Without
+            # memory saving, fixed point runs the same chain (entry units rounded too) through
+            # plain autodiff.
             h1, h2 = chain_invertible_stages(
-                self.stages, h1, h2, train=train, unroll=self.unroll, exact_every=self.exact_every
+                self.stages,
+                h1,
+                h2,
+                train=train,
+                unroll=self.unroll,
+                exact_every=self.exact_every,
+                memory_saving=self.memory_saving,
             )
             return self._logits(merge_halves(h1, h2).astype(self.dtype), train)
         for stage in self.stages:
@@ -457,7 +492,7 @@ class RevNet(_Network):
         return h1.astype(self.carry_dtype), h2.astype(self.carry_dtype)
 
 
-def _invertible_stages(block, plan, config, rngs) -> list[InvertibleRevStage]:
+def _invertible_stages(block, plan, config, rngs, **arith) -> list[InvertibleRevStage]:
     """The stages of an invertible-downsampling RevNet, from the pool plan (total widths).
 
     Halves: each stage carries ``max(width / 2, stride**2 x previous)`` channels, so its entry
@@ -481,6 +516,7 @@ def _invertible_stages(block, plan, config, rngs) -> list[InvertibleRevStage]:
                 first=i == 0,
                 config=config,
                 rngs=rngs,
+                **arith,
             )
         )
         carried = out

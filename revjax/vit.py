@@ -47,7 +47,13 @@ from flax import nnx
 from jax import lax
 
 from revjax._checks import check_images
-from revjax._core import check_exact_every, default_unroll, merge_halves
+from revjax._core import (
+    DEFAULT_FRAC_BITS,
+    check_arithmetic,
+    check_exact_every,
+    default_unroll,
+    merge_halves,
+)
 from revjax.layers import ReversibleSequence, stacked
 from revjax.presets import register
 
@@ -244,8 +250,17 @@ class AttentionBranch(_Branch):
     """
 
     def __init__(
-        self, dim, num_heads, *, attention_dropout, dropout, depth, drop_path_rate, dtype,
-        param_dtype, rngs,
+        self,
+        dim,
+        num_heads,
+        *,
+        attention_dropout,
+        dropout,
+        depth,
+        drop_path_rate,
+        dtype,
+        param_dtype,
+        rngs,
     ):
         self._init_branch(stream=0, depth=depth, drop_path_rate=drop_path_rate, dtype=dtype)
         self.num_heads = num_heads
@@ -389,18 +404,14 @@ class _VisionTransformer(nnx.Module):
         self.dtype = jnp.dtype(param_dtype if dtype is None else dtype)
         self.param_dtype = jnp.dtype(param_dtype)
         self.carry_dtype = (
-            _at_least_float32(self.dtype)
-            if carry_dtype is None
-            else jnp.dtype(carry_dtype)
+            _at_least_float32(self.dtype) if carry_dtype is None else jnp.dtype(carry_dtype)
         )
         layer = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.patch_embed = PatchEmbed(in_channels, embed_dim, patch_size, **layer, rngs=rngs)
         num_tokens = (image_size // patch_size) ** 2 + int(cls_token)
         init = nnx.initializers.truncated_normal(stddev=0.02)
         self.pos_embed = nnx.Param(init(rngs.params(), (1, num_tokens, embed_dim), param_dtype))
-        self.cls_token = (
-            nnx.Param(jnp.zeros((1, 1, embed_dim), param_dtype)) if cls_token else None
-        )
+        self.cls_token = nnx.Param(jnp.zeros((1, 1, embed_dim), param_dtype)) if cls_token else None
 
         def make_attn(r):
             return AttentionBranch(
@@ -605,6 +616,11 @@ class RevViT(_VisionTransformer):
       carry_dtype: dtype of the two streams (default: float32, or float64 for a float64
         model): with ``dtype=jnp.bfloat16`` F and G compute in bfloat16 while the streams are
         added and rebuilt in float32.
+      arithmetic: ``"fixed"`` (default) or ``"float"`` (the paper's). ``"fixed"``: the
+        streams are int32 fixed point inside the blocks, so the backward rebuilds them bit for
+        bit (see `revjax.ReversibleSequence`;
+        the streams then reach F and G in ``carry_dtype``).
+      frac_bits: fraction bits of fixed-point streams.
     """
 
     def __init__(
@@ -627,9 +643,12 @@ class RevViT(_VisionTransformer):
         dtype: Dtype | None = None,
         param_dtype: Dtype = jnp.float32,
         carry_dtype: Dtype | None = None,
+        arithmetic: str = "fixed",
+        frac_bits: int = DEFAULT_FRAC_BITS,
         rngs: nnx.Rngs,
     ):
         check_exact_every(exact_every, "RevViT")
+        check_arithmetic(arithmetic, frac_bits, owner="RevViT")
         parts = self._setup(
             image_size=image_size,
             patch_size=patch_size,
@@ -651,8 +670,15 @@ class RevViT(_VisionTransformer):
         )
         self.memory_saving = memory_saving
         self.exact_every = exact_every
+        self.arithmetic, self.frac_bits = arithmetic, frac_bits
         self.blocks = ReversibleSequence(
-            parts["make_attn"], parts["make_mlp"], depth, rngs=rngs, unroll=unroll
+            parts["make_attn"],
+            parts["make_mlp"],
+            depth,
+            rngs=rngs,
+            unroll=unroll,
+            arithmetic=arithmetic,
+            frac_bits=frac_bits,
         )
         _number_blocks(self.blocks.f, depth)
         _number_blocks(self.blocks.g, depth)
@@ -689,9 +715,7 @@ class RevViT(_VisionTransformer):
         """
         return _rev_vit_from_vit(cls, vit, rngs, overrides)
 
-    def streams(
-        self, x: Array, *, train: bool = False, rngs: Any = None
-    ) -> tuple[Array, Array]:
+    def streams(self, x: Array, *, train: bool = False, rngs: Any = None) -> tuple[Array, Array]:
         """The two streams after the last block, [N, T, D] each, in the carry dtype."""
         k_embed, key_data = self._keys(rngs, train)
         tokens = self._embed(x, k_embed)  # [N, T, D]
@@ -767,12 +791,22 @@ _S = dict(embed_dim=384, depth=12, num_heads=6)
 _B = dict(embed_dim=768, depth=12, num_heads=12)
 # CIFAR (32x32, patch 4: 64 tokens): ViT-Ti widths at depth 8, ~3.6M parameters.
 _CIFAR = dict(
-    image_size=32, patch_size=4, embed_dim=192, depth=8, num_heads=3, mlp_ratio=4.0,
+    image_size=32,
+    patch_size=4,
+    embed_dim=192,
+    depth=8,
+    num_heads=3,
+    mlp_ratio=4.0,
     num_classes=10,
 )
 # Digits (8x8, patch 2: 16 tokens), for tests and the offline job.
 _TINY = dict(
-    image_size=8, patch_size=2, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0,
+    image_size=8,
+    patch_size=2,
+    embed_dim=32,
+    depth=2,
+    num_heads=2,
+    mlp_ratio=2.0,
     num_classes=10,
 )
 

@@ -65,7 +65,8 @@ def test_imagenet_eval_is_central_crop_then_resize():
     image = np.arange(32 * 32 * 3, dtype=np.int64).reshape(32, 32, 3) % 251
     image = image.astype(np.uint8)
     out = data.imagenet_eval_transform({"image": image, "label": 7}, image_size=28)
-    expected = image[2:30, 2:30].astype(np.float32) / 255.0 * 2.0 - 1.0
+    # Scaled as the transform scales (uint8 * float32(1/255), then to [-1, 1]).
+    expected = image[2:30, 2:30].astype(np.float32) * data.transforms.PIXEL_SCALE * 2.0 - 1.0
     np.testing.assert_array_equal(out["image"], expected)
     assert out["label"] == 7 and out["label"].dtype == np.int32
 

@@ -17,7 +17,15 @@ from jax.ad_checkpoint import print_saved_residuals
 
 import revjax
 from revjax import inverse_sequence, relative_error, reversible_sequence
-from revjax._core import _Branch, _scan_forward_with_boundaries, additive_coupling, exact_units
+from revjax._core import (
+    FloatCarry,
+    SequenceSetting,
+    _Branch,
+    _scan_forward,
+    additive_coupling,
+    exact_range,
+    exact_units,
+)
 
 C = 4  # channels per half
 HW = 8
@@ -602,8 +610,9 @@ def test_exact_every_stores_the_inputs_of_exact_units():
             f = lambda x, i=i: residual(jax.tree.map(lambda a: a[i], fp), x)
             g = lambda x, i=i: residual(jax.tree.map(lambda a: a[i], gp), x)
             inputs.append(additive_coupling.forward(f, g, *inputs[-1]))
-        _, _, stored = _scan_forward_with_boundaries(
-            additive_coupling, branch, branch, 1, k, fp, gp, x1, x2, None
+        setting = SequenceSetting(additive_coupling, branch, branch, 1, FloatCarry(x1.dtype), k)
+        _, _, stored, _ = _scan_forward(
+            setting, fp, gp, x1, x2, None, stored_units=exact_range(n, k)
         )
         return inputs, stored
 

@@ -20,7 +20,8 @@ from revjax import models
 from revjax._core import relative_error
 from revjax.drift import DriftMonitor, DriftWarning, gradient_agreement, reconstruction_error
 
-TINY = dict(units_per_stage=(4, 4), widths=(8, 8, 16), unroll=1)
+# Float arithmetic: what drifts (fixed-point models rebuild exactly: tests/test_fixed_point.py).
+TINY = dict(units_per_stage=(4, 4), widths=(8, 8, 16), unroll=1, arithmetic="float")
 
 
 def _abstract(**kw):
@@ -61,8 +62,10 @@ def test_reconstruction_error_report(tiny):
     # Both stages have 3 reversible units (the entry unit stores its input).
     assert sorted(report) == ["stage0", "stage1"]
     for stats in report.values():
-        assert set(stats) == {"max_abs", "max_rel", "rel", "channel_rel", "per_unit"}
-        assert set(stats["per_unit"]) == {"max_abs", "max_rel", "rel", "channel_rel", "scale"}
+        keys = {"max_abs", "max_rel", "rel", "channel_rel", "mismatches"}
+        assert set(stats) == keys | {"per_unit"}
+        assert set(stats["per_unit"]) == keys | {"scale"}
+        assert stats["mismatches"] > 0  # float arithmetic: rebuilt bits differ
         for values in stats["per_unit"].values():
             assert values.shape == (3,)
         # Measured ~3e-7 in float32.
@@ -101,8 +104,9 @@ def test_monitor_float64_near_zero(tiny):
         monitor = DriftMonitor(graphdef, threshold=1e-3)
         # No warning: pyproject turns warnings into errors.
         metrics = monitor.check(p64, s64, _images((4, 8, 8, 3), dtype=jnp.float64))
-    stats = ("max_abs", "max_rel", "rel", "channel_rel")
-    assert set(metrics) == {f"stage{s}/{k}" for s in (0, 1) for k in stats} | {"max_rel"}
+    stats = ("max_abs", "max_rel", "rel", "channel_rel", "mismatches")
+    totals = {"max_rel", "mismatches"}
+    assert set(metrics) == {f"stage{s}/{k}" for s in (0, 1) for k in stats} | totals
     assert metrics["max_rel"] < 1e-13  # measured ~1e-15
 
 
@@ -283,3 +287,7 @@ def test_bench_drift_quick(tmp_path):
     assert "## Invertible downsampling" in text
     (row,) = results["invertible"]
     assert row["rev_f64_rel"] < 1e-5 and row["rev_plain_rel"] < 1e-5, row  # measured 9e-7
+    # Fixed point: the rebuild is bit-exact in float32 and with bfloat16 compute.
+    assert "## Fixed point" in text
+    for r in results["fixed"]:
+        assert r["f32_mismatches"] == r["bf16_mismatches"] == 0 and r["float_mismatches"] > 0

@@ -385,7 +385,8 @@ def test_trainer_on_the_prepared_archive_resumes_bit_identically(prepared_imagen
     train.train_and_evaluate(dataclasses.replace(cfg, num_steps=2), tmp_path / "split")
     metadata = tmp_path / "split" / "checkpoints" / "2" / "data" / "metadata"
     assert json.loads(metadata.read_text())["input_pipeline"] == "grain"
-    resumed = train.train_and_evaluate(cfg, tmp_path / "split")  # step 3: the next epoch
+    with pytest.warns(train.ConfigChangedWarning, match=r"num_steps 2 -> 3"):
+        resumed = train.train_and_evaluate(cfg, tmp_path / "split")  # step 3: the next epoch
     assert resumed["step"] == full["step"] == 3
     for a, b in zip(jax.tree.leaves(resumed["state"]), jax.tree.leaves(full["state"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

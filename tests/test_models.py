@@ -311,7 +311,9 @@ def test_functional_matches_module(f32_models):
         params, batch_stats, x
     )
     expected = model(x, train=True)
-    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-6)
+    # Fixed-point carries (the default) round every F/G output to 2**-16: a last-bit difference
+    # between the jitted and the eager forward now and then becomes one grid step (1.5e-5).
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-5)
     assert float(relative_error(new_stats, nnx.state(model, nnx.BatchStat))) <= 1e-6
     eval_logits, same_stats = models.apply(graphdef, params, batch_stats, x, train=False)
     assert eval_logits.shape == (BATCH, 10)

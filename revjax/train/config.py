@@ -89,6 +89,10 @@ class TrainConfig:
       compute_dtype: ``"bfloat16"`` (or another float dtype name) for the model's compute
         dtype, with float32 parameters and, in reversible models, float32 streams
         (``carry_dtype``); ``None``: the model's default. ``model_overrides`` take precedence.
+      arithmetic: reversible models' carry arithmetic, ``"float"`` or ``"fixed"`` (exact,
+        int32 fixed point; see `revjax.reversible_sequence`); ``None``: the model's default
+        (fixed for RevNet and RevViT). ``model_overrides`` take precedence.
+      frac_bits: fraction bits of fixed-point carries; ``None``: the model's default (16).
       init_from: a pretrained ViT checkpoint to start from (ViT / RevViT presets): timm
         ``.safetensors`` / ``.pth`` / ``.bin`` or big_vision ``.npz`` (`revjax.finetune.init_from`:
         a RevViT gets the ViT's blocks through `RevViT.from_vit`; another number of classes
@@ -140,6 +144,8 @@ class TrainConfig:
     label_smoothing: float = 0.0
     grad_clip_norm: float | None = None
     compute_dtype: str | None = None
+    arithmetic: str | None = None
+    frac_bits: int | None = None
     # Fine-tuning options (defaults: from the initialisation, one learning rate, all trained).
     init_from: str | None = None
     layer_decay: float | None = None
@@ -342,6 +348,8 @@ FIELD_CHECKS: dict[str, Callable[[Any], Any]] = {
     "label_smoothing": _number(0.0, 1.0, open_max=True),
     "grad_clip_norm": _optional(_number(0.0, open_min=True)),
     "compute_dtype": _optional(_float_dtype_name),
+    "arithmetic": _name(lambda: ["float", "fixed"], "carry arithmetic", optional=True),
+    "frac_bits": _integer(0, optional=True),
     "init_from": _checkpoint_file,
     "layer_decay": _optional(_number(0.0, 1.0, open_min=True)),
     "freeze": _part_names,

@@ -25,6 +25,7 @@ from revjax._resilience import (
     restore_latest,
     save,
 )
+from revjax.layers import check_carry_range
 from revjax.measure import device_peak_bytes
 from revjax.train.config import TrainConfig
 from revjax.train.inputs import (
@@ -80,9 +81,12 @@ class _LossWatch:
     def add(self, step: int, loss: jax.Array) -> None:
         self.pending.append((step, loss))
 
-    def check(self) -> None:
-        """Raises `NonFiniteLossError` naming the first step whose loss is NaN/Inf."""
+    def check(self, batch_stats: Any) -> None:
+        """Raises `revjax.CarryRangeError` naming a fixed-point sequence whose carries left their
+        range (its NaN outputs can turn back into numbers downstream, so the recorded peak is
+        the signal), else `NonFiniteLossError` naming the first step whose loss is NaN/Inf."""
         pending, self.pending = self.pending, []
+        check_carry_range(batch_stats)
         for step, loss in pending:
             if not np.isfinite(float(loss)):
                 raise NonFiniteLossError(step, self.workdir)
@@ -334,7 +338,7 @@ def _train(config: TrainConfig, workdir: Path, config_name: str | None, stop: St
     config_rec = config_record(config, config_name)
 
     def checkpoint():
-        losses.check()
+        losses.check(state.batch_stats)
         save(manager, step, state, train_input.get_state(), config_rec)
 
     stop.announce = True  # from here: finish the step in flight, save, then stop
@@ -347,7 +351,7 @@ def _train(config: TrainConfig, workdir: Path, config_name: str | None, stop: St
         if bar is not None:
             bar.update(1)
         if _due(step, config.log_every) or step == config.num_steps:
-            losses.check()
+            losses.check(state.batch_stats)
             record = window.record(config.batch_size, float(schedule(step - 1)))
             writer.write(step, record)
             result.update(record)
@@ -365,10 +369,10 @@ def _train(config: TrainConfig, workdir: Path, config_name: str | None, stop: St
         if signum is not None:
             if last_saved != step:
                 checkpoint()
-            losses.check()
+            losses.check(state.batch_stats)
             raise Preempted(step, signum, workdir)
     if last_saved != step:
         checkpoint()
-    losses.check()
+    losses.check(state.batch_stats)
     result["step"] = step
     return state, result, run_eval, writer

@@ -85,6 +85,9 @@ def _model_overrides(config: TrainConfig) -> dict[str, Any]:
         overrides.setdefault("dtype", jnp.dtype(config.compute_dtype))
         if preset.reversible:
             overrides.setdefault("carry_dtype", jnp.float32)
+    for name in ("arithmetic", "frac_bits"):
+        if getattr(config, name) is not None and preset.reversible:
+            overrides.setdefault(name, getattr(config, name))
     if config.image_size is not None and preset.accepts("image_size"):
         overrides.setdefault("image_size", config.image_size)
     return overrides
