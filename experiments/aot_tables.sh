@@ -30,7 +30,7 @@ CACHE=${CACHE_DIR:-results/.aot-cache}
 if [[ $what == all || $what == gpu ]]; then
   # Presets on the H100: every memory line, compile times, FLOPs of the transition setting.
   "$PY" -m experiments.bench_models --target h100 --flops --presets revnet164 revnet110 revnet38 \
-    --lines rev rev_transitions rev_invertible rev_invertible_flat res --processes "$N" \
+    --lines rev rev_transitions rev_invertible rev_float res --processes "$N" \
     --cache "$CACHE/h100.jsonl"
   # Largest batch (simulated) on the H100, each model starting at the largest batch an earlier
   # run found to fit (RevNet-104: a hand compile), so that a few compiles close every bracket.
@@ -67,5 +67,5 @@ fi
 if [[ $what == all || $what == tpu ]]; then
   # The RevNet-164 presets at batch 128 on the v5e (each compile takes minutes).
   "$PY" -m experiments.bench_models --target tpu-v5e --presets revnet164 \
-    --lines rev rev_invertible_flat res --processes "$N" --cache "$CACHE/tpu-v5e.jsonl"
+    --lines rev rev_invertible rev_float res --processes "$N" --cache "$CACHE/tpu-v5e.jsonl"
 fi

@@ -164,6 +164,22 @@ def _first_line(path):
     return path.read_text().splitlines()[0]
 
 
+def test_memory_lines_name_the_arithmetic():
+    """The default line names the RevNet constructor's arithmetic; with fixed-point carries the
+    table also compiles the paper's float carries (with their periodic exact checkpoint)."""
+    import inspect
+
+    from revjax.models import RevNet
+
+    default = inspect.signature(RevNet.__init__).parameters["arithmetic"].default
+    lines = bench_models.memory_lines()
+    assert f"arithmetic={default!r}" in lines["rev"][0]
+    if default == "fixed":
+        assert lines["rev_float"][2] == {"arithmetic": "float", "exact_every": 8}
+    else:
+        assert "rev_float" not in lines
+
+
 def test_benchmarks_compile_for_a_target(tmp_path, capsys):
     """bench_models and bench_batch with ``--target cpu``: compiled in the child, the tables
     headed by the target (bench_memory / bench_speed share the same `aot.compile_for_target`)."""
