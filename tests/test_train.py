@@ -171,17 +171,27 @@ def test_resume_gives_identical_weights(tmp_path):
     ]
 
 
-def test_eight_devices_match_one(tmp_path):
+# BatchNorm statistics are over the global batch in both; only reduction order differs. With
+# float carries that moves the state by ~1e-7. Fixed-point carries round every F/G output to a
+# grid of 2**-16: a last-bit difference that crosses a rounding boundary becomes one grid step,
+# which then moves ReLU masks of near-constant inputs (the digits' backgrounds), so the
+# fixed-point default is held to a looser bound (about 100x the float one on these images).
+@pytest.mark.parametrize(
+    "arithmetic, state_rtol, loss_rtol, accuracy_atol",
+    [("float", 1e-4, 1e-5, 1e-6), ("fixed", 3e-2, 1e-3, 0.02)],
+)
+def test_eight_devices_match_one(tmp_path, arithmetic, state_rtol, loss_rtol, accuracy_atol):
     assert jax.device_count() >= 8
-    cfg = dataclasses.replace(TINY, num_steps=2, batch_size=16, eval_batch_size=64)
+    cfg = dataclasses.replace(
+        TINY, num_steps=2, batch_size=16, eval_batch_size=64, arithmetic=arithmetic
+    )
     one = train.train_and_evaluate(cfg, tmp_path / "one")
     eight = train.train_and_evaluate(dataclasses.replace(cfg, num_devices=8), tmp_path / "eight")
-    # BatchNorm statistics are over the global batch in both; only reduction order differs.
     for a, b in zip(jax.tree.leaves(eight["state"]), jax.tree.leaves(one["state"])):
         if np.issubdtype(np.asarray(b).dtype, np.floating):
-            assert _max_rel(a, b) <= 1e-4
-    assert eight["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5)
-    assert eight["eval_accuracy"] == pytest.approx(one["eval_accuracy"], abs=1e-6)
+            assert _max_rel(a, b) <= state_rtol
+    assert eight["train_loss"] == pytest.approx(one["train_loss"], rel=loss_rtol)
+    assert eight["eval_accuracy"] == pytest.approx(one["eval_accuracy"], abs=accuracy_atol)
 
 
 # ------------------------------------------------------------------------------------------
