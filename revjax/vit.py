@@ -607,7 +607,10 @@ class RevViT(_VisionTransformer):
     (activation memory flat in depth); the streams are concatenated, normalised (LayerNorm over
     ``2 D``), mean-pooled and classified.
 
-    Args as `ViT` (no ``pool``: always the mean over tokens; no ``remat_blocks``), plus:
+    It takes the arguments of `ViT` (no ``pool``: always the mean over tokens; no
+    ``remat_blocks``) and the following.
+
+    Args:
       memory_saving: rebuild activations in the backward (custom VJP); False runs the same
         parameters through plain autodiff. Also settable as an attribute.
       exact_every: with memory saving, also store the exact input of every k-th block (see
@@ -618,8 +621,7 @@ class RevViT(_VisionTransformer):
         added and rebuilt in float32.
       arithmetic: ``"fixed"`` (default) or ``"float"`` (the paper's). ``"fixed"``: the
         streams are int32 fixed point inside the blocks, so the backward rebuilds them bit for
-        bit (see `revjax.ReversibleSequence`;
-        the streams then reach F and G in ``carry_dtype``).
+        bit (see `revjax.ReversibleSequence`); they reach F and G in ``carry_dtype``.
       frac_bits: fraction bits of fixed-point streams.
     """
 
