@@ -591,7 +591,7 @@ def to_markdown_target(
         "MiB per image: that line's slope; line's prediction: the largest multiple it puts "
         "within the budget ('-' for both where the two compiles nearest the budget do not "
         "rise with the batch, as happens on TPUs). Targets "
-        "(issue 10, H100): RevNet-164 >= 10x ResNet-164, RevNet-104 >= 4x ResNet-101.",
+        "(H100): RevNet-164 >= 10x ResNet-164, RevNet-104 >= 4x ResNet-101.",
         "",
         aot.lower_bound_note(target),
     ]

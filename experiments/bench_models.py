@@ -13,7 +13,7 @@ with rolled scans (``unroll=1``, what GPU/TPU run; on XLA:CPU straight-line code
 scheduler hoist one sequence's reconstruction into the next one's forward and its
 optimisation-barrier expansion lets CSE undo `jax.checkpoint`, so only rolled loops show the
 saving there), and the median step time of the RevNet with memory saving on and off (default
-unroll). Targets (issue 3): RevNet-164 at most 0.10x the ResNet-164 temp memory, reversible
+unroll). Targets: RevNet-164 at most 0.10x the ResNet-164 temp memory, reversible
 step time at most 1.30x plain.
 
     python -m experiments.bench_models                              # all presets (accelerator)

@@ -242,7 +242,7 @@ def to_markdown_target(rows: list[dict], head: str) -> str:
     lines += [
         "",
         "Compile s: trace + lower + XLA compile for the target on this host (medians of the "
-        "interleaved rounds; a busy host inflates all of them alike). Target (issue 10): "
+        "interleaved rounds; a busy host inflates all of them alike). Target: "
         "RevNet-110 / RevNet-38 compile time <= 1.2x. No step time: nothing runs.",
     ]
     return "\n".join(lines)

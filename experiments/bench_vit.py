@@ -11,7 +11,7 @@ with rolled scans (``unroll=1``, what GPU/TPU run) and reports the temporary byt
 - ViT with `jax.checkpoint` around every block (the usual gradient-checkpointing baseline),
 
 then times one train step of RevViT (saving on and off) and of ViT at one depth (median of
-interleaved runs, rolled scans). Targets (issue 12): RevViT memory flat in depth (temp at 48
+interleaved runs, rolled scans). Targets: RevViT memory flat in depth (temp at 48
 blocks <= 1.10x temp at 12), ViT growing.
 
     python -m experiments.bench_vit                       # depths 6..48, batch 32 (CPU: minutes)

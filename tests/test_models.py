@@ -21,7 +21,7 @@ from revjax.models import ResNet, RevNet
 # Parameter counts
 # --------------------------------------------------------------------------------------------
 
-# The issue's table (trainable parameters of the official code). How they arise, e.g.
+# The paper's table (trainable parameters of the official code). How they arise, e.g.
 # revnet38: see the derivation in the `revjax.models` docstring. Structural facts the counts
 # pin down: the network's first unit's F has no leading BN (32 fewer for revnet38 otherwise),
 # the head has a BN, every entry unit of a bottleneck RevNet whose width or stride changes has
@@ -120,7 +120,7 @@ def test_preset_registry():
 # --------------------------------------------------------------------------------------------
 
 BATCH, SIZE = 4, 8
-# One stage of 3 units (the issue asks for at least 3 per stage) whose entry unit strides and
+# One stage of 3 units (a rebuilt unit between two others) whose entry unit strides and
 # widens: every kind of unit in a program small enough to compile in seconds.
 TINY = dict(units_per_stage=(3,), widths=(8, 16), strides=(2,))
 
@@ -402,7 +402,7 @@ def _train_step_temp_bytes(cls, units, **kw):
 def test_temp_memory_flat_in_depth():
     # Rolled scans (unroll=1). On XLA:CPU an unrolled (straight-line) program lets the
     # scheduler run one sequence's reconstruction during the next one's forward, so the
-    # saving only shows with while loops there (reported in the issue notes).
+    # saving only shows with while loops there.
     rev3 = _train_step_temp_bytes(RevNet, (3, 3))
     rev9 = _train_step_temp_bytes(RevNet, (9, 9))
     res3 = _train_step_temp_bytes(ResNet, (3, 3))
