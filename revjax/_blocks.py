@@ -549,6 +549,16 @@ def call_rematerialised(module: nnx.Module, *args, train: bool) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
+def _remaining_units(
+    make: Callable, n: int, rngs: nnx.Rngs, arithmetic: str, frac_bits: int
+) -> ReversibleSequence | None:
+    """A stage's reversible units after its entry unit (F and G both built by ``make``), or
+    None for a stage of one unit."""
+    if not n:
+        return None
+    return ReversibleSequence(make, make, n, rngs=rngs, arithmetic=arithmetic, frac_bits=frac_bits)
+
+
 class RevStage(nnx.Module):
     """A RevNet stage: one entry unit, then ``units - 1`` reversible units.
 
@@ -596,18 +606,7 @@ class RevStage(nnx.Module):
         half = out_features // 2
         make = lambda r: residual_function(block, half, half, config=config, rngs=r)
         self.num_reversible = units - 1
-        self.reversible = (
-            ReversibleSequence(
-                make,
-                make,
-                self.num_reversible,
-                rngs=rngs,
-                arithmetic=arithmetic,
-                frac_bits=frac_bits,
-            )
-            if self.num_reversible
-            else None
-        )
+        self.reversible = _remaining_units(make, self.num_reversible, rngs, arithmetic, frac_bits)
 
     def __call__(
         self,
@@ -705,18 +704,7 @@ class InvertibleRevStage(RevStage):
             block, out_features, out_features, mid_features=mid_features, config=config, rngs=r
         )
         self.num_reversible = units - 1
-        self.reversible = (
-            ReversibleSequence(
-                make,
-                make,
-                self.num_reversible,
-                rngs=rngs,
-                arithmetic=arithmetic,
-                frac_bits=frac_bits,
-            )
-            if self.num_reversible
-            else None
-        )
+        self.reversible = _remaining_units(make, self.num_reversible, rngs, arithmetic, frac_bits)
         self.arithmetic, self.frac_bits = arithmetic, frac_bits
         self.entry_peak = new_carry_peak(frac_bits) if arithmetic == "fixed" else None
 
