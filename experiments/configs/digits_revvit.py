@@ -14,6 +14,7 @@ this bound with the same recipe; 95 % in the run measured when it was written).
 
 import dataclasses
 
+from experiments.configs.cifar10_vit import QUICK
 from revjax.train import TrainConfig
 
 
@@ -37,8 +38,5 @@ def get_config(quick: bool = False):
         checkpoint_every=150,
     )
     if quick:
-        config = dataclasses.replace(
-            config, batch_size=8, eval_batch_size=8, num_steps=2, warmup_steps=1,
-            log_every=1, eval_every=0, checkpoint_every=1, memory_report=False,
-        )
+        config = dataclasses.replace(config, **QUICK)
     return config
