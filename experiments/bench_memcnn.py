@@ -23,12 +23,13 @@ pool-and-pad shortcuts that store their input, the same parameter count). Before
 MemCNN network's reversible gradients are compared with its plain ones on the same weights,
 so the table also shows that MemCNN's memory saving runs correctly with the installed torch.
 
-Needs ``torch`` and ``memcnn`` (``pip install 'revjax[benchmark]'``; ``pip install memcnn``
-alone would pull a CUDA build of torch, so the extra installs it with torch from your index).
+Needs ``torch`` and ``memcnn``: ``pip install 'revjax[benchmark]'`` (without torch installed,
+pip's default Linux torch wheel is the CUDA build, several GB; the CPU build from
+https://download.pytorch.org/whl/cpu installed first is enough here).
 
     python -m experiments.bench_memcnn                      # RevNet-38, batch 32, 1 thread
     python -m experiments.bench_memcnn --batch 64 --threads 2
-    python -m experiments.bench_memcnn --quick              # tiny, seconds, for CI
+    python -m experiments.bench_memcnn --quick              # tiny sizes, a smoke run
 
 Writes ``<out-dir>/bench_memcnn.md``.
 """
@@ -52,7 +53,7 @@ MODULE = f"experiments.{NAME}"
 VARIANTS = ("memcnn", "memcnn plain", "revjax", "revjax plain")
 
 # The RevNet-38 of the paper (revjax.revnet38) and a tiny one for --quick.
-FULL = dict(units_per_stage=(3, 3, 3), widths=(32, 32, 64, 112), batch=32, size=32, repeats=9)
+FULL = dict(units_per_stage=(3, 3, 3), widths=(32, 32, 64, 112), batch=32, size=32, repeats=21)
 QUICK = dict(units_per_stage=(2, 2), widths=(8, 8, 16), batch=4, size=8, repeats=2)
 BN_MOMENTUM, BN_EPSILON = 0.99, 1e-3  # revjax's (and the official code's) BatchNorm
 
@@ -72,9 +73,8 @@ def import_torch_memcnn():
         import torch
     except ImportError as err:
         raise SystemExit(
-            f"{NAME}: needs PyTorch ({err}); install the CPU build, e.g. `pip install torch "
-            "--index-url https://download.pytorch.org/whl/cpu`, then `pip install --no-deps "
-            "memcnn`."
+            f"{NAME}: needs PyTorch ({err}): `pip install 'revjax[benchmark]'` (or the CPU "
+            "build first: `pip install torch --index-url https://download.pytorch.org/whl/cpu`)."
         ) from err
     with warnings.catch_warnings():
         # memcnn decorates with torch.cuda.amp.custom_fwd/custom_bwd, deprecated in torch 2.4+.
@@ -83,8 +83,7 @@ def import_torch_memcnn():
             import memcnn
         except ImportError as err:
             raise SystemExit(
-                f"{NAME}: needs MemCNN ({err}): `pip install --no-deps memcnn` (a plain `pip "
-                "install memcnn` pulls a CUDA build of torch)."
+                f"{NAME}: needs MemCNN ({err}): `pip install 'revjax[benchmark]'`."
             ) from err
     return torch, memcnn
 
@@ -243,15 +242,21 @@ def measure(setting: dict, *, warmup: int, repeats: int, fast_compile: bool) -> 
         "grad_error": grad_error,
         "params": params,
         "times": {v: times[v]["median"] for v in VARIANTS},
+        "min_times": {v: times[v]["min"] for v in VARIANTS},
     }
 
 
 def to_markdown(result: dict, head: str) -> str:
-    t, p = result["times"], result["params"]
-    columns = ["library", "params", "reversible / plain step time"]
+    t, m, p = result["times"], result["min_times"], result["params"]
+    columns = ["library", "params", "reversible / plain step time", "(fastest samples)"]
     rows = [
-        ["MemCNN (PyTorch)", f"{p['memcnn']:,}", f"{t['memcnn'] / t['memcnn plain']:.2f}"],
-        ["revjax", f"{p['revjax']:,}", f"{t['revjax'] / t['revjax plain']:.2f}"],
+        [
+            name,
+            f"{p[key]:,}",
+            f"{t[key] / t[f'{key} plain']:.2f}",
+            f"{m[key] / m[f'{key} plain']:.2f}",
+        ]
+        for name, key in (("MemCNN (PyTorch)", "memcnn"), ("revjax", "revjax"))
     ]
     return "\n".join(
         [
@@ -260,11 +265,13 @@ def to_markdown(result: dict, head: str) -> str:
             _report.markdown_table(columns, rows),
             "",
             "Reversible / plain: the median train-step time of the library's memory-saving "
-            "network over that of the same network with plain autograd, all four measured in this "
-            "run with their samples interleaved. Absolute times are not compared: eager PyTorch "
-            "and compiled XLA run different CPU kernels. MemCNN's backward rebuilds a unit's "
-            "input with one forward of F and G, then runs F and G forward again to take their "
-            "gradients (two extra forwards per unit); revjax uses one recomputation of F and G "
+            "network over that of the same network with plain autograd, all four measured in "
+            "this run with their samples interleaved; the next column gives the same ratio of "
+            "the fastest samples (the least disturbed by other load on a shared machine). "
+            "Absolute times are not compared: eager PyTorch and compiled XLA run different CPU "
+            "kernels. MemCNN's backward rebuilds a unit's input with one forward of F and G, "
+            "then runs F and G forward again to take their gradients (two extra forwards per "
+            "unit); revjax uses one recomputation of F and G "
             "both to rebuild the input and to pull back the gradient (one extra forward).",
             "",
             f"- MemCNN's reversible gradients vs its plain ones (same weights and batch, float64): "
@@ -303,7 +310,7 @@ def main(argv=None):
         f"{args.threads} CPU{'s' * (args.threads > 1)} (process affinity {cpus}, "
         f"torch.set_num_threads({args.threads})); torch {torch.__version__}, memcnn "
         f"{version('memcnn')}; median of {repeats} interleaved rounds after {args.warmup} "
-        "warm-up calls"
+        "warm-up calls; revjax's scans fully unrolled (its CPU default)"
         + ("; XLA:CPU backend optimisation level 0 (smoke test)" if args.quick else ""),
         _report.command_line(MODULE, argv),
     )

@@ -61,9 +61,20 @@ def _kernel_env() -> dict[str, str]:
     return env
 
 
+def _apply_carriage_returns(text: str) -> str:
+    """What a terminal shows: each ``\r`` (a progress bar redrawing its line) overwrites the
+    line so far."""
+    lines = []
+    for line in text.split("\n"):
+        shown = [part for part in line.split("\r") if part]
+        lines.append(shown[-1] if shown else "")
+    return "\n".join(lines)
+
+
 def coalesce_streams(nb) -> None:
-    """Joins consecutive stdout (stderr) outputs of a cell: how print output is split into
-    messages depends on timing, so a re-run would otherwise change the file for nothing."""
+    """Joins consecutive stdout (stderr) outputs of a cell and keeps only the last state of a
+    progress bar: how printed output is split into messages, and how often a bar redraws,
+    depend on timing, so a re-run would otherwise change the file for nothing."""
     for cell in nb.cells:
         if cell.cell_type != "code":
             continue
@@ -79,6 +90,9 @@ def coalesce_streams(nb) -> None:
                 last.text += out.text
             else:
                 merged.append(out)
+        for out in merged:
+            if out.output_type == "stream":
+                out.text = _apply_carriage_returns(out.text)
         cell.outputs = merged
 
 
