@@ -45,6 +45,8 @@ nb_execution_mode = "off"
 # The stored stderr is the run's environment (library warnings naming its paths, progress bars);
 # the pages show what the notebooks print and plot. Colab shows the stored notebook unfiltered.
 nb_output_stderr = "remove"
+# Markdown outputs (the benchmarks' tables) are GitHub-flavoured: CommonMark has no tables.
+nb_render_markdown_format = "gfm"
 
 # One code markup in docstrings: `x` is inline code (Google style, read by napoleon).
 default_role = "code"
