@@ -26,13 +26,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from revjax._core import (
-    default_unroll,
-    reversible_chain,
-    sequence_segment,
-    shortcut_unit_segment,
-    tie_to_cotangent,
-)
+from revjax._chain import reversible_chain, sequence_segment, shortcut_unit_segment
+from revjax._units import default_unroll, tie_to_cotangent
 from revjax.layers import ReversibleSequence, new_carry_peak, pure_call, record_peak, stacked
 
 Array = jax.Array

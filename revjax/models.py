@@ -49,14 +49,10 @@ from revjax._blocks import (
     call_rematerialised,
     chain_invertible_stages,
 )
+from revjax._carry import DEFAULT_FRAC_BITS, check_arithmetic
 from revjax._checks import check_images
-from revjax._core import (
-    DEFAULT_FRAC_BITS,
-    check_arithmetic,
-    check_exact_every,
-    merge_halves,
-    split_halves,
-)
+from revjax._coupling import merge_halves, split_halves
+from revjax._sequence import check_exact_every
 from revjax.layers import pure_call
 from revjax.presets import register
 
