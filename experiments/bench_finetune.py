@@ -28,6 +28,7 @@ memory part only).
 from __future__ import annotations
 
 import argparse
+import inspect
 import tempfile
 import time
 from pathlib import Path
@@ -245,12 +246,21 @@ def transfer(pretrain_steps: int, finetune_steps: int, batch: int, lr: float,
 # --------------------------------------------------------------------------------------------
 
 
+def _carries() -> str:
+    """The conversions' carry arithmetic (`RevViT`'s default), for table headers."""
+    params = inspect.signature(RevViT.__init__).parameters
+    return (
+        f"RevViT arithmetic={params['arithmetic'].default!r}, "
+        f"exact_every={params['exact_every'].default!r}"
+    )
+
+
 def to_markdown(memory: dict | None, result: dict | None, *, batch: int, command: str) -> str:
     parts = [
         _report.header(
             "Fine-tuning pretrained ViTs: ViT vs its RevViT conversion",
             f"compiled trainer step (AdamW, layer decay 0.75, frozen embedding, float32, rolled "
-            f"scans), batch {batch}, 1000 classes",
+            f"scans, {_carries()}), batch {batch}, 1000 classes",
             command,
         )
     ]
@@ -306,7 +316,8 @@ def to_markdown_target(memory: dict, info: dict, target: aot.Target, *, batch: i
     """The memory part compiled for ``target``: temporary and total bytes, ViT vs RevViT."""
     details = (
         f"compiled trainer step (AdamW, layer decay 0.75, frozen embedding, float32, rolled "
-        f"scans, state donated as in the training loop), batch {batch}, {classes} classes. "
+        f"scans, {_carries()}, state donated as in the training loop), batch {batch}, "
+        f"{classes} classes. "
         + aot.lower_bound_note(target)
     )
     rows = []
