@@ -1,4 +1,5 @@
-"""Shared builders for the configs in this folder (one file per row of the paper's tables)."""
+"""The paper's training recipe, shared by its table's rows (`experiments.configs.paper`) and the
+digits config."""
 
 from __future__ import annotations
 
