@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 pytest.importorskip("grain")
 
-from revjax.data import imagenet, transforms  # noqa: E402
+from revjax.data import imagenet, imagenet_decode, transforms  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -66,7 +66,7 @@ def jpegs():
     return [_jpeg(_smooth_image(h, w, i)) for i, (h, w) in enumerate(sizes)]
 
 
-DECODERS = ["pil"] + (["simplejpeg"] if imagenet._simplejpeg() is not None else [])
+DECODERS = ["pil"] + (["simplejpeg"] if imagenet_decode.simplejpeg_module() is not None else [])
 
 
 # ------------------------------------------------------------------------------------------
