@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from revjax.pretrained.checkpoint_files import CheckpointMismatch, read_checkpoint
+from revjax.pretrained.checkpoint_files import CheckpointMismatch, read_source
 from revjax.pretrained.timm_layout import build_vit
 from revjax.vit import ViT
 
@@ -136,7 +136,6 @@ def load_big_vision(
     antialiasing, as timm does for these files. A class-token model becomes ``pool="cls"``,
     a ``gap`` model ``pool="mean"`` (big_vision normalises before averaging).
     """
-    name = os.fspath(source) if not isinstance(source, Mapping) else "npz arrays"
-    npz = read_checkpoint(source) if not isinstance(source, Mapping) else source
+    name, npz = read_source(source, "npz arrays")
     state = timm_state_from_big_vision(npz)
     return build_vit(state, name, image_size, num_classes, num_heads, rngs, NPZ_RESIZE, overrides)

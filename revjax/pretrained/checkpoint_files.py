@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -59,6 +60,14 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
         f"Unknown checkpoint format {suffix!r} ({path}): use .safetensors (timm state dict), "
         ".pth / .pt / .bin (a torch state dict, needs torch) or .npz (big_vision / AugReg)."
     )
+
+
+def read_source(source: str | os.PathLike | Mapping[str, Any], what: str) -> tuple[str, dict]:
+    """A checkpoint given as a file or as arrays: its name in messages (the path, or ``what``
+    for arrays) and its flat ``{key: array}`` (`read_checkpoint`'s for a file)."""
+    if isinstance(source, Mapping):
+        return what, dict(source)
+    return os.fspath(source), read_checkpoint(source)
 
 
 def read_torch(path: str) -> dict[str, np.ndarray]:

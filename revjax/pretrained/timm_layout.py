@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from revjax.pretrained.checkpoint_files import CheckpointMismatch, read_checkpoint
+from revjax.pretrained.checkpoint_files import CheckpointMismatch, read_source
 from revjax.vit import ViT
 
 _log = logging.getLogger(__name__)
@@ -338,8 +338,7 @@ def load_timm(
     Returns:
       the loaded `ViT`, in evaluation mode (call it with ``train=False``) like any revjax model.
     """
-    name = os.fspath(source) if not isinstance(source, Mapping) else "state dict"
-    state = read_checkpoint(source) if not isinstance(source, Mapping) else dict(source)
+    name, state = read_source(source, "state dict")
     return build_vit(state, name, image_size, num_classes, num_heads, rngs, resize, overrides)
 
 
