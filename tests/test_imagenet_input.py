@@ -183,6 +183,22 @@ def test_eval_crop_is_the_central_crop(jpegs):
     assert np.abs(unit - ref).mean() < 0.02
 
 
+def test_eval_batches_take_every_example_once_padded_with_uint8_zeros(jpegs):
+    source = JpegSource(jpegs[:5], range(5))
+    seen = []
+    for process in range(2):
+        ds = imagenet.eval_dataset(batch_size=4, image_size=16, source=source,
+                                   process_index=process, process_count=2)
+        batches = list(ds)
+        assert len(batches) == 2  # 5 examples -> 8 rows (3 of padding), 2 per process per batch
+        for batch in batches:
+            assert batch["image"].dtype == np.uint8 and batch["image"].shape == (2, 16, 16, 3)
+            pad = batch["mask"] == 0
+            assert not batch["image"][pad].any() and not batch["label"][pad].any()
+            seen += batch["label"][~pad].tolist()
+    assert sorted(seen) == [0, 1, 2, 3, 4]
+
+
 def test_crop_statistics_match_the_authors_sampler():
     # The host path's sampler against an independent transcription of
     # tf.image.sample_distorted_bounding_box's rule (area and aspect uniform, rejection).

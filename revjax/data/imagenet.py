@@ -38,14 +38,11 @@ others' public names.
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import os
 from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from revjax.data import grain_pipeline
 from revjax.data.grain_pipeline import GrainTrainInput, global_batch
@@ -130,32 +127,13 @@ def eval_dataset(
 ):
     """Evaluation batches `{"image": uint8, "label", "mask"}`: every example once, in split
     order, padded with zero images (mask 0) to a multiple of the global batch size."""
-    import grain
-
-    if batch_size % process_count:
-        raise ValueError(
-            f"The global batch size {batch_size} is not divisible by the number of processes "
-            f"{process_count}."
-        )
-    local = batch_size // process_count
     if source is None:
         source = encoded_source(split, data_dir)
-    n = len(source)
-    ds = grain.MapDataset.source(source).map(ImageNetEvalCrop(image_size))
-    padded = math.ceil(n / batch_size) * batch_size
-    if padded > n:
-        pad = grain.MapDataset.range(padded - n).map(_PadUint8((image_size, image_size, 3)))
-        ds = grain.MapDataset.concatenate([ds, pad])
-    return ds[process_index::process_count].batch(local, drop_remainder=True)
-
-
-@dataclasses.dataclass(frozen=True)
-class _PadUint8:
-    shape: tuple[int, int, int]
-
-    def __call__(self, _: int) -> dict:
-        return {"image": np.zeros(self.shape, np.uint8), "label": np.int32(0),
-                "mask": np.float32(0.0)}
+    return grain_pipeline.eval_stream_from_source(
+        source, ImageNetEvalCrop(image_size), batch_size=batch_size,
+        pad=grain_pipeline.PadExample((image_size, image_size, 3), "uint8"),
+        process_index=process_index, process_count=process_count,
+    )
 
 
 def eval_batches(iterator, sharding):
