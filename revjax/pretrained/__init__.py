@@ -40,16 +40,20 @@ and shapes, loading into a `ViT`), ``export`` (a `ViT` back to timm's layout), `
 (``.npz`` files renamed to timm's layout).
 """
 
+from revjax.pretrained import timm_layout
 from revjax.pretrained.big_vision import load_big_vision as load_big_vision
 from revjax.pretrained.big_vision import timm_state_from_big_vision as timm_state_from_big_vision
 from revjax.pretrained.checkpoint_files import CheckpointMismatch as CheckpointMismatch
 from revjax.pretrained.checkpoint_files import read_checkpoint as read_checkpoint
 from revjax.pretrained.export import save_timm as save_timm
 from revjax.pretrained.export import timm_state_dict as timm_state_dict
-from revjax.pretrained.timm_layout import TIMM_VARIANTS as TIMM_VARIANTS
 from revjax.pretrained.timm_layout import load_timm as load_timm
 from revjax.pretrained.timm_layout import load_vit_weights as load_vit_weights
 from revjax.pretrained.timm_layout import timm_config as timm_config
+
+#: timm's ViT presets this package reads and writes (names as `timm.create_model` takes them),
+#: each with its architecture (`image_size`, `patch_size`, `embed_dim`, `depth`, `num_heads`).
+TIMM_VARIANTS: dict[str, dict[str, int]] = timm_layout.TIMM_VARIANTS
 
 __all__ = [
     "CheckpointMismatch",
