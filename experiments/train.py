@@ -80,7 +80,8 @@ def _did_you_mean(name: str, known) -> str:
 
 
 def load_config(name: str, quick: bool = False):
-    """Returns ``get_config(quick)`` of a config module name or a path to a config file."""
+    """Returns the config called ``name`` (a row of the paper's table or a config module in
+    ``experiments/configs``) or defined by the file ``name`` (its ``get_config(quick)``)."""
     path = Path(name)
     if path.suffix == ".py" and path.exists():
         spec = importlib.util.spec_from_file_location(f"revjax_config_{path.stem}", path)

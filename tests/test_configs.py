@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from experiments.configs import paper
-from experiments.train import ConfigError, describe, known_configs, load_config
+from experiments.train import CONFIG_DIR, ConfigError, describe, known_configs, load_config
 from revjax import train
 
 # The paper's configs: the rows of `experiments.configs.paper` (the transformer configs, AdamW +
@@ -26,6 +26,8 @@ def test_every_paper_row_is_a_config_and_pinned():
     assert len(PAPER) == len(set(PAPER)) == 14
     cifar_or_imagenet = {name for name in known_configs() if name.startswith(("cifar", "imagenet"))}
     assert cifar_or_imagenet - set(PAPER) == {"cifar10_vit", "cifar10_revvit"}
+    # A file of a row's name would be shadowed by the row.
+    assert not [n for n in PAPER if (CONFIG_DIR / f"{n}.py").exists()]
     assert {(row.model, row.dataset) for row in paper.ROWS} == {
         (m, d) for d in ("cifar10", "cifar100")
         for m in ("revnet38", "revnet110", "revnet164", "resnet32", "resnet110", "resnet164")

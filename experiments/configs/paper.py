@@ -1,4 +1,4 @@
-"""The paper's CIFAR and ImageNet rows (Gomez et al. 2017, Tables 2 and 3), one table.
+"""The paper's CIFAR and ImageNet rows (Gomez et al. 2017), one table.
 
 Each row is a config named ``<dataset>_<model>`` (``cifar10_revnet38``, ``imagenet_resnet101``):
 ``python -m experiments.train --config cifar10_revnet38``. Every row trains the shared recipe of
@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 
-# Where the RevNet rows' targets come from: the authors' code (renmengye/revnet-public), whose
-# numbers are the paper's Tables 2 and 3.
+# Where the RevNet rows' targets come from: the authors' code (renmengye/revnet-public).
 AUTHORS = "the RevNet authors' code"
 
 CIFAR_INPUT_NOTE = """\
