@@ -6,6 +6,8 @@
   file that no page claims fails the build.
 - Configuration: the table of every `revjax.train.TrainConfig` field (type, default, meaning),
   read from the dataclass and its docstring's ``Attributes:`` section.
+- Paper configs: the table of the paper's rows (`experiments.configs.paper`: config name, model,
+  dataset, target accuracy and its source, expected GPU time).
 - Notebooks: the ``notebooks/*.ipynb`` are copied into ``docs/notebooks/`` (rendered with the
   outputs they store; the docs build never executes them).
 """
@@ -206,6 +208,9 @@ def generate() -> None:
     GENERATED.mkdir(exist_ok=True)
     write_results()
     _write_if_changed(GENERATED / "train_config_fields.md", config_table())
+    from experiments.configs import paper
+
+    _write_if_changed(GENERATED / "paper_configs.md", paper.markdown_table())
     copy_notebooks()
 
 
