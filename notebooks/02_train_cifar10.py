@@ -18,10 +18,10 @@
 # # Train RevNet-38 on CIFAR-10
 #
 # This notebook trains RevNet-38 (464,890 parameters) on CIFAR-10 with revjax's own trainer
-# (`revjax.train.train_and_evaluate`) and the paper's recipe from
-# `experiments/configs/cifar10_revnet38.py`: SGD with momentum 0.9, weight decay 2e-4 on conv
-# and dense kernels, batch 100, learning rate 0.1 divided by 10 at 40k and 60k of 80k steps,
-# pad-crop-flip augmentation and per-pixel mean subtraction.
+# (`revjax.train.train_and_evaluate`) and the paper's recipe (the `cifar10_revnet38` row of
+# `experiments/configs/paper.py`): SGD with momentum 0.9, weight decay 2e-4 on conv and dense
+# kernels, batch 100, learning rate 0.1 divided by 10 at 40k and 60k of 80k steps, pad-crop-flip
+# augmentation and per-pixel mean subtraction.
 #
 # 1. Prepare CIFAR-10 once as TFDS ArrayRecord files (`python -m revjax.prepare`, which
 #    downloads the dataset; training itself never imports TensorFlow).
@@ -82,7 +82,7 @@ WORKDIR = os.path.abspath("workdirs/cifar10_revnet38")
 NUM_STEPS = 80_000  # the paper's 80k steps; fewer scale the learning-rate drops with them
 
 # The RevNet authors' code reaches this CIFAR-10 test accuracy with RevNet-38
-# (experiments/configs/cifar10_revnet38.py).
+# (the `cifar10_revnet38` row of experiments/configs/paper.py).
 TARGET_ACCURACY = 0.931
 
 # %%

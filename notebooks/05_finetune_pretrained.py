@@ -93,7 +93,7 @@ from revjax import finetune, pretrained
 # `timm.create_model(...)` with `load_state_dict`, and back into revjax with `load_timm`.
 
 # %%
-steps = dict(pretrain=60, finetune=40, batch=32) if QUICK else dict(
+steps = dict(pretrain=150, finetune=60, batch=32) if QUICK else dict(
     pretrain=300, finetune=100, batch=64
 )
 lr = 3e-3
@@ -163,13 +163,13 @@ for name, value in acc.items():
 # The trainer's compiled train step (forward, backward, AdamW; abstract shapes, nothing is
 # allocated; rolled scans as on a GPU/TPU) for ViT-S/16 and ViT-B/16 at 224x224 against the
 # RevViT with the same blocks. Temporary bytes are the activations and the backward's working
-# set. In quick mode two-block, width-64 stand-ins at 32x32 are compiled instead.
+# set. In quick mode eight-block, width-64 stand-ins at 64x64 (batch 8) are compiled instead.
 
 # %%
 if QUICK:
     memory = measure_memory(
-        [("ViT-S/16 stand-in", "vit_s16", "revvit_s16")], (32,), batch=2, classes=10,
-        small=dict(embed_dim=64, depth=2, num_heads=2),
+        [("ViT-S/16 stand-in", "vit_s16", "revvit_s16")], (64,), batch=8, classes=10,
+        small=dict(embed_dim=64, depth=8, num_heads=2),
     )
 else:
     memory = measure_memory(
