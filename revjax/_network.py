@@ -22,7 +22,7 @@ from flax import nnx
 from revjax._blocks import BLOCKS, LayerConfig
 from revjax._checks import check_images
 from revjax._core import DEFAULT_FRAC_BITS
-from revjax._options import OptionsModule, resolve_options, settable
+from revjax._options import ModelOptions, OptionsModule, resolve_options, settable
 
 Array = jax.Array
 Dtype = Any
@@ -37,7 +37,7 @@ DOWNSAMPLES = ("pool", "invertible")
 
 
 @dataclasses.dataclass(frozen=True)
-class NetworkOptions:
+class NetworkOptions(ModelOptions):
     """The options `revjax.RevNet` and `revjax.ResNet` share (their architecture and numerics).
 
     Sequences are stored as tuples of ints, so options compare and hash by value.

@@ -144,6 +144,21 @@ def _annotations(cls: type) -> dict[str, Any]:
     return out
 
 
+class ModelOptions:
+    """Base of the options dataclasses (`revjax.RevNetOptions`, `revjax.ViTOptions`, ...)."""
+
+    @classmethod
+    def like(cls: type[Options], other: Any, **changes: Any) -> Options:
+        """These options from the fields they share with ``other``, the options of a model of
+        the same family (``RevViTOptions.like(vit.options)``: the ViT's architecture,
+        regularisation and dtypes), with ``changes``; other fields take their defaults.
+
+        Raises:
+          TypeError: a keyword that is not a field (the message names the closest one).
+        """
+        return options_like(cls, other, changes)
+
+
 class OptionsModule(nnx.Module):
     """An NNX module built from a frozen options dataclass (`options_class`).
 

@@ -56,6 +56,7 @@ from revjax._core import (
     merge_halves,
 )
 from revjax._options import (
+    ModelOptions,
     OptionsModule,
     constructor_signature,
     options_like,
@@ -109,7 +110,7 @@ __all__ = [
 
 
 @dataclasses.dataclass(frozen=True)
-class TransformerOptions:
+class TransformerOptions(ModelOptions):
     """The options `revjax.ViT` and `revjax.RevViT` share (architecture, regularisation, dtypes).
 
     Attributes:

@@ -164,6 +164,11 @@ def test_from_vit_takes_the_vit_options():
     for name in shared:
         assert getattr(rev.options, name) == changed.get(name, getattr(vit.options, name)), name
     assert rev.options.memory_saving is False and rev.memory_saving is False
+    # And back: a ViT's options from the RevViT's (the fields they share, then the defaults).
+    back = revjax.ViTOptions.like(rev.options, pool="cls")
+    assert back == dataclasses.replace(vit.options, drop_path_rate=0.2)
+    with pytest.raises(TypeError, match="Did you mean 'pool'"):
+        revjax.ViTOptions.like(rev.options, pol="cls")
 
 
 @pytest.fixture(scope="module")
