@@ -1,12 +1,7 @@
 """What `revjax.RevNet` and `revjax.ResNet` share: their options, stem, head and checks.
 
-Architecture of the official code (renmengye/revnet-public), see `revjax._blocks`::
-
-    stem   CIFAR:    conv3x3 (stride 1) -> BN -> ReLU
-           ImageNet: conv7x7 (stride 2) -> BN -> ReLU -> maxpool 3x3 / 2
-    stage  entry unit (may stride / widen; stores its input)
-           + (units - 1) units: reversible (RevNet, one `reversible_sequence`) or ordinary
-    head   BN -> ReLU -> global average pool -> dense
+The stem (CIFAR conv3x3, or ImageNet conv7x7/2 + maxpool) and the head (BN, ReLU, global
+average pool, dense) of the official code's layout, described in `revjax.models`.
 """
 
 from __future__ import annotations

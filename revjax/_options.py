@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import typing
 from collections.abc import Mapping
 from typing import Any, ClassVar, TypeVar
 
@@ -113,7 +114,7 @@ def constructor_signature(
     listed with its default (the preset registry reads ``memory_saving`` and ``image_size``
     from it).
     """
-    hints = _annotations(options_class)
+    hints = typing.get_type_hints(options_class)  # evaluated: `Dtype` reads as Any
     params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
     for f in dataclasses.fields(options_class):
         kind = (
@@ -124,24 +125,16 @@ def constructor_signature(
         default = inspect.Parameter.empty if f.default is dataclasses.MISSING else f.default
         params.append(inspect.Parameter(f.name, kind, default=default, annotation=hints[f.name]))
     params.sort(key=lambda p: p.kind)  # positional fields first, whatever their order
-    params.append(inspect.Parameter("rngs", inspect.Parameter.KEYWORD_ONLY, annotation="nnx.Rngs"))
+    params.append(inspect.Parameter("rngs", inspect.Parameter.KEYWORD_ONLY, annotation=nnx.Rngs))
     params.append(
         inspect.Parameter(
             "options",
             inspect.Parameter.KEYWORD_ONLY,
             default=None,
-            annotation=f"{options_class.__name__} | None",
+            annotation=options_class | None,
         )
     )
     return inspect.Signature(params)
-
-
-def _annotations(cls: type) -> dict[str, Any]:
-    """Field annotations of a dataclass and its bases (strings under postponed evaluation)."""
-    out: dict[str, Any] = {}
-    for base in reversed(cls.__mro__):
-        out.update(vars(base).get("__annotations__", {}))
-    return out
 
 
 class ModelOptions:
