@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -132,7 +132,15 @@ class TransformerOptions(ModelOptions):
       carry_dtype: dtype of the residual stream, both streams for RevViT (default: float32, or
         float64 for a float64 model): ``dtype=jnp.bfloat16`` computes attention and MLPs in
         bfloat16 while the residual additions (and RevViT's rebuild) stay in float32.
+
+    The class attribute ``ARCHITECTURE`` names the fields that fix the weights' shapes (what
+    `RevViT.from_vit` keeps and a checkpoint must match).
     """
+
+    ARCHITECTURE: ClassVar[tuple[str, ...]] = (
+        "image_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio",
+        "num_classes", "in_channels",
+    )
 
     image_size: int = 224
     patch_size: int = 16
@@ -478,7 +486,7 @@ class RevViT(_VisionTransformer):
         """
         if not isinstance(vit, ViT):
             raise TypeError(f"RevViT.from_vit converts a revjax.ViT, got {type(vit).__name__}.")
-        fixed = sorted(set(overrides) & set(_ARCHITECTURE))
+        fixed = sorted(set(overrides) & set(TransformerOptions.ARCHITECTURE))
         if fixed:
             raise ValueError(
                 f"RevViT.from_vit keeps the ViT's architecture; {fixed} cannot be overridden. "
@@ -520,12 +528,6 @@ class RevViT(_VisionTransformer):
 # Every option with its default, for `inspect.signature`, `help` and the API reference.
 ViT.__init__.__signature__ = constructor_signature(ViTOptions)
 RevViT.__init__.__signature__ = constructor_signature(RevViTOptions)
-
-# The fields RevViT.from_vit takes from the ViT and does not let the caller change.
-_ARCHITECTURE = (
-    "image_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "num_classes",
-    "in_channels",
-)
 
 
 # --------------------------------------------------------------------------------------------
