@@ -4,8 +4,10 @@
     python -m experiments.train --config cifar10_revnet38 --workdir w --set data_dir=~/tfds
     python -m experiments.train --config experiments/configs/digits.py --quick --workdir /tmp/w
 
-``--config`` is a module name in ``experiments/configs`` (``--help`` lists them) or a path to a
-Python file defining ``get_config(quick=False)``. ``--set key=value`` overrides any `TrainConfig`
+``--config`` is a module name in ``experiments/configs``, a row of the paper's table
+(`experiments.configs.paper`: ``cifar10_revnet38``...; ``--help`` lists them all, ``--describe
+NAME`` prints one's target, expected time and commands) or a path to a Python file defining
+``get_config(quick=False)``. ``--set key=value`` overrides any `TrainConfig`
 field (``--list-keys`` lists them with their defaults; values are parsed as Python literals when
 possible, e.g. ``--set num_steps=100 --set lr_boundaries=(50,)``).
 
@@ -35,21 +37,41 @@ import sys
 import warnings
 from pathlib import Path
 
+from experiments.configs import paper
 from revjax.train import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+# Modules in CONFIG_DIR that are not configs themselves: the shared recipe and the paper's table.
+NOT_CONFIGS = ("__init__", "common", "paper")
 
 
 def known_configs() -> dict[str, str]:
-    """The config modules in ``experiments/configs`` and the first line of each docstring
-    (read from the source: nothing is imported)."""
+    """Every config name and its one-line description: the config modules in
+    ``experiments/configs`` (the first line of each docstring, read from the source: nothing is
+    imported) and the rows of the paper's table (`experiments.configs.paper`)."""
     out = {}
     for path in sorted(CONFIG_DIR.glob("*.py")):
-        if path.stem in ("__init__", "common"):
+        if path.stem in NOT_CONFIGS:
             continue
         doc = ast.get_docstring(ast.parse(path.read_text())) or ""
         out[path.stem] = doc.strip().splitlines()[0].replace("``", "") if doc.strip() else ""
-    return out
+    out.update({row.name: row.summary for row in paper.ROWS})
+    return dict(sorted(out.items()))
+
+
+def describe(name: str) -> str:
+    """The full description of a config name or file: a paper row's target, GPU time and
+    commands, or a config module's docstring."""
+    if name in paper.BY_NAME:
+        return paper.describe(name)
+    path = Path(name)
+    if path.suffix != ".py":
+        path = CONFIG_DIR / f"{name}.py" if name in known_configs() else Path("")
+    if not path.is_file():
+        known = known_configs()
+        raise ConfigError(f"Unknown config {name!r}{_did_you_mean(name, known)}. Known configs: "
+                          f"{', '.join(known)}.")
+    return (ast.get_docstring(ast.parse(path.read_text())) or "(no docstring)") + "\n"
 
 
 def _did_you_mean(name: str, known) -> str:
@@ -58,7 +80,8 @@ def _did_you_mean(name: str, known) -> str:
 
 
 def load_config(name: str, quick: bool = False):
-    """Returns ``get_config(quick)`` of a config module name or a path to a config file."""
+    """Returns the config called ``name`` (a row of the paper's table or a config module in
+    ``experiments/configs``) or defined by the file ``name`` (its ``get_config(quick)``)."""
     path = Path(name)
     if path.suffix == ".py" and path.exists():
         spec = importlib.util.spec_from_file_location(f"revjax_config_{path.stem}", path)
@@ -72,6 +95,8 @@ def load_config(name: str, quick: bool = False):
                 f"{', '.join(known)} (or a path to a .py file with get_config); --help "
                 "describes them."
             )
+        if name in paper.BY_NAME:
+            return paper.get_config(name, quick)
         module = importlib.import_module(f"experiments.configs.{name}")
     return module.get_config(quick)
 
@@ -189,8 +214,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Train a revjax config.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=f"configs (--config NAME):\n{listed}\n\n--list-keys prints every --set key "
-               "with its default and meaning.",
+        epilog=f"configs (--config NAME):\n{listed}\n\n--describe NAME prints a config's "
+               "target, expected time and commands; --list-keys prints every --set key with its "
+               "default and meaning.",
     )
     parser.add_argument("--config", default="digits", help="config name (below) or .py path")
     parser.add_argument("--workdir", help="checkpoints and metrics go here (required to train)")
@@ -199,6 +225,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="override a config field (--list-keys lists them)")
     parser.add_argument("--list-keys", action="store_true",
                         help="print the --set keys with defaults and meaning, then exit")
+    parser.add_argument("--describe", metavar="NAME",
+                        help="print a config's full description (target accuracy, expected "
+                             "time, the commands that prepare its data and train it), then exit")
     return parser
 
 
@@ -207,6 +236,12 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.list_keys:
         print(list_keys())
+        return {}
+    if args.describe:
+        try:
+            print(describe(args.describe), end="")
+        except ConfigError as err:
+            _fail(str(err))
         return {}
     if not args.workdir:
         parser.error("--workdir is required to train")

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from revjax._blocks import BLOCKS, LayerConfig
+from revjax._carry import DEFAULT_FRAC_BITS
 from revjax._checks import check_images
-from revjax._core import DEFAULT_FRAC_BITS
 from revjax._options import ModelOptions, OptionsModule, resolve_options, settable
 
 Array = jax.Array
@@ -92,7 +92,7 @@ class RevNetOptions(NetworkOptions):
         parameters through plain autodiff. Also settable as an attribute.
       remat_transitions: the entry units and the stem store only their input and recompute
         their activations in the backward (a custom VJP whose recomputation is tied to the
-        incoming cotangent, `revjax._blocks.call_rematerialised`; on XLA:CPU a
+        incoming cotangent, `revjax._stages.call_rematerialised`; on XLA:CPU a
         `jax.checkpoint` saved nothing). Default True: the same gradients for a fraction of the
         memory (RevNet-164: about half; RevNet-104, whose ImageNet stem has the network's
         largest activations: 14 % less at batch 32), for one extra forward of the stem and

@@ -41,15 +41,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from revjax._blocks import (
-    InvertibleRevStage,
-    LayerConfig,
-    ResStage,
-    RevStage,
-    call_rematerialised,
-    chain_invertible_stages,
-)
-from revjax._core import check_arithmetic, check_exact_every, merge_halves, split_halves
+from revjax._blocks import LayerConfig
+from revjax._carry import check_arithmetic
+from revjax._coupling import merge_halves, split_halves
 from revjax._network import DOWNSAMPLES as DOWNSAMPLES
 from revjax._network import STEMS as STEMS
 from revjax._network import Head as Head
@@ -59,6 +53,14 @@ from revjax._network import ResNetOptions as ResNetOptions
 from revjax._network import RevNetOptions as RevNetOptions
 from revjax._network import Stem as Stem
 from revjax._options import constructor_signature
+from revjax._sequence import check_exact_every
+from revjax._stages import (
+    InvertibleRevStage,
+    ResStage,
+    RevStage,
+    call_rematerialised,
+    chain_invertible_stages,
+)
 from revjax.layers import pure_call
 from revjax.presets import register
 

@@ -47,14 +47,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
+from revjax._carry import DEFAULT_FRAC_BITS, check_arithmetic
 from revjax._checks import check_images
-from revjax._core import (
-    DEFAULT_FRAC_BITS,
-    check_arithmetic,
-    check_exact_every,
-    default_unroll,
-    merge_halves,
-)
+from revjax._coupling import merge_halves
 from revjax._options import (
     ModelOptions,
     OptionsModule,
@@ -63,6 +58,8 @@ from revjax._options import (
     resolve_options,
     settable,
 )
+from revjax._sequence import check_exact_every
+from revjax._units import default_unroll
 from revjax._vit_blocks import LN_EPSILON as LN_EPSILON
 from revjax._vit_blocks import AttentionBranch as AttentionBranch
 from revjax._vit_blocks import BlockIndex as BlockIndex

@@ -33,9 +33,30 @@ def test_help_lists_every_config_and_points_to_list_keys(capsys):
     configs = known_configs()
     assert {"digits", "digits_revvit", "cifar10_revnet38", "imagenet_revnet104"} <= set(configs)
     for name, doc in configs.items():
-        assert doc, f"experiments/configs/{name}.py has no docstring"
+        assert doc, f"config {name} has no one-line description"
         assert f"  {name}  " in out and doc[:40] in out, name
-    assert "--list-keys" in out
+    assert "--list-keys" in out and "--describe NAME" in out
+    # Every row of the paper's table is listed by name, with its one line.
+    assert "  cifar100_resnet164      resnet164 on cifar100, the paper's recipe.\n" in out
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("cifar10_revnet38", "Target (the RevNet authors' code): 93.1 % test accuracy."),
+        ("digits", "The default, offline job: RevNet-38"),
+    ],
+)
+def test_describe_prints_the_full_description(name, expected, capsys):
+    assert main(["--describe", name]) == {}
+    out = capsys.readouterr().out
+    assert expected in out and f"--config {name}" in out
+
+
+def test_describe_an_unknown_config_suggests_the_closest(capsys):
+    code, _, err = _run_main(["--describe", "cifar10_revnet37"], capsys)
+    assert code == 2 and err.startswith("error: Unknown config 'cifar10_revnet37' (did you mean "
+                                        "'cifar10_revnet38'?)"), err
 
 
 def test_list_keys_gives_every_field_its_default_and_meaning(capsys):

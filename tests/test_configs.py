@@ -4,20 +4,16 @@ evaluation is their central 87.5 % crop (renmengye/revnet-public, `resnet/config
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
+from experiments.configs import paper
+from experiments.train import CONFIG_DIR, ConfigError, describe, known_configs, load_config
 from revjax import train
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "experiments" / "configs"
-# The paper's configs; the transformer ones (`*vit*`, AdamW + cosine) follow no RevNet schedule.
-CONFIGS = sorted(
-    p.stem
-    for p in CONFIG_DIR.glob("*.py")
-    if p.stem not in ("__init__", "common") and "vit" not in p.stem
-)
+# The paper's configs: the rows of `experiments.configs.paper` (the transformer configs, AdamW +
+# cosine, follow no RevNet schedule).
+PAPER = [row.name for row in paper.ROWS]
 
 # The authors' numbers: (batch, total steps, lr value per piece, boundaries, weight decay).
 AUTHORS = {
@@ -26,16 +22,23 @@ AUTHORS = {
 }
 
 
-def test_every_paper_config_is_pinned():
-    assert {c for c in CONFIGS if c.startswith(("cifar", "imagenet"))} == set(CONFIGS) - {"digits"}
-    assert len(CONFIGS) == 15
+def test_every_paper_row_is_a_config_and_pinned():
+    assert len(PAPER) == len(set(PAPER)) == 14
+    cifar_or_imagenet = {name for name in known_configs() if name.startswith(("cifar", "imagenet"))}
+    assert cifar_or_imagenet - set(PAPER) == {"cifar10_vit", "cifar10_revvit"}
+    # A file of a row's name would be shadowed by the row.
+    assert not [n for n in PAPER if (CONFIG_DIR / f"{n}.py").exists()]
+    assert {(row.model, row.dataset) for row in paper.ROWS} == {
+        (m, d) for d in ("cifar10", "cifar100")
+        for m in ("revnet38", "revnet110", "revnet164", "resnet32", "resnet110", "resnet164")
+    } | {("revnet104", "imagenet2012"), ("resnet101", "imagenet2012")}
 
 
-@pytest.mark.parametrize("name", [c for c in CONFIGS if c != "digits"])
+@pytest.mark.parametrize("name", PAPER)
 def test_schedule_is_the_authors(name):
-    from experiments.train import load_config
-
     config = load_config(name)
+    assert (config.model, config.dataset) == (paper.BY_NAME[name].model,
+                                              paper.BY_NAME[name].dataset)
     family = "cifar" if name.startswith("cifar") else "imagenet"
     batch, steps, values, boundaries, weight_decay = AUTHORS[family]
     assert (config.batch_size, config.num_steps) == (batch, steps)
@@ -49,12 +52,39 @@ def test_schedule_is_the_authors(name):
         assert float(lr(last)) == pytest.approx(value, rel=1e-6), (name, last)
 
 
-@pytest.mark.parametrize("name", [c for c in CONFIGS if c.startswith("cifar")])
-def test_cifar_docstrings_say_the_mean_is_over_train_only(name):
-    import importlib
+@pytest.mark.parametrize("name", ["cifar100_resnet110", "imagenet_revnet104"])
+def test_quick_variant_is_a_tiny_run_of_the_same_model(name):
+    full, quick = load_config(name), load_config(name, quick=True)
+    assert (quick.model, quick.twin_model, quick.dataset) == (full.model, full.twin_model,
+                                                              full.dataset)
+    assert quick.num_steps == 2 and quick.batch_size == 8
+    assert quick.model_overrides["widths"][0] == 8
+    assert quick.image_size == (32 if name.startswith("imagenet") else None)
 
-    doc = importlib.import_module(f"experiments.configs.{name}").__doc__
-    assert "training\nsplit only" in doc and "train and test" in doc
+
+def test_unknown_paper_name_suggests_the_closest_row():
+    with pytest.raises(ConfigError, match=r"'cifar10_revnet39' \(did you mean 'cifar10_revnet38'"):
+        load_config("cifar10_revnet39")
+    with pytest.raises(ConfigError, match=r"did you mean 'imagenet_resnet101'"):
+        describe("imagenet_resnet10")
+
+
+@pytest.mark.parametrize("name", PAPER)
+def test_describe_gives_target_time_and_commands(name):
+    text, row = describe(name), paper.BY_NAME[name]
+    assert text.startswith(f"{row.model} on {row.dataset}, the paper's recipe.\n")
+    assert f"Target ({row.source}): {row.target}." in text
+    assert f"Expected GPU time (an estimate, not measured here): {row.gpu_time}." in text
+    assert f"python -m revjax.prepare {row.dataset} --data_dir" in text
+    assert f"python -m experiments.train --config {name} " in text
+    # The CIFAR mean image is over the training split only (the authors' averaged train + test).
+    cifar = name.startswith("cifar")
+    assert ("training\nsplit only" in text and "train and test" in text) == cifar
+    assert ("--manual_dir" in text) == (not cifar)
+
+
+def test_describe_a_config_file_prints_its_docstring():
+    assert describe("digits").startswith("The default, offline job: RevNet-38")
 
 
 def test_imagenet_eval_is_central_crop_then_resize():

@@ -86,8 +86,9 @@ def _exists(path: Path) -> bool:
     generated = DOCS / "_generated" / "results"
     if path.parent == generated.resolve() or path.parent.resolve() == generated.resolve():
         return (ROOT / "results" / path.name).exists()  # written at build time from results/
-    if path.resolve() == (DOCS / "_generated" / "train_config_fields.md").resolve():
-        return True
+    if path.resolve() in {(DOCS / "_generated" / name).resolve()
+                          for name in ("train_config_fields.md", "paper_configs.md")}:
+        return True  # written at build time
     if path.parent.resolve() == (DOCS / "notebooks").resolve() and not path.suffix:
         notebook = ROOT / "notebooks" / f"{path.name}.ipynb"
         return notebook.exists() or path.with_suffix(".md").exists()

@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 pytest.importorskip("grain")
 
-from revjax.data import imagenet, transforms  # noqa: E402
+from revjax.data import imagenet, imagenet_decode, transforms  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -66,7 +66,7 @@ def jpegs():
     return [_jpeg(_smooth_image(h, w, i)) for i, (h, w) in enumerate(sizes)]
 
 
-DECODERS = ["pil"] + (["simplejpeg"] if imagenet._simplejpeg() is not None else [])
+DECODERS = ["pil"] + (["simplejpeg"] if imagenet_decode.simplejpeg_module() is not None else [])
 
 
 # ------------------------------------------------------------------------------------------
@@ -181,6 +181,22 @@ def test_eval_crop_is_the_central_crop(jpegs):
     unit = np.asarray(imagenet.to_unit_range(out["image"][None]))[0]
     assert out["mask"] == 1.0
     assert np.abs(unit - ref).mean() < 0.02
+
+
+def test_eval_batches_take_every_example_once_padded_with_uint8_zeros(jpegs):
+    source = JpegSource(jpegs[:5], range(5))
+    seen = []
+    for process in range(2):
+        ds = imagenet.eval_dataset(batch_size=4, image_size=16, source=source,
+                                   process_index=process, process_count=2)
+        batches = list(ds)
+        assert len(batches) == 2  # 5 examples -> 8 rows (3 of padding), 2 per process per batch
+        for batch in batches:
+            assert batch["image"].dtype == np.uint8 and batch["image"].shape == (2, 16, 16, 3)
+            pad = batch["mask"] == 0
+            assert not batch["image"][pad].any() and not batch["label"][pad].any()
+            seen += batch["label"][~pad].tolist()
+    assert sorted(seen) == [0, 1, 2, 3, 4]
 
 
 def test_crop_statistics_match_the_authors_sampler():

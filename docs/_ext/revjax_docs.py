@@ -6,6 +6,8 @@
   file that no page claims fails the build.
 - Configuration: the table of every `revjax.train.TrainConfig` field (type, default, meaning),
   read from the dataclass and its docstring's ``Attributes:`` section.
+- Paper configs: the table of the paper's rows (`experiments.configs.paper`: config name, model,
+  dataset, target accuracy and its source, expected GPU time).
 - Notebooks: the ``notebooks/*.ipynb`` are copied into ``docs/notebooks/`` (rendered with the
   outputs they store; the docs build never executes them).
 """
@@ -38,9 +40,9 @@ RESULT_PAGES: dict[str, tuple[str, ...]] = {
         "bench_models_tpu-v5e",
     ),
     "vit": ("bench_vit", "bench_vit_h100", "bench_vit_h100_batch128"),
-    "finetune": ("bench_finetune", "train_digits_revvit_finetune"),
+    "finetune": ("bench_finetune", "bench_finetune_h100", "train_digits_revvit_finetune"),
     "drift": ("bench_arithmetic", "bench_drift"),
-    "speed_input": ("bench_speed", "bench_input", "bench_soak"),
+    "speed_input": ("bench_speed", "bench_memcnn", "bench_input", "bench_soak"),
 }
 
 _HEADER = re.compile(r"^(?P<title>[^(]+?) \((?P<meta>.*?)\): (?P<rest>.*)$")
@@ -206,6 +208,9 @@ def generate() -> None:
     GENERATED.mkdir(exist_ok=True)
     write_results()
     _write_if_changed(GENERATED / "train_config_fields.md", config_table())
+    from experiments.configs import paper
+
+    _write_if_changed(GENERATED / "paper_configs.md", paper.markdown_table())
     copy_notebooks()
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from experiments.configs.common import QUICK_RUN
 from revjax.train import TrainConfig
 
 # The transformer recipe shared with cifar10_revvit (200 epochs of 50,000 images at batch 128).
@@ -47,17 +48,7 @@ RECIPE = dict(
 )
 
 # Quick: two steps of a two-block, 32-wide model (tests, smoke runs; mock data works).
-QUICK = dict(
-    batch_size=8,
-    eval_batch_size=8,
-    num_steps=2,
-    warmup_steps=1,
-    log_every=1,
-    eval_every=0,
-    checkpoint_every=1,
-    memory_report=False,
-    num_workers=0,
-)
+QUICK = dict(QUICK_RUN, warmup_steps=1)
 QUICK_MODEL = {"embed_dim": 32, "depth": 2, "num_heads": 2}
 
 

@@ -10,7 +10,8 @@ One module per concern:
 - `revjax.data.grain_pipeline`: Grain datasets and checkpointable iterators, worker processes,
   device prefetch. An option for every dataset.
 - `revjax.data.imagenet`: ImageNet through Grain: JPEGs decoded at reduced scale into uint8
-  crops on the host; flip, colour jitter and scaling inside the jitted train step.
+  crops on the host (`revjax.data.imagenet_decode`); flip, colour jitter and scaling inside the
+  jitted train step (`revjax.data.imagenet_augment`).
 
 Reading never imports TensorFlow: TFDS data are read with `tfds.data_source(...,
 download=False)` from ArrayRecord files that `python -m revjax.prepare` wrote once (that step

@@ -89,12 +89,16 @@ class _EvalTransform:
 
 
 @dataclasses.dataclass(frozen=True)
-class _PadExample:
+class PadExample:
+    """Grain `map` step: the padding of evaluation batches, a zero image of `shape` and `dtype`
+    with label 0 and mask 0.0."""
+
     shape: tuple[int, int, int]
+    dtype: str = "float32"
 
     def __call__(self, _: int) -> dict:
         return {
-            "image": np.zeros(self.shape, np.float32),
+            "image": np.zeros(self.shape, self.dtype),
             "label": np.int32(0),
             "mask": np.float32(0.0),
         }
@@ -298,20 +302,42 @@ def eval_dataset(
     See `eval_iterator` for the arguments.
     """
     info = get_dataset_info(name, image_size)
-    local_batch = _check_sharding(batch_size, process_index, process_count)
+    _check_sharding(batch_size, process_index, process_count)  # before opening the source
     image_size = info.image_shape[0]
     source = make_source(name, split or info.eval_split, data_dir)
+    return eval_stream_from_source(
+        source, _EvalTransform(name, image_size, _mean_for(name, data_dir)),
+        batch_size=batch_size, pad=PadExample((image_size, image_size, info.image_shape[2])),
+        process_index=process_index, process_count=process_count,
+    )
+
+
+def eval_stream_from_source(
+    source,
+    transform,
+    *,
+    batch_size: int,
+    pad: PadExample,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.MapDataset:
+    """The finite evaluation stream of per-process batches of any source: every example once,
+    in split order, padded with ``pad``'s examples (mask 0) to a multiple of the global batch
+    size; process p takes every ``process_count``-th example from p.
+
+    Args:
+      source: random-access examples (`__len__`, `__getitem__`).
+      transform: `example -> example` with a ``mask`` of 1.0, picklable.
+      batch_size, process_index, process_count: as `eval_iterator`.
+      pad: the padding example (its image's shape and dtype are the transform's output's).
+    """
+    local_batch = _check_sharding(batch_size, process_index, process_count)
     n = len(source)
     padded = math.ceil(n / batch_size) * batch_size
-    ds = grain.MapDataset.source(source).map(
-        _EvalTransform(name, image_size, _mean_for(name, data_dir))
-    )
+    ds = grain.MapDataset.source(source).map(transform)
     if padded > n:
-        shape = (image_size, image_size, info.image_shape[2])
-        pad = grain.MapDataset.range(padded - n).map(_PadExample(shape))
-        ds = grain.MapDataset.concatenate([ds, pad])
-    ds = ds[process_index::process_count]
-    return ds.batch(local_batch, drop_remainder=True)
+        ds = grain.MapDataset.concatenate([ds, grain.MapDataset.range(padded - n).map(pad)])
+    return ds[process_index::process_count].batch(local_batch, drop_remainder=True)
 
 
 def eval_iterator(
