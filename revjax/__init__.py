@@ -29,8 +29,11 @@ from revjax.layers import CarryPeak as CarryPeak
 from revjax.layers import ReversibleSequence as ReversibleSequence
 from revjax.layers import check_carry_range as check_carry_range
 from revjax.layers import pure_call as pure_call
+from revjax.models import NetworkOptions as NetworkOptions
 from revjax.models import ResNet as ResNet
+from revjax.models import ResNetOptions as ResNetOptions
 from revjax.models import RevNet as RevNet
+from revjax.models import RevNetOptions as RevNetOptions
 from revjax.models import apply as apply
 from revjax.models import count_params as count_params
 from revjax.models import functional as functional
@@ -47,7 +50,10 @@ from revjax.models import revnet110 as revnet110
 from revjax.models import revnet164 as revnet164
 from revjax.models import revnet_tiny as revnet_tiny
 from revjax.vit import RevViT as RevViT
+from revjax.vit import RevViTOptions as RevViTOptions
+from revjax.vit import TransformerOptions as TransformerOptions
 from revjax.vit import ViT as ViT
+from revjax.vit import ViTOptions as ViTOptions
 from revjax.vit import revvit_b16 as revvit_b16
 from revjax.vit import revvit_cifar as revvit_cifar
 from revjax.vit import revvit_s16 as revvit_s16
@@ -74,6 +80,9 @@ __all__ = [
     "reconstruction_error",
     "ResNet",
     "RevNet",
+    "NetworkOptions",
+    "ResNetOptions",
+    "RevNetOptions",
     "apply",
     "count_params",
     "functional",
@@ -91,6 +100,9 @@ __all__ = [
     "revnet_tiny",
     "RevViT",
     "ViT",
+    "RevViTOptions",
+    "TransformerOptions",
+    "ViTOptions",
     "revvit_b16",
     "revvit_cifar",
     "revvit_s16",

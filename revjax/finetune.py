@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from revjax.vit import RevViT, ViT
+from revjax.vit import RevViT, ViT, ViTOptions
 
 __all__ = [
     "EMBEDDING",
@@ -182,19 +182,9 @@ def init_from(
             f"{type(model).__name__}."
         )
     config = pretrained.timm_config(state, num_heads=heads)
-    vit = ViT(
-        image_size=model.image_size,
-        patch_size=model.patch_size,
-        embed_dim=model.embed_dim,
-        depth=model.depth,
-        num_heads=heads,
-        mlp_ratio=model.blocks.g.fc1.kernel.shape[-1] / model.embed_dim,
-        num_classes=model.num_classes,
-        in_channels=model.in_channels,
-        pool=config["pool"],
-        param_dtype=model.param_dtype,
-        rngs=nnx.Rngs(0),
-    )
+    # A ViT with the model's architecture, to carry the checkpoint's weights to from_vit.
+    options = ViTOptions.like(model.options, num_heads=heads, pool=config["pool"])
+    vit = ViT(options=options, rngs=nnx.Rngs(0))
     pretrained.load_vit_weights(vit, state, resize=resize, source=source)
     converted = RevViT.from_vit(vit)
     loaded = nnx.state(converted, nnx.Param)

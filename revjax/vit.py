@@ -38,8 +38,9 @@ Parameter counts (``pool="cls"`` reproduces timm's ``vit_*_patch16_224``; deriva
 
 from __future__ import annotations
 
-import math
-from typing import Any
+import dataclasses
+from collections.abc import Callable
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -49,8 +50,30 @@ from jax import lax
 from revjax._carry import DEFAULT_FRAC_BITS, check_arithmetic
 from revjax._checks import check_images
 from revjax._coupling import merge_halves
+from revjax._options import (
+    ModelOptions,
+    OptionsModule,
+    constructor_signature,
+    options_like,
+    resolve_options,
+    settable,
+)
 from revjax._sequence import check_exact_every
 from revjax._units import default_unroll
+from revjax._vit_blocks import LN_EPSILON as LN_EPSILON
+from revjax._vit_blocks import AttentionBranch as AttentionBranch
+from revjax._vit_blocks import BlockIndex as BlockIndex
+from revjax._vit_blocks import MlpBranch as MlpBranch
+from revjax._vit_blocks import PatchEmbed as PatchEmbed
+from revjax._vit_blocks import (
+    as_key,
+    at_least_float32,
+    layer_norm,
+    linear,
+    number_blocks,
+)
+from revjax._vit_blocks import drop_path as drop_path
+from revjax._vit_blocks import dropout as dropout
 from revjax.layers import ReversibleSequence, stacked
 from revjax.presets import register
 
@@ -58,11 +81,13 @@ Array = jax.Array
 Dtype = Any
 
 POOLS = ("mean", "cls", "avg")
-LN_EPSILON = 1e-6  # timm's and big_vision's ViT LayerNorm epsilon
 
 __all__ = [
     "RevViT",
+    "RevViTOptions",
+    "TransformerOptions",
     "ViT",
+    "ViTOptions",
     "revvit_b16",
     "revvit_cifar",
     "revvit_s16",
@@ -76,253 +101,98 @@ __all__ = [
 ]
 
 
-def _at_least_float32(dtype: Dtype) -> jnp.dtype:
-    """``dtype`` if it has 32 bits or more, else float32 (bfloat16 / float16 -> float32)."""
-    dtype = jnp.dtype(dtype)
-    return dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
-
-
 # --------------------------------------------------------------------------------------------
-# Randomness
+# Options
 # --------------------------------------------------------------------------------------------
 
 
-def dropout(x: Array, rate: float, key: Array | None) -> Array:
-    """Inverted dropout: zeroes each element with probability ``rate``, scales the rest.
+@dataclasses.dataclass(frozen=True)
+class TransformerOptions(ModelOptions):
+    """The options `revjax.ViT` and `revjax.RevViT` share (architecture, regularisation, dtypes).
 
-    ``key=None`` or ``rate == 0`` is the identity (evaluation).
-    """
-    if key is None or rate == 0.0:
-        return x
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
-
-
-def drop_path(x: Array, rate: Array | float | None, key: Array | None) -> Array:
-    """Stochastic depth: drops a residual branch for a whole example with probability ``rate``.
-
-    Args:
-      x: the branch output [N, ...].
-      rate: drop probability, a Python float or a traced scalar (per block inside a scan).
-      key: PRNG key; ``None`` is the identity (evaluation).
-    """
-    if key is None or rate is None or (isinstance(rate, float) and rate == 0.0):
-        return x
-    rate = jnp.asarray(rate, jnp.float32)
-    keep_prob = 1.0 - rate
-    keep = jax.random.bernoulli(key, keep_prob, (x.shape[0],) + (1,) * (x.ndim - 1))
-    scale = (1.0 / keep_prob).astype(x.dtype)
-    return jnp.where(keep, x * scale, jnp.zeros((), x.dtype))
-
-
-def _as_key(rngs: Any) -> Array | None:
-    """A PRNG key from what the caller passed: a key array, an `nnx.Rngs`, or None."""
-    if rngs is None:
-        return None
-    if isinstance(rngs, nnx.Rngs):
-        return rngs.dropout()
-    if isinstance(rngs, nnx.RngStream):
-        return rngs()
-    if isinstance(rngs, jax.Array) and jnp.issubdtype(rngs.dtype, jax.dtypes.prng_key):
-        return rngs
-    if isinstance(rngs, jax.Array) and rngs.dtype == jnp.uint32 and rngs.shape == (2,):
-        return jax.random.wrap_key_data(rngs)  # a raw jax.random.PRNGKey
-    raise ValueError(
-        f"rngs must be a PRNG key (jax.random.key(0)), an nnx.Rngs with a 'dropout' stream, or "
-        f"None; got {type(rngs).__name__} {getattr(rngs, 'shape', '')}."
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# Layers
-# --------------------------------------------------------------------------------------------
-
-
-def _linear(fan_in: int, fan_out: int, *, dtype, param_dtype, rngs) -> nnx.Linear:
-    # timm / DeiT: truncated normal (std 0.02) kernels, zero biases.
-    return nnx.Linear(
-        fan_in,
-        fan_out,
-        kernel_init=nnx.initializers.truncated_normal(stddev=0.02),
-        bias_init=nnx.initializers.zeros,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        rngs=rngs,
-    )
-
-
-def _layer_norm(features: int, *, dtype, param_dtype, rngs) -> nnx.LayerNorm:
-    # Two-pass variance: the fast one-pass form loses precision in float32 (as BatchNorm's does:
-    # results/bench_drift.md), which the reversible backward would see as reconstruction error.
-    return nnx.LayerNorm(
-        features,
-        epsilon=LN_EPSILON,
-        use_fast_variance=False,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        rngs=rngs,
-    )
-
-
-class PatchEmbed(nnx.Module):
-    """Non-overlapping ``p x p`` patches, linearly projected: a stride-p conv (with bias).
-
-    Args:
-      in_channels: image channels.
+    Attributes:
+      image_size: square image side (the position embedding has one entry per patch).
+      patch_size: patch side.
       embed_dim: token width D.
-      patch_size: patch side p.
-      dtype: compute dtype.
-      param_dtype: parameter dtype.
-      rngs: initialisation keys.
-    """
-
-    def __init__(self, in_channels, embed_dim, patch_size, *, dtype, param_dtype, rngs):
-        self.conv = nnx.Conv(
-            in_channels,
-            embed_dim,
-            (patch_size, patch_size),
-            strides=patch_size,
-            padding="VALID",
-            kernel_init=nnx.initializers.lecun_normal(),
-            bias_init=nnx.initializers.zeros,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            rngs=rngs,
-        )
-
-    def __call__(self, x: Array) -> Array:
-        """Maps images [N, H, W, C] to tokens [N, (H/p) * (W/p), D] (row-major patches)."""
-        h = self.conv(x)  # [N, H/p, W/p, D]
-        return h.reshape(h.shape[0], -1, h.shape[-1])
-
-
-class BlockIndex(nnx.Variable):
-    """A block's position in its stack (0 .. depth - 1): not trained, set once at construction.
-
-    It picks the block's own random stream (``fold_in(key, index)``) and its drop-path rate
-    from the one key a call receives, so F and G need no RNG state of their own.
-    """
-
-
-class _Branch(nnx.Module):
-    """What both sub-blocks share: the block index, the random stream and the drop-path rate."""
-
-    def _init_branch(self, *, stream: int, depth: int, drop_path_rate: float, dtype) -> None:
-        self.stream = stream  # 0: attention, 1: MLP (different masks from the same block key)
-        self.depth = depth
-        self.drop_path_rate = drop_path_rate
-        self.compute_dtype = dtype
-        self.index = BlockIndex(jnp.zeros((), jnp.int32))
-
-    def _randomness(self, key_data: Array | None) -> tuple[tuple, Array | None]:
-        """``((k_a, k_b, k_path), drop-path rate)`` of this block; Nones when deterministic."""
-        if key_data is None:
-            return (None, None, None), None
-        index = self.index[...]
-        key = jax.random.fold_in(jax.random.wrap_key_data(key_data), index)
-        keys = tuple(jax.random.split(jax.random.fold_in(key, self.stream), 3))
-        rate = None
-        if self.drop_path_rate > 0.0:
-            # Linear in depth: 0 for the first block, drop_path_rate for the last.
-            rate = self.drop_path_rate * index.astype(jnp.float32) / float(max(self.depth - 1, 1))
-        return keys, rate
-
-
-class AttentionBranch(_Branch):
-    """``drop_path(dropout(proj(MHSA(LayerNorm(x)))))``: the F of a RevViT unit.
-
-    One fused ``qkv`` projection (D -> 3D) and an output projection (D -> D), as timm's ViT:
-    ``4 D^2 + 4 D`` parameters plus the LayerNorm's ``2 D``.
-
-    Args:
-      dim: token width D.
-      num_heads: attention heads (D must be divisible by it).
+      depth: number of blocks (one attention and one MLP sub-block each).
+      num_heads: attention heads.
+      mlp_ratio: MLP hidden width / D.
+      num_classes: number of logits.
+      in_channels: image channels.
+      dropout: dropout after the embedding, in the MLP and after each projection.
       attention_dropout: dropout on the attention weights.
-      dropout: dropout on the projected output.
-      depth: blocks in the stack (for the drop-path rate).
-      drop_path_rate: drop-path rate of the last block.
-      dtype: compute dtype.
+      drop_path_rate: stochastic-depth rate of the last block (linear from 0 at the first).
+      unroll: scan unroll over the blocks; None: `revjax.default_unroll` (full on CPU, rolled on
+        GPU/TPU). Also settable as an attribute.
+      dtype: compute dtype (default ``param_dtype``).
       param_dtype: parameter dtype.
-      rngs: initialisation keys.
+      carry_dtype: dtype of the residual stream, both streams for RevViT (default: float32, or
+        float64 for a float64 model): ``dtype=jnp.bfloat16`` computes attention and MLPs in
+        bfloat16 while the residual additions (and RevViT's rebuild) stay in float32.
+
+    The class attribute ``ARCHITECTURE`` names the fields that fix the weights' shapes (what
+    `RevViT.from_vit` keeps and a checkpoint must match).
     """
 
-    def __init__(
-        self,
-        dim,
-        num_heads,
-        *,
-        attention_dropout,
-        dropout,
-        depth,
-        drop_path_rate,
-        dtype,
-        param_dtype,
-        rngs,
-    ):
-        self._init_branch(stream=0, depth=depth, drop_path_rate=drop_path_rate, dtype=dtype)
-        self.num_heads = num_heads
-        self.attention_dropout = attention_dropout
-        self.dropout = dropout
-        self.norm = _layer_norm(dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.qkv = _linear(dim, 3 * dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.proj = _linear(dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    ARCHITECTURE: ClassVar[tuple[str, ...]] = (
+        "image_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio",
+        "num_classes", "in_channels",
+    )
 
-    def __call__(self, x: Array, key_data: Array | None = None) -> Array:
-        """Maps tokens [N, T, D] to the branch output [N, T, D] (compute dtype).
-
-        Args:
-          x: tokens (any float dtype; computed in the compute dtype).
-          key_data: the call's PRNG key data (``jax.random.key_data``), shared by all blocks;
-            ``None``: deterministic (evaluation).
-        """
-        (k_attn, k_out, k_path), rate = self._randomness(key_data)
-        n, t, d = x.shape
-        h = self.norm(x.astype(self.compute_dtype))
-        qkv = self.qkv(h).reshape(n, t, 3, self.num_heads, d // self.num_heads)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [N, T, heads, D/heads] each
-        q = q * jnp.asarray(1.0 / math.sqrt(d // self.num_heads), q.dtype)
-        logits = jnp.einsum("nqhd,nkhd->nhqk", q, k)  # [N, heads, T, T]
-        # Softmax in float32 at least (bfloat16 logits lose the small weights).
-        weights = jax.nn.softmax(logits.astype(_at_least_float32(logits.dtype)))
-        weights = dropout(weights.astype(v.dtype), self.attention_dropout, k_attn)
-        h = jnp.einsum("nhqk,nkhd->nqhd", weights, v).reshape(n, t, d)
-        h = dropout(self.proj(h), self.dropout, k_out)
-        return drop_path(h, rate, k_path)
+    image_size: int = 224
+    patch_size: int = 16
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+    in_channels: int = 3
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    drop_path_rate: float = 0.0
+    unroll: int | bool | None = settable(None)
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    carry_dtype: Dtype | None = None
 
 
-class MlpBranch(_Branch):
-    """``drop_path(dropout(fc2(dropout(gelu(fc1(LayerNorm(x)))))))``: the G of a RevViT unit.
+@dataclasses.dataclass(frozen=True)
+class ViTOptions(TransformerOptions):
+    """The options of `revjax.ViT`: the fields of `TransformerOptions` and the following.
 
-    Args:
-      dim: token width D.
-      hidden: hidden width (``mlp_ratio * D``).
-      dropout: dropout after the activation and after ``fc2``.
-      depth: blocks in the stack (for the drop-path rate).
-      drop_path_rate: drop-path rate of the last block.
-      dtype: compute dtype.
-      param_dtype: parameter dtype.
-      rngs: initialisation keys.
+    Attributes:
+      pool: ``"mean"`` (mean over tokens, as RevViT), ``"cls"`` (a learned class token, the
+        original ViT; with it the presets have the published parameter counts) or ``"avg"``
+        (timm's ``global_pool="avg"``: a class token is kept, its output is dropped, the patch
+        tokens are averaged and the final LayerNorm normalises the average, timm's ``fc_norm``).
+      remat_blocks: `jax.checkpoint` every block (each stores only its input): the usual
+        gradient-checkpointing baseline for the memory benchmark. Also settable as an attribute.
     """
 
-    def __init__(self, dim, hidden, *, dropout, depth, drop_path_rate, dtype, param_dtype, rngs):
-        self._init_branch(stream=1, depth=depth, drop_path_rate=drop_path_rate, dtype=dtype)
-        self.dropout = dropout
-        self.norm = _layer_norm(dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.fc1 = _linear(dim, hidden, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.fc2 = _linear(hidden, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-    def __call__(self, x: Array, key_data: Array | None = None) -> Array:
-        """Maps tokens [N, T, D] to the branch output [N, T, D]; arguments as `AttentionBranch`."""
-        (k_hidden, k_out, k_path), rate = self._randomness(key_data)
-        h = self.fc1(self.norm(x.astype(self.compute_dtype)))  # [N, T, hidden]
-        h = dropout(jax.nn.gelu(h, approximate=False), self.dropout, k_hidden)
-        h = dropout(self.fc2(h), self.dropout, k_out)
-        return drop_path(h, rate, k_path)
+    pool: str = "mean"
+    remat_blocks: bool = settable(False)
 
 
-def _number_blocks(stack: nnx.Module, depth: int) -> None:
-    """Sets the `BlockIndex` of every block of a stacked branch: 0 .. depth - 1."""
-    stack.index[...] = jnp.arange(depth, dtype=jnp.int32)
+@dataclasses.dataclass(frozen=True)
+class RevViTOptions(TransformerOptions):
+    """The options of `revjax.RevViT`: the fields of `TransformerOptions` and the following.
+
+    Attributes:
+      memory_saving: rebuild activations in the backward (custom VJP); False runs the same
+        parameters through plain autodiff. Also settable as an attribute.
+      exact_every: with memory saving, also store the exact input of every k-th block (see
+        `revjax.reversible_sequence`); None (default) stores none, memory flat in depth.
+        Also settable as an attribute.
+      arithmetic: ``"fixed"`` (default) or ``"float"`` (the paper's). ``"fixed"``: the
+        streams are int32 fixed point inside the blocks, so the backward rebuilds them bit for
+        bit (see `revjax.ReversibleSequence`); they reach F and G in ``carry_dtype``.
+      frac_bits: fraction bits of fixed-point streams.
+    """
+
+    memory_saving: bool = settable(True)
+    exact_every: int | None = settable(None)
+    arithmetic: str = "fixed"
+    frac_bits: int = DEFAULT_FRAC_BITS
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,110 +200,101 @@ def _number_blocks(stack: nnx.Module, depth: int) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-class _VisionTransformer(nnx.Module):
-    """What ViT and RevViT share: configuration checks, embeddings, keys and the input check."""
+class Branches(NamedTuple):
+    """Makers of one block's attention and MLP branch (``rngs -> module``), for `stacked`."""
 
-    def _setup(
-        self,
-        *,
-        image_size: int,
-        patch_size: int,
-        embed_dim: int,
-        depth: int,
-        num_heads: int,
-        mlp_ratio: float,
-        num_classes: int,
-        in_channels: int,
-        dropout: float,
-        attention_dropout: float,
-        drop_path_rate: float,
-        unroll: int | bool | None,
-        dtype: Dtype | None,
-        param_dtype: Dtype,
-        carry_dtype: Dtype | None,
-        cls_token: bool,
-        rngs: nnx.Rngs,
-    ) -> dict:
+    make_attn: Callable[[nnx.Rngs], AttentionBranch]
+    make_mlp: Callable[[nnx.Rngs], MlpBranch]
+
+
+class _VisionTransformer(OptionsModule):
+    """What ViT and RevViT share: options, configuration checks, embeddings, keys, the head."""
+
+    def _resolve(self, options: Any, overrides: dict[str, Any]) -> Any:
+        """The constructor's options (keywords over ``options``), kept on the model."""
+        options = resolve_options(type(self).__name__, self.options_class, options, overrides)
+        self.init_options(options)
+        return options
+
+    def _setup(self, o: TransformerOptions, *, cls_token: bool, rngs: nnx.Rngs) -> Branches:
+        """Checks the options ``o``, sets the attributes, builds the embeddings."""
         name = type(self).__name__
-        for what, value in (
-            ("image_size", image_size),
-            ("patch_size", patch_size),
-            ("embed_dim", embed_dim),
-            ("depth", depth),
-            ("num_heads", num_heads),
-            ("num_classes", num_classes),
-            ("in_channels", in_channels),
+        for what in (
+            "image_size",
+            "patch_size",
+            "embed_dim",
+            "depth",
+            "num_heads",
+            "num_classes",
+            "in_channels",
         ):
+            value = getattr(o, what)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: {what} must be a positive int, got {value!r}.")
-        if image_size % patch_size:
+        if o.image_size % o.patch_size:
             raise ValueError(
-                f"{name}: image_size={image_size} is not divisible by patch_size={patch_size}; "
-                "patches must tile the image. Resize the images or pick a patch size that "
-                f"divides {image_size}."
+                f"{name}: image_size={o.image_size} is not divisible by patch_size="
+                f"{o.patch_size}; patches must tile the image. Resize the images or pick a "
+                f"patch size that divides {o.image_size}."
             )
-        if embed_dim % num_heads:
+        if o.embed_dim % o.num_heads:
             raise ValueError(
-                f"{name}: embed_dim={embed_dim} is not divisible by num_heads={num_heads}; each "
-                "head gets embed_dim / num_heads features."
+                f"{name}: embed_dim={o.embed_dim} is not divisible by num_heads={o.num_heads}; "
+                "each head gets embed_dim / num_heads features."
             )
-        hidden = int(round(mlp_ratio * embed_dim))
+        hidden = int(round(o.mlp_ratio * o.embed_dim))
         if hidden < 1:
-            raise ValueError(f"{name}: mlp_ratio={mlp_ratio} gives an empty MLP.")
-        for what, rate in (
-            ("dropout", dropout),
-            ("attention_dropout", attention_dropout),
-            ("drop_path_rate", drop_path_rate),
-        ):
+            raise ValueError(f"{name}: mlp_ratio={o.mlp_ratio} gives an empty MLP.")
+        for what in ("dropout", "attention_dropout", "drop_path_rate"):
+            rate = getattr(o, what)
             if not 0.0 <= rate < 1.0:
                 raise ValueError(f"{name}: {what} must lie in [0, 1), got {rate!r}.")
-        self.image_size = image_size
-        self.patch_size = patch_size
-        self.embed_dim = embed_dim
-        self.depth = depth
-        self.num_heads = num_heads
-        self.num_classes = num_classes
-        self.in_channels = in_channels
-        self.dropout = float(dropout)
-        self.attention_dropout = float(attention_dropout)
-        self.drop_path_rate = float(drop_path_rate)
-        self.unroll = unroll
-        self.dtype = jnp.dtype(param_dtype if dtype is None else dtype)
-        self.param_dtype = jnp.dtype(param_dtype)
+        self.image_size = o.image_size
+        self.patch_size = o.patch_size
+        self.embed_dim = o.embed_dim
+        self.depth = o.depth
+        self.num_heads = o.num_heads
+        self.num_classes = o.num_classes
+        self.in_channels = o.in_channels
+        self.dropout = float(o.dropout)
+        self.attention_dropout = float(o.attention_dropout)
+        self.drop_path_rate = float(o.drop_path_rate)
+        self.dtype = jnp.dtype(o.param_dtype if o.dtype is None else o.dtype)
+        self.param_dtype = jnp.dtype(o.param_dtype)
         self.carry_dtype = (
-            _at_least_float32(self.dtype) if carry_dtype is None else jnp.dtype(carry_dtype)
+            at_least_float32(self.dtype) if o.carry_dtype is None else jnp.dtype(o.carry_dtype)
         )
         layer = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.patch_embed = PatchEmbed(in_channels, embed_dim, patch_size, **layer, rngs=rngs)
-        num_tokens = (image_size // patch_size) ** 2 + int(cls_token)
+        self.patch_embed = PatchEmbed(o.in_channels, o.embed_dim, o.patch_size, **layer, rngs=rngs)
+        num_tokens = (o.image_size // o.patch_size) ** 2 + int(cls_token)
         init = nnx.initializers.truncated_normal(stddev=0.02)
-        self.pos_embed = nnx.Param(init(rngs.params(), (1, num_tokens, embed_dim), param_dtype))
-        self.cls_token = nnx.Param(jnp.zeros((1, 1, embed_dim), param_dtype)) if cls_token else None
+        shape = (1, num_tokens, o.embed_dim)
+        self.pos_embed = nnx.Param(init(rngs.params(), shape, self.param_dtype))
+        self.cls_token = (
+            nnx.Param(jnp.zeros((1, 1, o.embed_dim), self.param_dtype)) if cls_token else None
+        )
+        regularise = dict(dropout=self.dropout, depth=o.depth, drop_path_rate=self.drop_path_rate)
 
         def make_attn(r):
             return AttentionBranch(
-                embed_dim,
-                num_heads,
-                attention_dropout=attention_dropout,
-                dropout=dropout,
-                depth=depth,
-                drop_path_rate=float(drop_path_rate),
+                o.embed_dim,
+                o.num_heads,
+                attention_dropout=o.attention_dropout,
+                **regularise,
                 **layer,
                 rngs=r,
             )
 
         def make_mlp(r):
-            return MlpBranch(
-                embed_dim,
-                hidden,
-                dropout=dropout,
-                depth=depth,
-                drop_path_rate=float(drop_path_rate),
-                **layer,
-                rngs=r,
-            )
+            return MlpBranch(o.embed_dim, hidden, **regularise, **layer, rngs=r)
 
-        return dict(make_attn=make_attn, make_mlp=make_mlp, layer=layer)
+        return Branches(make_attn, make_mlp)
+
+    def _norm_and_head(self, width: int, rngs: nnx.Rngs) -> None:
+        """The final LayerNorm and the linear head, on features of ``width``."""
+        layer = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.norm = layer_norm(width, **layer, rngs=rngs)
+        self.head = linear(width, self.num_classes, **layer, rngs=rngs)
 
     @property
     def uses_dropout_rng(self) -> bool:
@@ -447,7 +308,7 @@ class _VisionTransformer(nnx.Module):
         """
         if not (train and self.uses_dropout_rng):
             return None, None
-        key = _as_key(rngs)
+        key = as_key(rngs)
         if key is None:
             raise ValueError(
                 f"{type(self).__name__} has dropout / drop-path (dropout={self.dropout}, "
@@ -472,90 +333,40 @@ class _VisionTransformer(nnx.Module):
 
     def _logits(self, features: Array) -> Array:
         """Pooled features [N, width] -> float32 logits [N, classes]."""
-        return self.head(features.astype(self.dtype)).astype(_at_least_float32(self.dtype))
+        return self.head(features.astype(self.dtype)).astype(at_least_float32(self.dtype))
 
 
 class ViT(_VisionTransformer):
     """Vision transformer (pre-LN), RevViT's plain twin: the same sub-blocks, ordinary residuals.
 
+    Its options are the fields of `ViTOptions` (the architecture, ``pool``, regularisation,
+    dtypes), taken as keywords or as one ``options`` object; ``model.options`` gives them back.
+    ``remat_blocks`` and ``unroll`` are also attributes that may be set after construction.
+
     Args:
-      image_size: square image side (the position embedding has one entry per patch).
-      patch_size: patch side.
-      embed_dim: token width D.
-      depth: number of blocks (one attention and one MLP sub-block each).
-      num_heads: attention heads.
-      mlp_ratio: MLP hidden width / D.
-      num_classes: number of logits.
-      in_channels: image channels.
-      pool: ``"mean"`` (mean over tokens, as RevViT), ``"cls"`` (a learned class token, the
-        original ViT; with it the presets have the published parameter counts) or ``"avg"``
-        (timm's ``global_pool="avg"``: a class token is kept, its output is dropped, the patch
-        tokens are averaged and the final LayerNorm normalises the average, timm's ``fc_norm``).
-      dropout: dropout after the embedding, in the MLP and after each projection.
-      attention_dropout: dropout on the attention weights.
-      drop_path_rate: stochastic-depth rate of the last block (linear from 0 at the first).
-      unroll: scan unroll over the blocks; None: `revjax.default_unroll` (full on CPU, rolled on
-        GPU/TPU).
-      remat_blocks: `jax.checkpoint` every block (each stores only its input): the usual
-        gradient-checkpointing baseline for the memory benchmark. Also settable as an attribute.
-      dtype: compute dtype (default ``param_dtype``).
-      param_dtype: parameter dtype.
-      carry_dtype: dtype of the residual stream (default: float32, or float64 for a float64
-        model): ``dtype=jnp.bfloat16`` keeps the residual additions in float32.
       rngs: initialisation keys (``params`` stream).
+      options: a `ViTOptions` (default: its defaults, ViT-B/16); keywords replace its fields.
+      **overrides: any field of `ViTOptions`, e.g. ``image_size=32, pool="cls"``.
+
+    Raises:
+      TypeError: a keyword that is not a field of `ViTOptions` (the message names the closest
+        one).
+      ValueError: options the model cannot take (a patch size that does not tile the image...).
     """
 
-    def __init__(
-        self,
-        *,
-        image_size: int = 224,
-        patch_size: int = 16,
-        embed_dim: int = 768,
-        depth: int = 12,
-        num_heads: int = 12,
-        mlp_ratio: float = 4.0,
-        num_classes: int = 1000,
-        in_channels: int = 3,
-        pool: str = "mean",
-        dropout: float = 0.0,
-        attention_dropout: float = 0.0,
-        drop_path_rate: float = 0.0,
-        unroll: int | bool | None = None,
-        remat_blocks: bool = False,
-        dtype: Dtype | None = None,
-        param_dtype: Dtype = jnp.float32,
-        carry_dtype: Dtype | None = None,
-        rngs: nnx.Rngs,
-    ):
-        if pool not in POOLS:
-            raise ValueError(f"ViT: unknown pool {pool!r}; use one of {POOLS}.")
-        parts = self._setup(
-            image_size=image_size,
-            patch_size=patch_size,
-            embed_dim=embed_dim,
-            depth=depth,
-            num_heads=num_heads,
-            mlp_ratio=mlp_ratio,
-            num_classes=num_classes,
-            in_channels=in_channels,
-            dropout=dropout,
-            attention_dropout=attention_dropout,
-            drop_path_rate=drop_path_rate,
-            unroll=unroll,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            carry_dtype=carry_dtype,
-            cls_token=pool in ("cls", "avg"),
-            rngs=rngs,
-        )
-        self.pool = pool
-        self.remat_blocks = remat_blocks
-        self.attn = stacked(depth, parts["make_attn"], rngs)
-        self.mlp = stacked(depth, parts["make_mlp"], rngs)
-        _number_blocks(self.attn, depth)
-        _number_blocks(self.mlp, depth)
-        self.norm = _layer_norm(embed_dim, **parts["layer"], rngs=rngs)
-        self.head = _linear(embed_dim, num_classes, **parts["layer"], rngs=rngs)
+    options_class = ViTOptions
+
+    def __init__(self, *, rngs: nnx.Rngs, options: ViTOptions | None = None, **overrides: Any):
+        opts = self._resolve(options, overrides)
+        if opts.pool not in POOLS:
+            raise ValueError(f"ViT: unknown pool {opts.pool!r}; use one of {POOLS}.")
+        self.pool = opts.pool
+        branches = self._setup(opts, cls_token=opts.pool in ("cls", "avg"), rngs=rngs)
+        self.attn = stacked(self.depth, branches.make_attn, rngs)
+        self.mlp = stacked(self.depth, branches.make_mlp, rngs)
+        number_blocks(self.attn, self.depth)
+        number_blocks(self.mlp, self.depth)
+        self._norm_and_head(self.embed_dim, rngs)
 
     def __call__(self, x: Array, *, train: bool = False, rngs: Any = None) -> Array:
         """Computes logits.
@@ -604,85 +415,42 @@ class RevViT(_VisionTransformer):
     (activation memory flat in depth); the streams are concatenated, normalised (LayerNorm over
     ``2 D``), mean-pooled and classified.
 
-    It takes the arguments of `ViT` (no ``pool``: always the mean over tokens; no
-    ``remat_blocks``) and the following.
+    Its options are the fields of `RevViTOptions`: those of `ViT` without ``pool`` (always the
+    mean over tokens) and ``remat_blocks``, plus ``memory_saving``, ``exact_every``,
+    ``arithmetic`` and ``frac_bits``. ``memory_saving``, ``exact_every`` and ``unroll`` are
+    also attributes that may be set after construction.
 
     Args:
-      memory_saving: rebuild activations in the backward (custom VJP); False runs the same
-        parameters through plain autodiff. Also settable as an attribute.
-      exact_every: with memory saving, also store the exact input of every k-th block (see
-        `revjax.reversible_sequence`); None (default) stores none, memory flat in depth.
-        Also settable as an attribute.
-      carry_dtype: dtype of the two streams (default: float32, or float64 for a float64
-        model): with ``dtype=jnp.bfloat16`` F and G compute in bfloat16 while the streams are
-        added and rebuilt in float32.
-      arithmetic: ``"fixed"`` (default) or ``"float"`` (the paper's). ``"fixed"``: the
-        streams are int32 fixed point inside the blocks, so the backward rebuilds them bit for
-        bit (see `revjax.ReversibleSequence`); they reach F and G in ``carry_dtype``.
-      frac_bits: fraction bits of fixed-point streams.
+      rngs: initialisation keys (``params`` stream).
+      options: a `RevViTOptions` (default: its defaults); keywords replace its fields.
+      **overrides: any field of `RevViTOptions`, e.g. ``arithmetic="float"``.
+
+    Raises:
+      TypeError: a keyword that is not a field of `RevViTOptions` (the message names the
+        closest one).
+      ValueError: options the model cannot take.
     """
 
-    def __init__(
-        self,
-        *,
-        image_size: int = 224,
-        patch_size: int = 16,
-        embed_dim: int = 768,
-        depth: int = 12,
-        num_heads: int = 12,
-        mlp_ratio: float = 4.0,
-        num_classes: int = 1000,
-        in_channels: int = 3,
-        dropout: float = 0.0,
-        attention_dropout: float = 0.0,
-        drop_path_rate: float = 0.0,
-        memory_saving: bool = True,
-        exact_every: int | None = None,
-        unroll: int | bool | None = None,
-        dtype: Dtype | None = None,
-        param_dtype: Dtype = jnp.float32,
-        carry_dtype: Dtype | None = None,
-        arithmetic: str = "fixed",
-        frac_bits: int = DEFAULT_FRAC_BITS,
-        rngs: nnx.Rngs,
-    ):
-        check_exact_every(exact_every, "RevViT")
-        check_arithmetic(arithmetic, frac_bits, owner="RevViT")
-        parts = self._setup(
-            image_size=image_size,
-            patch_size=patch_size,
-            embed_dim=embed_dim,
-            depth=depth,
-            num_heads=num_heads,
-            mlp_ratio=mlp_ratio,
-            num_classes=num_classes,
-            in_channels=in_channels,
-            dropout=dropout,
-            attention_dropout=attention_dropout,
-            drop_path_rate=drop_path_rate,
-            unroll=unroll,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            carry_dtype=carry_dtype,
-            cls_token=False,
-            rngs=rngs,
-        )
-        self.memory_saving = memory_saving
-        self.exact_every = exact_every
-        self.arithmetic, self.frac_bits = arithmetic, frac_bits
+    options_class = RevViTOptions
+
+    def __init__(self, *, rngs: nnx.Rngs, options: RevViTOptions | None = None, **overrides):
+        opts = self._resolve(options, overrides)
+        check_exact_every(opts.exact_every, "RevViT")
+        check_arithmetic(opts.arithmetic, opts.frac_bits, owner="RevViT")
+        branches = self._setup(opts, cls_token=False, rngs=rngs)
+        self.arithmetic, self.frac_bits = opts.arithmetic, opts.frac_bits
         self.blocks = ReversibleSequence(
-            parts["make_attn"],
-            parts["make_mlp"],
-            depth,
+            branches.make_attn,
+            branches.make_mlp,
+            opts.depth,
             rngs=rngs,
-            unroll=unroll,
-            arithmetic=arithmetic,
-            frac_bits=frac_bits,
+            unroll=opts.unroll,
+            arithmetic=opts.arithmetic,
+            frac_bits=opts.frac_bits,
         )
-        _number_blocks(self.blocks.f, depth)
-        _number_blocks(self.blocks.g, depth)
-        self.norm = _layer_norm(2 * embed_dim, **parts["layer"], rngs=rngs)
-        self.head = _linear(2 * embed_dim, num_classes, **parts["layer"], rngs=rngs)
+        number_blocks(self.blocks.f, opts.depth)
+        number_blocks(self.blocks.g, opts.depth)
+        self._norm_and_head(2 * opts.embed_dim, rngs)
 
     def __call__(self, x: Array, *, train: bool = False, rngs: Any = None) -> Array:
         """Computes logits; arguments, return value and errors as `ViT.__call__`."""
@@ -709,10 +477,32 @@ class RevViT(_VisionTransformer):
           vit: the trained model.
           rngs: keys for building the RevViT before its weights are overwritten (default
             ``nnx.Rngs(0)``).
-          **overrides: RevViT-only arguments (``memory_saving``, ``exact_every``, ...) and
-            regularisation (``dropout``, ``drop_path_rate``...); the architecture is the ViT's.
+          **overrides: RevViT-only options (``memory_saving``, ``exact_every``, ...) and
+            regularisation (``dropout``, ``drop_path_rate``...); every other field of the
+            ViT's options (`TransformerOptions`: the architecture, dtypes) is kept.
         """
-        return _rev_vit_from_vit(cls, vit, rngs, overrides)
+        if not isinstance(vit, ViT):
+            raise TypeError(f"RevViT.from_vit converts a revjax.ViT, got {type(vit).__name__}.")
+        fixed = sorted(set(overrides) & set(TransformerOptions.ARCHITECTURE))
+        if fixed:
+            raise ValueError(
+                f"RevViT.from_vit keeps the ViT's architecture; {fixed} cannot be overridden. "
+                "Change the ViT first (revjax.pretrained.load_timm takes image_size and "
+                "num_classes)."
+            )
+        options = options_like(cls.options_class, vit.options, overrides, "RevViT.from_vit")
+        rev = cls(options=options, rngs=nnx.Rngs(0) if rngs is None else rngs)
+        nnx.update(rev.patch_embed, nnx.state(vit.patch_embed, nnx.Param))
+        nnx.update(rev.blocks.f, nnx.state(vit.attn, nnx.Param))
+        nnx.update(rev.blocks.g, nnx.state(vit.mlp, nnx.Param))
+        pos = vit.pos_embed[...]
+        rev.pos_embed[...] = pos[:, 1:] if vit.cls_token is not None else pos  # [1, T, D]
+        for name in ("scale", "bias"):
+            getattr(rev.norm, name)[...] = jnp.tile(getattr(vit.norm, name)[...], 2)  # [2D]
+        kernel = vit.head.kernel[...]  # [D, classes]
+        rev.head.kernel[...] = jnp.concatenate([kernel, kernel], axis=0) / 2  # [2D, classes]
+        rev.head.bias[...] = vit.head.bias[...]
+        return rev
 
     def streams(self, x: Array, *, train: bool = False, rngs: Any = None) -> tuple[Array, Array]:
         """The two streams after the last block, [N, T, D] each, in the carry dtype."""
@@ -732,51 +522,9 @@ class RevViT(_VisionTransformer):
         )
 
 
-_ARCHITECTURE = (
-    "image_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "num_classes",
-    "in_channels",
-)
-
-
-def _rev_vit_from_vit(cls: type, vit: ViT, rngs: nnx.Rngs | None, overrides: dict) -> RevViT:
-    """`RevViT.from_vit`'s body: build the twin, then copy the parameters."""
-    if not isinstance(vit, ViT):
-        raise TypeError(f"RevViT.from_vit converts a revjax.ViT, got {type(vit).__name__}.")
-    fixed = sorted(set(overrides) & set(_ARCHITECTURE))
-    if fixed:
-        raise ValueError(
-            f"RevViT.from_vit keeps the ViT's architecture; {fixed} cannot be overridden. "
-            "Change the ViT first (revjax.pretrained.load_timm takes image_size and num_classes)."
-        )
-    arch = dict(
-        image_size=vit.image_size,
-        patch_size=vit.patch_size,
-        embed_dim=vit.embed_dim,
-        depth=vit.depth,
-        num_heads=vit.num_heads,
-        mlp_ratio=vit.mlp.fc1.kernel.shape[-1] / vit.embed_dim,
-        num_classes=vit.num_classes,
-        in_channels=vit.in_channels,
-        dropout=vit.dropout,
-        attention_dropout=vit.attention_dropout,
-        drop_path_rate=vit.drop_path_rate,
-        unroll=vit.unroll,
-        dtype=vit.dtype,
-        param_dtype=vit.param_dtype,
-        carry_dtype=vit.carry_dtype,
-    )
-    rev = cls(**{**arch, **overrides}, rngs=nnx.Rngs(0) if rngs is None else rngs)
-    nnx.update(rev.patch_embed, nnx.state(vit.patch_embed, nnx.Param))
-    nnx.update(rev.blocks.f, nnx.state(vit.attn, nnx.Param))
-    nnx.update(rev.blocks.g, nnx.state(vit.mlp, nnx.Param))
-    pos = vit.pos_embed[...]
-    rev.pos_embed[...] = pos[:, 1:] if vit.cls_token is not None else pos  # [1, T, D]
-    for name in ("scale", "bias"):
-        getattr(rev.norm, name)[...] = jnp.tile(getattr(vit.norm, name)[...], 2)  # [2D]
-    kernel = vit.head.kernel[...]  # [D, classes]
-    rev.head.kernel[...] = jnp.concatenate([kernel, kernel], axis=0) / 2  # [2D, classes]
-    rev.head.bias[...] = vit.head.bias[...]
-    return rev
+# Every option with its default, for `inspect.signature`, `help` and the API reference.
+ViT.__init__.__signature__ = constructor_signature(ViTOptions)
+RevViT.__init__.__signature__ = constructor_signature(RevViTOptions)
 
 
 # --------------------------------------------------------------------------------------------
@@ -789,25 +537,11 @@ _TI = dict(embed_dim=192, depth=12, num_heads=3)
 _S = dict(embed_dim=384, depth=12, num_heads=6)
 _B = dict(embed_dim=768, depth=12, num_heads=12)
 # CIFAR (32x32, patch 4: 64 tokens): ViT-Ti widths at depth 8, ~3.6M parameters.
-_CIFAR = dict(
-    image_size=32,
-    patch_size=4,
-    embed_dim=192,
-    depth=8,
-    num_heads=3,
-    mlp_ratio=4.0,
-    num_classes=10,
-)
+_CIFAR = dict(image_size=32, patch_size=4, embed_dim=192, depth=8, num_heads=3, mlp_ratio=4.0,
+              num_classes=10)
 # Digits (8x8, patch 2: 16 tokens), for tests and the offline job.
-_TINY = dict(
-    image_size=8,
-    patch_size=2,
-    embed_dim=32,
-    depth=2,
-    num_heads=2,
-    mlp_ratio=2.0,
-    num_classes=10,
-)
+_TINY = dict(image_size=8, patch_size=2, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0,
+             num_classes=10)
 
 vit_ti16 = register(
     "vit_ti16", ViT, "ViT-Ti/16 (224x224); with pool='cls': 5,717,416 parameters.",

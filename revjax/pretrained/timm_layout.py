@@ -193,18 +193,11 @@ def resample_pos_embed(
 
 
 def vit_arch(model: ViT) -> dict[str, Any]:
-    """A `ViT`'s architecture in `timm_config`'s form."""
-    return dict(
-        image_size=model.image_size,
-        patch_size=model.patch_size,
-        embed_dim=model.embed_dim,
-        depth=model.depth,
-        num_heads=model.num_heads,
-        mlp_ratio=model.mlp.fc1.kernel.shape[-1] / model.embed_dim,
-        num_classes=model.num_classes,
-        in_channels=model.in_channels,
-        pool=model.pool,
-    )
+    """A `ViT`'s architecture in `timm_config`'s form: its options' architecture fields, the
+    MLP ratio of the hidden width it has, and its pooling."""
+    arch = {name: getattr(model.options, name) for name in model.options.ARCHITECTURE}
+    arch["mlp_ratio"] = model.mlp.fc1.kernel.shape[-1] / model.embed_dim
+    return {**arch, "pool": model.pool}
 
 
 def load_vit_weights(
