@@ -969,6 +969,40 @@ def _sequence_backward(setting, fp, gp, y1, y2, keys, context, stored, dy1, dy2,
     return (x1, x2), (dx1, dx2), (dfp, dgp, dcontext)
 
 
+def output_residual(arith, outputs: tuple[Array, Array], carries: tuple[Array, Array]) -> Any:
+    """What a custom VJP keeps of its output carries, for `output_carries` to restore exactly.
+
+    Float carries are the outputs. Fixed-point carries with float32 outputs are kept as the
+    float outputs plus an int8 correction ``c - q(y)``: the outputs are what the next layer's
+    autodiff stores anyway (the next stage's rematerialised entry unit, a BatchNorm), so XLA
+    keeps one float buffer where int32 carries would be a second copy of the same values, and
+    the correction, a quarter of its size, holds the low bits float32 cannot (``|c| < 2**31``
+    has at most 7 bits beyond float32's 24: ``|c - q(y)| <= 64``). Other dtypes keep the int32
+    carries (float64 would be twice their size, bfloat16 loses too many bits).
+    """
+    if not arith.fixed or jnp.dtype(arith.dtype) != jnp.float32:
+        return carries
+    corrections = tuple(
+        (c - quantize(y, arith.frac_bits)).astype(jnp.int8)
+        for y, c in zip(outputs, carries, strict=True)
+    )
+    # Materialised here: otherwise XLA fuses the subtraction into the backward's restore,
+    # which then reads the int32 carries, kept alive all along.
+    return outputs, lax.optimization_barrier(corrections)
+
+
+def output_carries(arith, saved: Any) -> tuple[Array, Array]:
+    """The output carries `output_residual` kept, bit for bit (while they are in range: out of
+    range the outputs are NaN, see `_in_range`)."""
+    if not arith.fixed or jnp.dtype(arith.dtype) != jnp.float32:
+        return saved
+    outputs, corrections = saved
+    return tuple(
+        quantize(y, arith.frac_bits) + r.astype(jnp.int32)
+        for y, r in zip(outputs, corrections, strict=True)
+    )
+
+
 def _make_memory_saving(setting: SequenceSetting):
     """Builds the custom-VJP sequence for one static setting: ``((y1, y2), aux, peak)``."""
     arith = setting.arith
@@ -998,14 +1032,19 @@ def _make_memory_saving(setting: SequenceSetting):
 
     def run_fwd(f_params, g_params, x1, x2, keys, context):
         out, (c1, c2, stored) = forward(f_params, g_params, x1, x2, keys, context)
-        # The residuals: parameters, the output carries (int32 for fixed point: the backward
-        # rebuilds from them, not from the rounded float outputs), the keys, the side inputs
-        # and, with exact_every, the exact input carries of `exact_units`. No other activation.
-        return out, (f_params, g_params, c1, c2, keys, context, stored)
+        # The residuals: parameters, the output carries (exact: for fixed point the backward
+        # rebuilds from the int32 carries, not from the rounded float outputs; see
+        # `output_residual`), the keys, the side inputs and, with exact_every, the exact input
+        # carries of `exact_units`. No other activation.
+        saved = output_residual(arith, out[0], (c1, c2))
+        return out, (f_params, g_params, saved, keys, context, stored)
 
     def run_bwd(residuals, cotangents):
-        f_params, g_params, c1, c2, keys, context, stored = residuals
+        f_params, g_params, saved, keys, context, stored = residuals
         (dy1, dy2), _, _ = cotangents  # aux and peak are not differentiated
+        # Restored only once the cotangent exists: left free, XLA computes the int32 carries
+        # in the forward pass and keeps them (see `tie_to_cotangent`).
+        c1, c2 = output_carries(arith, tie_to_cotangent(saved, (dy1, dy2)))
         _, (dx1, dx2), (dfp, dgp, dcontext) = _sequence_backward(
             setting, f_params, g_params, c1, c2, keys, context, stored, dy1, dy2
         )
