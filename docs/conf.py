@@ -42,6 +42,11 @@ myst_enable_extensions = ["colon_fence", "dollarmath", "deflist"]
 myst_heading_anchors = 4
 # Notebooks are rendered as committed; the test suite executes them (tests/test_notebooks.py).
 nb_execution_mode = "off"
+# The stored stderr is the run's environment (library warnings naming its paths, progress bars);
+# the pages show what the notebooks print and plot. Colab shows the stored notebook unfiltered.
+nb_output_stderr = "remove"
+# Markdown outputs (the benchmarks' tables) are GitHub-flavoured: CommonMark has no tables.
+nb_render_markdown_format = "gfm"
 
 # One code markup in docstrings: `x` is inline code (Google style, read by napoleon).
 default_role = "code"

@@ -197,8 +197,10 @@ def write_report(out_dir: Path, name: str, text: str) -> Path:
 # --------------------------------------------------------------------------------------------
 
 
-def _config(model: str, overrides: Mapping[str, Any]) -> train.TrainConfig:
-    return train.TrainConfig(model=model, model_overrides=dict(overrides))
+def _config(
+    model: str, overrides: Mapping[str, Any], config: Mapping[str, Any] | None = None
+) -> train.TrainConfig:
+    return train.TrainConfig(model=model, model_overrides=dict(overrides), **dict(config or {}))
 
 
 def _batch_shapes(batch_size: int, image_size: int, in_channels: int) -> dict:
@@ -219,6 +221,7 @@ def abstract_train_step(
     in_channels: int = 3,
     num_classes: int = 10,
     donate: bool = False,
+    config: Mapping[str, Any] | None = None,
 ):
     """The trainer's jitted step for a preset, with abstract state and batch (nothing allocated).
 
@@ -230,12 +233,14 @@ def abstract_train_step(
       in_channels: image channels.
       num_classes: logits.
       donate: donate the state as the training loop does (old and new state share buffers).
+      config: other `revjax.train.TrainConfig` fields (optimizer, ``layer_decay``, ``freeze``...:
+        a fine-tuning recipe); the defaults otherwise.
 
     Returns:
       ``(step, state, batch)``: ``jax.jit(make_train_step(...))`` and `jax.ShapeDtypeStruct`
       pytrees to lower it with.
     """
-    cfg = _config(model, overrides)
+    cfg = _config(model, overrides, config)
     graphdef, state, tx = train.abstract_train_state(cfg, num_classes, in_channels)
     step = jax.jit(train.make_train_step(graphdef, tx), donate_argnums=0 if donate else ())
     return step, state, _batch_shapes(batch_size, image_size, in_channels)

@@ -27,6 +27,9 @@ What the figures are:
   (``1``, what GPUs and TPUs run) unless it says otherwise.
 - **FLOPs** from `cost_analysis()` count the body of a rolled loop once, not once per trip:
   compare FLOPs of fully unrolled programs (``unroll=True``) only.
+- **cuBLAS GEMMs.** GPU compiles get `GPU_XLA_FLAGS` (Triton GEMM fusions off: see there);
+  ``$REVJAX_AOT_XLA_FLAGS`` adds flags after them (the parent's own ``XLA_FLAGS`` are for its
+  CPU and never reach the child). Table headers name the flags a compile ran with.
 
     python -m experiments.aot --list                                 # the known targets
     python -m experiments.aot --target h100 --model revnet164 --batch 128  # ...: fits
@@ -65,6 +68,21 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS_DIR = Path(__file__).resolve().parent / "targets"
 GiB = 2**30
+
+# XLA flags of every compile for a GPU target. Without a device XLA's GEMM autotuner cannot time
+# anything: every Triton GEMM fusion keeps one default tiling (16x8 output tiles), and the pass
+# that hands such fusions to the generic Triton emitter (convert_triton_gemm_config) then fails
+# on fusions no tiling of that size fits, with "INTERNAL: Couldn't find output tile sizes that
+# satisfy hlo: dot ...". A ViT's attention output projection is one: with the heads-merge
+# transpose fused into the GEMM its rows are batch x tokens, and 196 or 197 tokens (224x224,
+# without or with a class token) split into no 8- or 16-row tiles. With Triton GEMMs off every
+# dot is a cuBLAS call: one of the two kinds of GEMM a real GPU's autotuner chooses between, and
+# the one left where no Triton tiling compiles. Where both compile, the compiled bytes differ by
+# well under 1 % (ViT-S/16 and RevViT-S/16 at 32x32, batch 32: temporary bytes within 0.4 %).
+GPU_XLA_FLAGS = ("--xla_gpu_enable_triton_gemm=false",)
+# Flags added after the target's (later ones win), for experiments: the child does not inherit
+# the parent's XLA_FLAGS.
+XLA_FLAGS_VAR = "REVJAX_AOT_XLA_FLAGS"
 
 _TPU_ENV = {
     # Deviceless: no metadata server, one fake host; silences libtpu's start-up warnings.
@@ -127,7 +145,11 @@ def _gpu(name: str, description: str, config_file: str) -> Target:
         memory_bytes=_gpu_memory(config_file),
         memory_source=f"device_memory_size of experiments/targets/{config_file} (XLA's spec)",
         config_file=config_file,
-        env={"CUDA_VISIBLE_DEVICES": "-1", "JAX_SKIP_CUDA_CONSTRAINTS_CHECK": "1"},
+        env={
+            "CUDA_VISIBLE_DEVICES": "-1",
+            "JAX_SKIP_CUDA_CONSTRAINTS_CHECK": "1",
+            "XLA_FLAGS": " ".join(GPU_XLA_FLAGS),
+        },
         install="jax[cuda12]",
     )
 
@@ -293,13 +315,17 @@ def target_python(target: Target, python: str | None = None) -> str:
 
 
 def child_env(target: Target) -> dict[str, str]:
-    """The child's environment: this one, minus CPU-only JAX settings, plus the target's."""
+    """The child's environment: this one, minus CPU-only JAX settings, plus the target's, plus
+    ``$REVJAX_AOT_XLA_FLAGS`` after the target's XLA flags."""
     env = dict(os.environ)
     # XLA_FLAGS of the parent (e.g. the tests' forced CPU device count) and JAX_PLATFORMS=cpu
     # would be wrong for a GPU/TPU compile; the child gets exactly what its target needs.
     env.pop("XLA_FLAGS", None)
     env.pop("JAX_PLATFORMS", None)
     env.update(target.env)
+    flags = " ".join(f for f in (target.env.get("XLA_FLAGS"), env.get(XLA_FLAGS_VAR)) if f)
+    if flags:
+        env["XLA_FLAGS"] = flags
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
@@ -316,14 +342,17 @@ def job(
     donate: bool = False,
     compile: bool = True,
     key: Any = None,
+    config: Mapping[str, Any] | None = None,
 ) -> dict:
     """One compile job: the trainer's train step of a preset on abstract inputs.
 
     ``overrides`` are constructor arguments; ``unroll`` defaults to 1 (rolled scans) because the
-    child's default backend is the CPU. ``donate`` donates the train state as the training loop
-    does (old and new state share buffers: counted in ``alias``). ``compile=False`` only traces
-    and lowers (FLOPs of the unoptimised program, ``lowered_flops``). ``key`` comes back in the
-    record, to match records to jobs.
+    child's default backend is the CPU. ``config`` holds other `revjax.train.TrainConfig` fields
+    (a fine-tuning recipe: optimizer, layer decay, frozen parts); the defaults otherwise.
+    ``donate`` donates the train state as the training loop does (old and new state share
+    buffers: counted in ``alias``). ``compile=False`` only traces and lowers (FLOPs of the
+    unoptimised program, ``lowered_flops``). ``key`` comes back in the record, to match records
+    to jobs.
     """
     return {
         "model": model,
@@ -335,6 +364,8 @@ def job(
         "donate": bool(donate),
         "compile": bool(compile),
         "key": key,
+        # only when given: the jobs (and cache keys) of the default recipe stay as they were
+        **({"config": dict(config)} if config else {}),
     }
 
 
@@ -478,8 +509,8 @@ class CompileCache:
     """Compile records kept in a JSON-lines file, so that a search or table interrupted or rerun
     does not compile again what it already compiled (a TPU compile takes minutes).
 
-    A record is reused only for the same job, target, versions (JAX, plugin / libtpu) and
-    `source_fingerprint`: any change to revjax or to the step builder invalidates it. Lines are
+    A record is reused only for the same job, target, versions (JAX, plugin / libtpu), XLA flags
+    and `source_fingerprint`: any change to revjax or to the step builder invalidates it. Lines are
     appended whole, so a killed run leaves every finished compile behind; a truncated last line
     is skipped. Failed compiles are kept only when they ran out of memory (a real answer), not
     when something else went wrong."""
@@ -503,6 +534,7 @@ class CompileCache:
             {
                 "target": target.name,
                 "versions": info.get("versions"),
+                "xla_flags": info.get("xla_flags"),
                 "sources": self.fingerprint,
                 "job": spec,
             },
@@ -671,9 +703,10 @@ def run_in_threads(work: Callable[[], None], n: int) -> None:
 def describe(target: Target, info: Mapping[str, Any]) -> str:
     """``"H100 ... (device kind ..., cuda plugin ...), compiled on <host>"`` for table headers."""
     versions = ", ".join(f"{k} {v}" for k, v in info.get("versions", {}).items())
+    flags = f", XLA_FLAGS `{info['xla_flags']}`" if info.get("xla_flags") else ""
     return (
         f"target **{target.name}**: {target.description}, device kind "
-        f"{info.get('device_kind', '?')!r}, {target.memory_label} ({versions}); compiled "
+        f"{info.get('device_kind', '?')!r}, {target.memory_label} ({versions}{flags}); compiled "
         f"ahead of time on a host without one ({info.get('host', '?')}), nothing run"
     )
 
@@ -759,6 +792,7 @@ def _compile_one(spec: Mapping[str, Any], sharding, options) -> dict:
         in_channels=spec["in_channels"],
         num_classes=spec["num_classes"],
         donate=spec.get("donate", False),
+        config=spec.get("config"),
     )
     params = _report.num_params(state)
     placed = jax.tree.map(
@@ -823,6 +857,7 @@ def _child_main(name: str) -> None:
         "device_kind": getattr(devices[0], "device_kind", devices[0].platform),
         "default_backend": jax.default_backend(),
         "versions": _versions(target),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "host": f"{platform.machine()}, {os.cpu_count()} cores",
     }
     print(json.dumps({"info": info}), flush=True)

@@ -46,6 +46,8 @@ if [[ $what == all || $what == gpu ]]; then
   "$PY" -m experiments.bench_speed --target h100 --models revnet38 revnet110 revnet164 --repeats 3
   # RevViT vs ViT against depth on the H100.
   "$PY" -m experiments.bench_vit --target h100 --processes "$N" --cache "$CACHE/h100.jsonl"
+  # Fine-tuning ViT-S/16 and ViT-B/16 against their RevViT conversions, 224x224 and 384x384.
+  "$PY" -m experiments.bench_finetune --target h100 --cache "$CACHE/h100.jsonl"
   # The other GPU targets: the presets' default line against the ResNet twins.
   for t in h200 a100-80 a100-40; do
     "$PY" -m experiments.bench_models --target "$t" --presets revnet164 revnet110 revnet38 \

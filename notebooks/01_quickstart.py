@@ -34,6 +34,9 @@
 # **Quick mode** (`QUICK`, on by default without a GPU/TPU, and in CI through `REVJAX_QUICK=1`)
 # shrinks every model so the notebook runs in about a minute on a CPU. In Colab choose
 # *Runtime > Change runtime type > GPU* for the full sizes.
+#
+# The outputs stored with this notebook (and shown in the documentation) are from one
+# quick-mode run on a 2-core CPU (`python notebooks/execute.py`).
 
 # %%
 # Setup. In Colab this installs revjax from the repository (about a minute); anywhere else it

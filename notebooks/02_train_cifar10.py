@@ -36,6 +36,10 @@
 # **Quick mode** (`QUICK`, on by default without a GPU/TPU, and in CI through `REVJAX_QUICK=1`)
 # trains a narrow RevNet-38 for a few steps. Without a prepared dataset it uses TFDS mock data
 # (random images, offline), so its curves show that the pipeline runs, not that it learns.
+#
+# The outputs stored with this notebook (and shown in the documentation) are from one
+# quick-mode run on a 2-core CPU with mock data (`python notebooks/execute.py`): they show the
+# steps, not RevNet-38's accuracy.
 
 # %%
 # Setup. In Colab this clones the repository (for `experiments/`, the configs) and installs

@@ -36,6 +36,10 @@
 # In Colab choose *Runtime > Change runtime type > GPU* for the full sweeps (each takes several
 # minutes; on a GPU the memory benchmark also reads the device's peak memory in fresh worker
 # processes).
+#
+# The outputs stored with this notebook (and shown in the documentation) are from one
+# quick-mode run on a 2-core CPU (`python notebooks/execute.py`); the full tables are in
+# `results/bench_memory.md` and `results/bench_drift.md`.
 
 # %%
 # Setup. In Colab this clones the repository (for `experiments/`, the benchmarks) and installs

@@ -37,6 +37,11 @@
 #    by a time embedding given as a **context** input, which receives gradients),
 # 2. check that the reversible gradients equal plain autodiff's (float64),
 # 3. plot the compiled memory of a gradient step against depth.
+#
+# **Quick mode** (`QUICK`, on by default without a GPU/TPU, and in CI through `REVJAX_QUICK=1`)
+# compiles the memory comparison at smaller sizes. The outputs stored with this notebook (and
+# shown in the documentation) are from one quick-mode run on a 2-core CPU
+# (`python notebooks/execute.py`).
 
 # %%
 # Setup. In Colab this clones the repository and installs revjax from it; anywhere else it

@@ -38,6 +38,9 @@
 #
 # **Quick mode** (`QUICK`, on without a GPU/TPU, and in CI through `REVJAX_QUICK=1`) trains
 # fewer steps and compiles small stand-ins for the memory comparison.
+#
+# The outputs stored with this notebook (and shown in the documentation) are from one
+# quick-mode run on a 2-core CPU (`python notebooks/execute.py`).
 
 # %%
 # Setup. In Colab this installs revjax from the repository (about a minute); anywhere else it

@@ -5,22 +5,22 @@ rebuild their inputs from their outputs in the backward pass, so activation memo
 with depth.
 """
 
-from revjax._core import CarryRangeError as CarryRangeError
-from revjax._core import ChainSegment as ChainSegment
-from revjax._core import Coupling as Coupling
-from revjax._core import additive_coupling as additive_coupling
-from revjax._core import affine_coupling as affine_coupling
-from revjax._core import carry_limit as carry_limit
-from revjax._core import default_unroll as default_unroll
-from revjax._core import get_coupling as get_coupling
-from revjax._core import inverse_sequence as inverse_sequence
-from revjax._core import merge_halves as merge_halves
-from revjax._core import relative_error as relative_error
-from revjax._core import reversible_chain as reversible_chain
-from revjax._core import reversible_sequence as reversible_sequence
-from revjax._core import sequence_segment as sequence_segment
-from revjax._core import shortcut_unit_segment as shortcut_unit_segment
-from revjax._core import split_halves as split_halves
+from revjax._carry import CarryRangeError as CarryRangeError
+from revjax._carry import carry_limit as carry_limit
+from revjax._chain import ChainSegment as ChainSegment
+from revjax._chain import reversible_chain as reversible_chain
+from revjax._chain import sequence_segment as sequence_segment
+from revjax._chain import shortcut_unit_segment as shortcut_unit_segment
+from revjax._coupling import Coupling as Coupling
+from revjax._coupling import additive_coupling as additive_coupling
+from revjax._coupling import affine_coupling as affine_coupling
+from revjax._coupling import get_coupling as get_coupling
+from revjax._coupling import merge_halves as merge_halves
+from revjax._coupling import split_halves as split_halves
+from revjax._sequence import inverse_sequence as inverse_sequence
+from revjax._sequence import relative_error as relative_error
+from revjax._sequence import reversible_sequence as reversible_sequence
+from revjax._units import default_unroll as default_unroll
 from revjax.drift import DriftMonitor as DriftMonitor
 from revjax.drift import DriftWarning as DriftWarning
 from revjax.drift import gradient_agreement as gradient_agreement

@@ -46,16 +46,11 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-from revjax._blocks import pure_call
-from revjax._core import (
-    additive_coupling,
-    default_unroll,
-    exact_range,
-    exact_slot,
-    make_carry,
-    unit_forward,
-    unit_inverse,
-)
+from revjax._carry import make_carry
+from revjax._coupling import additive_coupling
+from revjax._sequence import exact_range, exact_slot
+from revjax._units import default_unroll, unit_forward, unit_inverse
+from revjax.layers import pure_call
 
 Array = jax.Array
 

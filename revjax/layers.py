@@ -42,16 +42,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from revjax._core import (
-    DEFAULT_FRAC_BITS,
-    CarryRangeError,
-    Coupling,
-    carry_limit,
-    check_arithmetic,
-    check_exact_every,
-    get_coupling,
-    reversible_sequence,
-)
+from revjax._carry import DEFAULT_FRAC_BITS, CarryRangeError, carry_limit, check_arithmetic
+from revjax._coupling import Coupling, get_coupling
+from revjax._sequence import check_exact_every, reversible_sequence
 
 Array = jax.Array
 

@@ -40,22 +40,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from revjax._blocks import (
-    BLOCKS,
+from revjax._blocks import BLOCKS, LayerConfig
+from revjax._carry import DEFAULT_FRAC_BITS, check_arithmetic
+from revjax._checks import check_images
+from revjax._coupling import merge_halves, split_halves
+from revjax._sequence import check_exact_every
+from revjax._stages import (
     InvertibleRevStage,
-    LayerConfig,
     ResStage,
     RevStage,
     call_rematerialised,
     chain_invertible_stages,
-)
-from revjax._checks import check_images
-from revjax._core import (
-    DEFAULT_FRAC_BITS,
-    check_arithmetic,
-    check_exact_every,
-    merge_halves,
-    split_halves,
 )
 from revjax.layers import pure_call
 from revjax.presets import register
@@ -292,7 +287,7 @@ class RevNet(_Network):
         parameters through plain autodiff. Also settable as an attribute.
       remat_transitions: the entry units and the stem store only their input and recompute
         their activations in the backward (a custom VJP whose recomputation is tied to the
-        incoming cotangent, `revjax._blocks.call_rematerialised`; on XLA:CPU a
+        incoming cotangent, `revjax._stages.call_rematerialised`; on XLA:CPU a
         `jax.checkpoint` saved nothing). Default True: the same gradients for a fraction of the
         memory (RevNet-164: about half; RevNet-104, whose ImageNet stem has the network's
         largest activations: 14 % less at batch 32), for one extra forward of the stem and

@@ -46,14 +46,11 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
+from revjax._carry import DEFAULT_FRAC_BITS, check_arithmetic
 from revjax._checks import check_images
-from revjax._core import (
-    DEFAULT_FRAC_BITS,
-    check_arithmetic,
-    check_exact_every,
-    default_unroll,
-    merge_halves,
-)
+from revjax._coupling import merge_halves
+from revjax._sequence import check_exact_every
+from revjax._units import default_unroll
 from revjax.layers import ReversibleSequence, stacked
 from revjax.presets import register
 

@@ -48,10 +48,35 @@ def test_missing_interpreter_says_how_to_install(monkeypatch, tmp_path):
 def test_child_env_drops_cpu_settings(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    monkeypatch.delenv(aot.XLA_FLAGS_VAR, raising=False)
     env = aot.child_env(aot.TARGETS["h100"])
-    assert "XLA_FLAGS" not in env and "JAX_PLATFORMS" not in env
+    # The parent's CPU flags never reach a GPU compile; the GPU flags do.
+    assert env["XLA_FLAGS"] == "--xla_gpu_enable_triton_gemm=false"
+    assert "JAX_PLATFORMS" not in env
     assert env["CUDA_VISIBLE_DEVICES"] == "-1" and env["JAX_SKIP_CUDA_CONSTRAINTS_CHECK"] == "1"
     assert env["PYTHONPATH"].split(":")[0] == str(aot.ROOT)
+    assert "XLA_FLAGS" not in aot.child_env(aot.TARGETS["tpu-v5e"])
+    assert "XLA_FLAGS" not in aot.child_env(aot.TARGETS["cpu"])
+
+
+def test_child_xla_flags_follow_the_targets_and_reach_the_header(monkeypatch):
+    """$REVJAX_AOT_XLA_FLAGS comes after the target's flags (XLA keeps the last of a repeated
+    flag, so it can turn Triton GEMMs back on), and a table header names the flags used."""
+    monkeypatch.setenv(aot.XLA_FLAGS_VAR, "--xla_gpu_enable_triton_gemm=true")
+    gpu = aot.child_env(aot.TARGETS["h100"])["XLA_FLAGS"].split()
+    assert gpu == [*aot.GPU_XLA_FLAGS, "--xla_gpu_enable_triton_gemm=true"]
+    assert aot.child_env(aot.TARGETS["cpu"])["XLA_FLAGS"] == "--xla_gpu_enable_triton_gemm=true"
+    info = {"device_kind": "NVIDIA H100 80GB HBM3", "versions": {"jax": "x"}, "host": "h"}
+    assert "XLA_FLAGS" not in aot.describe(aot.TARGETS["h100"], info)
+    flags = " ".join(aot.GPU_XLA_FLAGS)
+    header = aot.describe(aot.TARGETS["h100"], {**info, "xla_flags": flags})
+    assert f"XLA_FLAGS `{flags}`" in header
+
+
+def test_job_carries_a_train_config_only_when_given():
+    assert "config" not in aot.job("revnet_tiny", TINY, batch=2, size=8)
+    recipe = {"optimizer": "adamw", "layer_decay": 0.75, "freeze": ["embed"]}
+    assert aot.job("revnet_tiny", TINY, batch=2, size=8, config=recipe)["config"] == recipe
 
 
 def test_child_compiles_what_this_process_compiles():
@@ -266,3 +291,36 @@ def test_bench_vit_compiles_for_a_target(tmp_path):
     )
     assert results["temp"]["vit"][4] == _report.compiled_step_memory(step, state, batch)["temp"]
     assert results["temp"]["vit"][4] > results["temp"]["vit"][2]  # the twin grows with depth
+
+
+def test_bench_finetune_compiles_for_a_target(tmp_path):
+    """bench_finetune --target: the fine-tuning recipe (AdamW, layer decay, frozen embedding)
+    reaches the child, whose figures are those of the same donated step compiled here."""
+    import jax
+
+    from experiments import bench_finetune
+
+    out = bench_finetune.main(["--quick", "--target", "cpu", "--out-dir", str(tmp_path)])
+    first = _first_line(tmp_path / "bench_finetune_cpu.md")
+    assert "target **cpu**" in first and "layer decay 0.75" in first
+    assert out["transfer"] is None and not (tmp_path / "bench_finetune.md").exists()
+    (row,) = out["memory"].values()
+    assert row["rev"]["config"]["optimizer"] == "adamw"
+    overrides = {"image_size": 32, "unroll": 1, **bench_finetune.QUICK_MODEL}
+    step, state, batch = _report.abstract_train_step(
+        "revvit_s16", overrides, batch_size=2, image_size=32, num_classes=10, donate=True,
+        config=bench_finetune.RECIPE,
+    )
+    here = _report.compiled_step_memory(step, state, batch)
+    for field in ("temp", "argument", "output", "alias"):
+        assert row["rev"][field] == here[field]
+    # AdamW's two moments: more state than the default optimizer's
+    default = _report.abstract_train_step(
+        "revvit_s16", overrides, batch_size=2, image_size=32, num_classes=10
+    )[1]
+    assert _report.num_params(state) == _report.num_params(default)
+
+    def nbytes(tree):
+        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+    assert nbytes(state) > nbytes(default)

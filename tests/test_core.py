@@ -20,12 +20,12 @@ from revjax import inverse_sequence, relative_error, reversible_sequence
 from revjax._core import (
     FloatCarry,
     SequenceSetting,
-    _Branch,
-    _scan_forward,
     additive_coupling,
     exact_range,
     exact_units,
 )
+from revjax._sequence import scan_forward
+from revjax._units import Branch
 
 C = 4  # channels per half
 HW = 8
@@ -391,7 +391,7 @@ def test_backward_traced_once_per_compilation(monkeypatch):
     n = 3
     fp, gp, x1, x2 = setup(n, jnp.float32)
     traces = _Counter()
-    original = revjax._core._make_memory_saving
+    original = revjax._sequence._make_memory_saving
 
     def spy(*args):
         run = original(*args)
@@ -404,7 +404,7 @@ def test_backward_traced_once_per_compilation(monkeypatch):
         run.defvjp(fwd, counted_bwd)
         return run
 
-    monkeypatch.setattr(revjax._core, "_make_memory_saving", spy)
+    monkeypatch.setattr(revjax._sequence, "_make_memory_saving", spy)
 
     def loss(fp, x1):
         y1, y2 = reversible_sequence(residual, residual, fp, gp, x1, x2, unroll=1)
@@ -601,7 +601,7 @@ def test_exact_units_placement():
 
 def test_exact_every_stores_the_inputs_of_exact_units():
     n, k = 7, 3
-    branch = _Branch(residual, False, False)
+    branch = Branch(residual, False, False)
 
     @jax.jit
     def run(fp, gp, x1, x2):
@@ -611,7 +611,7 @@ def test_exact_every_stores_the_inputs_of_exact_units():
             g = lambda x, i=i: residual(jax.tree.map(lambda a: a[i], gp), x)
             inputs.append(additive_coupling.forward(f, g, *inputs[-1]))
         setting = SequenceSetting(additive_coupling, branch, branch, 1, FloatCarry(x1.dtype), k)
-        _, _, stored, _ = _scan_forward(
+        _, _, stored, _ = scan_forward(
             setting, fp, gp, x1, x2, None, stored_units=exact_range(n, k)
         )
         return inputs, stored

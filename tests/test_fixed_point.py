@@ -19,7 +19,8 @@ from flax import nnx
 from jax import lax
 
 import revjax
-from revjax import _core
+from revjax import _chain as chain_module
+from revjax import _core, _sequence, _units
 from revjax._core import quantize
 
 DEEP = 64  # units of the exactness tests
@@ -82,16 +83,16 @@ def rebuild_mismatches(arithmetic, compute_dtype, unroll, n=DEEP):
     the largest error of its value."""
     fp, gp, x1, x2, keys = inputs(n)
     res = make_residual(compute_dtype)
-    branch = _core._Branch(res, False, True)
+    branch = _units.Branch(res, False, True)
     arith = _core.make_carry(arithmetic, 16, x1.dtype)
     setting = _core.SequenceSetting(_core.additive_coupling, branch, branch, unroll, arith)
 
     @jax.jit
     def run(fp, gp, x1, x2, keys):
         c1, c2 = arith.enter(x1), arith.enter(x2)
-        (y1, y2), _, _, _ = _core._scan_forward(setting, fp, gp, c1, c2, keys)
+        (y1, y2), _, _, _ = _sequence.scan_forward(setting, fp, gp, c1, c2, keys)
         ones = jnp.ones_like(x1)
-        (r1, r2), _, _ = _core._sequence_backward(
+        (r1, r2), _, _ = _sequence.sequence_backward(
             setting, fp, gp, y1, y2, keys, None, None, ones, ones
         )
         count = jnp.sum(r1 != c1) + jnp.sum(r2 != c2)
@@ -295,7 +296,7 @@ def test_chain_rebuild_is_bit_exact(rebuilt):
 def rebuilt(monkeypatch):
     """Records the input carries every memory-saving sequence backward rebuilds."""
     got = []
-    original = _core._sequence_backward
+    original = _sequence.sequence_backward
 
     def spy(*args, **kwargs):
         out = original(*args, **kwargs)
@@ -303,7 +304,9 @@ def rebuilt(monkeypatch):
         jax.debug.callback(record, *out[0])
         return out
 
-    monkeypatch.setattr(_core, "_sequence_backward", spy)
+    # The sequences call it from their module, the chain's sequence segments from theirs.
+    monkeypatch.setattr(_sequence, "sequence_backward", spy)
+    monkeypatch.setattr(chain_module, "sequence_backward", spy)
     yield got
     jax.effects_barrier()
 

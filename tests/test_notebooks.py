@@ -55,10 +55,36 @@ def test_notebook_pair_in_sync(name):
         f"`jupytext --to ipynb notebooks/{name}.py`."
     )
     assert ipynb.metadata.get("kernelspec", {}).get("name") == "python3"
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_stores_its_outputs(name):
+    """The committed `.ipynb` holds the outputs of one clean top-to-bottom run (what Colab opens
+    and the docs render, without executing): regenerate with ``python notebooks/execute.py``."""
     stored = nbformat.read(NOTEBOOK_DIR / f"{name}.ipynb", as_version=4)
-    assert not any(cell.get("outputs") for cell in stored.cells if cell.cell_type == "code"), (
-        f"notebooks/{name}.ipynb has stored outputs; commit it without outputs."
+    code = [cell for cell in stored.cells if cell.cell_type == "code"]
+    rerun = f"run `python notebooks/execute.py {name}`"
+    counts = [cell.execution_count for cell in code]
+    assert counts == list(range(1, len(code) + 1)), (
+        f"notebooks/{name}.ipynb was not executed top to bottom in one run "
+        f"(execution counts {counts}); {rerun}."
     )
+    outputs = [out for cell in code for out in cell.outputs]
+    assert not [out for out in outputs if out.output_type == "error"]
+    pngs = [out.data["image/png"] for out in outputs if "image/png" in out.get("data", {})]
+    assert pngs, f"notebooks/{name}.ipynb stores no plot; {rerun}."
+    # Base64 PNGs of a figure at matplotlib's default 100 dpi stay well below this.
+    assert max(len(png) for png in pngs) < 200_000, f"notebooks/{name}.ipynb: a plot is too large"
+    # Nothing that changes on every re-run for no reason.
+    assert "language_info" not in stored.metadata, f"{rerun} (it drops the Python version)."
+    assert not any("execution" in cell.metadata for cell in stored.cells), (
+        f"notebooks/{name}.ipynb stores execution timestamps; {rerun}."
+    )
+    for cell in code:
+        streams = [out.get("name") if out.output_type == "stream" else None for out in cell.outputs]
+        assert all(a is None or a != b for a, b in zip(streams, streams[1:])), (
+            f"notebooks/{name}.ipynb splits a cell's printed output; {rerun}."
+        )
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)

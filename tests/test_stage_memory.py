@@ -11,7 +11,9 @@ from flax import nnx
 
 import revjax
 from revjax import _core
-from revjax._blocks import InvertibleRevStage, LayerConfig, RevStage
+from revjax._blocks import LayerConfig
+from revjax._carry import output_carries, output_residual
+from revjax._stages import InvertibleRevStage, RevStage
 from revjax.layers import pure_call
 
 N, HW = 2, 8  # batch and side of the stage inputs
@@ -73,17 +75,17 @@ def test_output_residual_restores_carries_bit_for_bit():
     c = jax.random.randint(jax.random.key(0), (4096,), -limit, limit, jnp.int32)
     c = jnp.concatenate([c, jnp.array([0, 1, -1, 2**24 + 1, -(2**24) - 1, limit], jnp.int32)])
     y = arith.leave(c)
-    outputs, corrections = _core.output_residual(arith, (y, -y), (c, -c))
+    outputs, corrections = output_residual(arith, (y, -y), (c, -c))
     assert outputs[0] is y and corrections[0].dtype == jnp.int8
     assert int(jnp.sum(corrections[0] != 0)) > 1000  # most of these need the low bits
-    restored = _core.output_carries(arith, (outputs, corrections))
+    restored = output_carries(arith, (outputs, corrections))
     np.testing.assert_array_equal(restored[0], c)
     np.testing.assert_array_equal(restored[1], -c)
     # Float carries are their outputs; bfloat16 halves keep the int32 carries.
     floats = _core.make_carry("float", 16, jnp.float32)
-    assert _core.output_residual(floats, (y, y), (y, y)) == (y, y)
+    assert output_residual(floats, (y, y), (y, y)) == (y, y)
     bf16 = _core.make_carry("fixed", 16, jnp.bfloat16)
-    assert _core.output_residual(bf16, (y, y), (c, c)) == (c, c)
+    assert output_residual(bf16, (y, y), (c, c)) == (c, c)
 
 
 def test_fixed_gradients_match_plain_beyond_float32_precision():

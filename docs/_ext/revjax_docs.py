@@ -38,9 +38,9 @@ RESULT_PAGES: dict[str, tuple[str, ...]] = {
         "bench_models_tpu-v5e",
     ),
     "vit": ("bench_vit", "bench_vit_h100", "bench_vit_h100_batch128"),
-    "finetune": ("bench_finetune", "train_digits_revvit_finetune"),
+    "finetune": ("bench_finetune", "bench_finetune_h100", "train_digits_revvit_finetune"),
     "drift": ("bench_arithmetic", "bench_drift"),
-    "speed_input": ("bench_speed", "bench_input", "bench_soak"),
+    "speed_input": ("bench_speed", "bench_memcnn", "bench_input", "bench_soak"),
 }
 
 _HEADER = re.compile(r"^(?P<title>[^(]+?) \((?P<meta>.*?)\): (?P<rest>.*)$")

@@ -1,0 +1,524 @@
+"""`reversible_sequence`: n stacked reversible units as one custom VJP over ``lax.scan``.
+
+The forward scan (`scan_forward`) stores only the sequence's output; the backward
+(`sequence_backward`) rebuilds each unit's input from its output while pulling the cotangent
+back. ``exact_every`` stores the exact inputs of some units (`exact_units`) to bound the chain
+of rebuilt units. Also `inverse_sequence` (the rebuild alone) and `relative_error`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from revjax._carry import (
+    DEFAULT_FRAC_BITS,
+    check_arithmetic,
+    in_range,
+    make_carry,
+    max_abs,
+    output_carries,
+    output_residual,
+)
+from revjax._coupling import Coupling, get_coupling
+from revjax._units import (
+    Branch,
+    add_cotangents,
+    after,
+    check_context,
+    count_units,
+    default_unroll,
+    differentiable,
+    split_unit_key,
+    tie_to_cotangent,
+    unit_forward,
+    unit_inverse,
+    unit_slice,
+    vjp_inexact,
+)
+
+Array = jax.Array
+PyTree = Any
+
+
+class SequenceSetting(NamedTuple):
+    """The static setting of one sequence's forward and backward scans.
+
+    Attributes:
+      coupling: the `Coupling`.
+      f: F as a normalised ``Branch``.
+      g: G as a normalised ``Branch``.
+      unroll: ``lax.scan`` unroll.
+      arith: the carry arithmetic (`make_carry`).
+      exact_every: k of ``exact_every`` (None: no stored inputs).
+      track_peak: also compute the largest carry / F / G magnitude (always on for fixed point).
+    """
+
+    coupling: Coupling
+    f: Any
+    g: Any
+    unroll: int | bool
+    arith: Any
+    exact_every: int | None = None
+    track_peak: bool = False
+
+
+def reversible_sequence(
+    f: Callable,
+    g: Callable,
+    f_params: PyTree,
+    g_params: PyTree,
+    x1: Array,
+    x2: Array,
+    *,
+    coupling: str | Coupling = "additive",
+    has_aux: bool = False,
+    keys: Array | None = None,
+    memory_saving: bool = True,
+    unroll: int | bool | None = None,
+    remat: bool = False,
+    exact_every: int | None = None,
+    context: PyTree = None,
+    arithmetic: str = "float",
+    frac_bits: int = DEFAULT_FRAC_BITS,
+    return_peak: bool = False,
+):
+    """Applies n reversible units in sequence, storing no per-unit activation.
+
+    Unit i computes ``y1 = x1 (+) F(x2)``, ``y2 = x2 (+) G(y1)`` with the i-th slice of the
+    stacked parameters; its output is unit i+1's input. With the additive coupling ``(+)`` is
+    ``+``; with the affine coupling F and G return ``(s, t)`` and ``x (+) (s, t) =
+    x * exp(tanh(s)) + t``.
+
+    With ``memory_saving=True`` the whole sequence is one `jax.custom_vjp`. Its forward saves
+    only ``(f_params, g_params, y1, y2, keys, context)``; its backward walks the units in
+    reverse and evaluates G(y1) and F(x2) once each through `jax.vjp`, using each primal output
+    both to rebuild the input (``x2 = y2 (-) G(y1)``, ``x1 = y1 (-) F(x2)``) and to pull back the
+    cotangent. Cost: one extra forward per unit; activation memory independent of n.
+
+    Exact arithmetic (``arithmetic="fixed"``, additive coupling only): inside the sequence the
+    halves are carried as int32 fixed point with ``frac_bits`` fraction bits; F and G see the
+    carries' values in the halves' dtype, and their outputs are rounded to the grid
+    (``q(h) = round(h * 2**frac_bits)``) before the integer addition. So
+    ``x1 = y1 - q(F(x2))`` rebuilds the forward's carry bit for bit whenever F gives the same
+    bits twice, whatever precision it computes in, and the backward rebuilds from the int32
+    output carry the forward saved. The input is rounded to the grid on entry and the output
+    is the carry's value in the halves' dtype. Rounding's gradient is the straight-through
+    identity; ``memory_saving=False`` computes the same rounded forward. Carries must stay
+    below `carry_limit` (16384 with 16 fraction bits): past it the outputs are NaN rather than
+    wrapped-around numbers, and ``return_peak`` gives the largest magnitude reached (what
+    `revjax.ReversibleSequence` records and the trainer checks: downstream layers compiled by
+    XLA may turn NaN back into numbers, so the peak, not the NaN, is the reliable signal).
+
+    Side inputs: ``context`` (a pytree of arrays, e.g. a conditioning vector, an attention mask
+    or bias, a time embedding) is passed unchanged to every unit's F and G. Its inexact leaves
+    receive gradients, summed over the units (and over F and G); the memory-saving backward
+    accumulates them in its reverse scan, so they equal plain autodiff's.
+
+    Args:
+      f: ``(params, x2) -> h``; with ``keys`` it also takes the unit's key, with ``context``
+        the context, in that order: ``(params, x2, key, context)``. Returns ``(h, aux)`` when
+        ``has_aux``; ``h`` is shaped like ``x1`` (a pair for affine).
+      g: the same for the second half: ``(params, y1) -> h`` shaped like ``x2``.
+      f_params: pytree whose leaves all have a leading axis of length n. Leaves that are not
+        inexact (integer RNG counters, PRNG keys) are sliced and passed like the others but get
+        no gradient (``None`` / float0 cotangents).
+      g_params: the same for G, with the same n.
+      x1: first half of the input.
+      x2: second half of the input.
+      coupling: ``"additive"``, ``"affine"`` or a `Coupling`.
+      has_aux: F and G return ``(h, aux)``; the aux of the forward pass are returned stacked
+        over units (e.g. BatchNorm batch statistics). They are not differentiated (their
+        cotangents are ignored) and the backward recomputation discards its own.
+      keys: optional PRNG keys, one per unit (leading axis n, typed or raw ``uint32[n, 2]``).
+        Unit i splits ``keys[i]`` into one key for F and one for G; the backward recomputation
+        uses the same keys, so dropout inside F/G yields exactly plain autodiff's gradients.
+      memory_saving: if False, plain autodiff through the same scan (stores activations);
+        the reference for tests and benchmarks.
+      unroll: ``lax.scan`` unroll. ``None`` picks `default_unroll`: fully unrolled on CPU
+        (XLA:CPU runs conv gradients in a rolled scan ~90x slower, jax-ml/jax#12868), rolled
+        (1) on GPU/TPU, where compile time then stays independent of depth. An unrolled scan
+        still stores no activations, but its compiled temporary memory grows slightly with n
+        (per-unit parameter-gradient pieces before stacking).
+      remat: only with ``memory_saving=False``: wrap each unit in `jax.checkpoint`, so plain
+        autodiff stores each unit's input and recomputes its inside (the usual gradient
+        checkpointing baseline; memory still grows with n).
+      exact_every: with ``memory_saving=True``, bound the chain of rebuilt units at k: store
+        the exact input of units ``n-k, n-2k, ...`` (those > 0; see `exact_units`) and use it
+        in the backward in place of the rebuilt one. Rebuilding starts from the exact output,
+        so no input is rounded through more than k inverse units, with ``(n - 1) // k`` stored
+        activations: none when ``n <= k``. ``k=1`` stores every input but unit 0's (rebuilt
+        through one unit from unit 1's), so gradients equal plain autodiff's up to one unit's
+        rounding; ``None`` (default) stores none. Fixed-point arithmetic needs none.
+      context: optional side inputs shared by every unit (a pytree of arrays, not stacked),
+        passed to F and G as their last argument. Inexact leaves receive gradients summed over
+        the units; other leaves (boolean masks, integer positions) get none.
+      arithmetic: ``"float"`` (the paper's floating-point rebuild, exact up to rounding) or
+        ``"fixed"`` (int32 fixed-point carries, a bit-exact rebuild; additive coupling only).
+      frac_bits: fraction bits of the fixed-point carries (grid step ``2**-frac_bits``, range
+        ``carry_limit(frac_bits)``).
+      return_peak: also return the largest magnitude of any carry and F/G output (float32
+        scalar; NaN if any was NaN), to watch the fixed-point range.
+
+    Returns:
+      ``(y1, y2)``, or ``((y1, y2), (f_aux, g_aux))`` when ``has_aux``; with ``return_peak``,
+      ``(that, peak)``.
+
+    Raises:
+      ValueError: unknown coupling or arithmetic, fixed point with the affine coupling, params
+        without a common leading axis, a number of keys different from n, a context that is
+        not a pytree of arrays, or F/G outputs whose shapes don't fit the halves.
+    """
+    cpl = get_coupling(coupling)
+    check_arithmetic(arithmetic, frac_bits, cpl)
+    n = count_units(f_params, g_params)
+    if context is not None:
+        check_context(context)
+    if keys is not None:
+        n_keys = jnp.shape(keys)[0] if jnp.ndim(keys) else None
+        if n_keys != n:
+            raise ValueError(
+                f"keys must hold one PRNG key per unit: expected a leading axis of {n}, got "
+                f"shape {jnp.shape(keys)}. Use jax.random.split(key, {n})."
+            )
+    if arithmetic == "fixed" and jnp.result_type(x1) != jnp.result_type(x2):
+        raise ValueError(
+            "arithmetic='fixed' needs both halves in one dtype, got "
+            f"{jnp.result_type(x1)} and {jnp.result_type(x2)}: cast them to the carry dtype."
+        )
+    if unroll is None:
+        unroll = default_unroll(n)
+    f_branch = Branch(f, has_aux, keys is not None, context is not None)
+    g_branch = Branch(g, has_aux, keys is not None, context is not None)
+    _check_shapes(cpl, f_branch, g_branch, f_params, g_params, x1, x2, keys, context)
+
+    if memory_saving and remat:
+        raise ValueError(
+            "remat=True checkpoints units of the plain-autodiff path; with memory_saving=True "
+            "nothing is stored to begin with. Pass memory_saving=False with remat=True."
+        )
+    check_exact_every(exact_every)
+    arith = make_carry(arithmetic, frac_bits, jnp.result_type(x1), traced=not memory_saving)
+    setting = SequenceSetting(
+        cpl,
+        f_branch,
+        g_branch,
+        unroll,
+        arith,
+        exact_every if memory_saving else None,
+        track_peak=return_peak or arith.fixed,
+    )
+    if memory_saving:
+        run = _make_memory_saving(setting)
+    else:
+        run = lambda fp, gp, a, b, k, c: _plain_sequence(setting, fp, gp, a, b, k, c, remat)
+    (y1, y2), aux, peak = run(f_params, g_params, x1, x2, keys, context)
+    out = ((y1, y2), aux) if has_aux else (y1, y2)
+    return (out, peak) if return_peak else out
+
+
+def _check_shapes(cpl, f_branch, g_branch, f_params, g_params, x1, x2, keys, context) -> None:
+    """Traces one unit abstractly and checks that F and G map the halves onto each other."""
+    fp0, gp0 = unit_slice(f_params, 0), unit_slice(g_params, 0)
+    kf, kg = split_unit_key(None if keys is None else keys[0])
+
+    def expect(branch, params, x, key, like, name, half):
+        h = jax.eval_shape(lambda p, a, k, c: branch(p, a, k, c)[0], params, x, key, context)
+        parts = h if cpl.name == "affine" else (h,)
+        if cpl.name == "affine" and not (isinstance(h, tuple | list) and len(h) == 2):
+            raise ValueError(
+                f"The affine coupling needs {name} to return a pair (log_scale, shift); got "
+                f"{jax.tree.structure(h)}."
+            )
+        for part in parts:
+            if not hasattr(part, "shape") or tuple(part.shape) != tuple(jnp.shape(like)):
+                got = getattr(part, "shape", type(part).__name__)
+                raise ValueError(
+                    f"{name} must map its input to the shape of {half} {tuple(jnp.shape(like))} "
+                    f"for the {cpl.name} coupling, but returned {got}. Reversible units need "
+                    "halves of one shape: check the split and that F/G keep spatial size and "
+                    "channel count (no stride inside a reversible unit)."
+                )
+
+    expect(f_branch, fp0, x2, kf, x1, "F", "x1")
+    expect(g_branch, gp0, x1, kg, x2, "G", "x2")
+
+
+def _input_peak(setting: SequenceSetting, x1: Array, x2: Array) -> Array | None:
+    # Measured on the float inputs: a NaN input must not vanish into an integer carry.
+    return max_abs((x1, x2)) if setting.track_peak else None
+
+
+def scan_forward(
+    setting, fp, gp, c1, c2, keys, context=None, peak=None, *, stored_units=None, remat=False
+):
+    """The forward sequence on carries as one ``lax.scan`` of `unit_forward`.
+
+    Also the plain-autodiff path (with ``remat``, each unit under `jax.checkpoint`).
+    ``stored_units``: ``(first, count)`` to also keep the exact input carries of units
+    ``first, first + k, ...`` (k = ``setting.exact_every``) in a carried buffer of ``count``
+    activations per half, updated in place; see `exact_range`.
+
+    Returns:
+      ``((c1, c2), aux, stored, peak)``; ``stored`` is ``(buf1, buf2)`` or None.
+    """
+    n = count_units(fp, gp)
+    s = setting
+    count = 0 if stored_units is None else stored_units[1]
+    first, k = (stored_units[0], s.exact_every) if count else (0, 1)
+    bufs = (
+        (jnp.zeros((count, *c1.shape), c1.dtype), jnp.zeros((count, *c2.shape), c2.dtype))
+        if count
+        else None
+    )  # [count, *half.shape] each
+
+    def body(carry, xs):
+        (a1, a2), bufs, peak = carry
+        i, p_f, p_g, key = xs
+        if bufs is not None:
+            keep, slot = exact_slot(i, first, count, k)
+            bufs = tuple(
+                lax.dynamic_update_index_in_dim(b, jnp.where(keep, a, b[slot]), slot, 0)
+                for b, a in zip(bufs, (a1, a2), strict=True)
+            )
+        (b1, b2), aux, peak = unit_forward(
+            s.arith, s.coupling, s.f, s.g, p_f, p_g, key, context, a1, a2, peak
+        )
+        return ((b1, b2), bufs, peak), aux
+
+    if remat:
+        body = jax.checkpoint(body)
+    ((y1, y2), bufs, peak), aux = lax.scan(
+        body, ((c1, c2), bufs, peak), (jnp.arange(n), fp, gp, keys), unroll=s.unroll
+    )
+    return (y1, y2), aux, bufs, peak
+
+
+def _plain_sequence(setting, fp, gp, x1, x2, keys, context, remat=False):
+    """Plain autodiff through the forward scan: ``((y1, y2), aux, peak)`` on float halves."""
+    arith = setting.arith
+    peak = _input_peak(setting, x1, x2)
+    (c1, c2), aux, _, peak = scan_forward(
+        setting, fp, gp, arith.enter(x1), arith.enter(x2), keys, context, peak, remat=remat
+    )
+    y1, y2 = in_range(arith, peak, arith.leave(c1), arith.leave(c2))
+    return (y1, y2), aux, peak
+
+
+def check_exact_every(exact_every: Any, owner: str = "") -> None:
+    """Raises a ValueError unless ``exact_every`` is a positive int or None (``owner``: the
+    class named at the start of the message, e.g. ``"RevNet"``)."""
+    if exact_every is not None and (
+        isinstance(exact_every, bool) or not isinstance(exact_every, int) or exact_every < 1
+    ):
+        prefix = f"{owner}: " if owner else ""
+        raise ValueError(
+            f"{prefix}exact_every must be a positive int or None, got {exact_every!r}."
+        )
+
+
+def exact_units(n: int, k: int | None) -> tuple[int, ...]:
+    """The units whose exact input ``exact_every=k`` stores in a sequence of n units.
+
+    Units ``n-k, n-2k, ...`` down to the first one above 0, in increasing order: rebuilding
+    starts from the exact sequence output, so each stored input ends a chain of k rebuilt units,
+    and unit 0 (whose input is at most k units from the next stored one) is never needed.
+    Empty when ``n <= k`` or ``k`` is None.
+    """
+    if k is None:
+        return ()
+    return tuple(range(n - k, 0, -k))[::-1]
+
+
+def exact_range(n: int, k: int) -> tuple[int, int]:
+    """`exact_units(n, k)` as ``(first, count)``: units ``first, first + k, ...``."""
+    count = (n - 1) // k
+    return n - count * k, count
+
+
+def exact_slot(i: Array, first: int, count: int, k: int) -> tuple[Array, Array]:
+    """For unit ``i`` (traced): ``(is unit i's input stored, its slot in the buffer)``.
+
+    The stored units are ``first, first + k, ...`` (``count`` of them; see `exact_range`).
+    """
+    keep = (i >= first) & ((i - first) % k == 0) & (i < first + count * k)
+    slot = jnp.clip((i - first) // k, 0, max(count - 1, 0))
+    return keep, slot
+
+
+def sequence_backward(setting, fp, gp, y1, y2, keys, context, stored, dy1, dy2, stored_units=None):
+    """The memory-saving backward of a sequence: rebuilds its input while pulling back.
+
+    Walks the units in reverse and evaluates G(y1) and F(x2) once each through `jax.vjp`,
+    using each primal output both to rebuild the unit's input (``x2 = y2 (-) G(y1)``,
+    ``x1 = y1 (-) F(x2)``) and to pull back the cotangent. ``y1, y2`` are carries in
+    ``setting.arith`` (int32 for fixed point: the rebuild is then exact); F and G are
+    differentiated at the carries' float view, and the combine rule at its float form
+    (rounding's gradient is the identity). ``stored``: the exact input carries kept by
+    `scan_forward` (``(buf1, buf2)``) or None; ``stored_units`` as there.
+
+    Returns:
+      ``((x1, x2), (dx1, dx2), (df_params, dg_params, dcontext))``: the rebuilt input carries,
+      the cotangent of their float view and the cotangents of the parameters and side inputs.
+    """
+    s, arith, cpl = setting, setting.arith, setting.coupling
+    n = count_units(fp, gp)
+    k = s.exact_every
+    if stored is not None:
+        first, count = exact_range(n, k) if stored_units is None else stored_units
+    # Cotangent of the side inputs, summed over units: zeros for inexact leaves, None else.
+    dcontext = jax.tree.map(lambda c: jnp.zeros_like(c) if differentiable(c) else None, context)
+
+    def exact(i, rebuilt, half):
+        # With exact_every=k, the inputs of units n-k, n-2k, ... were stored: use them instead
+        # of the rebuilt ones, so no chain of rebuilt units is longer than k.
+        if stored is None:
+            return rebuilt
+        keep, slot = exact_slot(i, first, count, k)
+        return jnp.where(keep, stored[half][slot], rebuilt)
+
+    def body(carry, xs):
+        b1, b2, db1, db2, dctx = carry
+        i, p_f, p_g, key = xs
+        kf, kg = split_unit_key(key)
+        b1, b2 = after(b1, b2, db1, db2)
+        # G(y1) once: its value rebuilds x2, its VJP pulls back the cotangent of y2.
+        # Non-inexact leaves of the parameters and context (RNG counters, masks) get None.
+        v1 = arith.view(b1)
+        h_g, g_vjp = vjp_inexact(lambda p, a, c: s.g(p, a, kg, c)[0], p_g, v1, context)
+        a2 = exact(i, arith.uncombine(cpl, b2, h_g), 1)
+        v2 = arith.view(a2)
+        da2, dh_g = jax.vjp(cpl.combine, v2, h_g)[1](db2)
+        dgp, db1_from_g, dctx_g = g_vjp(dh_g)
+        db1 = db1 + db1_from_g
+        # F(x2) once: its value rebuilds x1, its VJP pulls back the cotangent of y1.
+        h_f, f_vjp = vjp_inexact(lambda p, a, c: s.f(p, a, kf, c)[0], p_f, v2, context)
+        a1 = exact(i, arith.uncombine(cpl, b1, h_f), 0)
+        da1, dh_f = jax.vjp(cpl.combine, arith.view(a1), h_f)[1](db1)
+        dfp, da2_from_f, dctx_f = f_vjp(dh_f)
+        da2 = da2 + da2_from_f
+        dctx = add_cotangents(dctx, add_cotangents(dctx_g, dctx_f))
+        return (a1, a2, da1, da2, dctx), (dfp, dgp)
+
+    (x1, x2, dx1, dx2, dcontext), (dfp, dgp) = lax.scan(
+        body,
+        (y1, y2, dy1, dy2, dcontext),
+        (jnp.arange(n), fp, gp, keys),
+        reverse=True,
+        unroll=s.unroll,
+    )
+    return (x1, x2), (dx1, dx2), (dfp, dgp, dcontext)
+
+
+def _make_memory_saving(setting: SequenceSetting):
+    """Builds the custom-VJP sequence for one static setting: ``((y1, y2), aux, peak)``."""
+    arith = setting.arith
+
+    def forward(f_params, g_params, x1, x2, keys, context):
+        n = count_units(f_params, g_params)
+        k = setting.exact_every
+        plan = None if k is None else exact_range(n, k)
+        peak = _input_peak(setting, x1, x2)
+        (c1, c2), aux, stored, peak = scan_forward(
+            setting,
+            f_params,
+            g_params,
+            arith.enter(x1),
+            arith.enter(x2),
+            keys,
+            context,
+            peak,
+            stored_units=plan,
+        )
+        y1, y2 = in_range(arith, peak, arith.leave(c1), arith.leave(c2))
+        return ((y1, y2), aux, peak), (c1, c2, stored)
+
+    @jax.custom_vjp
+    def run(f_params, g_params, x1, x2, keys, context):
+        return forward(f_params, g_params, x1, x2, keys, context)[0]
+
+    def run_fwd(f_params, g_params, x1, x2, keys, context):
+        out, (c1, c2, stored) = forward(f_params, g_params, x1, x2, keys, context)
+        # The residuals: parameters, the output carries (exact: for fixed point the backward
+        # rebuilds from the int32 carries, not from the rounded float outputs; see
+        # `output_residual`), the keys, the side inputs and, with exact_every, the exact input
+        # carries of `exact_units`. No other activation.
+        saved = output_residual(arith, out[0], (c1, c2))
+        return out, (f_params, g_params, saved, keys, context, stored)
+
+    def run_bwd(residuals, cotangents):
+        f_params, g_params, saved, keys, context, stored = residuals
+        (dy1, dy2), _, _ = cotangents  # aux and peak are not differentiated
+        # Restored only once the cotangent exists: left free, XLA computes the int32 carries
+        # in the forward pass and keeps them (see `tie_to_cotangent`).
+        c1, c2 = output_carries(arith, tie_to_cotangent(saved, (dy1, dy2)))
+        _, (dx1, dx2), (dfp, dgp, dcontext) = sequence_backward(
+            setting, f_params, g_params, c1, c2, keys, context, stored, dy1, dy2
+        )
+        return dfp, dgp, dx1, dx2, None, dcontext
+
+    run.defvjp(run_fwd, run_bwd)
+    return run
+
+
+def inverse_sequence(
+    f: Callable,
+    g: Callable,
+    f_params: PyTree,
+    g_params: PyTree,
+    y1: Array,
+    y2: Array,
+    *,
+    coupling: str | Coupling = "additive",
+    has_aux: bool = False,
+    keys: Array | None = None,
+    unroll: int | bool | None = None,
+    context: PyTree = None,
+    arithmetic: str = "float",
+    frac_bits: int = DEFAULT_FRAC_BITS,
+) -> tuple[Array, Array]:
+    """Rebuilds the input of `reversible_sequence` from its output (units in reverse).
+
+    Takes the same arguments as `reversible_sequence` (aux outputs of F/G are discarded).
+    Used to test reconstruction and to measure numerical drift. With ``arithmetic="fixed"`` the
+    output is rounded to the grid on entry and the rebuild runs on int32 carries; it is exact
+    when ``(y1, y2)`` are the fixed-point sequence's outputs and their carries fit the halves'
+    float precision (``|value| < 2**(mantissa bits - frac_bits)``: 256 for float32 with 16
+    fraction bits).
+    """
+    cpl = get_coupling(coupling)
+    check_arithmetic(arithmetic, frac_bits, cpl)
+    n = count_units(f_params, g_params)
+    if unroll is None:
+        unroll = default_unroll(n)
+    if context is not None:
+        check_context(context)
+    f_branch = Branch(f, has_aux, keys is not None, context is not None)
+    g_branch = Branch(g, has_aux, keys is not None, context is not None)
+    arith = make_carry(arithmetic, frac_bits, jnp.result_type(y1))
+
+    def body(carry, xs):
+        fp, gp, key = xs
+        return unit_inverse(arith, cpl, f_branch, g_branch, fp, gp, key, context, *carry), None
+
+    (c1, c2), _ = lax.scan(
+        body,
+        (arith.enter(y1), arith.enter(y2)),
+        (f_params, g_params, keys),
+        reverse=True,
+        unroll=unroll,
+    )
+    return arith.leave(c1), arith.leave(c2)
+
+
+def relative_error(a: PyTree, b: PyTree) -> Array:
+    """Global relative error ``||a - b|| / max(||b||, tiny)`` over all leaves of two pytrees."""
+    diff = sum(jnp.sum(jnp.square(x - y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    ref = sum(jnp.sum(jnp.square(y)) for y in jax.tree.leaves(b))
+    tiny = math.sqrt(float(jnp.finfo(jnp.result_type(*jax.tree.leaves(b))).tiny))
+    return jnp.sqrt(diff) / jnp.maximum(jnp.sqrt(ref), tiny)

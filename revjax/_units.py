@@ -1,0 +1,223 @@
+"""One reversible unit on carries, and the helpers every scan over units shares.
+
+`unit_forward` / `unit_inverse` are the one definition of a unit that the sequence, the chain,
+the inverse and the drift measurements all run. `Branch` normalises a residual function to
+``(params, x, key, context) -> (h, aux)``; `vjp_inexact` differentiates only the inexact leaves;
+`after` and `tie_to_cotangent` keep a backward's recomputation from being scheduled before its
+cotangent exists.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from revjax._carry import max_abs
+
+Array = jax.Array
+PyTree = Any
+
+
+# --------------------------------------------------------------------------------------------
+# Scans over units: unroll, unit count, residual functions, cotangents
+# --------------------------------------------------------------------------------------------
+
+
+def default_unroll(n: int) -> int:
+    """Scan unroll used when ``unroll=None``: full on CPU, rolled on GPU/TPU.
+
+    XLA:CPU runs convolution gradients inside a rolled ``lax.scan`` (a while loop) ~90x slower
+    than the same code unrolled (jax-ml/jax#12868, measured again here); GPU and TPU don't have
+    this problem and a rolled scan keeps compile time independent of depth there.
+    """
+    return max(n, 1) if jax.default_backend() == "cpu" else 1
+
+
+def count_units(f_params: PyTree, g_params: PyTree) -> int:
+    leaves = jax.tree.leaves((f_params, g_params))
+    if not leaves:
+        raise ValueError(
+            "f_params and g_params have no array leaves, so the number of units is unknown: "
+            "give each unit's parameters a leading axis of length n (stack them)."
+        )
+    lengths = set()
+    for leaf in leaves:
+        shape = jnp.shape(leaf)
+        if not shape:
+            raise ValueError(
+                "Every leaf of f_params and g_params needs a leading unit axis; found a scalar "
+                "leaf. Stack per-unit parameters (e.g. jax.tree.map(lambda *a: jnp.stack(a), "
+                "*units))."
+            )
+        lengths.add(shape[0])
+    if len(lengths) != 1:
+        raise ValueError(
+            "f_params and g_params must share one leading axis (the number of units); found "
+            f"leading sizes {sorted(lengths)}. Stack every unit's parameters the same number of "
+            "times."
+        )
+    (n,) = lengths
+    if n < 1:
+        raise ValueError("reversible_sequence needs at least one unit (leading axis of size 0).")
+    return n
+
+
+def unit_slice(tree: PyTree, i: int) -> PyTree:
+    return jax.tree.map(lambda a: a[i], tree)
+
+
+def split_unit_key(key: Array | None) -> tuple[Array | None, Array | None]:
+    """One key per unit, split into independent keys for F and G."""
+    if key is None:
+        return None, None
+    kf, kg = jax.random.split(key)
+    return kf, kg
+
+
+class Branch(NamedTuple):
+    """A residual function normalised to ``(params, x, key, context) -> (h, aux)``."""
+
+    fn: Callable
+    has_aux: bool
+    uses_key: bool
+    uses_context: bool = False
+
+    def __call__(
+        self, params: PyTree, x: Array, key: Array | None, context: PyTree = None
+    ) -> tuple[Any, Any]:
+        args = (params, x) + ((key,) if self.uses_key else ())
+        args += (context,) if self.uses_context else ()
+        out = self.fn(*args)
+        if self.has_aux:
+            if not (isinstance(out, tuple | list) and len(out) == 2):
+                raise ValueError(
+                    "With has_aux=True, F and G must return a pair (output, aux); got "
+                    f"{jax.tree.structure(out)}."
+                )
+            return out[0], out[1]
+        return out, None
+
+
+def differentiable(leaf: Any) -> bool:
+    return jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
+
+
+def check_context(context: PyTree) -> None:
+    """Side inputs must be a pytree of arrays (they are traced, and float leaves differentiated)."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(context):
+        if not isinstance(leaf, jax.Array | np.ndarray | np.generic):
+            raise ValueError(
+                "context must be a pytree of arrays (side inputs shared by every unit, which "
+                f"receive gradients); the leaf at {jax.tree_util.keystr(path) or 'the root'} is a "
+                f"{type(leaf).__name__}. Wrap numbers with jnp.asarray(...), and pass static "
+                "settings (flags, modules, strings) through the functions' closures or, with "
+                "revjax.ReversibleSequence, as keyword arguments."
+            )
+
+
+def vjp_inexact(fn: Callable, *args) -> tuple[Any, Callable]:
+    """`jax.vjp` of ``fn`` w.r.t. the inexact leaves of ``args`` only.
+
+    Other leaves (integer RNG counters, PRNG keys, boolean masks) are passed through as
+    constants, and their cotangent is ``None`` (a zero cotangent for `jax.custom_vjp`).
+    """
+    leaves, treedef = jax.tree.flatten(args)
+    where = [i for i, leaf in enumerate(leaves) if differentiable(leaf)]
+
+    def fn_of_inexact(*inexact):
+        full = list(leaves)
+        for i, leaf in zip(where, inexact, strict=True):
+            full[i] = leaf
+        return fn(*jax.tree.unflatten(treedef, full))
+
+    out, vjp = jax.vjp(fn_of_inexact, *(leaves[i] for i in where))
+
+    def pullback(ct):
+        full = [None] * len(leaves)
+        for i, d in zip(where, vjp(ct), strict=True):
+            full[i] = d
+        return jax.tree.unflatten(treedef, full)
+
+    return out, pullback
+
+
+def add_cotangents(a: PyTree, b: PyTree) -> PyTree:
+    # Both trees have None where a leaf is not differentiable.
+    return jax.tree.map(jnp.add, a, b)
+
+
+# --------------------------------------------------------------------------------------------
+# One unit, forward and inverse (the one definition every scan uses)
+# --------------------------------------------------------------------------------------------
+
+
+def unit_forward(arith, cpl, f_branch, g_branch, fp, gp, key, context, a1, a2, peak=None):
+    """One reversible unit on carries: ``b1 = a1 (+) F(a2)``, ``b2 = a2 (+) G(b1)``.
+
+    ``arith`` is the carry arithmetic (`make_carry`), ``f_branch`` / ``g_branch`` the
+    normalised residual functions ``(params, x, key, context) -> (h, aux)``, ``key`` the unit's
+    key (split into F's and G's). With ``peak`` (a float32 scalar, or None to skip), also
+    returns the largest magnitude of the unit's input carries and F/G outputs so far.
+
+    Returns:
+      ``((b1, b2), (aux_f, aux_g), peak)``.
+    """
+    kf, kg = split_unit_key(key)
+    h_f, aux_f = f_branch(fp, arith.view(a2), kf, context)
+    b1 = arith.combine(cpl, a1, h_f)
+    h_g, aux_g = g_branch(gp, arith.view(b1), kg, context)
+    b2 = arith.combine(cpl, a2, h_g)
+    if peak is not None:
+        parts = (arith.magnitude(a1), arith.magnitude(a2), max_abs(h_f), max_abs(h_g))
+        peak = functools.reduce(jnp.maximum, parts, peak)
+    return (b1, b2), (aux_f, aux_g), peak
+
+
+def unit_inverse(arith, cpl, f_branch, g_branch, fp, gp, key, context, b1, b2):
+    """Inverse of `unit_forward`: ``a2 = b2 (-) G(b1)``, ``a1 = b1 (-) F(a2)`` (aux discarded)."""
+    kf, kg = split_unit_key(key)
+    a2 = arith.uncombine(cpl, b2, g_branch(gp, arith.view(b1), kg, context)[0])
+    a1 = arith.uncombine(cpl, b1, f_branch(fp, arith.view(a2), kf, context)[0])
+    return a1, a2
+
+
+# --------------------------------------------------------------------------------------------
+# Keeping a recomputation after its cotangent
+# --------------------------------------------------------------------------------------------
+
+
+def after(b1, b2, db1, db2):
+    """Makes ``(b1, b2)`` data-dependent on the cotangents ``(db1, db2)`` at no real cost.
+
+    The rebuilt activations depend only on residuals, so XLA may schedule a unit's
+    reconstruction long before its cotangent exists, e.g. during a later stage's forward pass,
+    which keeps every rebuilt activation alive at once (seen on XLA:CPU with unrolled scans,
+    where optimisation barriers do not prevent it). Adding ``0 * ct`` (not folded away for
+    floats, since ``0 * nan`` is ``nan``) forces the reconstruction to wait for the cotangent.
+    A non-finite cotangent then makes the rebuilt input non-finite too, but the gradients are
+    non-finite in that case anyway.
+    """
+    return b1 + (db1 * 0).astype(b1.dtype), b2 + (db2 * 0).astype(b2.dtype)
+
+
+def tie_to_cotangent(tree: PyTree, cotangent: PyTree) -> PyTree:
+    """Makes every floating leaf of ``tree`` data-dependent on ``cotangent`` (adds ``0 * c``).
+
+    For a recomputation inside a custom backward whose inputs are residuals of any shape: it
+    then cannot be scheduled before the backward reaches it (see `after`, the elementwise
+    form used when the shapes match).
+    """
+    first = jax.tree.leaves(cotangent)[0]
+    zero = first.reshape(-1)[:1] * 0  # [1]
+
+    def tie(a):
+        if not jnp.issubdtype(a.dtype, jnp.floating):
+            return a
+        return a + zero.astype(a.dtype).reshape((1,) * a.ndim)
+
+    return jax.tree.map(tie, tree)
