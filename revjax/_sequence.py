@@ -107,7 +107,10 @@ def reversible_sequence(
     (``q(h) = round(h * 2**frac_bits)``) before the integer addition. So
     ``x1 = y1 - q(F(x2))`` rebuilds the forward's carry bit for bit whenever F gives the same
     bits twice, whatever precision it computes in, and the backward rebuilds from the int32
-    output carry the forward saved. The input is rounded to the grid on entry and the output
+    output carry of the forward (for float32 halves kept as the float output plus an int8
+    correction, restored bit for bit: the next layer stores that output anyway, so the
+    sequence adds a quarter of it; see `revjax._carry.output_residual`). The input is rounded
+    to the grid on entry and the output
     is the carry's value in the halves' dtype. Rounding's gradient is the straight-through
     identity; ``memory_saving=False`` computes the same rounded forward. Carries must stay
     below `carry_limit` (16384 with 16 fraction bits): past it the outputs are NaN rather than

@@ -6,7 +6,9 @@
   (`ResStage`) runs its remaining units through one ``lax.scan`` over the same kind of stack;
 * `InvertibleRevStage` has a reversible entry unit too, and `chain_invertible_stages` joins
   such stages into one `reversible_chain`;
-* `call_rematerialised` calls a module storing only its inputs (the entry units' recompute).
+* `call_rematerialised` calls a module storing only its inputs (the stem's and the ResNet's
+  recompute); `call_entry_rematerialised` does so for a RevNet entry unit, recomputing one
+  branch at a time in the backward.
 
 The units, shortcuts and residual functions are in `revjax._blocks`.
 """
