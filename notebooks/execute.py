@@ -30,16 +30,17 @@ KERNEL_NAME = "revjax-execute-python3"
 CELL_TIMEOUT_S = 1800
 
 
-def _kernelspec_dir(root: Path) -> Path:
-    """A Jupyter data dir with a kernelspec for this interpreter (a `python3` spec elsewhere on
-    the Jupyter path may start another Python)."""
-    spec = root / "kernels" / KERNEL_NAME
+def write_kernelspec(root: Path, name: str, display_name: str) -> Path:
+    """``root`` as a Jupyter data dir with a kernelspec ``name`` for this interpreter (a
+    `python3` spec elsewhere on the Jupyter path may start another Python). The test suite
+    uses it too."""
+    spec = root / "kernels" / name
     spec.mkdir(parents=True)
     spec.joinpath("kernel.json").write_text(
         json.dumps(
             {
                 "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-                "display_name": "revjax notebooks",
+                "display_name": display_name,
                 "language": "python",
             }
         )
@@ -107,7 +108,9 @@ def execute(name: str) -> float:
         cell.metadata.pop("execution", None)
     with tempfile.TemporaryDirectory(prefix=f"revjax_{name}_") as tmp:
         tmp = Path(tmp)
-        os.environ["JUPYTER_PATH"] = str(_kernelspec_dir(tmp / "jupyter"))
+        os.environ["JUPYTER_PATH"] = str(
+            write_kernelspec(tmp / "jupyter", KERNEL_NAME, "revjax notebooks")
+        )
         workdir = tmp / "work"
         workdir.mkdir()
         client = nbclient.NotebookClient(

@@ -7,10 +7,9 @@ and fails on the first cell that raises.
 
 from __future__ import annotations
 
-import json
+import importlib.util
 import os
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ pytest.importorskip("ipykernel")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+EXECUTE_SCRIPT = NOTEBOOK_DIR / "execute.py"
 NOTEBOOKS = [
     "01_quickstart",
     "02_train_cifar10",
@@ -102,19 +102,17 @@ def test_notebook_first_cell_installs_from_repo(name):
 def jupyter_path(tmp_path_factory) -> Path:
     """A Jupyter data dir with a kernelspec for this interpreter (a `python3` spec elsewhere on
     the Jupyter path may start another Python)."""
-    root = tmp_path_factory.mktemp("jupyter")
-    spec = root / "kernels" / KERNEL_NAME
-    spec.mkdir(parents=True)
-    spec.joinpath("kernel.json").write_text(
-        json.dumps(
-            {
-                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-                "display_name": "revjax test kernel",
-                "language": "python",
-            }
-        )
+    return _execute_module().write_kernelspec(
+        tmp_path_factory.mktemp("jupyter"), KERNEL_NAME, "revjax test kernel"
     )
-    return root
+
+
+def _execute_module():
+    """``notebooks/execute.py`` (not a package), which stores the notebooks' outputs."""
+    spec = importlib.util.spec_from_file_location("revjax_notebooks_execute", EXECUTE_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _kernel_env() -> dict[str, str]:
