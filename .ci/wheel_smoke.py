@@ -7,9 +7,10 @@ import numpy as np
 from flax import nnx
 
 import revjax
-from revjax import train
+from revjax import finetune, pretrained, train  # the subpackages ship in the wheel
 
 assert "site-packages" in revjax.__file__, f"not the installed wheel: {revjax.__file__}"
+assert callable(pretrained.load_timm) and callable(finetune.scale_by_layer_decay)
 model = revjax.revnet_tiny(10, rngs=nnx.Rngs(0), in_channels=1)
 assert isinstance(model, revjax.RevNet) and revjax.count_params(model) > 0
 
