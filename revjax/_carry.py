@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from revjax._coupling import Coupling
 
@@ -242,3 +243,38 @@ def in_range(arith, peak: Array | None, *outputs: Array) -> tuple[Array, ...]:
         return outputs
     ok = peak < carry_limit(arith.frac_bits)  # False for NaN
     return tuple(jnp.where(ok, y, jnp.asarray(jnp.nan, y.dtype)) for y in outputs)
+
+
+def output_residual(arith, outputs: tuple[Array, Array], carries: tuple[Array, Array]) -> Any:
+    """What a custom VJP keeps of its output carries, for `output_carries` to restore exactly.
+
+    Float carries are the outputs. Fixed-point carries with float32 outputs are kept as the
+    float outputs plus an int8 correction ``c - q(y)``: the outputs are what the next layer's
+    autodiff stores anyway (the next stage's rematerialised entry unit, a BatchNorm), so XLA
+    keeps one float buffer where int32 carries would be a second copy of the same values, and
+    the correction, a quarter of its size, holds the low bits float32 cannot (an int32 carry
+    has at most 7 significant bits beyond float32's 24: ``|c - q(y)| <= 64``). Other dtypes
+    keep the int32 carries (float64 outputs would be twice their size, bfloat16 ones lose
+    too many bits).
+    """
+    if not arith.fixed or jnp.dtype(arith.dtype) != jnp.float32:
+        return carries
+    corrections = tuple(
+        (c - quantize(y, arith.frac_bits)).astype(jnp.int8)
+        for y, c in zip(outputs, carries, strict=True)
+    )
+    # Materialised here: otherwise XLA fuses the subtraction into the backward's restore,
+    # which then reads the int32 carries, kept alive all along.
+    return outputs, lax.optimization_barrier(corrections)
+
+
+def output_carries(arith, saved: Any) -> tuple[Array, Array]:
+    """The output carries `output_residual` kept, bit for bit (while they are in range: out of
+    range the outputs are NaN, see `in_range`)."""
+    if not arith.fixed or jnp.dtype(arith.dtype) != jnp.float32:
+        return saved
+    outputs, corrections = saved
+    return tuple(
+        quantize(y, arith.frac_bits) + r.astype(jnp.int32)
+        for y, r in zip(outputs, corrections, strict=True)
+    )

@@ -16,7 +16,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from revjax._carry import DEFAULT_FRAC_BITS, check_arithmetic, in_range, make_carry, max_abs
+from revjax._carry import (
+    DEFAULT_FRAC_BITS,
+    check_arithmetic,
+    in_range,
+    make_carry,
+    max_abs,
+    output_carries,
+    output_residual,
+)
 from revjax._coupling import Coupling, get_coupling
 from revjax._units import (
     Branch,
@@ -27,6 +35,7 @@ from revjax._units import (
     default_unroll,
     differentiable,
     split_unit_key,
+    tie_to_cotangent,
     unit_forward,
     unit_inverse,
     unit_slice,
@@ -98,7 +107,10 @@ def reversible_sequence(
     (``q(h) = round(h * 2**frac_bits)``) before the integer addition. So
     ``x1 = y1 - q(F(x2))`` rebuilds the forward's carry bit for bit whenever F gives the same
     bits twice, whatever precision it computes in, and the backward rebuilds from the int32
-    output carry the forward saved. The input is rounded to the grid on entry and the output
+    output carry of the forward (for float32 halves kept as the float output plus an int8
+    correction, restored bit for bit: the next layer stores that output anyway, so the
+    sequence adds a quarter of it; see `revjax._carry.output_residual`). The input is rounded
+    to the grid on entry and the output
     is the carry's value in the halves' dtype. Rounding's gradient is the straight-through
     identity; ``memory_saving=False`` computes the same rounded forward. Carries must stay
     below `carry_limit` (16384 with 16 fraction bits): past it the outputs are NaN rather than
@@ -435,14 +447,19 @@ def _make_memory_saving(setting: SequenceSetting):
 
     def run_fwd(f_params, g_params, x1, x2, keys, context):
         out, (c1, c2, stored) = forward(f_params, g_params, x1, x2, keys, context)
-        # The residuals: parameters, the output carries (int32 for fixed point: the backward
-        # rebuilds from them, not from the rounded float outputs), the keys, the side inputs
-        # and, with exact_every, the exact input carries of `exact_units`. No other activation.
-        return out, (f_params, g_params, c1, c2, keys, context, stored)
+        # The residuals: parameters, the output carries (exact: for fixed point the backward
+        # rebuilds from the int32 carries, not from the rounded float outputs; see
+        # `output_residual`), the keys, the side inputs and, with exact_every, the exact input
+        # carries of `exact_units`. No other activation.
+        saved = output_residual(arith, out[0], (c1, c2))
+        return out, (f_params, g_params, saved, keys, context, stored)
 
     def run_bwd(residuals, cotangents):
-        f_params, g_params, c1, c2, keys, context, stored = residuals
+        f_params, g_params, saved, keys, context, stored = residuals
         (dy1, dy2), _, _ = cotangents  # aux and peak are not differentiated
+        # Restored only once the cotangent exists: left free, XLA computes the int32 carries
+        # in the forward pass and keeps them (see `tie_to_cotangent`).
+        c1, c2 = output_carries(arith, tie_to_cotangent(saved, (dy1, dy2)))
         _, (dx1, dx2), (dfp, dgp, dcontext) = sequence_backward(
             setting, f_params, g_params, c1, c2, keys, context, stored, dy1, dy2
         )

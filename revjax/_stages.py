@@ -6,7 +6,9 @@
   (`ResStage`) runs its remaining units through one ``lax.scan`` over the same kind of stack;
 * `InvertibleRevStage` has a reversible entry unit too, and `chain_invertible_stages` joins
   such stages into one `reversible_chain`;
-* `call_rematerialised` calls a module storing only its inputs (the entry units' recompute).
+* `call_rematerialised` calls a module storing only its inputs (the stem's and the ResNet's
+  recompute); `call_entry_rematerialised` does so for a RevNet entry unit, recomputing one
+  branch at a time in the backward.
 
 The units, shortcuts and residual functions are in `revjax._blocks`.
 """
@@ -70,6 +72,85 @@ def call_rematerialised(module: nnx.Module, *args, train: bool) -> Any:
     out, new_stats = run(state, tuple(args))
     if train:
         nnx.update(module, new_stats)
+    return out
+
+
+def _entry_shortcuts(entry: nnx.Module) -> tuple[nnx.Module, nnx.Module]:
+    """The shortcuts S1, S2 of an entry unit (`InvertibleEntryUnit` uses one for both)."""
+    if isinstance(entry, InvertibleEntryUnit):
+        return entry.shortcut, entry.shortcut
+    return entry.shortcut1, entry.shortcut2
+
+
+def call_entry_rematerialised(
+    entry: RevEntryUnit | InvertibleEntryUnit, x1: Array, x2: Array, *, train: bool
+) -> tuple[Array, Array]:
+    """Calls a RevNet entry unit (``y1 = S1(x1) + F(x2)``, ``y2 = S2(x2) + G(y1)``) storing
+    only its input halves; the backward recomputes its activations one branch at a time.
+
+    `call_rematerialised` would pull back through the whole unit at once, holding F's and G's
+    recomputed activations together. Here the backward rebuilds ``y1 = S1(x1) + F(x2)`` (F's
+    value only), pulls the cotangent of ``y2`` back through G at ``y1``, then, after an
+    optimisation barrier, recomputes F at ``x2`` and pulls back through it, and the shortcuts
+    last: as a reversible unit's backward does, so the peak holds one branch's activations.
+    The price is one more F forward per entry unit.
+
+    The recomputation waits for the cotangent through the parameters (`tie_to_cotangent` on
+    the unit's state), not through the inputs: tying the inputs would make input-sized
+    copies, alive next to the stored inputs. Only a parameter-free pooled shortcut, which
+    reads ``x1`` alone (pool-and-pad, space-to-depth), gets its input tied, so that it is not
+    merged with the forward's.
+    Batch statistics are written back once, from the forward pass.
+    """
+    graphdef, state = nnx.split(entry)
+    call = pure_call(graphdef)
+
+    def part(fn: Callable) -> Callable:
+        # One piece of the unit as a pure function of the whole unit's state.
+        pure = pure_call(graphdef, fn)
+        return lambda s, a: pure(s, a)[0]
+
+    # The pieces compute exactly what RevEntryUnit.__call__ does, casts included.
+    f_of = part(lambda m, b: m.f(b, train=train))
+    g_of = part(lambda m, y1: m.g(y1, train=train))
+    s1_of = part(lambda m, a: _entry_shortcuts(m)[0](a).astype(a.dtype))
+    s2_of = part(lambda m, b: _entry_shortcuts(m)[1](b).astype(b.dtype))
+    pooled = not nnx.state(_entry_shortcuts(entry)[0], nnx.Param)
+
+    @jax.custom_vjp
+    def run(state, x1, x2):
+        return call(state, x1, x2, train=train)
+
+    def run_fwd(state, x1, x2):
+        return call(state, x1, x2, train=train), (state, x1, x2)
+
+    def run_bwd(residuals, cotangents):
+        state, x1, x2 = residuals
+        (dy1, dy2), _ = cotangents  # the batch statistics are not differentiated
+        state = tie_to_cotangent(state, (dy1, dy2))
+        if pooled:
+            x1 = tie_to_cotangent(x1, (dy1, dy2))
+        s1 = s1_of(state, x1)
+        y1 = s1 + f_of(state, x2).astype(s1.dtype)
+        h_g, g_vjp = jax.vjp(g_of, state, y1)
+        ds_g, dy1_from_g = g_vjp(dy2.astype(h_g.dtype))
+        dy1 = dy1 + dy1_from_g.astype(dy1.dtype)
+        # F's recomputation starts once G's pullback is done (as in `shortcut_unit_segment`).
+        x2, dy1 = lax.optimization_barrier((x2, dy1))
+        h_f, f_vjp = jax.vjp(f_of, state, x2)
+        ds_f, dx2_from_f = f_vjp(dy1.astype(h_f.dtype))
+        # The shortcuts' pullbacks last: their input-sized results are then not held through
+        # F's pullback.
+        x1, dy1, dy2, dx2_from_f = lax.optimization_barrier((x1, dy1, dy2, dx2_from_f))
+        ds_1, dx1 = jax.vjp(s1_of, state, x1)[1](dy1)
+        ds_2, dx2 = jax.vjp(s2_of, state, x2)[1](dy2)
+        dstate = jax.tree.map(lambda *d: d[0] + d[1] + d[2] + d[3], ds_g, ds_f, ds_1, ds_2)
+        return dstate, dx1, dx2 + dx2_from_f.astype(dx2.dtype)
+
+    run.defvjp(run_fwd, run_bwd)
+    out, new_stats = run(state, x1, x2)
+    if train:
+        nnx.update(entry, new_stats)
     return out
 
 
@@ -155,13 +236,14 @@ class RevStage(nnx.Module):
           x2: second half of the input.
           train: batch statistics (and one running-average update) vs running averages.
           memory_saving: rebuild activations in the backward (custom VJP) vs plain autodiff.
-          remat_entry: recompute the entry unit's activations in the backward.
+          remat_entry: recompute the entry unit's activations in the backward, one branch at
+            a time (`call_entry_rematerialised`).
           unroll: scan unroll of the reversible units (None: `default_unroll`).
           exact_every: with memory saving, also store the exact input of every k-th reversible
             unit, bounding accumulated reconstruction error (see `reversible_sequence`).
         """
         if remat_entry:
-            y1, y2 = call_rematerialised(self.entry, x1, x2, train=train)
+            y1, y2 = call_entry_rematerialised(self.entry, x1, x2, train=train)
         else:
             y1, y2 = self.entry(x1, x2, train=train)
         if self.reversible is None:
