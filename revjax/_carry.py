@@ -3,7 +3,8 @@
 `make_carry` picks `FloatCarry` (the paper's floating-point rebuild, exact up to rounding),
 `FixedCarry` (int32 carries with ``frac_bits`` fraction bits: a bit-exact rebuild) or, for
 plain autodiff, `TracedFixedCarry`. Also the fixed point's range (`carry_limit`,
-`CarryRangeError`, `in_range`) and the checks of the ``arithmetic`` / ``frac_bits`` settings.
+`CarryRangeError`, `in_range`), the checks of the ``arithmetic`` / ``frac_bits`` settings, and
+what a custom VJP keeps of its output carries (`output_residual`, restored by `output_carries`).
 """
 
 from __future__ import annotations
