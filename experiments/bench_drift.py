@@ -18,7 +18,7 @@ batch 16, BatchNorm in train mode), at initialisation and after training on digi
    of loss + grad (rolled scans, the GPU/TPU setting).
 3. **Per unit** (18 units): where the error sits.
 4. **Invertible downsampling**: a 3-stage RevNet with ``downsample='invertible'`` (27 units in
-   one `revjax._core.reversible_chain`, as RevNet-164's), ``exact_every`` None and 8.
+   one `revjax._chain.reversible_chain`, as RevNet-164's), ``exact_every`` None and 8.
 5. **Fixed point** (``arithmetic="fixed"``, ``exact_every=None``; depth sweep): rebuild
    mismatches (elements whose bits differ) and largest error, gradient agreement with plain
    autodiff of the same fixed-point model, in float32 and with bfloat16 compute, beside the

@@ -383,7 +383,7 @@ def test_missing_data_names_the_prepare_command(tmp_path):
 
 
 def test_prepare_argument_errors(tmp_path):
-    from revjax import prepare
+    from revjax.data import prepare
 
     with pytest.raises(ValueError, match="needs no preparation"):
         prepare.prepare("digits", tmp_path)

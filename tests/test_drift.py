@@ -16,8 +16,7 @@ import pytest
 from flax import nnx
 
 from experiments import bench_drift
-from revjax import models
-from revjax._core import relative_error
+from revjax import models, relative_error
 from revjax.drift import DriftMonitor, DriftWarning, gradient_agreement, reconstruction_error
 
 # Float arithmetic: what drifts (fixed-point models rebuild exactly: tests/test_fixed_point.py).

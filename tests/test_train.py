@@ -14,6 +14,7 @@ import pytest
 import revjax
 from revjax import data, train
 from revjax.train import TrainConfig
+from revjax.train.report import format_memory_report
 
 # A tiny RevNet on digits: two stages of two units (one transition + one reversible unit each).
 TINY = TrainConfig(
@@ -257,7 +258,7 @@ def test_memory_report_shows_savings():
     cfg = dataclasses.replace(TINY, twin_model="resnet_tiny", batch_size=32)
     mem = train.train_step_memory(cfg, 10, 1, (16, 16, 1))
     assert mem["model"] < mem["model_plain"]
-    report = train.format_memory_report(mem, cfg)
+    report = format_memory_report(mem, cfg)
     assert "memory saving off" in report and "resnet_tiny" in report
 
 

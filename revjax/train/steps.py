@@ -30,14 +30,8 @@ __all__ = [
     "evaluate",
     "make_eval_step",
     "make_train_step",
-    "model_presets",
     "step_options",
 ]
-
-
-def model_presets() -> list[str]:
-    """The preset names a `TrainConfig` accepts: every model of `revjax.presets`."""
-    return presets.names()
 
 
 @struct.dataclass
