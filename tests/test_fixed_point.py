@@ -512,7 +512,7 @@ def test_revvit_bfloat16_fixed_gradients():
 def test_trainer_names_an_overflowed_carry(tmp_path):
     import dataclasses
 
-    from test_train import TINY
+    from helpers import TINY
 
     from revjax import train
 
@@ -525,7 +525,7 @@ def test_trainer_names_an_overflowed_carry(tmp_path):
 def test_revvit_bfloat16_fixed_point_trains_on_digits(tmp_path):
     import dataclasses
 
-    from test_train import TINY
+    from helpers import TINY
 
     from revjax import train
 

@@ -10,24 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import TINY
 
 import revjax
 from revjax import data, train
 from revjax.train import TrainConfig
 from revjax.train.report import format_memory_report
-
-# A tiny RevNet on digits: two stages of two units (one transition + one reversible unit each).
-TINY = TrainConfig(
-    model="revnet_tiny",
-    dataset="digits",
-    batch_size=16,
-    eval_batch_size=100,
-    num_steps=3,
-    lr_boundaries=(1000,),
-    log_every=1,
-    memory_report=False,
-    num_devices=1,
-)
 
 
 def _leaves_with_names(tree):

@@ -36,6 +36,7 @@ from revjax.train.resilience import NoReadableCheckpointError as NoReadableCheck
 from revjax.train.resilience import Preempted as Preempted
 from revjax.train.steps import TrainState as TrainState
 from revjax.train.steps import abstract_train_state as abstract_train_state
+from revjax.train.steps import abstract_train_step as abstract_train_step
 from revjax.train.steps import create_train_state as create_train_state
 from revjax.train.steps import cross_entropy as cross_entropy
 from revjax.train.steps import evaluate as evaluate
@@ -53,6 +54,7 @@ __all__ = [
     "TrainConfig",
     "TrainState",
     "abstract_train_state",
+    "abstract_train_step",
     "create_train_state",
     "cross_entropy",
     "evaluate",
