@@ -143,7 +143,7 @@ def measure_digits(quick: bool, workdir: Path) -> list[dict]:
             digits.get_config(quick=quick), arithmetic=arithmetic, memory_report=False,
             checkpoint_every=0,
         )  # fmt: skip
-        result = train.train_and_evaluate(cfg, workdir / arithmetic)
+        result_state, result = train.train_and_evaluate(cfg, workdir / arithmetic)
         rows.append(
             {
                 "arithmetic": arithmetic,
@@ -151,7 +151,7 @@ def measure_digits(quick: bool, workdir: Path) -> list[dict]:
                 "steps": cfg.num_steps,
                 "accuracy": result["eval_accuracy"],
                 "loss": result["train_loss"],
-                "peak": _peak(result["state"]),
+                "peak": _peak(result_state),
             }
         )
         print(f"  digits: {rows[-1]}", flush=True)

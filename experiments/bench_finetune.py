@@ -315,7 +315,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-memory", action="store_true", help="skip the memory part")
     parser.add_argument("--no-transfer", action="store_true", help="skip the transfer part")
     parser.add_argument("--batch", type=int, default=BATCH)
-    parser.add_argument("--out-dir", type=Path, default=Path("results"))
+    parser.add_argument(
+        "--out-dir", type=Path, default=None,
+        help="where the table goes (default: results/ for a full run; a run with --no-memory or "
+        "--no-transfer writes no table unless given one, so the committed one stays whole)",
+    )
     parser.add_argument(
         "--save-source", type=Path, default=None,
         help="also save the ViT pretrained on digits 0-4 here (.safetensors, timm's layout)",
@@ -323,6 +327,9 @@ def main(argv: list[str] | None = None) -> dict:
     aot.add_target_arguments(parser)
     args = parser.parse_args(argv)
     command = _report.command_line(MODULE, argv)
+    partial = args.no_memory or args.no_transfer
+    if args.out_dir is None and (args.target or not partial):
+        args.out_dir = Path("results")
     if args.target:  # the memory part only: the transfer is trained, and nothing runs here
         if args.no_memory:
             parser.error("--target compiles the memory part only: drop --no-memory")
@@ -351,7 +358,10 @@ def main(argv: list[str] | None = None) -> dict:
         result = transfer(**settings, save_source=args.save_source)
         print(f"  transfer: {result}", flush=True)
     text = to_markdown(memory, result, batch=2 if args.quick else args.batch, command=command)
-    _report.write_report(args.out_dir, NAME, text)
+    if args.out_dir is None:
+        print(f"{NAME}: a partial run writes no table (pass --out-dir DIR for one)", flush=True)
+    else:
+        _report.write_report(args.out_dir, NAME, text)
     return {"memory": memory, "transfer": result}
 
 

@@ -23,7 +23,7 @@ pool-and-pad shortcuts that store their input, the same parameter count). Before
 MemCNN network's reversible gradients are compared with its plain ones on the same weights,
 so the table also shows that MemCNN's memory saving runs correctly with the installed torch.
 
-Needs ``torch`` and ``memcnn``: ``pip install 'revjax[benchmark]'`` (without torch installed,
+Needs ``torch`` and ``memcnn``: ``pip install -e '.[benchmark]'`` (without torch installed,
 pip's default Linux torch wheel is the CUDA build, several GB; the CPU build from
 https://download.pytorch.org/whl/cpu installed first is enough here).
 
@@ -73,7 +73,7 @@ def import_torch_memcnn():
         import torch
     except ImportError as err:
         raise SystemExit(
-            f"{NAME}: needs PyTorch ({err}): `pip install 'revjax[benchmark]'` (or the CPU "
+            f"{NAME}: needs PyTorch ({err}): `pip install -e '.[benchmark]'` (or the CPU "
             "build first: `pip install torch --index-url https://download.pytorch.org/whl/cpu`)."
         ) from err
     with warnings.catch_warnings():
@@ -83,7 +83,7 @@ def import_torch_memcnn():
             import memcnn
         except ImportError as err:
             raise SystemExit(
-                f"{NAME}: needs MemCNN ({err}): `pip install 'revjax[benchmark]'`."
+                f"{NAME}: needs MemCNN ({err}): `pip install -e '.[benchmark]'`."
             ) from err
     return torch, memcnn
 

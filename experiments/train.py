@@ -3,6 +3,7 @@
     python -m experiments.train --config digits --workdir workdirs/digits
     python -m experiments.train --config cifar10_revnet38 --workdir w --set data_dir=~/tfds
     python -m experiments.train --config experiments/configs/digits.py --quick --workdir /tmp/w
+    python ~/revjax/experiments/train.py --config digits --workdir w   # from any directory
 
 ``--config`` is a module name in ``experiments/configs``, a row of the paper's table
 (`experiments.configs.paper`: ``cifar10_revnet38``...; ``--help`` lists them all, ``--describe
@@ -37,8 +38,11 @@ import sys
 import warnings
 from pathlib import Path
 
-from experiments.configs import paper
-from revjax.train import ConfigError
+if not __package__:  # run as a file from any directory: the checkout's root makes `experiments`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from experiments.configs import paper  # noqa: E402
+from revjax.train import ConfigError  # noqa: E402
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 # Modules in CONFIG_DIR that are not configs themselves: the shared recipe and the paper's table.
@@ -212,6 +216,7 @@ def _parser() -> argparse.ArgumentParser:
     width = max(map(len, configs), default=0)
     listed = "\n".join(f"  {name:<{width}}  {doc}" for name, doc in configs.items())
     parser = argparse.ArgumentParser(
+        prog="python -m experiments.train",
         description="Train a revjax config.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"configs (--config NAME):\n{listed}\n\n--describe NAME prints a config's "
@@ -255,9 +260,15 @@ def main(argv=None) -> dict:
         _fail(str(err))
     warnings.formatwarning = _format_warning
     try:
-        result = train_and_evaluate(config, args.workdir, config_name=config_name(args))
+        _, result = train_and_evaluate(config, args.workdir, config_name=config_name(args))
     except (DatasetNotPreparedError, ConfigError) as err:
-        _fail(_command_line_fix(err) if isinstance(err, ConfigError) else str(err))
+        if not isinstance(err, ConfigError):
+            _fail(str(err))
+        how = ""
+        if config.init_from is not None and "init_from=" in err.problem:
+            how = (f" `python -m experiments.train --describe {args.config}` shows how this "
+                   "config's checkpoint is made.")
+        _fail(_command_line_fix(err) + how)
     except Preempted as stop:
         import jax
 

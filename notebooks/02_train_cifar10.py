@@ -109,15 +109,15 @@ print(f"CIFAR-10 prepared in {DATA_DIR}: {prepared}")
 # %% [markdown]
 # ## 1. Prepare CIFAR-10
 #
-# `python -m revjax.prepare cifar10 --data_dir DATA_DIR` downloads the dataset (about 160 MB),
+# `python -m revjax.prepare cifar10 --data-dir DATA_DIR` downloads the dataset (about 160 MB),
 # writes it as ArrayRecord files and caches the training split's mean image. It needs
-# TensorFlow (Colab has it; elsewhere `pip install 'revjax[prepare]'`). Quick mode never
+# TensorFlow (Colab has it; elsewhere `pip install -e '.[prepare]'`). Quick mode never
 # downloads anything.
 
 # %%
 if not QUICK and not prepared:
     subprocess.run(
-        [sys.executable, "-m", "revjax.prepare", "cifar10", "--data_dir", DATA_DIR], check=True
+        [sys.executable, "-m", "revjax.prepare", "cifar10", "--data-dir", DATA_DIR], check=True
     )
     prepared = is_prepared("cifar10", DATA_DIR)
 print("prepared:", prepared)
@@ -151,7 +151,7 @@ print(config)
 # Without prepared data (quick mode), TFDS mock data: random images in the real format, offline.
 use_mock = QUICK and not prepared
 with tfds.testing.mock_data(num_examples=24) if use_mock else contextlib.nullcontext():
-    result = train.train_and_evaluate(config, WORKDIR)
+    _, result = train.train_and_evaluate(config, WORKDIR)
 print(
     f"step {result['step']}: test accuracy {result['eval_accuracy']:.4f}"
     + (" (mock data)" if use_mock else "")

@@ -61,7 +61,7 @@ def write_cifar_download(name: str, download_dir: str, examples) -> str:
 
     Args:
       name: `cifar10` or `cifar100`.
-      download_dir: the TFDS download directory (`--download_dir`).
+      download_dir: the TFDS download directory (`--download-dir`).
       examples: `{"train": (labels, images), "test": (labels, images)}`.
 
     Returns:

@@ -205,6 +205,7 @@ def test_memory_lines_name_the_arithmetic():
         assert "rev_float" not in lines
 
 
+@pytest.mark.slow
 def test_benchmarks_compile_for_a_target(tmp_path, capsys):
     """bench_models and bench_batch with ``--target cpu``: compiled in the child, the tables
     headed by the target (bench_memory / bench_speed share the same `aot.compile_for_target`)."""
@@ -279,6 +280,7 @@ def test_line_near_budget_only_where_memory_rises():
     assert bench_batch.line_near_budget([(128, gib), (256, math.inf)], 14 * gib, 8) == (None, None)
 
 
+@pytest.mark.slow
 def test_bench_vit_compiles_for_a_target(tmp_path):
     """bench_vit --target: the RevViT / ViT memory table compiled in the child (no step
     times), equal to what this process compiles, headed by the target."""

@@ -10,10 +10,11 @@ from flax import nnx
 import revjax
 from experiments import bench_memcnn
 
-torch = pytest.importorskip("torch")
+_PEER = "MemCNN (PyTorch) is the compared peer: make test-all (pip install -e '.[test-all]')"
+torch = pytest.importorskip("torch", reason=_PEER)
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)  # memcnn's torch.cuda.amp decorators
-    memcnn = pytest.importorskip("memcnn")
+    memcnn = pytest.importorskip("memcnn", reason=_PEER)
 
 # memcnn frees and refills tensors through the deprecated Tensor.storage().
 pytestmark = pytest.mark.filterwarnings("ignore:TypedStorage is deprecated:UserWarning")

@@ -36,6 +36,7 @@ def _check_outputs(out_dir, name, command):
     return text
 
 
+@pytest.mark.slow
 def test_bench_memory_quick(tmp_path):
     results = bench_memory.main(["--quick", "--out-dir", str(tmp_path)])
     text = _check_outputs(tmp_path, "bench_memory", "python -m experiments.bench_memory --quick")

@@ -30,6 +30,7 @@ def _run_main(argv, capsys) -> tuple[int, str, str]:
 def test_help_lists_every_config_and_points_to_list_keys(capsys):
     code, out, _ = _run_main(["--help"], capsys)
     assert code == 0
+    assert out.startswith("usage: python -m experiments.train ")
     configs = known_configs()
     assert {"digits", "digits_revvit", "cifar10_revnet38", "imagenet_revnet104"} <= set(configs)
     for name, doc in configs.items():
@@ -85,6 +86,35 @@ def test_misspelt_names_get_the_closest_known_one(argv, message, tmp_path, capsy
     code, _, err = _run_main(["--workdir", str(tmp_path / "w"), *argv], capsys)
     assert code == 2 and err.startswith(message) and err.count("\n") == 1, err
     assert not (tmp_path / "w").exists()
+
+
+def test_missing_fine_tuning_checkpoint_is_a_one_line_error_naming_how_to_make_it(
+    tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)  # the config's relative init_from is not there
+    code, _, err = _run_main(["--config", "digits_revvit_finetune", "--quick", "--workdir", "w"],
+                             capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: init_from='workdirs/digits04_vit.safetensors' is not a file ")
+    assert "--set init_from=PATH" in err
+    assert "python -m experiments.train --describe digits_revvit_finetune" in err
+    assert "--save-source" in _describe("digits_revvit_finetune", capsys)
+    assert not (tmp_path / "w").exists()
+
+
+def _describe(name: str, capsys) -> str:
+    main(["--describe", name])
+    return capsys.readouterr().out
+
+
+def test_the_entry_point_runs_from_any_directory(tmp_path):
+    env = _env()
+    env["PYTHONPATH"] = ""  # nothing but the file's own location finds `experiments`
+    result = subprocess.run([sys.executable, str(ROOT / "experiments" / "train.py"),
+                             "--describe", "digits"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "The default, offline job" in result.stdout
 
 
 def test_batch_the_devices_cannot_split_is_a_one_line_config_error(tmp_path, capsys):
@@ -163,7 +193,7 @@ def test_sigint_while_compiling_stops_cleanly_with_nothing_trained(tmp_path):
     _assert_clean(out)
     assert out.splitlines()[-1] == ("SIGINT before the first step: nothing was trained and no "
                                     "checkpoint was written."), out
-    assert not any((workdir / "checkpoints").iterdir())
+    assert not (workdir / "checkpoints").exists()  # no empty folder left behind
 
 
 @pytest.mark.slow

@@ -75,12 +75,12 @@ def test_describe_gives_target_time_and_commands(name):
     assert text.startswith(f"{row.model} on {row.dataset}, the paper's recipe.\n")
     assert f"Target ({row.source}): {row.target}." in text
     assert f"Expected GPU time (an estimate, not measured here): {row.gpu_time}." in text
-    assert f"python -m revjax.prepare {row.dataset} --data_dir" in text
+    assert f"python -m revjax.prepare {row.dataset} --data-dir" in text
     assert f"python -m experiments.train --config {name} " in text
     # The CIFAR mean image is over the training split only (the authors' averaged train + test).
     cifar = name.startswith("cifar")
     assert ("training\nsplit only" in text and "train and test" in text) == cifar
-    assert ("--manual_dir" in text) == (not cifar)
+    assert ("--manual-dir" in text) == (not cifar)
 
 
 def test_describe_a_config_file_prints_its_docstring():

@@ -376,20 +376,21 @@ def test_read_path_does_not_import_tensorflow(tmp_path):
 # ------------------------------------------------------------------------------------------
 
 
-def test_missing_data_names_the_prepare_command(tmp_path):
+def test_missing_data_names_the_prepare_command(tmp_path, caplog):
     with pytest.raises(data.DatasetNotPreparedError) as e:
         data.train_iterator("cifar10", batch_size=8, seed=0, data_dir=tmp_path)
     assert isinstance(e.value, FileNotFoundError)
+    assert "Variant folder" not in caplog.text  # TFDS's search is quiet; the error says it all
     message = str(e.value)
-    assert f"python -m revjax.prepare cifar10 --data_dir {tmp_path}" in message
-    assert "pip install 'revjax[prepare]'" in message
+    assert f"python -m revjax.prepare cifar10 --data-dir {tmp_path}" in message
+    assert "pip install -e '.[prepare]'" in message
 
     with pytest.raises(data.DatasetNotPreparedError) as e:
         data.eval_iterator("imagenet2012", batch_size=8, data_dir=tmp_path)
     message = str(e.value)
     assert "ILSVRC2012_img_train.tar" in message and "ILSVRC2012_img_val.tar" in message
     assert os.path.join(str(tmp_path), "downloads", "manual") in message
-    assert "python -m revjax.prepare imagenet2012 --data_dir" in message
+    assert "python -m revjax.prepare imagenet2012 --data-dir" in message
     assert not any(tmp_path.iterdir())  # reading created nothing
 
 
@@ -403,15 +404,26 @@ def test_prepare_argument_errors(tmp_path):
     # Checked before TensorFlow is needed.
     with pytest.raises(FileNotFoundError, match="ILSVRC2012_img_train.tar"):
         prepare.prepare("imagenet2012", tmp_path, manual_dir=tmp_path)
-    assert prepare.main(["imagenet2012", "--data_dir", str(tmp_path)]) == 1
+    assert prepare.main(["imagenet2012", "--data_dir", str(tmp_path)]) == 2  # the old spelling
     with pytest.raises(SystemExit):
-        prepare.main(["digits", "--data_dir", str(tmp_path)])
+        prepare.main(["digits", "--data-dir", str(tmp_path)])
+
+
+def test_prepare_without_tensorflow_is_a_set_up_error(tmp_path, monkeypatch, capsys):
+    from revjax.data import prepare
+
+    monkeypatch.setitem(sys.modules, "tensorflow", None)  # `import tensorflow` fails
+    assert prepare.main(["cifar10", "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: Preparing TFDS datasets needs TensorFlow")
+    assert err.count("\n") == 1
+    assert "pip install -e '.[prepare]'" in err
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(
     importlib.util.find_spec("tensorflow") is None,
-    reason="preparing TFDS data needs TensorFlow: pip install 'revjax[prepare]'",
+    reason="preparing TFDS data needs TensorFlow: make test-all (pip install -e '.[prepare]')",
 )
 def test_prepare_then_read_cifar_offline(tmp_path):
     from data_utils import make_cifar_examples, write_cifar_download
@@ -429,9 +441,9 @@ def test_prepare_then_read_cifar_offline(tmp_path):
             "revjax.prepare",
             "cifar10",
             "cifar100",
-            "--data_dir",
+            "--data-dir",
             str(data_dir),
-            "--download_dir",
+            "--download-dir",
             str(download_dir),
         ],
         cwd=REPO_ROOT,

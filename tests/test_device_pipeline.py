@@ -180,19 +180,20 @@ TINY = train.TrainConfig(
 )
 
 
+@pytest.mark.slow
 def test_trainer_resume_through_grain_prefetch_is_bit_identical(tmp_path):
     # The device pipeline's resume is tests/test_train.py::test_resume_gives_identical_weights
     # (digits default to it); here the Grain path, whose prefetch thread reads ahead of the
     # checkpointed step.
     cfg = dataclasses.replace(TINY, input_pipeline="grain", prefetch=3)
-    full = train.train_and_evaluate(cfg, tmp_path / "full")
+    full_state, full = train.train_and_evaluate(cfg, tmp_path / "full")
     train.train_and_evaluate(dataclasses.replace(cfg, num_steps=2), tmp_path / "split")
     metadata = tmp_path / "split" / "checkpoints" / "2" / "data" / "metadata"
     assert json.loads(metadata.read_text())["input_pipeline"] == "grain"
     with pytest.warns(train.ConfigChangedWarning, match="num_steps 2 -> 4"):
-        resumed = train.train_and_evaluate(cfg, tmp_path / "split")
+        resumed_state, resumed = train.train_and_evaluate(cfg, tmp_path / "split")
     assert resumed["step"] == full["step"] == 4
-    for a, b in zip(jax.tree.leaves(resumed["state"]), jax.tree.leaves(full["state"])):
+    for a, b in zip(jax.tree.leaves(resumed_state), jax.tree.leaves(full_state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # A checkpoint resumes only with the pipeline that wrote it.
     with pytest.raises(ValueError, match="input_pipeline='grain'"):

@@ -113,6 +113,17 @@ def test_bench_finetune_quick_memory_table(tmp_path):
     assert "| ViT-S/16 | 32x32 |" in text
 
 
+def test_bench_finetune_partial_run_leaves_committed_results_alone(tmp_path, monkeypatch, capsys):
+    from experiments import bench_finetune
+
+    monkeypatch.chdir(tmp_path)  # results/ would be here
+    assert bench_finetune.main(["--quick", "--no-memory", "--no-transfer"]) == {
+        "memory": None, "transfer": None
+    }
+    assert not (tmp_path / "results").exists()
+    assert "a partial run writes no table" in capsys.readouterr().out
+
+
 # --------------------------------------------------------------------------------------------
 # The trainer's fine-tuning options
 # --------------------------------------------------------------------------------------------

@@ -22,8 +22,9 @@ from flax import nnx
 import revjax
 from revjax import pretrained
 
-torch = pytest.importorskip("torch")
-timm = pytest.importorskip("timm")
+_REFERENCE = "timm's ViT is the reference: make test-all (pip install -e '.[test-all]')"
+torch = pytest.importorskip("torch", reason=_REFERENCE)
+timm = pytest.importorskip("timm", reason=_REFERENCE)
 
 TOL = 1e-5  # float32 logits, relative to the largest logit
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from helpers import TINY as HELPERS_TINY
 
 from revjax import train
 from revjax.train import TrainConfig, resilience
@@ -30,20 +31,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptio
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# A tiny RevNet on digits (as in test_train.py); a checkpoint after every step.
-TINY = TrainConfig(
-    model="revnet_tiny",
-    dataset="digits",
-    batch_size=16,
-    eval_batch_size=100,
-    num_steps=6,
-    lr_boundaries=(1000,),
-    log_every=1,
-    checkpoint_every=1,
-    keep_checkpoints=6,
-    memory_report=False,
-    num_devices=1,
-)
+# The tests' tiny RevNet on digits (tests/helpers.py) with a checkpoint after every step.
+TINY = dataclasses.replace(HELPERS_TINY, num_steps=6, checkpoint_every=1, keep_checkpoints=6)
 
 
 def _env() -> dict[str, str]:
@@ -235,10 +224,11 @@ def test_sigterm_saves_checkpoint_and_resume_is_bit_identical(uninterrupted, tmp
     if stopped + 1 <= TINY.num_steps:
         reference = _restore(uninterrupted, stopped + 1)
     else:  # fast steps ran past the shared reference: train one as far, uninterrupted
-        reference = train.train_and_evaluate(
+        reference, _ = train.train_and_evaluate(
             dataclasses.replace(TINY, num_steps=stopped + 1, checkpoint_every=0), tmp_path / "ref"
-        )["state"]
-    _assert_bitwise_equal(result["state"], reference)
+        )
+    # The resumed run's final state, as its last checkpoint holds it.
+    _assert_bitwise_equal(_restore(workdir, stopped + 1), reference)
     capsys.readouterr()
 
 
@@ -259,7 +249,9 @@ def test_truncated_latest_checkpoint_is_skipped(uninterrupted, tmp_path):
         os.truncate(f, f.stat().st_size // 2)  # a crash or a full disk mid-copy
     with pytest.warns(train.ConfigChangedWarning, match="num_steps 6 -> 5"):
         with pytest.warns(resilience.DamagedCheckpointWarning) as caught:
-            result = train.train_and_evaluate(dataclasses.replace(TINY, num_steps=5), workdir)
+            state, result = train.train_and_evaluate(
+                dataclasses.replace(TINY, num_steps=5), workdir
+            )
     (warning,) = [w for w in caught if w.category is resilience.DamagedCheckpointWarning]
     assert str(warning.message).startswith(
         f"Skipped damaged checkpoint {workdir / 'checkpoints' / '6'} ("
@@ -267,7 +259,7 @@ def test_truncated_latest_checkpoint_is_skipped(uninterrupted, tmp_path):
     assert str(warning.message).endswith("and resumed from step 5.")
     assert result["step"] == 5
     assert (workdir / "damaged_checkpoints" / "6").is_dir() and _checkpoint_steps(workdir)[-1] == 5
-    _assert_bitwise_equal(result["state"], _restore(uninterrupted, 5))
+    _assert_bitwise_equal(state, _restore(uninterrupted, 5))
 
 
 @pytest.mark.parametrize("missing", ["state/_METADATA", "state/manifest.ocdbt", "data"])
@@ -371,11 +363,11 @@ def test_two_processes_match_one_and_stop_together(tmp_path):
 
     # The reference: one process, 4 devices, as many steps; the two processes' checkpoint read
     # back by one process.
-    one = train.train_and_evaluate(
+    one_state, one = train.train_and_evaluate(
         dataclasses.replace(cfg, num_devices=4, num_steps=stopped), tmp_path / "one"
     )
     two = _restore(workdir, stopped, cfg)
-    leaves_one, leaves_two = jax.tree.leaves(one["state"]), jax.tree.leaves(two)
+    leaves_one, leaves_two = jax.tree.leaves(one_state), jax.tree.leaves(two)
     assert len(leaves_one) == len(leaves_two)
     for i, (a, b) in enumerate(zip(leaves_two, leaves_one)):
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)

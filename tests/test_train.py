@@ -123,10 +123,6 @@ def test_reversible_trainer_equals_plain():
 # ------------------------------------------------------------------------------------------
 
 
-def _strip(result):
-    return {k: v for k, v in result.items() if k != "state"}
-
-
 def test_digits_reaches_95_percent(tmp_path):
     """A real convergence check on real (tiny) data: ~11 epochs of 1,497 training digits, with
     the RevNet's default fixed-point carries."""
@@ -143,8 +139,8 @@ def test_digits_reaches_95_percent(tmp_path):
         log_every=40,
         eval_every=80,
     )
-    result = train.train_and_evaluate(cfg, tmp_path)
-    assert result["eval_accuracy"] >= 0.95, _strip(result)
+    _, result = train.train_and_evaluate(cfg, tmp_path)
+    assert result["eval_accuracy"] >= 0.95, result
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert any("eval_accuracy" in r for r in records)
     assert {"train_loss", "train_accuracy", "learning_rate", "images_per_second"} <= set(records[0])
@@ -153,14 +149,14 @@ def test_digits_reaches_95_percent(tmp_path):
 
 def test_resume_gives_identical_weights(tmp_path):
     cfg = dataclasses.replace(TINY, num_steps=4, checkpoint_every=2)
-    full = train.train_and_evaluate(cfg, tmp_path / "full")
+    full_state, full = train.train_and_evaluate(cfg, tmp_path / "full")
     # "Interrupted" after 2 steps (a checkpoint was written), then restarted with the same
     # workdir: resumes params, optimizer, batch stats and the data iterator position.
     train.train_and_evaluate(dataclasses.replace(cfg, num_steps=2), tmp_path / "split")
     with pytest.warns(train.ConfigChangedWarning, match=r"changes 1 field: num_steps 2 -> 4\."):
-        resumed = train.train_and_evaluate(cfg, tmp_path / "split")
+        resumed_state, resumed = train.train_and_evaluate(cfg, tmp_path / "split")
     assert resumed["step"] == full["step"] == 4
-    for a, b in zip(jax.tree.leaves(resumed["state"]), jax.tree.leaves(full["state"])):
+    for a, b in zip(jax.tree.leaves(resumed_state), jax.tree.leaves(full_state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # bit-identical on CPU
     assert sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir() if p.is_dir()) == [
         "2",
@@ -182,9 +178,11 @@ def test_eight_devices_match_one(tmp_path, arithmetic, state_rtol, loss_rtol, ac
     cfg = dataclasses.replace(
         TINY, num_steps=2, batch_size=16, eval_batch_size=64, arithmetic=arithmetic
     )
-    one = train.train_and_evaluate(cfg, tmp_path / "one")
-    eight = train.train_and_evaluate(dataclasses.replace(cfg, num_devices=8), tmp_path / "eight")
-    for a, b in zip(jax.tree.leaves(eight["state"]), jax.tree.leaves(one["state"])):
+    one_state, one = train.train_and_evaluate(cfg, tmp_path / "one")
+    eight_state, eight = train.train_and_evaluate(
+        dataclasses.replace(cfg, num_devices=8), tmp_path / "eight"
+    )
+    for a, b in zip(jax.tree.leaves(eight_state), jax.tree.leaves(one_state)):
         if np.issubdtype(np.asarray(b).dtype, np.floating):
             assert _max_rel(a, b) <= state_rtol
     assert eight["train_loss"] == pytest.approx(one["train_loss"], rel=loss_rtol)
@@ -236,7 +234,7 @@ def test_trainer_on_mock_tfds(config_name, tmp_path):
         load_config(config_name, quick=True), num_devices=1, data_dir=str(tmp_path / "tfds")
     )
     with tfds.testing.mock_data(num_examples=24):
-        result = train.train_and_evaluate(cfg, tmp_path / "work")
+        _, result = train.train_and_evaluate(cfg, tmp_path / "work")
     assert result["step"] == 2
     assert np.isfinite(result["train_loss"])
     assert 0.0 <= result["eval_accuracy"] <= 1.0

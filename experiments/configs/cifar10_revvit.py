@@ -9,7 +9,7 @@ augmentation.
 
 Prepare the data once, then train::
 
-    python -m revjax.prepare cifar10 --data_dir ~/tensorflow_datasets
+    python -m revjax.prepare cifar10 --data-dir ~/tensorflow_datasets
     python -m experiments.train --config cifar10_revvit --workdir workdirs/cifar10_revvit \\
         --set data_dir=~/tensorflow_datasets
 

@@ -9,7 +9,7 @@ epochs of linear warmup then cosine decay to 0 over 200 epochs (78,000 steps), l
 
 Prepare the data once, then train::
 
-    python -m revjax.prepare cifar10 --data_dir ~/tensorflow_datasets
+    python -m revjax.prepare cifar10 --data-dir ~/tensorflow_datasets
     python -m experiments.train --config cifar10_vit --workdir workdirs/cifar10_vit \\
         --set data_dir=~/tensorflow_datasets
 

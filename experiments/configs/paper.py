@@ -87,9 +87,9 @@ BY_NAME: dict[str, PaperRow] = {row.name: row for row in ROWS}
 
 def commands(row: PaperRow) -> str:
     """The commands that prepare the row's dataset and train it, one per line."""
-    prepare = f"python -m revjax.prepare {row.dataset} --data_dir ~/tensorflow_datasets"
+    prepare = f"python -m revjax.prepare {row.dataset} --data-dir ~/tensorflow_datasets"
     if row.dataset == "imagenet2012":
-        prepare += " \\\n    --manual_dir DIR_WITH_ILSVRC2012_TARS"
+        prepare += " \\\n    --manual-dir DIR_WITH_ILSVRC2012_TARS"
     train = (f"python -m experiments.train --config {row.name} \\\n"
              f"    --workdir workdirs/{row.name} --set data_dir=~/tensorflow_datasets")
     return f"{prepare}\n{train}"

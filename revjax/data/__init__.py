@@ -15,7 +15,7 @@ One module per concern:
 
 Reading never imports TensorFlow: TFDS data are read with `tfds.data_source(...,
 download=False)` from ArrayRecord files that `python -m revjax.prepare` wrote once (that step
-needs TensorFlow, the `revjax[prepare]` extra).
+needs TensorFlow, the `prepare` extra: `pip install -e '.[prepare]'` in a checkout).
 
 Typical use::
 

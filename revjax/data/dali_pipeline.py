@@ -41,8 +41,9 @@ __all__ = ["DaliTrainInput", "dali_available", "dali_install_hint", "require_dal
 
 def dali_install_hint() -> str:
     return (
-        "input_pipeline='dali' needs NVIDIA DALI (Linux, NVIDIA GPU): pip install "
-        "'revjax[dali]' (the CUDA 12 wheel, nvidia-dali-cuda120; for CUDA 13: pip install "
+        "input_pipeline='dali' needs NVIDIA DALI (Linux, NVIDIA GPU): pip install -e "
+        "'.[dali]' in a revjax checkout (the CUDA 12 wheel, nvidia-dali-cuda120; for CUDA 13: "
+        "pip install "
         "nvidia-dali-cuda130), or use input_pipeline='grain' (the host path, every platform)."
     )
 

@@ -2,14 +2,14 @@
 
 Usage::
 
-    pip install 'revjax[prepare]'
-    python -m revjax.prepare cifar10 --data_dir ~/tensorflow_datasets
-    python -m revjax.prepare cifar10 cifar100 --data_dir DIR
-    python -m revjax.prepare imagenet2012 --data_dir DIR --manual_dir DIR_WITH_TARS
-    python -m revjax.prepare imagenet2012 --data_dir DIR --max-side 320   # optional pre-sizing
+    pip install -e '.[prepare]'
+    python -m revjax.prepare cifar10 --data-dir ~/tensorflow_datasets
+    python -m revjax.prepare cifar10 cifar100 --data-dir DIR
+    python -m revjax.prepare imagenet2012 --data-dir DIR --manual-dir DIR_WITH_TARS
+    python -m revjax.prepare imagenet2012 --data-dir DIR --max-side 320   # optional pre-sizing
 
 This is the only place that needs TensorFlow (TFDS generates datasets with it). CIFAR is
-downloaded from its registered URL (or taken from `--download_dir` if the archive is already
+downloaded from its registered URL (or taken from `--download-dir` if the archive is already
 there under TFDS's download name); ImageNet must be downloaded by hand: put
 `ILSVRC2012_img_train.tar` and `ILSVRC2012_img_val.tar` in the manual directory (default
 `<download_dir>/manual`, with `<download_dir>` defaulting to `<data_dir>/downloads`). For CIFAR
@@ -17,7 +17,7 @@ the training mean image is computed and cached next to the data as well.
 
 ImageNet pre-sizing (`--max-side N`, off by default: the paper's full-size images stay the
 default): after preparing, the training images are re-encoded once (JPEG quality 90) with the
-longest side at most N, into a second data directory, `DIR/max_side_N` (`--presized_dir`);
+longest side at most N, into a second data directory, `DIR/max_side_N` (`--presized-dir`);
 the validation split there links to the original files. Train with `data_dir=DIR/max_side_N`.
 Smaller JPEGs decode faster and take less disk (FFCV's practice); crops of a pre-sized image
 hold fewer original pixels, so choose N at or above the training resolution. The command
@@ -40,13 +40,17 @@ from revjax.data import sources
 IMAGENET_MANUAL_FILES = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
 
 
+class TensorFlowMissingError(ImportError):
+    """Preparing a TFDS dataset needs TensorFlow, which is not installed."""
+
+
 def _require_tensorflow() -> None:
     try:
         import tensorflow  # noqa: F401
     except ImportError as e:
-        raise SystemExit(
+        raise TensorFlowMissingError(
             "Preparing TFDS datasets needs TensorFlow (training does not): "
-            "pip install 'revjax[prepare]'"
+            "pip install -e '.[prepare]' in a revjax checkout"
         ) from e
 
 
@@ -247,7 +251,7 @@ def presize_imagenet(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point: `python -m revjax.prepare NAME [NAME ...] --data_dir DIR`."""
+    """Command-line entry point: `python -m revjax.prepare NAME [NAME ...] --data-dir DIR`."""
     parser = argparse.ArgumentParser(
         prog="python -m revjax.prepare",
         description="Prepare TFDS datasets as ArrayRecord files for revjax (needs TensorFlow).",
@@ -259,26 +263,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=sources.TFDS_DATASETS,
         help="dataset(s) to prepare: " + ", ".join(sources.TFDS_DATASETS),
     )
-    parser.add_argument("--data_dir", required=True, help="TFDS data directory to write")
     parser.add_argument(
+        "--data-dir", "--data_dir", dest="data_dir", required=True,
+        help="TFDS data directory to write (each option also takes the old _ spelling)",
+    )
+    parser.add_argument(
+        "--download-dir",
         "--download_dir",
+        dest="download_dir",
         default=None,
         help="download/extract directory (default: DATA_DIR/downloads)",
     )
     parser.add_argument(
+        "--manual-dir",
         "--manual_dir",
+        dest="manual_dir",
         default=None,
         help="manually downloaded files, e.g. the ImageNet tars (default: DOWNLOAD_DIR/manual)",
     )
     parser.add_argument(
         "--max-side",
+        "--max_side",
+        dest="max_side",
         type=int,
         default=None,
         help="imagenet2012 only: also write a copy whose training JPEGs have their longest "
         "side at most N (default: off, the full-size images)",
     )
     parser.add_argument(
+        "--presized-dir",
         "--presized_dir",
+        dest="presized_dir",
         default=None,
         help="where the pre-sized copy goes (default: DATA_DIR/max_side_N)",
     )
@@ -290,9 +305,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in args.names:
         try:
             path = prepare(name, args.data_dir, args.download_dir, args.manual_dir)
-        except FileNotFoundError as e:
+        except (FileNotFoundError, TensorFlowMissingError) as e:  # set-up errors: exit 2
             print(f"error: {e}", file=sys.stderr)
-            return 1
+            return 2
         print(f"{name}: prepared in {path}")
     if args.max_side is not None:
         stats = presize_imagenet(args.data_dir, args.max_side, args.presized_dir)

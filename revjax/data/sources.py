@@ -8,6 +8,7 @@ A source is anything with `__len__` and `__getitem__` returning `{"image": uint8
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -137,7 +138,7 @@ def prepare_command(name: str, data_dir: str | os.PathLike | None = None) -> str
     data_dir = _default_data_dir(data_dir)
     lines = [
         "Prepare it once (this step needs TensorFlow; training does not):",
-        "    pip install 'revjax[prepare]'",
+        "    pip install -e '.[prepare]'",
     ]
     if name == "imagenet2012":
         manual_dir = os.path.join(data_dir, "downloads", "manual")
@@ -145,12 +146,12 @@ def prepare_command(name: str, data_dir: str | os.PathLike | None = None) -> str
             "ImageNet cannot be downloaded automatically. Download ILSVRC2012_img_train.tar and",
             "ILSVRC2012_img_val.tar from https://image-net.org/ and put both files in",
             f"    {manual_dir}",
-            "(or in another directory passed as --manual_dir), then run:",
-            f"    python -m revjax.prepare imagenet2012 --data_dir {data_dir} "
-            f"--manual_dir {manual_dir}",
+            "(or in another directory passed as --manual-dir), then run:",
+            f"    python -m revjax.prepare imagenet2012 --data-dir {data_dir} "
+            f"--manual-dir {manual_dir}",
         ]
     else:
-        lines.append(f"    python -m revjax.prepare {name} --data_dir {data_dir}")
+        lines.append(f"    python -m revjax.prepare {name} --data-dir {data_dir}")
     return "\n".join(lines)
 
 
@@ -225,6 +226,20 @@ class DigitsSource:
         return f"DigitsSource(split={self.split!r}, len={len(self)})"
 
 
+@contextlib.contextmanager
+def _quiet_tfds():
+    """TFDS's absl warnings off while it looks for a dataset (``Variant folder ... has no
+    dataset_info.json`` for folders that do not exist): a missing dataset gets
+    `DatasetNotPreparedError` with the command that prepares it instead."""
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        absl.setLevel(level)
+
+
 def make_source(
     name: str, split: str, data_dir: str | os.PathLike | None = None, *, encoded: bool = False
 ):
@@ -252,19 +267,23 @@ def make_source(
     import tensorflow_datasets as tfds
 
     decoders = {"image": tfds.decode.SkipDecoding()} if encoded else None
+    tfds_dir = None if data_dir is None else os.fspath(data_dir)
     try:
-        return tfds.data_source(
-            name,
-            split=split,
-            data_dir=None if data_dir is None else os.fspath(data_dir),
-            download=False,
-            decoders=decoders,
-        )
+        with _quiet_tfds():
+            return tfds.data_source(
+                name,
+                split=split,
+                data_dir=tfds_dir,
+                download=False,
+                decoders=decoders,
+            )
     except Exception as e:
         # Without prepared files TFDS raises assorted errors (e.g. NotImplementedError about
         # the TFRECORD format): check what is on disk and say what to do instead.
-        builder = tfds.builder(name, data_dir=None if data_dir is None else os.fspath(data_dir))
-        if builder.is_prepared():
+        with _quiet_tfds():
+            builder = tfds.builder(name, data_dir=tfds_dir)
+            prepared = builder.is_prepared()
+        if prepared:
             raise
         raise DatasetNotPreparedError(
             f"Dataset {name!r} is not prepared in {builder.data_dir!r} (reading split "

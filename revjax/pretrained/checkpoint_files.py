@@ -42,7 +42,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
         except ImportError as err:
             raise ImportError(
                 "Reading .safetensors needs the safetensors package (no torch): "
-                "pip install safetensors (or revjax[pretrained])."
+                "pip install safetensors (in a revjax checkout: pip install -e '.[pretrained]')."
             ) from err
         try:
             return dict(load_file(path))

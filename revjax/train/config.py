@@ -27,6 +27,7 @@ __all__ = [
     "OPTIMIZER_NAMES",
     "ConfigError",
     "TrainConfig",
+    "check_init_from",
     "validate_config",
 ]
 
@@ -77,7 +78,7 @@ class TrainConfig:
         `revjax.data.device_pipeline`); ``"grain"``: Grain workers on the host and device
         prefetch (every dataset; for ImageNet uint8 crops decoded at reduced scale, flipped,
         jittered and scaled inside the step, `revjax.data.imagenet`); ``"dali"``: ImageNet
-        decoded on NVIDIA GPUs by DALI (``pip install 'revjax[dali]'``,
+        decoded on NVIDIA GPUs by DALI (``pip install -e '.[dali]'``,
         `revjax.data.dali_pipeline`); ``"auto"``: device where the dataset supports it and
         fits, DALI for ImageNet on NVIDIA GPUs where installed, else Grain. The pipelines give
         different (equally random) orders or pixels, so a run resumes only with the pipeline it
@@ -418,3 +419,14 @@ def validate_config(config: TrainConfig) -> None:
         problems = [p for p in (rule(config) for rule in CROSS_CHECKS) if p is not None]
     if problems:
         raise ConfigError("; ".join(problems) + ".")
+
+
+def check_init_from(config: TrainConfig) -> None:
+    """Raises `ConfigError` when ``config.init_from`` names no existing file (checked when a run
+    starts, before anything is written; a config is made without looking at the disk)."""
+    if config.init_from is not None and not os.path.isfile(config.init_from):
+        raise ConfigError(
+            f"init_from={config.init_from!r} is not a file (relative paths start in "
+            f"{os.getcwd()}): make the checkpoint first or point init_from at one",
+            fixes=("init_from=PATH",),
+        )

@@ -4,11 +4,13 @@ evaluation, checkpoint, preemption), each a small function below."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 from revjax.layers import check_carry_range
 from revjax.measure import device_peak_bytes
-from revjax.train.config import TrainConfig
+from revjax.train.config import TrainConfig, check_init_from
 from revjax.train.inputs import (
     DATA_AXIS,
     check_batch_size,
@@ -46,6 +48,7 @@ from revjax.train.resilience import (
     save,
 )
 from revjax.train.steps import (
+    TrainState,
     create_train_state,
     evaluate,
     make_eval_step,
@@ -81,15 +84,20 @@ class _LossWatch:
     def add(self, step: int, loss: jax.Array) -> None:
         self.pending.append((step, loss))
 
-    def check(self, batch_stats: Any) -> None:
-        """Raises `revjax.CarryRangeError` naming a fixed-point sequence whose carries left their
-        range (its NaN outputs can turn back into numbers downstream, so the recorded peak is
-        the signal), else `NonFiniteLossError` naming the first step whose loss is NaN/Inf."""
+    def check(self) -> None:
+        """Raises `NonFiniteLossError` naming the first step whose loss is NaN/Inf."""
         pending, self.pending = self.pending, []
-        check_carry_range(batch_stats)
         for step, loss in pending:
             if not np.isfinite(float(loss)):
                 raise NonFiniteLossError(step, self.workdir)
+
+
+def _check_health(state, losses: _LossWatch) -> None:
+    """Before a log record or a checkpoint: `revjax.CarryRangeError` naming a fixed-point
+    sequence whose carries left their range (its NaN outputs can turn back into numbers
+    downstream, so the recorded peak is the signal), then `NonFiniteLossError`."""
+    check_carry_range(state.batch_stats)
+    losses.check()
 
 
 class _MetricWindow:
@@ -216,7 +224,7 @@ def _due(step: int, every: int) -> bool:
 
 
 def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike, *,
-                       config_name: str | None = None) -> dict[str, Any]:
+                       config_name: str | None = None) -> tuple[TrainState, dict[str, Any]]:
     """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and evaluates.
 
     Args:
@@ -229,8 +237,9 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike, *,
         ``config`` (the command line passes e.g. ``"digits --quick"``).
 
     Returns:
-      The final metrics: ``eval_accuracy``, ``eval_loss``, ``train_loss``, ``step``,
-      ``images_per_second``, and the memory report where computed.
+      ``(state, metrics)``: the final `TrainState` and the final metrics (``eval_accuracy``,
+      ``eval_loss``, ``train_loss``, ``step``, ``images_per_second``, and the memory report
+      where computed).
 
     Resuming prints one line naming the checkpoint's step, time and config, and a changed
     field value gives one `ConfigChangedWarning` listing every change (``old -> new``).
@@ -243,6 +252,10 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike, *,
     without the trainer. A damaged newest checkpoint is skipped with a
     `DamagedCheckpointWarning` (moved to ``damaged_checkpoints/``).
 
+    The loop is below, in this function; `_set_up` builds what it needs (`_Setup`). Every
+    resource (signal handlers, the metric writer, the checkpoint manager, the input pipeline,
+    the progress bar) is closed on the way out, whatever ends the run.
+
     Raises:
       Preempted: stopped by a signal (``exit_code``: 128 + signal).
       CheckpointMismatchError: the workdir's checkpoint holds a different model's arrays.
@@ -254,22 +267,84 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike, *,
     """
     stop = StopSignals(config.preemption_sync_every)
     stop.announce = False  # before step 1 the stop's own line says what happened
-    stop.install()  # before anything slow: the first compile takes a while
-    with contextlib.ExitStack() as cleanup:  # signal handlers, checkpoints, training input
+    with contextlib.ExitStack() as cleanup:
+        stop.install()  # before anything slow: the first compile takes a while
         cleanup.callback(stop.restore)
-        state, result, run_eval, writer = _train(config, Path(workdir), config_name, stop,
-                                                 cleanup)
-    final = run_eval(state)
-    writer.write(result["step"], final)
-    writer.close()
-    result.update(final)
-    result["state"] = state
-    return result
+        setup = _set_up(config, Path(workdir), config_name, stop, cleanup)
+        state, step, last_saved = setup.state, setup.step, setup.step or None
+        metrics: dict[str, Any] = {} if setup.memory is None else {"memory": setup.memory}
+        schedule = learning_rate_schedule(config)
+        losses, window = _LossWatch(setup.workdir), _MetricWindow()
+        bar = progress_bar(config.num_steps, step)
+        if bar is not None:
+            cleanup.callback(bar.close)
+        record = config_record(config, config_name)
+
+        def checkpoint():
+            _check_health(state, losses)
+            save(setup.manager, step, state, setup.train_input.get_state(), record)
+
+        stop.announce = True  # from here: finish the step in flight, save, then stop
+        while step < config.num_steps:
+            args = setup.first_args if step == setup.step else setup.train_input.step_args(step)
+            state, step_metrics = setup.train_step(state, *args)
+            step += 1
+            losses.add(step, step_metrics["loss"])
+            window.metrics.append(step_metrics)
+            if bar is not None:
+                bar.update(1)
+            if _due(step, config.log_every) or step == config.num_steps:
+                _check_health(state, losses)
+                logged = window.record(config.batch_size, float(schedule(step - 1)))
+                setup.writer.write(step, logged)
+                metrics.update(logged)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{logged['train_loss']:.3f}",
+                                    acc=f"{logged['train_accuracy']:.3f}")
+            if setup.drift_monitor is not None and _due(step, config.drift_every):
+                _check_drift(setup.drift_monitor, state, setup.train_input, step, setup.writer)
+            if _due(step, config.eval_every) and step != config.num_steps:
+                setup.writer.write(step, setup.run_eval(state))
+            if _due(step, config.checkpoint_every):
+                checkpoint()
+                last_saved = step
+            signum = stop.agreed(step)  # the same decision on every process
+            if signum is not None:
+                if last_saved != step:
+                    checkpoint()
+                _check_health(state, losses)
+                raise Preempted(step, signum, setup.workdir)
+        if last_saved != step:
+            checkpoint()
+        _check_health(state, losses)
+        stop.restore()  # the final evaluation runs as any code does: a signal stops it at once
+        final = setup.run_eval(state)
+        setup.writer.write(step, final)
+    return state, {**metrics, **final, "step": step}
 
 
-def _train(config: TrainConfig, workdir: Path, config_name: str | None, stop: StopSignals,
-           cleanup: contextlib.ExitStack):
-    """Start-up and the training loop; returns ``(state, result, run_eval, writer)``."""
+@dataclasses.dataclass
+class _Setup:
+    """What the loop of `train_and_evaluate` needs, built by `_set_up`."""
+
+    workdir: Path  # absolute
+    train_input: Any  # `make_train_input`'s: step_args, get_state, batch_at
+    state: TrainState  # replicated over the mesh; restored when resuming
+    step: int  # the first step to run: the restored checkpoint's, else 0
+    train_step: Callable | None  # compiled for ``first_args``; None when nothing is left
+    first_args: tuple | None  # the first step's arguments (compiled with them)
+    run_eval: Callable[[TrainState], dict[str, float]]  # one pass over the evaluation split
+    manager: Any  # the Orbax checkpoint manager
+    writer: MetricWriter
+    drift_monitor: Any  # a `revjax.DriftMonitor` or None
+    memory: dict[str, int] | None  # the compiled-memory report, where made
+
+
+def _set_up(config: TrainConfig, workdir: Path, config_name: str | None, stop: StopSignals,
+            cleanup: contextlib.ExitStack) -> _Setup:
+    """Devices, data, state (restored when resuming), the memory report and the compiled step;
+    every resource it opens goes on ``cleanup``. Stops with `Preempted` (``started`` False)
+    between phases on a signal received so far."""
     from revjax import data  # the input pipeline needs the experiments extra
 
     maybe_initialize_distributed()
@@ -279,11 +354,11 @@ def _train(config: TrainConfig, workdir: Path, config_name: str | None, stop: St
     eval_batch_size = config.eval_batch_size or config.batch_size
     check_batch_size(config.batch_size, mesh)
     check_batch_size(eval_batch_size, mesh, "eval_batch_size")
-    workdir.mkdir(parents=True, exist_ok=True)
+    check_init_from(config)
     info = data.get_dataset_info(config.dataset, config.image_size)
     image_size = info.image_shape[0]
 
-    # Fails early, with the prepare command, if data are missing.
+    # Fails early, with the prepare command, if data are missing (before the workdir exists).
     train_input = make_train_input(config, mesh, image_size)
     cleanup.callback(train_input.close)
     eval_iter = make_eval_input(config, mesh, image_size, train_input.kind, eval_batch_size)
@@ -293,17 +368,18 @@ def _train(config: TrainConfig, workdir: Path, config_name: str | None, stop: St
     replicated = NamedSharding(mesh, P())
     batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
     state = jax.device_put(state, replicated)
-    manager = checkpoint_manager(workdir, config.keep_checkpoints)
-    cleanup.callback(manager.close)
+    workdir.mkdir(parents=True, exist_ok=True)
+    manager = _checkpoint_manager(workdir, config.keep_checkpoints, cleanup)
     last_saved, state = _restore(manager, state, workdir, train_input, replicated, config,
                                  config_name)
     step = startup.resumed = last_saved or 0
     startup.check()
 
     writer = MetricWriter(workdir)
-    result: dict[str, Any] = {}
+    cleanup.callback(writer.close)
+    memory = None
     if config.memory_report and step == 0:
-        result["memory"] = _report_memory(config, info, writer, startup.check)
+        memory = _report_memory(config, info, writer, startup.check)
         startup.check()
 
     # Compiled ahead of step 1 (with its arguments), so a signal during the compile stops
@@ -329,50 +405,25 @@ def _train(config: TrainConfig, workdir: Path, config_name: str | None, stop: St
     def run_eval(state) -> dict:
         return evaluate(eval_step, state, eval_iter(), batch_sharding)
 
-    drift_monitor = _drift_monitor(config, graphdef)
-    schedule = learning_rate_schedule(config)
-    losses, window = _LossWatch(workdir), _MetricWindow()
-    bar = progress_bar(config.num_steps, step)
-    if bar is not None:
-        cleanup.callback(bar.close)
-    config_rec = config_record(config, config_name)
+    return _Setup(
+        workdir=workdir, train_input=train_input, state=state, step=step, train_step=train_step,
+        first_args=first_args, run_eval=run_eval, manager=manager, writer=writer,
+        drift_monitor=_drift_monitor(config, graphdef), memory=memory,
+    )
 
-    def checkpoint():
-        losses.check(state.batch_stats)
-        save(manager, step, state, train_input.get_state(), config_rec)
 
-    stop.announce = True  # from here: finish the step in flight, save, then stop
-    while step < config.num_steps:
-        args, first_args = first_args or train_input.step_args(step), None
-        state, metrics = train_step(state, *args)
-        step += 1
-        losses.add(step, metrics["loss"])
-        window.metrics.append(metrics)
-        if bar is not None:
-            bar.update(1)
-        if _due(step, config.log_every) or step == config.num_steps:
-            losses.check(state.batch_stats)
-            record = window.record(config.batch_size, float(schedule(step - 1)))
-            writer.write(step, record)
-            result.update(record)
-            if bar is not None:
-                bar.set_postfix(loss=f"{record['train_loss']:.3f}",
-                                acc=f"{record['train_accuracy']:.3f}")
-        if drift_monitor is not None and _due(step, config.drift_every):
-            _check_drift(drift_monitor, state, train_input, step, writer)
-        if _due(step, config.eval_every) and step != config.num_steps:
-            writer.write(step, run_eval(state))
-        if _due(step, config.checkpoint_every):
-            checkpoint()
-            last_saved = step
-        signum = stop.agreed(step)  # the same decision on every process
-        if signum is not None:
-            if last_saved != step:
-                checkpoint()
-            losses.check(state.batch_stats)
-            raise Preempted(step, signum, workdir)
-    if last_saved != step:
-        checkpoint()
-    losses.check(state.batch_stats)
-    result["step"] = step
-    return state, result, run_eval, writer
+def _checkpoint_manager(workdir: Path, keep: int, cleanup: contextlib.ExitStack):
+    """The checkpoint manager of ``workdir``, closed by ``cleanup``; a ``checkpoints/`` folder
+    it created and nothing was saved into is removed again (a run stopped before its first
+    step leaves none behind)."""
+    folder = workdir / "checkpoints"
+    created = not folder.exists()
+    manager = checkpoint_manager(workdir, keep)
+
+    def close():
+        manager.close()
+        if created and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
+    cleanup.callback(close)
+    return manager
