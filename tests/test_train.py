@@ -123,6 +123,7 @@ def test_reversible_trainer_equals_plain():
 # ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_digits_reaches_95_percent(tmp_path):
     """A real convergence check on real (tiny) data: ~11 epochs of 1,497 training digits, with
     the RevNet's default fixed-point carries."""
@@ -169,6 +170,7 @@ def test_resume_gives_identical_weights(tmp_path):
 # grid of 2**-16: a last-bit difference that crosses a rounding boundary becomes one grid step,
 # which then moves ReLU masks of near-constant inputs (the digits' backgrounds), so the
 # fixed-point default is held to a looser bound (about 100x the float one on these images).
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "arithmetic, state_rtol, loss_rtol, accuracy_atol",
     [("float", 1e-4, 1e-5, 1e-6), ("fixed", 3e-2, 1e-3, 0.02)],
@@ -224,7 +226,9 @@ def test_nan_guard_names_step_and_keeps_good_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "config_name", ["cifar10_revnet38", "cifar100_resnet32", "imagenet_revnet104"]
+    "config_name",
+    ["cifar10_revnet38", "cifar100_resnet32",
+     pytest.param("imagenet_revnet104", marks=pytest.mark.slow)],
 )
 def test_trainer_on_mock_tfds(config_name, tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
