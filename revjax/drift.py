@@ -99,7 +99,7 @@ def _stage_reconstruction(stage, h1, h2, exact_every, arithmetic="float", frac_b
 
     def forward(carry, params):
         a1, a2 = carry
-        (b1, b2), _, _ = unit_forward(arith, cpl, f, g, *params, None, None, a1, a2)
+        (b1, b2), _, _, _ = unit_forward(arith, cpl, f, g, *params, None, None, a1, a2)
         return (b1, b2), (a1, a2)
 
     # stored: every unit's exact input carry, [n, N, H, W, C/2] per half.
