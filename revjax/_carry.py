@@ -94,7 +94,7 @@ def check_arithmetic(
 REBUILDS = ("isolated", "pullback")
 
 
-def check_rebuild(rebuild: Any, owner: str = "") -> None:
+def check_rebuild_mode(rebuild: Any, owner: str = "") -> None:
     """Raises a ValueError unless ``rebuild`` is ``"isolated"`` or ``"pullback"``."""
     if rebuild not in REBUILDS:
         prefix = f"{owner}: " if owner else ""

@@ -15,7 +15,7 @@ from jax import lax
 from revjax._carry import (
     DEFAULT_FRAC_BITS,
     check_arithmetic,
-    check_rebuild,
+    check_rebuild_mode,
     in_range,
     make_carry,
     max_abs,
@@ -266,7 +266,7 @@ def reversible_chain(
         )
     check_exact_every(exact_every)
     check_arithmetic(arithmetic, frac_bits)
-    check_rebuild(rebuild)
+    check_rebuild_mode(rebuild)
     if rebuild_probes is None:
         rebuild_probes = tuple(jnp.zeros((), jnp.float32) for _ in segments)
     rebuild_probes = tuple(rebuild_probes)

@@ -19,7 +19,7 @@ from jax import lax
 from revjax._carry import (
     DEFAULT_FRAC_BITS,
     check_arithmetic,
-    check_rebuild,
+    check_rebuild_mode,
     in_range,
     make_carry,
     max_abs,
@@ -98,95 +98,68 @@ def reversible_sequence(
     """Applies n reversible units in sequence, storing no per-unit activation.
 
     Unit i computes ``y1 = x1 (+) F(x2)``, ``y2 = x2 (+) G(y1)`` with the i-th slice of the
-    stacked parameters; its output is unit i+1's input. With the additive coupling ``(+)`` is
-    ``+``; with the affine coupling F and G return ``(s, t)`` and ``x (+) (s, t) =
-    x * exp(tanh(s)) + t``.
+    stacked parameters (``(+)``: ``+`` for the additive coupling, ``x * exp(tanh(s)) + t`` for
+    the affine one, F and G then returning ``(s, t)``). With ``memory_saving=True`` the whole
+    sequence is one `jax.custom_vjp` that saves only its output (and parameters, keys, context):
+    the backward walks the units in reverse, rebuilds each input from its output and pulls the
+    cotangent back through F and G, so activation memory does not grow with n.
 
-    With ``memory_saving=True`` the whole sequence is one `jax.custom_vjp`. Its forward saves
-    only ``(f_params, g_params, y1, y2, keys, context)``; its backward walks the units in
-    reverse and evaluates G(y1) and F(x2) once each through `jax.vjp`, using each primal output
-    both to rebuild the input (``x2 = y2 (-) G(y1)``, ``x1 = y1 (-) F(x2)``) and to pull back the
-    cotangent. Cost: one extra forward per unit; activation memory independent of n.
-
-    Exact arithmetic (``arithmetic="fixed"``, additive coupling only): inside the sequence the
-    halves are carried as int32 fixed point with ``frac_bits`` fraction bits; F and G see the
-    carries' values in the halves' dtype, and their outputs are rounded to the grid
-    (``q(h) = round(h * 2**frac_bits)``) before the integer addition. So
-    ``x1 = y1 - q(F(x2))`` rebuilds the forward's carry bit for bit whenever F gives the same
-    bits twice, whatever precision it computes in, and the backward rebuilds from the int32
-    output carry of the forward (for float32 halves kept as the float output plus an int8
-    correction, restored bit for bit: the next layer stores that output anyway, so the
-    sequence adds a quarter of it; see `revjax._carry.output_residual`). The input is rounded
-    to the grid on entry and the output
-    is the carry's value in the halves' dtype. Rounding's gradient is the straight-through
-    identity; ``memory_saving=False`` computes the same rounded forward. Carries must stay
-    below `carry_limit` (16384 with 16 fraction bits): past it the outputs are NaN rather than
-    wrapped-around numbers, and ``return_peak`` gives the largest magnitude reached (what
-    `revjax.ReversibleSequence` records and the trainer checks: downstream layers compiled by
-    XLA may turn NaN back into numbers, so the peak, not the NaN, is the reliable signal).
-
-    Side inputs: ``context`` (a pytree of arrays, e.g. a conditioning vector, an attention mask
-    or bias, a time embedding) is passed unchanged to every unit's F and G. Its inexact leaves
-    receive gradients, summed over the units (and over F and G); the memory-saving backward
-    accumulates them in its reverse scan, so they equal plain autodiff's.
+    ``arithmetic="fixed"`` (additive only) carries the halves as int32 fixed point and rounds
+    every F/G output to the grid before an integer addition, so the rebuild is exact: with
+    ``rebuild="isolated"`` F and G are evaluated for the rebuild exactly as in the forward
+    (bit for bit, whatever XLA does around them), at one more F and G evaluation per unit in
+    the backward. The backward also counts the units whose rebuilt F/G outputs differ from the
+    forward's (checksums, four int32 per unit), returned as the gradient of ``rebuild_probe``.
+    Gradients equal plain autodiff's only up to rounding: they are computed by a different
+    program. See the exact-arithmetic guide for what holds where and for measurements.
 
     Args:
       f: ``(params, x2) -> h``; with ``keys`` it also takes the unit's key, with ``context``
-        the context, in that order: ``(params, x2, key, context)``. Returns ``(h, aux)`` when
-        ``has_aux``; ``h`` is shaped like ``x1`` (a pair for affine).
-      g: the same for the second half: ``(params, y1) -> h`` shaped like ``x2``.
-      f_params: pytree whose leaves all have a leading axis of length n. Leaves that are not
-        inexact (integer RNG counters, PRNG keys) are sliced and passed like the others but get
-        no gradient (``None`` / float0 cotangents).
-      g_params: the same for G, with the same n.
+        the context: ``(params, x2, key, context)``. Returns ``(h, aux)`` when ``has_aux``.
+      g: the same for the second half, ``(params, y1) -> h``.
+      f_params: pytree whose leaves all have a leading axis of length n (non-inexact leaves,
+        e.g. RNG counters, are sliced but get no gradient).
+      g_params: the same for G.
       x1: first half of the input.
       x2: second half of the input.
       coupling: ``"additive"``, ``"affine"`` or a `Coupling`.
-      has_aux: F and G return ``(h, aux)``; the aux of the forward pass are returned stacked
-        over units (e.g. BatchNorm batch statistics). They are not differentiated (their
-        cotangents are ignored) and the backward recomputation discards its own.
-      keys: optional PRNG keys, one per unit (leading axis n, typed or raw ``uint32[n, 2]``).
-        Unit i splits ``keys[i]`` into one key for F and one for G; the backward recomputation
-        uses the same keys, so dropout inside F/G yields exactly plain autodiff's gradients.
-      memory_saving: if False, plain autodiff through the same scan (stores activations);
-        the reference for tests and benchmarks.
-      unroll: ``lax.scan`` unroll. ``None`` picks `default_unroll`: fully unrolled on CPU
-        (XLA:CPU runs conv gradients in a rolled scan ~90x slower, jax-ml/jax#12868), rolled
-        (1) on GPU/TPU, where compile time then stays independent of depth. An unrolled scan
-        still stores no activations, but its compiled temporary memory grows slightly with n
-        (per-unit parameter-gradient pieces before stacking).
-      remat: only with ``memory_saving=False``: wrap each unit in `jax.checkpoint`, so plain
-        autodiff stores each unit's input and recomputes its inside (the usual gradient
-        checkpointing baseline; memory still grows with n).
-      exact_every: with ``memory_saving=True``, bound the chain of rebuilt units at k: store
-        the exact input of units ``n-k, n-2k, ...`` (those > 0; see `exact_units`) and use it
-        in the backward in place of the rebuilt one. Rebuilding starts from the exact output,
-        so no input is rounded through more than k inverse units, with ``(n - 1) // k`` stored
-        activations: none when ``n <= k``. ``k=1`` stores every input but unit 0's (rebuilt
-        through one unit from unit 1's), so gradients equal plain autodiff's up to one unit's
-        rounding; ``None`` (default) stores none. Fixed-point arithmetic needs none.
-      context: optional side inputs shared by every unit (a pytree of arrays, not stacked),
-        passed to F and G as their last argument. Inexact leaves receive gradients summed over
-        the units; other leaves (boolean masks, integer positions) get none.
-      arithmetic: ``"float"`` (the paper's floating-point rebuild, exact up to rounding) or
-        ``"fixed"`` (int32 fixed-point carries, a bit-exact rebuild; additive coupling only).
-      frac_bits: fraction bits of the fixed-point carries (grid step ``2**-frac_bits``, range
+      has_aux: F and G return ``(h, aux)``; the forward's aux (e.g. BatchNorm statistics) are
+        returned stacked over units, not differentiated; the backward discards its own.
+      keys: optional PRNG keys, one per unit (leading axis n); unit i splits its key for F and
+        G, and the backward reuses them, so dropout gives plain autodiff's gradients.
+      memory_saving: False runs plain autodiff through the same scan (the reference).
+      unroll: ``lax.scan`` unroll; ``None``: `default_unroll` (full on CPU, where XLA:CPU runs
+        conv gradients in a rolled scan ~90x slower, jax-ml/jax#12868; rolled on GPU/TPU).
+      remat: only with ``memory_saving=False``: `jax.checkpoint` each unit (the usual
+        gradient-checkpointing baseline).
+      exact_every: with memory saving, store the exact inputs of units ``n-k, n-2k, ...``
+        (`exact_units`) so no input is rebuilt through more than k units (float arithmetic's
+        bound on drift; fixed point needs none). ``None`` stores none.
+      context: side inputs shared by every unit (a pytree of arrays), passed to F and G last;
+        inexact leaves get gradients summed over the units.
+      arithmetic: ``"float"`` (the paper's rebuild, exact up to rounding) or ``"fixed"``.
+      frac_bits: fraction bits of the fixed-point carries (grid ``2**-frac_bits``, range
         ``carry_limit(frac_bits)``).
-      return_peak: also return the largest magnitude of any carry and F/G output (float32
-        scalar; NaN if any was NaN), to watch the fixed-point range.
+      return_peak: also return the largest magnitude of any carry and F/G output (float32;
+        NaN if any was NaN). Fixed-point outputs are NaN once it reaches ``carry_limit``.
+      rebuild: with fixed point, ``"isolated"`` (default, exact by construction) or
+        ``"pullback"``: the rebuild reuses the pullback's recomputation of F and G, one
+        evaluation fewer per unit, exact only where XLA compiles it as in the forward.
+      rebuild_probe: optional float32 scalar (value unused) whose gradient is the number of
+        units whose fixed-point rebuild differed from the forward (0 for floats).
 
     Returns:
       ``(y1, y2)``, or ``((y1, y2), (f_aux, g_aux))`` when ``has_aux``; with ``return_peak``,
       ``(that, peak)``.
 
     Raises:
-      ValueError: unknown coupling or arithmetic, fixed point with the affine coupling, params
-        without a common leading axis, a number of keys different from n, a context that is
-        not a pytree of arrays, or F/G outputs whose shapes don't fit the halves.
+      ValueError: unknown coupling, arithmetic or rebuild, fixed point with the affine
+        coupling, params without a common leading axis, a number of keys different from n, a
+        context that is not a pytree of arrays, or F/G outputs that don't fit the halves.
     """
     cpl = get_coupling(coupling)
     check_arithmetic(arithmetic, frac_bits, cpl)
-    check_rebuild(rebuild)
+    check_rebuild_mode(rebuild)
     n = count_units(f_params, g_params)
     if context is not None:
         check_context(context)

@@ -516,6 +516,11 @@ def test_public_api():
         "DriftWarning",
         "gradient_agreement",
         "reconstruction_error",
+        "RebuildMismatches",
+        "RebuildMismatchWarning",
+        "check_rebuild",
+        "rebuild_mismatches",
+        "record_rebuild_mismatches",
     }
     assert expected <= set(revjax.__all__)
     for name in revjax.__all__:
