@@ -305,6 +305,68 @@ def gradient_errors(kind: str, dtype: str, n: int, width: int) -> dict[str, floa
             "rev_remat": rel("rev", "remat")}  # fmt: skip
 
 
+def sequence_mismatches(kind: str, dtype: str, rebuild: str, n: int, width: int) -> float:
+    """The in-step count of one training step of a fixed-point `ReversibleSequence` (rolled on
+    GPU/TPU, unrolled on CPU): units whose rebuild differed from the forward."""
+    import jax.numpy as jnp
+
+    import revjax
+
+    make_f, make_g = _branches(kind, jnp.dtype(dtype), width)
+    seq = revjax.ReversibleSequence(
+        make_f, make_g, n, rngs=nnx.Rngs(0), arithmetic="fixed", rebuild=rebuild
+    )
+    shape = (8, 16, 16, width) if kind == "conv" else (4, 64, width)
+    x1 = jax.random.normal(jax.random.key(1), shape)
+    x2 = jax.random.normal(jax.random.key(2), shape)
+    wrt = nnx.Any(nnx.Param, revjax.RebuildMismatches)
+    graphdef, diff, rest = nnx.split(seq, wrt, ...)
+
+    @jax.jit
+    def grad(diff, rest):
+        def loss(diff):
+            y1, y2 = nnx.merge(graphdef, diff, rest, copy=True)(x1, x2)
+            return jnp.sum(y1 * jnp.cos(y2))
+
+        return jax.grad(loss)(diff)
+
+    with jax.numpy_dtype_promotion("standard"):
+        grads = grad(diff, rest)
+    return sum(revjax.rebuild_mismatches(grads).values())
+
+
+def measure_sequence_exactness(quick: bool) -> list[dict]:
+    """`sequence_mismatches` for conv and transformer units, both rebuild modes."""
+    n, width = (2, 8) if quick else (24, 64)
+    rows = []
+    for kind, dtype in GRADIENT_CASES:
+        row = {"case": f"{kind}, {dtype} compute, {n} units"}
+        for rebuild in ("isolated", "pullback"):
+            row[rebuild] = sequence_mismatches(kind, dtype, rebuild, n, width)
+        rows.append(row)
+        print(f"  sequence exactness: {rows[-1]}", flush=True)
+    return rows
+
+
+def sequence_exactness_markdown(rows: Sequence[dict]) -> str:
+    table = [[r["case"], f"{r['isolated']:g}", f"{r['pullback']:g}"] for r in rows]
+    return "\n".join(
+        [
+            "## In-step rebuild check of fixed-point sequences on this backend",
+            "",
+            "One training step of a `ReversibleSequence` (conv: batch 8, 16x16, conv + "
+            "BatchNorm + ReLU + conv; transformer: batch 4, 64 tokens, LayerNorm + 4-head "
+            "attention / LayerNorm + exact-GELU MLP; width 64, float32 halves, the backend's "
+            "default unroll): units whose rebuilt F/G outputs differed from the forward's, as "
+            "the backward counts them (`revjax.rebuild_mismatches`), with the default "
+            "`rebuild=\"isolated\"` and with `rebuild=\"pullback\"`.",
+            "",
+            _report.markdown_table(["case", "isolated", "pullback"], table),
+            "",
+        ]
+    )
+
+
 def measure_gradients(quick: bool) -> list[dict]:
     """`gradient_errors` of every `GRADIENT_CASES` case."""
     n, width = (2, 8) if quick else (16, 64)
@@ -477,6 +539,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     if args.range:
         text += "\n" + range_markdown(measure_range(args.quick))
     if args.exactness:
+        rows_seq = measure_sequence_exactness(args.quick)
+        text += "\n" + sequence_exactness_markdown(rows_seq)
         text += "\n" + exactness_markdown(measure_exactness(args.quick, batch), batch)
     if args.gradients:
         text += "\n" + gradients_markdown(measure_gradients(args.quick))

@@ -36,6 +36,7 @@ from revjax._units import (
     default_unroll,
     isolated_branch,
     isolates,
+    rebuilt_output,
     vjp_inexact,
 )
 
@@ -53,16 +54,16 @@ class ChainSegment(NamedTuple):
 
     Attributes:
       num_units: how many units the segment counts for ``exact_every`` placement.
-      forward: ``(params, c1, c2, stored_units, k, arith, peak) -> ((d1, d2), aux, stored,
-        peak, checks)``. ``stored_units`` is ``(first, count)`` or None: keep the exact input
-        carries of local units ``first, first + k, ...`` (``stored`` holds them; None when
-        nothing is kept). ``peak``: a float32 scalar to update with the largest carry / F / G
-        magnitude, or None. ``checks``: the units' rebuild checks (int32 ``[units, 4]``, see
-        `revjax._units.unit_forward`), None for float carries.
-      backward: ``(params, stored, checks, d1, d2, dy1, dy2, stored_units, k, arith) ->
-        ((c1, c2), (dx1, dx2), dparams, mismatches)``: rebuilds the segment's input carries
-        from its output carries while pulling the cotangent back (using the stored inputs in
-        place of rebuilt ones), and counts the units whose rebuild differs from ``checks``.
+      forward: ``(params, c1, c2, stored_units, k, arith, peak) -> ((d1, d2), aux, kept,
+        peak)``. ``stored_units`` is ``(first, count)`` or None: keep the exact input carries
+        of local units ``first, first + k, ...``. ``kept``: ``(stored, checks)``, the kept
+        inputs (None when nothing is kept) and the units' rebuild checks (int32
+        ``[units, 4]``, see `revjax._units.unit_forward`; None for float carries). ``peak``: a
+        float32 scalar to update with the largest carry / F / G magnitude, or None.
+      backward: ``(params, kept, d1, d2, dy1, dy2, stored_units, k, arith) -> ((c1, c2),
+        (dx1, dx2), dparams, mismatches)``: rebuilds the segment's input carries from its
+        output carries while pulling the cotangent back (using the stored inputs in place of
+        rebuilt ones), and counts the units whose rebuild differs from the checks.
     """
 
     num_units: int
@@ -93,12 +94,14 @@ def sequence_segment(
 
     def forward(params, c1, c2, stored_units, k, arith, peak=None):
         fp, gp = params
-        return scan_forward(
+        d, aux, stored, peak, checks = scan_forward(
             setting(arith, k), fp, gp, c1, c2, None, None, peak, stored_units=stored_units
         )
+        return d, aux, (stored, checks), peak
 
-    def backward(params, stored, checks, d1, d2, dy1, dy2, stored_units, k, arith):
+    def backward(params, kept, d1, d2, dy1, dy2, stored_units, k, arith):
         fp, gp = params
+        stored, checks = kept
         c, dx, (dfp, dgp, _), bad = sequence_backward(
             setting(arith, k), fp, gp, d1, d2, None, None, stored, dy1, dy2, stored_units, checks
         )
@@ -156,19 +159,20 @@ def shortcut_unit_segment(
         if arith.fixed and not arith.traced:
             q = [h if isolates(arith) else quantize(h, arith.frac_bits) for h in (h_f, h_g)]
             checks = jnp.concatenate([checksum(a) for a in q])[None]  # [1, 4]
-        return (d1, d2), (aux_f, aux_g), ((c1, c2) if keep else None), peak, checks
+        return (d1, d2), (aux_f, aux_g), (((c1, c2) if keep else None), checks), peak
 
     def rebuilt(arith, d, h, params, branch, c):
         # The segment's input half from output d: P^-1(d (-) q(branch(c))), and q itself.
         if isolates(arith):
-            q = isolated_branch(arith, branch, params, c, None, None)[0]
+            q = rebuilt_output(arith, branch, params, c, None, None)
         else:
             q = quantize(h, arith.frac_bits) if arith.fixed else None
         r = d - q if q is not None else arith.uncombine(additive_coupling, d, h)
         return shortcut_inverse(r), q
 
-    def backward(params, stored, checks, d1, d2, dy1, dy2, stored_units, k, arith):
+    def backward(params, kept, d1, d2, dy1, dy2, stored_units, k, arith):
         fp, gp = params
+        stored, checks = kept
         d1, d2 = after(d1, d2, dy1, dy2)
         h_g, g_vjp = vjp_inexact(lambda p, a: g_branch(p, a, None)[0], gp, arith.view(d1))
         c2, q_g = rebuilt(arith, d2, h_g, gp, g_branch, d1)
@@ -282,21 +286,20 @@ def reversible_chain(
     track = return_peak or arith.fixed
 
     def forward(params, x1, x2, keep):
-        auxes, stored, peaks, checks = [], [], [], []
+        auxes, stored, peaks = [], [], []
         c1, c2 = arith.enter(x1), arith.enter(x2)
         peak = max_abs((x1, x2)) if track else None
         for seg, p, plan in zip(segments, params, plans, strict=True):
             seg_peak = jnp.zeros((), jnp.float32) if track else None
-            (c1, c2), aux, s, seg_peak, seg_checks = seg.forward(
+            (c1, c2), aux, s, seg_peak = seg.forward(
                 p, c1, c2, plan if keep else None, exact_every, arith, seg_peak
             )
-            checks.append(seg_checks)
             auxes.append(aux)
             stored.append(s)
             peaks.append(seg_peak)
             peak = jnp.maximum(peak, seg_peak) if track else None
         y1, y2 = in_range(arith, peak, arith.leave(c1), arith.leave(c2))
-        return ((y1, y2), tuple(auxes), tuple(peaks)), (c1, c2, tuple(stored), tuple(checks))
+        return ((y1, y2), tuple(auxes), tuple(peaks)), (c1, c2, tuple(stored))
 
     def finish(out):
         (y1, y2), aux, peaks = out
@@ -310,19 +313,19 @@ def reversible_chain(
         return forward(params, x1, x2, False)[0]
 
     def run_fwd(params, x1, x2, probes):
-        out, (c1, c2, stored, checks) = forward(params, x1, x2, True)
+        out, (c1, c2, kept) = forward(params, x1, x2, True)
         # The residuals: parameters, the chain's output carries, the inputs
         # `chain_exact_units` names and four int32 checks per unit. No segment's output: each
         # is rebuilt from the next one.
-        return out, (params, c1, c2, stored, checks)
+        return out, (params, c1, c2, kept)
 
     def run_bwd(residuals, cotangents):
-        params, c1, c2, stored, checks = residuals
+        params, c1, c2, kept = residuals
         (dy1, dy2), _, _ = cotangents  # aux and peaks are not differentiated
         dparams, counts = [None] * len(segments), [None] * len(segments)
         for j in reversed(range(len(segments))):
             (c1, c2), (dy1, dy2), dparams[j], bad = segments[j].backward(
-                params[j], stored[j], checks[j], c1, c2, dy1, dy2, plans[j], exact_every, arith
+                params[j], kept[j], c1, c2, dy1, dy2, plans[j], exact_every, arith
             )
             counts[j] = bad.astype(jnp.float32)
         return tuple(dparams), dy1, dy2, tuple(counts)

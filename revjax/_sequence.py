@@ -37,8 +37,8 @@ from revjax._units import (
     count_units,
     default_unroll,
     differentiable,
-    isolated_branch,
     isolates,
+    rebuilt_output,
     split_unit_key,
     tie_to_cotangent,
     unit_forward,
@@ -387,13 +387,17 @@ def sequence_backward(
     def branch(fn, params, c, key):
         # The branch's pullback (non-inexact leaves of parameters and context get None), its
         # float output, and for fixed point the rounded output that rebuilds the carry.
+        q = None
+        if isolates(arith):
+            q = rebuilt_output(arith, fn, params, c, key, context)
+            # The pullback's recomputation starts once the isolated evaluation is done, so
+            # their intermediates are never alive at once.
+            q, params, c = lax.optimization_barrier((q, params, c))
         h, pullback = vjp_inexact(
             lambda p, a, ctx: fn(p, a, key, ctx)[0], params, arith.view(c), context
         )
-        if isolates(arith):
-            q = isolated_branch(arith, fn, params, c, key, context)[0]
-        else:
-            q = quantize(h, arith.frac_bits) if arith.fixed else None
+        if arith.fixed and q is None:
+            q = quantize(h, arith.frac_bits)
         return h, pullback, q
 
     def rebuild(c, h, q):
@@ -411,6 +415,10 @@ def sequence_backward(
         da2, dh_g = jax.vjp(cpl.combine, v2, h_g)[1](db2)
         dgp, db1_from_g, dctx_g = g_vjp(dh_g)
         db1 = db1 + db1_from_g
+        if isolates(arith):
+            # F's isolated evaluation waits for G's pullback (else XLA may run it beside G's
+            # recomputation and hold both branches' intermediates at once).
+            a2, db1 = lax.optimization_barrier((a2, db1))
         # F(x2): rebuilds x1, pulls back the cotangent of y1.
         h_f, f_vjp, q_f = branch(s.f, p_f, a2, kf)
         a1 = exact(i, rebuild(b1, h_f, q_f), 0)

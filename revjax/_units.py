@@ -167,20 +167,50 @@ def isolated_branch(arith, branch, params, c, key, context):
     """F or G on the carry ``c``, evaluated in isolation, with its output rounded to the grid.
 
     The forward and the backward's rebuild both evaluate a branch through this one function,
-    so they run the same computation: `lax.optimization_barrier` on the inputs (parameters,
-    the carry's view, key, context) and on the outputs keeps XLA from fusing the branch into
-    what surrounds it, which differs between the forward (the next combine) and the backward
-    (the pullback beside it). The rounded output then has the same bits in both places on any
-    backend, at any optimisation level.
+    so that they run the same computation, which XLA must not fuse with what surrounds it (the
+    next combine in the forward, the pullback beside it in the backward). On CPU the branch is
+    that of a conditional whose predicate is true at run time but unknown to XLA, so it is
+    compiled as a computation of its own: XLA:CPU removes optimisation barriers before fusion,
+    and with barriers alone a RevNet stage's rebuild differed at its default optimisation
+    level. On GPU and TPU, where a conditional costs a predicate read and more memory (RevNet-
+    164's train step on the H100 target), `lax.optimization_barrier` on the branch's inputs and
+    outputs isolates it; the in-step check (`checksum`) counts any unit where that did not hold.
 
     Returns:
       ``(q, aux, magnitude)``: the int32 rounded output ``q(h)``, the branch's aux, and
       ``max |h|`` (float32, NaN if h has a NaN, which rounding to int32 would hide).
     """
-    inputs = lax.optimization_barrier((params, arith.view(c), key, context))
-    h, aux = branch(*inputs)
-    out = (quantize(h, arith.frac_bits), aux, max_abs(h))
-    return lax.optimization_barrier(out)
+
+    def run(operands):
+        h, aux = branch(*operands)
+        return quantize(h, arith.frac_bits), aux, max_abs(h)
+
+    def conditional(operands):
+        shapes = jax.eval_shape(run, operands)
+        first = operands[1].reshape(-1)[0]
+        return lax.cond(
+            first == first,  # true at run time (the view is never NaN), unknown to XLA
+            run,
+            lambda _: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
+            operands,
+        )
+
+    def barriers(operands):
+        return lax.optimization_barrier(run(lax.optimization_barrier(operands)))
+
+    operands = (params, arith.view(c), key, context)
+    return lax.platform_dependent(operands, cpu=conditional, default=barriers)
+
+
+def rebuilt_output(arith, branch, params, c, key, context) -> Array:
+    """The rounded output of `isolated_branch` for a rebuild, which needs neither aux nor
+    magnitude: both still feed the result (times zero, which XLA does not fold for floats), so
+    the backward computes everything the forward's evaluation computes. Left unused, XLA would
+    drop them, and could then fuse the rest of the branch differently from the forward."""
+    q, aux, magnitude = isolated_branch(arith, branch, params, c, key, context)
+    leaves = [a for a in jax.tree.leaves((aux, magnitude)) if jnp.issubdtype(a.dtype, jnp.inexact)]
+    zero = sum((jnp.sum(a).astype(jnp.float32) * 0 for a in leaves), jnp.zeros((), jnp.float32))
+    return q + zero.astype(jnp.int32)
 
 
 #: Odd multiplier of the position weights of `checksum` (2**32 / golden ratio, as int32).
@@ -240,8 +270,8 @@ def unit_inverse(arith, cpl, f_branch, g_branch, fp, gp, key, context, b1, b2):
     """Inverse of `unit_forward`: ``a2 = b2 (-) G(b1)``, ``a1 = b1 (-) F(a2)`` (aux discarded)."""
     kf, kg = split_unit_key(key)
     if isolates(arith):
-        a2 = b2 - isolated_branch(arith, g_branch, gp, b1, kg, context)[0]
-        return b1 - isolated_branch(arith, f_branch, fp, a2, kf, context)[0], a2
+        a2 = b2 - rebuilt_output(arith, g_branch, gp, b1, kg, context)
+        return b1 - rebuilt_output(arith, f_branch, fp, a2, kf, context), a2
     a2 = arith.uncombine(cpl, b2, g_branch(gp, arith.view(b1), kg, context)[0])
     a1 = arith.uncombine(cpl, b1, f_branch(fp, arith.view(a2), kf, context)[0])
     return a1, a2

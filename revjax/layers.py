@@ -118,10 +118,10 @@ class RebuildMismatches(nnx.BatchStat):
     The backward pass of a fixed-point sequence compares, unit by unit, checksums of the F and
     G outputs it rebuilds with those of the forward, and gives the number of units that differ
     as the *gradient* of this variable (its value is not used by the call). So a training step
-    that differentiates it (`revjax.train` does; in a loop of your own, ``nnx.grad(loss,
-    argnums=nnx.DiffState(0, (nnx.Param, revjax.RebuildMismatches)))``) gets this step's
-    count in its gradients (`rebuild_mismatches`), and `record_rebuild_mismatches` adds it to
-    the model's running count, which `check_rebuild` reads. A BatchStat, so it travels with the
+    that differentiates it (``nnx.grad(loss, argnums=nnx.DiffState(0, nnx.Any(nnx.Param,
+    revjax.RebuildMismatches)))``) gets this step's count in its gradients
+    (`rebuild_mismatches`), and `record_rebuild_mismatches` adds it to the model's running
+    count, which `check_rebuild` reads. A BatchStat, so it travels with the
     batch statistics (checkpoints, ``batch_stats`` of the trainer).
     """
 
@@ -181,6 +181,18 @@ def record_rebuild_mismatches(model: nnx.Module, grads: Any) -> Array:
                 variable[...] = variable[...] + step[name]
                 total = total + step[name]
     return total
+
+
+def add_rebuild_counts(stats: nnx.State, counts: nnx.State) -> tuple[nnx.State, Array]:
+    """For a training step on pure States: ``stats`` (non-parameter variables) with the
+    step's counts added to its `RebuildMismatches`, and the step's total.
+
+    ``counts``: the gradient of ``nnx.split_state(stats, RebuildMismatches, ...)[0]`` (the
+    variables the step differentiated beside the parameters).
+    """
+    old, rest = nnx.split_state(stats, RebuildMismatches, ...)
+    total = sum((jnp.sum(c) for c in jax.tree.leaves(counts)), jnp.zeros((), jnp.float32))
+    return nnx.merge_state(rest, jax.tree.map(jnp.add, old, counts)), total
 
 
 _WARNED: set[str] = set()
