@@ -6,7 +6,11 @@ update) with
 - ``float, k=8``: floating-point carries with stored inputs every 8 units (the paper's
   arithmetic with revjax's drift bound),
 - ``float, k=None``: floating-point carries, nothing stored,
-- ``fixed, k=None``: int32 fixed-point carries (16 fraction bits), nothing stored,
+- ``fixed, k=None``: int32 fixed-point carries (16 fraction bits), nothing stored, the default
+  ``rebuild="isolated"`` (the rebuild evaluates F and G as the forward did: one more F and G
+  evaluation per unit in the backward),
+- ``fixed, pullback``: the same with ``rebuild="pullback"`` (the rebuild reuses the pullback's
+  recomputation; exact only where XLA compiles it as in the forward),
 
 and reports the median step time, the three samples interleaved (round-robin) so the ratios
 are measured side by side under the same load. Also reports the largest fixed-point carry
@@ -22,7 +26,7 @@ elements whose bits differ from the forward's (`revjax.reconstruction_error`), a
 gradients with nothing stored (``exact_every=None``) against those with every unit's input
 stored (``exact_every=1``), which agree bit for bit exactly when the rebuild is exact.
 
-    python -m experiments.bench_arithmetic                    # revnet38, revnet_tiny
+    python -m experiments.bench_arithmetic                    # revnet_tiny, revnet38, revvit_cifar
     python -m experiments.bench_arithmetic --models revnet110 --batch 16
     python -m experiments.bench_arithmetic --range --digits   # add the range and digits tables
     python -m experiments.bench_arithmetic --quick            # seconds, for CI
@@ -41,7 +45,7 @@ import numpy as np
 from flax import nnx
 
 from experiments import _report
-from revjax import CarryPeak, carry_limit
+from revjax import CarryPeak, ReversibleSequence, carry_limit, train
 from revjax.measure import time_interleaved
 
 NAME = "bench_arithmetic"
@@ -51,6 +55,7 @@ VARIANTS = {
     "float, k=8": {"arithmetic": "float", "exact_every": 8},
     "float, k=None": {"arithmetic": "float", "exact_every": None},
     "fixed, k=None": {"arithmetic": "fixed", "exact_every": None},
+    "fixed, pullback": {"arithmetic": "fixed", "exact_every": None, "rebuild": "pullback"},
 }
 FRAC_BITS = 16
 
@@ -66,13 +71,29 @@ def _peak(state) -> float:
     return max(peaks, default=float("nan"))
 
 
+def with_rebuild(model: str, overrides: dict, channels: int, rebuild: str):
+    """The trainer's step of ``model`` with every `ReversibleSequence` set to ``rebuild``."""
+    cfg = train.TrainConfig(model=model, model_overrides=dict(overrides))
+    graphdef, state, tx = train.create_train_state(cfg, 10, channels)
+    module = nnx.merge(graphdef, state.params, state.batch_stats)
+    for _, node in nnx.iter_graph(module):
+        if isinstance(node, ReversibleSequence):
+            node.rebuild = rebuild
+    graphdef = nnx.split(module, nnx.Param, ...)[0]
+    return jax.jit(train.make_train_step(graphdef, tx))
+
+
 def measure(model: str, overrides: dict, *, batch: int, size: int, channels: int, repeats: int):
     fns = {}
     for name, variant in VARIANTS.items():
+        variant = dict(variant)
+        rebuild = variant.pop("rebuild", None)
         step, state, data = _report.concrete_train_step(
             model, {**overrides, **variant}, batch_size=batch, image_size=size,
             in_channels=channels,
         )  # fmt: skip
+        if rebuild is not None:
+            step = with_rebuild(model, {**overrides, **variant}, channels, rebuild)
         fns[name] = (step, (state, data))
     times = time_interleaved(fns, warmup=2, repeats=repeats)
     step, (state, data) = fns["fixed, k=None"]
@@ -187,7 +208,9 @@ def measure_exactness(quick: bool, batch: int) -> list[dict]:
                 rngs=nnx.Rngs(0), arithmetic="fixed", exact_every=k, **extra,
                 **({"image_size": size} if vit else {}),
             )  # fmt: skip
-            graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+            # The rebuild check's counts arrive as the gradient of RebuildMismatches.
+            wrt = nnx.Any(nnx.Param, revjax.RebuildMismatches)
+            graphdef, params, rest = nnx.split(model, wrt, ...)
 
             @jax.jit
             def grad(params, rest, graphdef=graphdef):
@@ -199,6 +222,7 @@ def measure_exactness(quick: bool, batch: int) -> list[dict]:
                 return jax.grad(loss)(params)
 
             grads[k] = jax.device_get(grad(params, rest))
+        counted = sum(revjax.rebuild_mismatches(grads[None]).values())
         differ = sum(
             int(np.sum(np.asarray(a) != np.asarray(b)))
             for a, b in zip(jax.tree.leaves(grads[None]), jax.tree.leaves(grads[1]))
@@ -211,31 +235,195 @@ def measure_exactness(quick: bool, batch: int) -> list[dict]:
             mismatches = str(sum(e["mismatches"] for e in errors.values()))
         label = name + "".join(f", {k}={getattr(v, 'name', v)}" for k, v in extra.items())
         rows.append(
-            {"model": label, "mismatches": mismatches, "differ": differ, "total": total,
-             "rel": rel}
+            {"model": label, "mismatches": mismatches, "counted": counted, "differ": differ,
+             "total": total, "rel": rel}
         )  # fmt: skip
         print(f"  exactness: {rows[-1]}", flush=True)
     return rows
 
 
+GRADIENT_CASES = [(kind, dtype) for kind in ("conv", "transformer")
+                  for dtype in ("float32", "bfloat16")]  # fmt: skip
+
+
+def _branches(kind: str, dtype, width: int):
+    """F and G builders: conv + BatchNorm + ReLU + conv, or LN + attention / LN + GELU MLP."""
+
+    def conv(rngs):
+        kw = dict(dtype=dtype, rngs=rngs)
+        return nnx.Sequential(
+            nnx.Conv(width, width, (3, 3), use_bias=False, **kw),
+            nnx.BatchNorm(width, use_running_average=False, use_fast_variance=False, **kw),
+            jax.nn.relu,
+            nnx.Conv(width, width, (3, 3), use_bias=False, **kw),
+        )
+
+    def attention(rngs):
+        attn = nnx.MultiHeadAttention(4, width, decode=False, dtype=dtype, rngs=rngs)
+        return nnx.Sequential(nnx.LayerNorm(width, dtype=dtype, rngs=rngs), attn)
+
+    def mlp(rngs):
+        kw = dict(dtype=dtype, rngs=rngs)
+        return nnx.Sequential(
+            nnx.LayerNorm(width, **kw), nnx.Linear(width, 4 * width, **kw),
+            lambda h: jax.nn.gelu(h, approximate=False), nnx.Linear(4 * width, width, **kw),
+        )  # fmt: skip
+
+    return (conv, conv) if kind == "conv" else (attention, mlp)
+
+
+def gradient_errors(kind: str, dtype: str, n: int, width: int) -> dict[str, float]:
+    """Relative gradient errors of one fixed-point `ReversibleSequence`: memory-saving vs
+    plain, remat (every unit under `jax.checkpoint`) vs plain, memory-saving vs remat."""
+    import jax.numpy as jnp
+
+    import revjax
+
+    make_f, make_g = _branches(kind, jnp.dtype(dtype), width)
+    seq = revjax.ReversibleSequence(make_f, make_g, n, rngs=nnx.Rngs(0), arithmetic="fixed")
+    shape = (4, 8, 8, width) if kind == "conv" else (4, 32, width)
+    x1 = jax.random.normal(jax.random.key(1), shape)
+    x2 = jax.random.normal(jax.random.key(2), shape)
+    (f_def, f_state), (g_def, g_state) = nnx.split(seq.f), nnx.split(seq.g)
+    f_call, g_call = revjax.pure_call(f_def), revjax.pure_call(g_def)
+
+    def grad(memory_saving, remat):
+        def loss(params, x1, x2):
+            y1, y2 = revjax.reversible_sequence(
+                f_call, g_call, *params, x1, x2, has_aux=True, arithmetic="fixed",
+                memory_saving=memory_saving, remat=remat,
+            )[0]  # fmt: skip
+            return jnp.sum(y1 * jnp.cos(y2))
+
+        step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+        return jax.device_get(step((f_state, g_state), x1, x2))
+
+    with jax.numpy_dtype_promotion("standard"):
+        got = {"rev": grad(True, False), "plain": grad(False, False), "remat": grad(False, True)}
+    rel = lambda a, b: float(revjax.relative_error(got[a], got[b]))
+    return {"rev": rel("rev", "plain"), "remat": rel("remat", "plain"),
+            "rev_remat": rel("rev", "remat")}  # fmt: skip
+
+
+def sequence_mismatches(kind: str, dtype: str, rebuild: str, n: int, width: int) -> float:
+    """The in-step count of one training step of a fixed-point `ReversibleSequence` (rolled on
+    GPU/TPU, unrolled on CPU): units whose rebuild differed from the forward."""
+    import jax.numpy as jnp
+
+    import revjax
+
+    make_f, make_g = _branches(kind, jnp.dtype(dtype), width)
+    seq = revjax.ReversibleSequence(
+        make_f, make_g, n, rngs=nnx.Rngs(0), arithmetic="fixed", rebuild=rebuild
+    )
+    shape = (8, 16, 16, width) if kind == "conv" else (4, 64, width)
+    x1 = jax.random.normal(jax.random.key(1), shape)
+    x2 = jax.random.normal(jax.random.key(2), shape)
+    wrt = nnx.Any(nnx.Param, revjax.RebuildMismatches)
+    graphdef, diff, rest = nnx.split(seq, wrt, ...)
+
+    @jax.jit
+    def grad(diff, rest):
+        def loss(diff):
+            y1, y2 = nnx.merge(graphdef, diff, rest, copy=True)(x1, x2)
+            return jnp.sum(y1 * jnp.cos(y2))
+
+        return jax.grad(loss)(diff)
+
+    with jax.numpy_dtype_promotion("standard"):
+        grads = grad(diff, rest)
+    return sum(revjax.rebuild_mismatches(grads).values())
+
+
+def measure_sequence_exactness(quick: bool) -> list[dict]:
+    """`sequence_mismatches` for conv and transformer units, both rebuild modes."""
+    n, width = (2, 8) if quick else (24, 64)
+    rows = []
+    for kind, dtype in GRADIENT_CASES:
+        row = {"case": f"{kind}, {dtype} compute, {n} units"}
+        for rebuild in ("isolated", "pullback"):
+            row[rebuild] = sequence_mismatches(kind, dtype, rebuild, n, width)
+        rows.append(row)
+        print(f"  sequence exactness: {rows[-1]}", flush=True)
+    return rows
+
+
+def sequence_exactness_markdown(rows: Sequence[dict]) -> str:
+    table = [[r["case"], f"{r['isolated']:g}", f"{r['pullback']:g}"] for r in rows]
+    return "\n".join(
+        [
+            "## In-step rebuild check of fixed-point sequences on this backend",
+            "",
+            "One training step of a `ReversibleSequence` (conv: batch 8, 16x16, conv + "
+            "BatchNorm + ReLU + conv; transformer: batch 4, 64 tokens, LayerNorm + 4-head "
+            "attention / LayerNorm + exact-GELU MLP; width 64, float32 halves, the backend's "
+            "default unroll): units whose rebuilt F/G outputs differed from the forward's, as "
+            "the backward counts them (`revjax.rebuild_mismatches`), with the default "
+            "`rebuild=\"isolated\"` and with `rebuild=\"pullback\"`.",
+            "",
+            _report.markdown_table(["case", "isolated", "pullback"], table),
+            "",
+        ]
+    )
+
+
+def measure_gradients(quick: bool) -> list[dict]:
+    """`gradient_errors` of every `GRADIENT_CASES` case."""
+    n, width = (2, 8) if quick else (16, 64)
+    rows = []
+    for kind, dtype in GRADIENT_CASES:
+        rows.append({"case": f"{kind}, {dtype} compute, {n} units",
+                     **gradient_errors(kind, dtype, n, width)})  # fmt: skip
+        print(f"  gradients: {rows[-1]}", flush=True)
+    return rows
+
+
+def gradients_markdown(rows: Sequence[dict]) -> str:
+    table = [[r["case"], f"{r['rev']:.1e}", f"{r['remat']:.1e}", f"{r['rev_remat']:.1e}"]
+             for r in rows]  # fmt: skip
+    return "\n".join(
+        [
+            "## Gradients: rounding, not rebuild error",
+            "",
+            "A fixed-point `ReversibleSequence` (float32 halves and parameters, F/G computing in "
+            "the given dtype; batch 4; conv: 8x8, BatchNorm with batch statistics; transformer: "
+            "32 tokens, 4 heads), whose rebuild is bit for bit. Relative error (global L2 over "
+            "all parameter and input gradients) of the memory-saving gradients against plain "
+            "autodiff of the same rounded forward, beside `jax.checkpoint` of every unit "
+            "(`remat=True`: what `nnx.remat` does) against plain autodiff: any backward that "
+            "recomputes its forward is a different XLA program and rounds differently.",
+            "",
+            _report.markdown_table(
+                ["case", "memory-saving vs plain", "remat vs plain", "memory-saving vs remat"],
+                table,
+            ),
+            "",
+        ]
+    )
+
+
 def exactness_markdown(rows: Sequence[dict], batch: int) -> str:
     table = [
-        [r["model"], r["mismatches"], f"{r['differ']:,} of {r['total']:,}", f"{r['rel']:.1e}"]
+        [r["model"], r["mismatches"], f"{r['counted']:g}", f"{r['differ']:,} of {r['total']:,}",
+         f"{r['rel']:.1e}"]
         for r in rows
-    ]
+    ]  # fmt: skip
     return "\n".join(
         [
             "## Exactness of the fixed-point rebuild on this backend",
             "",
             f"Batch {batch}, standard-normal images, weights at init, BatchNorm in train mode. "
             "`rebuild mismatches`: rebuilt elements (all reversible units) whose bits differ "
-            "from the forward's (`revjax.reconstruction_error`, RevNets). `gradient elements "
+            "from the forward's (`revjax.reconstruction_error`, RevNets). `units counted`: the "
+            "train step's own count of units whose rebuild differed (`revjax.rebuild_mismatches` "
+            "of the gradients, every model). `gradient elements "
             "differing`: the gradients with `exact_every=None` (everything rebuilt) against "
             "`exact_every=1` (every unit's input stored); 0 means the memory-saving backward "
             "rebuilt every input bit for bit.",
             "",
             _report.markdown_table(
-                ["model", "rebuild mismatches", "gradient elements differing", "relative"],
+                ["model", "rebuild mismatches", "units counted", "gradient elements differing",
+                 "relative"],
                 table,
             ),
             "",
@@ -244,12 +432,13 @@ def exactness_markdown(rows: Sequence[dict], batch: int) -> str:
 
 
 def to_markdown(rows: Sequence[dict], head: str) -> str:
-    cols = ["model", *[f"step ms {n}" for n in VARIANTS], "fixed / float k=None",
-            "fixed / float k=8", "largest carry", "limit"]  # fmt: skip
+    cols = ["model", *[f"step ms {n}" for n in VARIANTS], "fixed / fixed pullback",
+            "fixed / float k=None", "fixed / float k=8", "largest carry", "limit"]  # fmt: skip
     table = [
         [
             r["model"],
             *[_report.fmt_ms(r[f"time {n}"]) for n in VARIANTS],
+            f"{r['time fixed, k=None'] / r['time fixed, pullback']:.3f}",
             f"{r['time fixed, k=None'] / r['time float, k=None']:.3f}",
             f"{r['time fixed, k=None'] / r['time float, k=8']:.3f}",
             f"{r['peak']:.1f}",
@@ -313,7 +502,7 @@ def digits_markdown(rows: Sequence[dict]) -> str:
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a tiny model, seconds (CI)")
-    parser.add_argument("--models", nargs="+", default=["revnet_tiny", "revnet38"])
+    parser.add_argument("--models", nargs="+", default=["revnet_tiny", "revnet38", "revvit_cifar"])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--size", type=int, default=32, help="image side (square)")
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds")
@@ -321,6 +510,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     parser.add_argument("--range", action="store_true", help="carry range of every preset")
     parser.add_argument("--digits", action="store_true", help="train the digits job, both ways")
     parser.add_argument("--exactness", action="store_true", help="bit-exact rebuild check")
+    parser.add_argument(
+        "--gradients", action="store_true", help="reversible and remat gradients vs plain"
+    )
     parser.add_argument("--no-speed", dest="speed", action="store_false", help="skip step time")
     parser.add_argument("--workdir", type=Path, default=Path("workdirs/bench_arithmetic"))
     args = parser.parse_args(argv)
@@ -347,7 +539,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     if args.range:
         text += "\n" + range_markdown(measure_range(args.quick))
     if args.exactness:
+        rows_seq = measure_sequence_exactness(args.quick)
+        text += "\n" + sequence_exactness_markdown(rows_seq)
         text += "\n" + exactness_markdown(measure_exactness(args.quick, batch), batch)
+    if args.gradients:
+        text += "\n" + gradients_markdown(measure_gradients(args.quick))
     if args.digits:
         text += "\n" + digits_markdown(measure_digits(args.quick, args.workdir))
     _report.write_report(args.out_dir, NAME, text)

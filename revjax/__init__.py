@@ -26,9 +26,14 @@ from revjax.drift import DriftWarning as DriftWarning
 from revjax.drift import gradient_agreement as gradient_agreement
 from revjax.drift import reconstruction_error as reconstruction_error
 from revjax.layers import CarryPeak as CarryPeak
+from revjax.layers import RebuildMismatches as RebuildMismatches
+from revjax.layers import RebuildMismatchWarning as RebuildMismatchWarning
 from revjax.layers import ReversibleSequence as ReversibleSequence
 from revjax.layers import check_carry_range as check_carry_range
+from revjax.layers import check_rebuild as check_rebuild
 from revjax.layers import pure_call as pure_call
+from revjax.layers import rebuild_mismatches as rebuild_mismatches
+from revjax.layers import record_rebuild_mismatches as record_rebuild_mismatches
 from revjax.models import NetworkOptions as NetworkOptions
 from revjax.models import ResNet as ResNet
 from revjax.models import ResNetOptions as ResNetOptions
@@ -74,6 +79,11 @@ __all__ = [
     "pure_call",
     "carry_limit",
     "check_carry_range",
+    "RebuildMismatches",
+    "RebuildMismatchWarning",
+    "check_rebuild",
+    "rebuild_mismatches",
+    "record_rebuild_mismatches",
     "DriftMonitor",
     "DriftWarning",
     "gradient_agreement",

@@ -91,6 +91,21 @@ def check_arithmetic(
         )
 
 
+REBUILDS = ("isolated", "pullback")
+
+
+def check_rebuild_mode(rebuild: Any, owner: str = "") -> None:
+    """Raises a ValueError unless ``rebuild`` is ``"isolated"`` or ``"pullback"``."""
+    if rebuild not in REBUILDS:
+        prefix = f"{owner}: " if owner else ""
+        raise ValueError(
+            f"{prefix}unknown rebuild {rebuild!r}; use 'isolated' (fixed-point rebuilds "
+            "evaluate F and G as the forward did: bit for bit on any compiler) or 'pullback' "
+            "(the rebuild reuses the pullback's recomputation: one F and G evaluation fewer "
+            "per unit, exact where XLA compiles both alike)."
+        )
+
+
 def quantize(h: Array, frac_bits: int) -> Array:
     """Rounds ``h`` to the grid of step ``2**-frac_bits``, as int32 fixed point."""
     # At least float32: h * 2**frac_bits must hold the grid's integers exactly.
@@ -129,6 +144,7 @@ class FloatCarry(NamedTuple):
     dtype: Any
 
     fixed = False
+    traced = False
 
     def enter(self, x: Array) -> Array:
         """A float half -> a carry."""
@@ -161,13 +177,18 @@ class FixedCarry(NamedTuple):
 
     ``combine(c, h) = c + q(h)`` with ``q(h) = round(h * 2**frac_bits)``: integer addition, so
     ``uncombine(combine(c, h), h) == c`` bit for bit whenever h is computed the same way twice.
-    F and G see ``view(c)``, the carry's value in ``dtype``.
+    F and G see ``view(c)``, the carry's value in ``dtype``. ``isolate``: the units evaluate F
+    and G through `revjax._units.isolated_branch` (``rebuild="isolated"``), so that the rebuild
+    computes them as the forward did; False rebuilds from the pullback's own recomputation
+    (``rebuild="pullback"``).
     """
 
     dtype: Any
     frac_bits: int
+    isolate: bool = True
 
     fixed = True
+    traced = False
 
     def enter(self, x: Array) -> Array:
         return quantize(x, self.frac_bits)
@@ -203,6 +224,7 @@ class TracedFixedCarry(NamedTuple):
     frac_bits: int
 
     fixed = True
+    traced = True
 
     def enter(self, x: Array) -> tuple[Array, Array]:
         return quantize(x, self.frac_bits), x
@@ -225,13 +247,17 @@ class TracedFixedCarry(NamedTuple):
         return jnp.max(jnp.abs(c[0])).astype(jnp.float32) * (2.0**-self.frac_bits)
 
 
-def make_carry(arithmetic: str, frac_bits: int, dtype: Any, *, traced: bool = False):
-    """The carry arithmetic for halves of ``dtype``: `FloatCarry`, `FixedCarry`, or for plain
-    autodiff (``traced``) `TracedFixedCarry`."""
+def make_carry(
+    arithmetic: str, frac_bits: int, dtype: Any, *, traced: bool = False, rebuild: str = "isolated"
+):
+    """The carry arithmetic for halves of ``dtype``: `FloatCarry`, `FixedCarry` (evaluating F
+    and G in isolation unless ``rebuild="pullback"``), or for plain autodiff (``traced``)
+    `TracedFixedCarry`."""
     if arithmetic == "float":
         return FloatCarry(jnp.dtype(dtype))
-    cls = TracedFixedCarry if traced else FixedCarry
-    return cls(jnp.dtype(dtype), frac_bits)
+    if traced:
+        return TracedFixedCarry(jnp.dtype(dtype), frac_bits)
+    return FixedCarry(jnp.dtype(dtype), frac_bits, rebuild == "isolated")
 
 
 def in_range(arith, peak: Array | None, *outputs: Array) -> tuple[Array, ...]:

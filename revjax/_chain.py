@@ -12,7 +12,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from revjax._carry import DEFAULT_FRAC_BITS, check_arithmetic, in_range, make_carry, max_abs
+from revjax._carry import (
+    DEFAULT_FRAC_BITS,
+    check_arithmetic,
+    check_rebuild_mode,
+    in_range,
+    make_carry,
+    max_abs,
+    quantize,
+)
 from revjax._coupling import Coupling, additive_coupling, cast_like, get_coupling
 from revjax._sequence import (
     SequenceSetting,
@@ -21,7 +29,16 @@ from revjax._sequence import (
     scan_forward,
     sequence_backward,
 )
-from revjax._units import Branch, after, default_unroll, vjp_inexact
+from revjax._units import (
+    Branch,
+    after,
+    checksum,
+    default_unroll,
+    isolated_branch,
+    isolates,
+    rebuilt_output,
+    vjp_inexact,
+)
 
 Array = jax.Array
 PyTree = Any
@@ -37,14 +54,16 @@ class ChainSegment(NamedTuple):
 
     Attributes:
       num_units: how many units the segment counts for ``exact_every`` placement.
-      forward: ``(params, c1, c2, stored_units, k, arith, peak) -> ((d1, d2), aux, stored,
+      forward: ``(params, c1, c2, stored_units, k, arith, peak) -> ((d1, d2), aux, kept,
         peak)``. ``stored_units`` is ``(first, count)`` or None: keep the exact input carries
-        of local units ``first, first + k, ...`` (``stored`` holds them; None when nothing is
-        kept). ``peak``: a float32 scalar to update with the largest carry / F / G magnitude,
-        or None.
-      backward: ``(params, stored, d1, d2, dy1, dy2, stored_units, k, arith) -> ((c1, c2),
-        (dx1, dx2), dparams)``: rebuilds the segment's input carries from its output carries
-        while pulling the cotangent back (using the stored inputs in place of rebuilt ones).
+        of local units ``first, first + k, ...``. ``kept``: ``(stored, checks)``, the kept
+        inputs (None when nothing is kept) and the units' rebuild checks (int32
+        ``[units, 4]``, see `revjax._units.unit_forward`; None for float carries). ``peak``: a
+        float32 scalar to update with the largest carry / F / G magnitude, or None.
+      backward: ``(params, kept, d1, d2, dy1, dy2, stored_units, k, arith) -> ((c1, c2),
+        (dx1, dx2), dparams, mismatches)``: rebuilds the segment's input carries from its
+        output carries while pulling the cotangent back (using the stored inputs in place of
+        rebuilt ones), and counts the units whose rebuild differs from the checks.
     """
 
     num_units: int
@@ -75,16 +94,18 @@ def sequence_segment(
 
     def forward(params, c1, c2, stored_units, k, arith, peak=None):
         fp, gp = params
-        return scan_forward(
+        d, aux, stored, peak, checks = scan_forward(
             setting(arith, k), fp, gp, c1, c2, None, None, peak, stored_units=stored_units
         )
+        return d, aux, (stored, checks), peak
 
-    def backward(params, stored, d1, d2, dy1, dy2, stored_units, k, arith):
+    def backward(params, kept, d1, d2, dy1, dy2, stored_units, k, arith):
         fp, gp = params
-        c, dx, (dfp, dgp, _) = sequence_backward(
-            setting(arith, k), fp, gp, d1, d2, None, None, stored, dy1, dy2, stored_units
+        stored, checks = kept
+        c, dx, (dfp, dgp, _), bad = sequence_backward(
+            setting(arith, k), fp, gp, d1, d2, None, None, stored, dy1, dy2, stored_units, checks
         )
-        return c, dx, (dfp, dgp)
+        return c, dx, (dfp, dgp), bad
 
     return ChainSegment(num_units, forward, backward)
 
@@ -112,25 +133,50 @@ def shortcut_unit_segment(
         p = shortcut(x)
         return p + cast_like(h, p)
 
+    def apply(arith, branch, params, c):
+        # The branch's output for the combine, its aux and max |h|: with rebuild="isolated"
+        # rounded to the grid (int32), evaluated in isolation as the backward's rebuild does.
+        if isolates(arith):
+            return isolated_branch(arith, branch, params, c, None, None)
+        h, aux = branch(params, arith.view(c), None)
+        return h, aux, max_abs(h)
+
+    def combine(arith, c, out):
+        p = arith.linear(shortcut, c)
+        return p + out if isolates(arith) else arith.combine(additive_coupling, p, out)
+
     def forward(params, c1, c2, stored_units, k, arith, peak=None):
         fp, gp = params
-        h_f, aux_f = f_branch(fp, arith.view(c2), None)
-        d1 = arith.combine(additive_coupling, arith.linear(shortcut, c1), h_f)
-        h_g, aux_g = g_branch(gp, arith.view(d1), None)
-        d2 = arith.combine(additive_coupling, arith.linear(shortcut, c2), h_g)
+        h_f, aux_f, m_f = apply(arith, f_branch, fp, c2)
+        d1 = combine(arith, c1, h_f)
+        h_g, aux_g, m_g = apply(arith, g_branch, gp, d1)
+        d2 = combine(arith, c2, h_g)
         if peak is not None:
-            parts = (arith.magnitude(c1), arith.magnitude(c2), max_abs(h_f), max_abs(h_g))
+            parts = (arith.magnitude(c1), arith.magnitude(c2), m_f, m_g)
             peak = functools.reduce(jnp.maximum, parts, peak)
         keep = stored_units is not None and stored_units[1]
-        return (d1, d2), (aux_f, aux_g), ((c1, c2) if keep else None), peak
+        checks = None
+        if arith.fixed and not arith.traced:
+            q = [h if isolates(arith) else quantize(h, arith.frac_bits) for h in (h_f, h_g)]
+            checks = jnp.concatenate([checksum(a) for a in q])[None]  # [1, 4]
+        return (d1, d2), (aux_f, aux_g), (((c1, c2) if keep else None), checks), peak
 
-    def backward(params, stored, d1, d2, dy1, dy2, stored_units, k, arith):
+    def rebuilt(arith, d, h, params, branch, c):
+        # The segment's input half from output d: P^-1(d (-) q(branch(c))), and q itself.
+        if isolates(arith):
+            q = rebuilt_output(arith, branch, params, c, None, None)
+        else:
+            q = quantize(h, arith.frac_bits) if arith.fixed else None
+        r = d - q if q is not None else arith.uncombine(additive_coupling, d, h)
+        return shortcut_inverse(r), q
+
+    def backward(params, kept, d1, d2, dy1, dy2, stored_units, k, arith):
         fp, gp = params
+        stored, checks = kept
         d1, d2 = after(d1, d2, dy1, dy2)
         h_g, g_vjp = vjp_inexact(lambda p, a: g_branch(p, a, None)[0], gp, arith.view(d1))
-        if stored is None:
-            c2 = shortcut_inverse(arith.uncombine(additive_coupling, d2, h_g))
-        else:
+        c2, q_g = rebuilt(arith, d2, h_g, gp, g_branch, d1)
+        if stored is not None:
             c2 = stored[1]
         dx2, dh_g = jax.vjp(float_combine, arith.view(c2), h_g)[1](dy2)
         dgp, dy1_from_g = g_vjp(dh_g)
@@ -141,13 +187,16 @@ def shortcut_unit_segment(
         # F's pullback.
         c2, dy1 = lax.optimization_barrier((c2, dy1))
         h_f, f_vjp = vjp_inexact(lambda p, a: f_branch(p, a, None)[0], fp, arith.view(c2))
-        if stored is None:
-            c1 = shortcut_inverse(arith.uncombine(additive_coupling, d1, h_f))
-        else:
+        c1, q_f = rebuilt(arith, d1, h_f, fp, f_branch, c2)
+        if stored is not None:
             c1 = stored[0]
         dx1, dh_f = jax.vjp(float_combine, arith.view(c1), h_f)[1](dy1)
         dfp, dx2_from_f = f_vjp(dh_f)
-        return (c1, c2), (dx1, dx2 + dx2_from_f), (dfp, dgp)
+        bad = jnp.zeros((), jnp.int32)
+        if checks is not None:
+            mine = jnp.concatenate([checksum(q_f), checksum(q_g)])
+            bad = jnp.any(mine != checks[0]).astype(jnp.int32)
+        return (c1, c2), (dx1, dx2 + dx2_from_f), (dfp, dgp), bad
 
     return ChainSegment(1, forward, backward)
 
@@ -180,6 +229,8 @@ def reversible_chain(
     arithmetic: str = "float",
     frac_bits: int = DEFAULT_FRAC_BITS,
     return_peak: bool = False,
+    rebuild: str = "isolated",
+    rebuild_probes: Sequence[Array] | None = None,
 ) -> tuple[tuple[Array, Array], tuple]:
     """Applies invertible segments in turn as one custom VJP that stores only the final output.
 
@@ -202,6 +253,10 @@ def reversible_chain(
       frac_bits: fraction bits of the fixed-point carries.
       return_peak: also return one float32 scalar per segment: the largest magnitude of its
         input carries and F/G outputs.
+      rebuild: with fixed point, ``"isolated"`` or ``"pullback"`` (see `reversible_sequence`).
+      rebuild_probes: one float32 scalar per segment (values unused), or None: the cotangent
+        of each is the number of that segment's units whose rebuild differed from the forward
+        (fixed point; always 0 for floats).
 
     Returns:
       ``((y1, y2), aux)``, ``aux`` holding each segment's F/G aux outputs (not differentiated);
@@ -215,8 +270,19 @@ def reversible_chain(
         )
     check_exact_every(exact_every)
     check_arithmetic(arithmetic, frac_bits)
+    check_rebuild_mode(rebuild)
+    if rebuild_probes is None:
+        rebuild_probes = tuple(jnp.zeros((), jnp.float32) for _ in segments)
+    rebuild_probes = tuple(rebuild_probes)
+    if len(rebuild_probes) != len(segments):
+        raise ValueError(
+            f"reversible_chain needs one rebuild probe per segment: got {len(segments)} "
+            f"segments and {len(rebuild_probes)} probes."
+        )
     plans = chain_exact_units(segments, exact_every if memory_saving else None)
-    arith = make_carry(arithmetic, frac_bits, jnp.result_type(x1), traced=not memory_saving)
+    arith = make_carry(
+        arithmetic, frac_bits, jnp.result_type(x1), traced=not memory_saving, rebuild=rebuild
+    )
     track = return_peak or arith.fixed
 
     def forward(params, x1, x2, keep):
@@ -243,24 +309,26 @@ def reversible_chain(
         return finish(forward(params, x1, x2, False)[0])
 
     @jax.custom_vjp
-    def run(params, x1, x2):
+    def run(params, x1, x2, probes):
         return forward(params, x1, x2, False)[0]
 
-    def run_fwd(params, x1, x2):
-        out, (c1, c2, stored) = forward(params, x1, x2, True)
-        # The residuals: parameters, the chain's output carries and the inputs
-        # `chain_exact_units` names. No segment's output: each is rebuilt from the next one.
-        return out, (params, c1, c2, stored)
+    def run_fwd(params, x1, x2, probes):
+        out, (c1, c2, kept) = forward(params, x1, x2, True)
+        # The residuals: parameters, the chain's output carries, the inputs
+        # `chain_exact_units` names and four int32 checks per unit. No segment's output: each
+        # is rebuilt from the next one.
+        return out, (params, c1, c2, kept)
 
     def run_bwd(residuals, cotangents):
-        params, c1, c2, stored = residuals
+        params, c1, c2, kept = residuals
         (dy1, dy2), _, _ = cotangents  # aux and peaks are not differentiated
-        dparams = [None] * len(segments)
+        dparams, counts = [None] * len(segments), [None] * len(segments)
         for j in reversed(range(len(segments))):
-            (c1, c2), (dy1, dy2), dparams[j] = segments[j].backward(
-                params[j], stored[j], c1, c2, dy1, dy2, plans[j], exact_every, arith
+            (c1, c2), (dy1, dy2), dparams[j], bad = segments[j].backward(
+                params[j], kept[j], c1, c2, dy1, dy2, plans[j], exact_every, arith
             )
-        return tuple(dparams), dy1, dy2
+            counts[j] = bad.astype(jnp.float32)
+        return tuple(dparams), dy1, dy2, tuple(counts)
 
     run.defvjp(run_fwd, run_bwd)
-    return finish(run(params, x1, x2))
+    return finish(run(params, x1, x2, rebuild_probes))

@@ -19,11 +19,13 @@ from jax import lax
 from revjax._carry import (
     DEFAULT_FRAC_BITS,
     check_arithmetic,
+    check_rebuild_mode,
     in_range,
     make_carry,
     max_abs,
     output_carries,
     output_residual,
+    quantize,
 )
 from revjax._coupling import Coupling, get_coupling
 from revjax._units import (
@@ -31,9 +33,12 @@ from revjax._units import (
     add_cotangents,
     after,
     check_context,
+    checksum,
     count_units,
     default_unroll,
     differentiable,
+    isolates,
+    rebuilt_output,
     split_unit_key,
     tie_to_cotangent,
     unit_forward,
@@ -87,101 +92,84 @@ def reversible_sequence(
     arithmetic: str = "float",
     frac_bits: int = DEFAULT_FRAC_BITS,
     return_peak: bool = False,
+    rebuild: str = "isolated",
+    rebuild_probe: Array | None = None,
 ):
     """Applies n reversible units in sequence, storing no per-unit activation.
 
     Unit i computes ``y1 = x1 (+) F(x2)``, ``y2 = x2 (+) G(y1)`` with the i-th slice of the
-    stacked parameters; its output is unit i+1's input. With the additive coupling ``(+)`` is
-    ``+``; with the affine coupling F and G return ``(s, t)`` and ``x (+) (s, t) =
-    x * exp(tanh(s)) + t``.
+    stacked parameters (``(+)``: ``+`` for the additive coupling, ``x * exp(tanh(s)) + t`` for
+    the affine one, F and G then returning ``(s, t)``). With ``memory_saving=True`` the whole
+    sequence is one `jax.custom_vjp` that saves only its output (and parameters, keys, context):
+    the backward walks the units in reverse, rebuilds each input from its output and pulls the
+    cotangent back through F and G, so activation memory does not grow with n.
 
-    With ``memory_saving=True`` the whole sequence is one `jax.custom_vjp`. Its forward saves
-    only ``(f_params, g_params, y1, y2, keys, context)``; its backward walks the units in
-    reverse and evaluates G(y1) and F(x2) once each through `jax.vjp`, using each primal output
-    both to rebuild the input (``x2 = y2 (-) G(y1)``, ``x1 = y1 (-) F(x2)``) and to pull back the
-    cotangent. Cost: one extra forward per unit; activation memory independent of n.
-
-    Exact arithmetic (``arithmetic="fixed"``, additive coupling only): inside the sequence the
-    halves are carried as int32 fixed point with ``frac_bits`` fraction bits; F and G see the
-    carries' values in the halves' dtype, and their outputs are rounded to the grid
-    (``q(h) = round(h * 2**frac_bits)``) before the integer addition. So
-    ``x1 = y1 - q(F(x2))`` rebuilds the forward's carry bit for bit whenever F gives the same
-    bits twice, whatever precision it computes in, and the backward rebuilds from the int32
-    output carry of the forward (for float32 halves kept as the float output plus an int8
-    correction, restored bit for bit: the next layer stores that output anyway, so the
-    sequence adds a quarter of it; see `revjax._carry.output_residual`). The input is rounded
-    to the grid on entry and the output
-    is the carry's value in the halves' dtype. Rounding's gradient is the straight-through
-    identity; ``memory_saving=False`` computes the same rounded forward. Carries must stay
-    below `carry_limit` (16384 with 16 fraction bits): past it the outputs are NaN rather than
-    wrapped-around numbers, and ``return_peak`` gives the largest magnitude reached (what
-    `revjax.ReversibleSequence` records and the trainer checks: downstream layers compiled by
-    XLA may turn NaN back into numbers, so the peak, not the NaN, is the reliable signal).
-
-    Side inputs: ``context`` (a pytree of arrays, e.g. a conditioning vector, an attention mask
-    or bias, a time embedding) is passed unchanged to every unit's F and G. Its inexact leaves
-    receive gradients, summed over the units (and over F and G); the memory-saving backward
-    accumulates them in its reverse scan, so they equal plain autodiff's.
+    ``arithmetic="fixed"`` (additive only) carries the halves as int32 fixed point and rounds
+    every F/G output to the grid before an integer addition, so the rebuild is exact: with
+    ``rebuild="isolated"`` F and G are evaluated for the rebuild exactly as in the forward
+    (bit for bit, whatever XLA does around them), at one more F and G evaluation per unit in
+    the backward. The backward also counts the units whose rebuilt F/G outputs differ from the
+    forward's (checksums, four int32 per unit), returned as the gradient of ``rebuild_probe``.
+    Gradients equal plain autodiff's only up to rounding: they are computed by a different
+    program. See the exact-arithmetic guide for what holds where and for measurements.
 
     Args:
       f: ``(params, x2) -> h``; with ``keys`` it also takes the unit's key, with ``context``
-        the context, in that order: ``(params, x2, key, context)``. Returns ``(h, aux)`` when
-        ``has_aux``; ``h`` is shaped like ``x1`` (a pair for affine).
-      g: the same for the second half: ``(params, y1) -> h`` shaped like ``x2``.
-      f_params: pytree whose leaves all have a leading axis of length n. Leaves that are not
-        inexact (integer RNG counters, PRNG keys) are sliced and passed like the others but get
-        no gradient (``None`` / float0 cotangents).
-      g_params: the same for G, with the same n.
+        the context: ``(params, x2, key, context)``. Returns ``(h, aux)`` when ``has_aux``.
+      g: the same for the second half, ``(params, y1) -> h``.
+      f_params: pytree whose leaves all have a leading axis of length n (non-inexact leaves,
+        e.g. RNG counters, are sliced but get no gradient).
+      g_params: the same for G.
       x1: first half of the input.
       x2: second half of the input.
       coupling: ``"additive"``, ``"affine"`` or a `Coupling`.
-      has_aux: F and G return ``(h, aux)``; the aux of the forward pass are returned stacked
-        over units (e.g. BatchNorm batch statistics). They are not differentiated (their
-        cotangents are ignored) and the backward recomputation discards its own.
-      keys: optional PRNG keys, one per unit (leading axis n, typed or raw ``uint32[n, 2]``).
-        Unit i splits ``keys[i]`` into one key for F and one for G; the backward recomputation
-        uses the same keys, so dropout inside F/G yields exactly plain autodiff's gradients.
-      memory_saving: if False, plain autodiff through the same scan (stores activations);
-        the reference for tests and benchmarks.
-      unroll: ``lax.scan`` unroll. ``None`` picks `default_unroll`: fully unrolled on CPU
-        (XLA:CPU runs conv gradients in a rolled scan ~90x slower, jax-ml/jax#12868), rolled
-        (1) on GPU/TPU, where compile time then stays independent of depth. An unrolled scan
-        still stores no activations, but its compiled temporary memory grows slightly with n
-        (per-unit parameter-gradient pieces before stacking).
-      remat: only with ``memory_saving=False``: wrap each unit in `jax.checkpoint`, so plain
-        autodiff stores each unit's input and recomputes its inside (the usual gradient
-        checkpointing baseline; memory still grows with n).
-      exact_every: with ``memory_saving=True``, bound the chain of rebuilt units at k: store
-        the exact input of units ``n-k, n-2k, ...`` (those > 0; see `exact_units`) and use it
-        in the backward in place of the rebuilt one. Rebuilding starts from the exact output,
-        so no input is rounded through more than k inverse units, with ``(n - 1) // k`` stored
-        activations: none when ``n <= k``. ``k=1`` stores every input but unit 0's (rebuilt
-        through one unit from unit 1's), so gradients equal plain autodiff's up to one unit's
-        rounding; ``None`` (default) stores none. Fixed-point arithmetic needs none.
-      context: optional side inputs shared by every unit (a pytree of arrays, not stacked),
-        passed to F and G as their last argument. Inexact leaves receive gradients summed over
-        the units; other leaves (boolean masks, integer positions) get none.
-      arithmetic: ``"float"`` (the paper's floating-point rebuild, exact up to rounding) or
-        ``"fixed"`` (int32 fixed-point carries, a bit-exact rebuild; additive coupling only).
-      frac_bits: fraction bits of the fixed-point carries (grid step ``2**-frac_bits``, range
+      has_aux: F and G return ``(h, aux)``; the forward's aux (e.g. BatchNorm statistics) are
+        returned stacked over units, not differentiated; the backward discards its own.
+      keys: optional PRNG keys, one per unit (leading axis n); unit i splits its key for F and
+        G, and the backward reuses them, so dropout gives plain autodiff's gradients.
+      memory_saving: False runs plain autodiff through the same scan (the reference).
+      unroll: ``lax.scan`` unroll; ``None``: `default_unroll` (full on CPU, where XLA:CPU runs
+        conv gradients in a rolled scan ~90x slower, jax-ml/jax#12868; rolled on GPU/TPU).
+      remat: only with ``memory_saving=False``: `jax.checkpoint` each unit (the usual
+        gradient-checkpointing baseline).
+      exact_every: with memory saving, store the exact inputs of units ``n-k, n-2k, ...``
+        (`exact_units`) so no input is rebuilt through more than k units (float arithmetic's
+        bound on drift; fixed point needs none). ``None`` stores none.
+      context: side inputs shared by every unit (a pytree of arrays), passed to F and G last;
+        inexact leaves get gradients summed over the units.
+      arithmetic: ``"float"`` (the paper's rebuild, exact up to rounding) or ``"fixed"``.
+      frac_bits: fraction bits of the fixed-point carries (grid ``2**-frac_bits``, range
         ``carry_limit(frac_bits)``).
-      return_peak: also return the largest magnitude of any carry and F/G output (float32
-        scalar; NaN if any was NaN), to watch the fixed-point range.
+      return_peak: also return the largest magnitude of any carry and F/G output (float32;
+        NaN if any was NaN). Fixed-point outputs are NaN once it reaches ``carry_limit``.
+      rebuild: with fixed point, ``"isolated"`` (default, exact by construction) or
+        ``"pullback"``: the rebuild reuses the pullback's recomputation of F and G, one
+        evaluation fewer per unit, exact only where XLA compiles it as in the forward.
+      rebuild_probe: optional float32 scalar (value unused) whose gradient is the number of
+        units whose fixed-point rebuild differed from the forward (0 for floats).
 
     Returns:
       ``(y1, y2)``, or ``((y1, y2), (f_aux, g_aux))`` when ``has_aux``; with ``return_peak``,
       ``(that, peak)``.
 
     Raises:
-      ValueError: unknown coupling or arithmetic, fixed point with the affine coupling, params
-        without a common leading axis, a number of keys different from n, a context that is
-        not a pytree of arrays, or F/G outputs whose shapes don't fit the halves.
+      ValueError: unknown coupling, arithmetic or rebuild, fixed point with the affine
+        coupling, params without a common leading axis, a number of keys different from n, a
+        context that is not a pytree of arrays, or F/G outputs that don't fit the halves.
     """
     cpl = get_coupling(coupling)
     check_arithmetic(arithmetic, frac_bits, cpl)
+    check_rebuild_mode(rebuild)
     n = count_units(f_params, g_params)
     if context is not None:
         check_context(context)
+    if rebuild_probe is not None:
+        if jnp.shape(rebuild_probe) or jnp.result_type(rebuild_probe) != jnp.float32:
+            raise ValueError(
+                "rebuild_probe must be a float32 scalar (its value is unused; its gradient is "
+                f"the count of mismatched units), got {jnp.result_type(rebuild_probe)} of shape "
+                f"{jnp.shape(rebuild_probe)}. Use jnp.zeros((), jnp.float32)."
+            )
     if keys is not None:
         n_keys = jnp.shape(keys)[0] if jnp.ndim(keys) else None
         if n_keys != n:
@@ -206,7 +194,9 @@ def reversible_sequence(
             "nothing is stored to begin with. Pass memory_saving=False with remat=True."
         )
     check_exact_every(exact_every)
-    arith = make_carry(arithmetic, frac_bits, jnp.result_type(x1), traced=not memory_saving)
+    arith = make_carry(
+        arithmetic, frac_bits, jnp.result_type(x1), traced=not memory_saving, rebuild=rebuild
+    )
     setting = SequenceSetting(
         cpl,
         f_branch,
@@ -219,8 +209,9 @@ def reversible_sequence(
     if memory_saving:
         run = _make_memory_saving(setting)
     else:
-        run = lambda fp, gp, a, b, k, c: _plain_sequence(setting, fp, gp, a, b, k, c, remat)
-    (y1, y2), aux, peak = run(f_params, g_params, x1, x2, keys, context)
+        run = lambda fp, gp, a, b, k, c, _: _plain_sequence(setting, fp, gp, a, b, k, c, remat)
+    probe = jnp.zeros((), jnp.float32) if rebuild_probe is None else rebuild_probe
+    (y1, y2), aux, peak = run(f_params, g_params, x1, x2, keys, context, probe)
     out = ((y1, y2), aux) if has_aux else (y1, y2)
     return (out, peak) if return_peak else out
 
@@ -268,7 +259,8 @@ def scan_forward(
     activations per half, updated in place; see `exact_range`.
 
     Returns:
-      ``((c1, c2), aux, stored, peak)``; ``stored`` is ``(buf1, buf2)`` or None.
+      ``((c1, c2), aux, stored, peak, checks)``; ``stored`` is ``(buf1, buf2)`` or None,
+      ``checks`` each unit's rebuild check (int32 ``[n, 4]``, see `unit_forward`) or None.
     """
     n = count_units(fp, gp)
     s = setting
@@ -289,24 +281,24 @@ def scan_forward(
                 lax.dynamic_update_index_in_dim(b, jnp.where(keep, a, b[slot]), slot, 0)
                 for b, a in zip(bufs, (a1, a2), strict=True)
             )
-        (b1, b2), aux, peak = unit_forward(
+        (b1, b2), aux, peak, check = unit_forward(
             s.arith, s.coupling, s.f, s.g, p_f, p_g, key, context, a1, a2, peak
         )
-        return ((b1, b2), bufs, peak), aux
+        return ((b1, b2), bufs, peak), (aux, check)
 
     if remat:
         body = jax.checkpoint(body)
-    ((y1, y2), bufs, peak), aux = lax.scan(
+    ((y1, y2), bufs, peak), (aux, checks) = lax.scan(
         body, ((c1, c2), bufs, peak), (jnp.arange(n), fp, gp, keys), unroll=s.unroll
     )
-    return (y1, y2), aux, bufs, peak
+    return (y1, y2), aux, bufs, peak, checks
 
 
 def _plain_sequence(setting, fp, gp, x1, x2, keys, context, remat=False):
     """Plain autodiff through the forward scan: ``((y1, y2), aux, peak)`` on float halves."""
     arith = setting.arith
     peak = _input_peak(setting, x1, x2)
-    (c1, c2), aux, _, peak = scan_forward(
+    (c1, c2), aux, _, peak, _ = scan_forward(
         setting, fp, gp, arith.enter(x1), arith.enter(x2), keys, context, peak, remat=remat
     )
     y1, y2 = in_range(arith, peak, arith.leave(c1), arith.leave(c2))
@@ -354,20 +346,27 @@ def exact_slot(i: Array, first: int, count: int, k: int) -> tuple[Array, Array]:
     return keep, slot
 
 
-def sequence_backward(setting, fp, gp, y1, y2, keys, context, stored, dy1, dy2, stored_units=None):
+def sequence_backward(
+    setting, fp, gp, y1, y2, keys, context, stored, dy1, dy2, stored_units=None, checks=None
+):
     """The memory-saving backward of a sequence: rebuilds its input while pulling back.
 
-    Walks the units in reverse and evaluates G(y1) and F(x2) once each through `jax.vjp`,
-    using each primal output both to rebuild the unit's input (``x2 = y2 (-) G(y1)``,
-    ``x1 = y1 (-) F(x2)``) and to pull back the cotangent. ``y1, y2`` are carries in
-    ``setting.arith`` (int32 for fixed point: the rebuild is then exact); F and G are
-    differentiated at the carries' float view, and the combine rule at its float form
-    (rounding's gradient is the identity). ``stored``: the exact input carries kept by
-    `scan_forward` (``(buf1, buf2)``) or None; ``stored_units`` as there.
+    Walks the units in reverse. Per unit, G(y1) and F(x2) are rebuilt and differentiated:
+    ``x2 = y2 (-) G(y1)``, ``x1 = y1 (-) F(x2)``. With ``rebuild="isolated"`` fixed-point
+    carries the rebuild evaluates each branch through `isolated_branch`, as the forward did
+    (the same computation, so the same bits), and `jax.vjp` serves only the pullback; otherwise
+    the rebuild takes the `jax.vjp`'s primal output (one branch evaluation fewer, and exact
+    only where XLA compiles it as in the forward). ``y1, y2`` are carries in ``setting.arith``
+    (int32 for fixed point); F and G are differentiated at the carries' float view, and the
+    combine rule at its float form (rounding's gradient is the identity). ``stored``: the exact
+    input carries kept by `scan_forward` (``(buf1, buf2)``) or None; ``stored_units`` as there.
+    ``checks``: the forward's per-unit checks (`scan_forward`), compared with the rebuild's.
 
     Returns:
-      ``((x1, x2), (dx1, dx2), (df_params, dg_params, dcontext))``: the rebuilt input carries,
-      the cotangent of their float view and the cotangents of the parameters and side inputs.
+      ``((x1, x2), (dx1, dx2), (df_params, dg_params, dcontext), mismatches)``: the rebuilt
+      input carries, the cotangent of their float view, the cotangents of the parameters and
+      side inputs, and the number of units whose rebuilt F/G outputs differ from the
+      forward's (int32; 0 without ``checks``).
     """
     s, arith, cpl = setting, setting.arith, setting.coupling
     n = count_units(fp, gp)
@@ -385,37 +384,62 @@ def sequence_backward(setting, fp, gp, y1, y2, keys, context, stored, dy1, dy2, 
         keep, slot = exact_slot(i, first, count, k)
         return jnp.where(keep, stored[half][slot], rebuilt)
 
+    def branch(fn, params, c, key):
+        # The branch's pullback (non-inexact leaves of parameters and context get None), its
+        # float output, and for fixed point the rounded output that rebuilds the carry.
+        q = None
+        if isolates(arith):
+            q = rebuilt_output(arith, fn, params, c, key, context)
+            # The pullback's recomputation starts once the isolated evaluation is done, so
+            # their intermediates are never alive at once.
+            q, params, c = lax.optimization_barrier((q, params, c))
+        h, pullback = vjp_inexact(
+            lambda p, a, ctx: fn(p, a, key, ctx)[0], params, arith.view(c), context
+        )
+        if arith.fixed and q is None:
+            q = quantize(h, arith.frac_bits)
+        return h, pullback, q
+
+    def rebuild(c, h, q):
+        return c - q if q is not None else arith.uncombine(cpl, c, h)
+
     def body(carry, xs):
-        b1, b2, db1, db2, dctx = carry
-        i, p_f, p_g, key = xs
+        b1, b2, db1, db2, dctx, bad = carry
+        i, p_f, p_g, key, check = xs
         kf, kg = split_unit_key(key)
         b1, b2 = after(b1, b2, db1, db2)
-        # G(y1) once: its value rebuilds x2, its VJP pulls back the cotangent of y2.
-        # Non-inexact leaves of the parameters and context (RNG counters, masks) get None.
-        v1 = arith.view(b1)
-        h_g, g_vjp = vjp_inexact(lambda p, a, c: s.g(p, a, kg, c)[0], p_g, v1, context)
-        a2 = exact(i, arith.uncombine(cpl, b2, h_g), 1)
+        # G(y1): rebuilds x2, pulls back the cotangent of y2.
+        h_g, g_vjp, q_g = branch(s.g, p_g, b1, kg)
+        a2 = exact(i, rebuild(b2, h_g, q_g), 1)
         v2 = arith.view(a2)
         da2, dh_g = jax.vjp(cpl.combine, v2, h_g)[1](db2)
         dgp, db1_from_g, dctx_g = g_vjp(dh_g)
         db1 = db1 + db1_from_g
-        # F(x2) once: its value rebuilds x1, its VJP pulls back the cotangent of y1.
-        h_f, f_vjp = vjp_inexact(lambda p, a, c: s.f(p, a, kf, c)[0], p_f, v2, context)
-        a1 = exact(i, arith.uncombine(cpl, b1, h_f), 0)
+        if isolates(arith):
+            # F's isolated evaluation waits for G's pullback (else XLA may run it beside G's
+            # recomputation and hold both branches' intermediates at once).
+            a2, db1 = lax.optimization_barrier((a2, db1))
+        # F(x2): rebuilds x1, pulls back the cotangent of y1.
+        h_f, f_vjp, q_f = branch(s.f, p_f, a2, kf)
+        a1 = exact(i, rebuild(b1, h_f, q_f), 0)
         da1, dh_f = jax.vjp(cpl.combine, arith.view(a1), h_f)[1](db1)
         dfp, da2_from_f, dctx_f = f_vjp(dh_f)
         da2 = da2 + da2_from_f
         dctx = add_cotangents(dctx, add_cotangents(dctx_g, dctx_f))
-        return (a1, a2, da1, da2, dctx), (dfp, dgp)
+        if check is not None:
+            mine = jnp.concatenate([checksum(q_f), checksum(q_g)])
+            bad = bad + jnp.any(mine != check).astype(jnp.int32)
+        return (a1, a2, da1, da2, dctx, bad), (dfp, dgp)
 
-    (x1, x2, dx1, dx2, dcontext), (dfp, dgp) = lax.scan(
+    bad = jnp.zeros((), jnp.int32)
+    (x1, x2, dx1, dx2, dcontext, bad), (dfp, dgp) = lax.scan(
         body,
-        (y1, y2, dy1, dy2, dcontext),
-        (jnp.arange(n), fp, gp, keys),
+        (y1, y2, dy1, dy2, dcontext, bad),
+        (jnp.arange(n), fp, gp, keys, checks),
         reverse=True,
         unroll=s.unroll,
     )
-    return (x1, x2), (dx1, dx2), (dfp, dgp, dcontext)
+    return (x1, x2), (dx1, dx2), (dfp, dgp, dcontext), bad
 
 
 def _make_memory_saving(setting: SequenceSetting):
@@ -427,7 +451,7 @@ def _make_memory_saving(setting: SequenceSetting):
         k = setting.exact_every
         plan = None if k is None else exact_range(n, k)
         peak = _input_peak(setting, x1, x2)
-        (c1, c2), aux, stored, peak = scan_forward(
+        (c1, c2), aux, stored, peak, checks = scan_forward(
             setting,
             f_params,
             g_params,
@@ -439,31 +463,33 @@ def _make_memory_saving(setting: SequenceSetting):
             stored_units=plan,
         )
         y1, y2 = in_range(arith, peak, arith.leave(c1), arith.leave(c2))
-        return ((y1, y2), aux, peak), (c1, c2, stored)
+        return ((y1, y2), aux, peak), (c1, c2, stored, checks)
 
+    # ``probe`` (a float32 scalar, value unused): its cotangent is the backward's count of
+    # units whose rebuild differed from the forward (see `sequence_backward`).
     @jax.custom_vjp
-    def run(f_params, g_params, x1, x2, keys, context):
+    def run(f_params, g_params, x1, x2, keys, context, probe):
         return forward(f_params, g_params, x1, x2, keys, context)[0]
 
-    def run_fwd(f_params, g_params, x1, x2, keys, context):
-        out, (c1, c2, stored) = forward(f_params, g_params, x1, x2, keys, context)
+    def run_fwd(f_params, g_params, x1, x2, keys, context, probe):
+        out, (c1, c2, stored, checks) = forward(f_params, g_params, x1, x2, keys, context)
         # The residuals: parameters, the output carries (exact: for fixed point the backward
         # rebuilds from the int32 carries, not from the rounded float outputs; see
-        # `output_residual`), the keys, the side inputs and, with exact_every, the exact input
-        # carries of `exact_units`. No other activation.
+        # `output_residual`), the keys, the side inputs, with exact_every the exact input
+        # carries of `exact_units`, and four int32 checks per unit. No other activation.
         saved = output_residual(arith, out[0], (c1, c2))
-        return out, (f_params, g_params, saved, keys, context, stored)
+        return out, (f_params, g_params, saved, keys, context, stored, checks)
 
     def run_bwd(residuals, cotangents):
-        f_params, g_params, saved, keys, context, stored = residuals
+        f_params, g_params, saved, keys, context, stored, checks = residuals
         (dy1, dy2), _, _ = cotangents  # aux and peak are not differentiated
         # Restored only once the cotangent exists: left free, XLA computes the int32 carries
         # in the forward pass and keeps them (see `tie_to_cotangent`).
         c1, c2 = output_carries(arith, tie_to_cotangent(saved, (dy1, dy2)))
-        _, (dx1, dx2), (dfp, dgp, dcontext) = sequence_backward(
-            setting, f_params, g_params, c1, c2, keys, context, stored, dy1, dy2
+        _, (dx1, dx2), (dfp, dgp, dcontext), bad = sequence_backward(
+            setting, f_params, g_params, c1, c2, keys, context, stored, dy1, dy2, checks=checks
         )
-        return dfp, dgp, dx1, dx2, None, dcontext
+        return dfp, dgp, dx1, dx2, None, dcontext, bad.astype(jnp.float32)
 
     run.defvjp(run_fwd, run_bwd)
     return run

@@ -16,8 +16,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
-from revjax._carry import max_abs
+from revjax._carry import max_abs, quantize
 
 Array = jax.Array
 PyTree = Any
@@ -156,31 +157,121 @@ def add_cotangents(a: PyTree, b: PyTree) -> PyTree:
 # --------------------------------------------------------------------------------------------
 
 
+def isolates(arith) -> bool:
+    """Whether ``arith`` evaluates F and G through `isolated_branch` (fixed point, the
+    ``rebuild="isolated"`` mode)."""
+    return bool(getattr(arith, "isolate", False))
+
+
+def isolated_branch(arith, branch, params, c, key, context):
+    """F or G on the carry ``c``, evaluated in isolation, with its output rounded to the grid.
+
+    The forward and the backward's rebuild both evaluate a branch through this one function,
+    so that they run the same computation, which XLA must not fuse with what surrounds it (the
+    next combine in the forward, the pullback beside it in the backward). On CPU the branch is
+    that of a conditional whose predicate is true at run time but unknown to XLA, so it is
+    compiled as a computation of its own: XLA:CPU removes optimisation barriers before fusion,
+    and with barriers alone a RevNet stage's rebuild differed at its default optimisation
+    level. On GPU and TPU, where a conditional costs a predicate read and more memory (RevNet-
+    164's train step on the H100 target), `lax.optimization_barrier` on the branch's inputs and
+    outputs isolates it; the in-step check (`checksum`) counts any unit where that did not hold.
+
+    Returns:
+      ``(q, aux, magnitude)``: the int32 rounded output ``q(h)``, the branch's aux, and
+      ``max |h|`` (float32, NaN if h has a NaN, which rounding to int32 would hide).
+    """
+
+    def run(operands):
+        h, aux = branch(*operands)
+        return quantize(h, arith.frac_bits), aux, max_abs(h)
+
+    def conditional(operands):
+        shapes = jax.eval_shape(run, operands)
+        first = operands[1].reshape(-1)[0]
+        return lax.cond(
+            first == first,  # true at run time (the view is never NaN), unknown to XLA
+            run,
+            lambda _: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
+            operands,
+        )
+
+    def barriers(operands):
+        return lax.optimization_barrier(run(lax.optimization_barrier(operands)))
+
+    operands = (params, arith.view(c), key, context)
+    return lax.platform_dependent(operands, cpu=conditional, default=barriers)
+
+
+def rebuilt_output(arith, branch, params, c, key, context) -> Array:
+    """The rounded output of `isolated_branch` for a rebuild, which needs neither aux nor
+    magnitude: both still feed the result (times zero, which XLA does not fold for floats), so
+    the backward computes everything the forward's evaluation computes. Left unused, XLA would
+    drop them, and could then fuse the rest of the branch differently from the forward."""
+    q, aux, magnitude = isolated_branch(arith, branch, params, c, key, context)
+    leaves = [a for a in jax.tree.leaves((aux, magnitude)) if jnp.issubdtype(a.dtype, jnp.inexact)]
+    zero = sum((jnp.sum(a).astype(jnp.float32) * 0 for a in leaves), jnp.zeros((), jnp.float32))
+    return q + zero.astype(jnp.int32)
+
+
+#: Odd multiplier of the position weights of `checksum` (2**32 / golden ratio, as int32).
+_WEIGHT = -1640531535
+
+
+def checksum(q: Array) -> Array:
+    """Two wrapping int32 sums of an int32 array: plain and position-weighted, ``[2]``.
+
+    Any single changed element changes both (the weights are odd, so a change of one grid
+    step is never a multiple of 2**32); two opposite changes cancel in the plain sum but not,
+    short of a weight coincidence, in the weighted one.
+    """
+    flat = q.reshape(-1)
+    weights = lax.iota(jnp.int32, flat.size) * jnp.int32(_WEIGHT) | jnp.int32(1)
+    return jnp.stack([jnp.sum(flat, dtype=jnp.int32), jnp.sum(flat * weights, dtype=jnp.int32)])
+
+
 def unit_forward(arith, cpl, f_branch, g_branch, fp, gp, key, context, a1, a2, peak=None):
     """One reversible unit on carries: ``b1 = a1 (+) F(a2)``, ``b2 = a2 (+) G(b1)``.
 
     ``arith`` is the carry arithmetic (`make_carry`), ``f_branch`` / ``g_branch`` the
     normalised residual functions ``(params, x, key, context) -> (h, aux)``, ``key`` the unit's
     key (split into F's and G's). With ``peak`` (a float32 scalar, or None to skip), also
-    returns the largest magnitude of the unit's input carries and F/G outputs so far.
+    returns the largest magnitude of the unit's input carries and F/G outputs so far. With
+    fixed-point carries F and G run through `isolated_branch` (``rebuild="isolated"``) or
+    inline, and the unit's rebuild check is the `checksum` of their rounded outputs.
 
     Returns:
-      ``((b1, b2), (aux_f, aux_g), peak)``.
+      ``((b1, b2), (aux_f, aux_g), peak, check)``; ``check`` is int32 ``[4]`` (F's checksum,
+      then G's) for fixed point, None for floats.
     """
     kf, kg = split_unit_key(key)
-    h_f, aux_f = f_branch(fp, arith.view(a2), kf, context)
-    b1 = arith.combine(cpl, a1, h_f)
-    h_g, aux_g = g_branch(gp, arith.view(b1), kg, context)
-    b2 = arith.combine(cpl, a2, h_g)
+    if isolates(arith):
+        q_f, aux_f, m_f = isolated_branch(arith, f_branch, fp, a2, kf, context)
+        b1 = a1 + q_f
+        q_g, aux_g, m_g = isolated_branch(arith, g_branch, gp, b1, kg, context)
+        b2 = a2 + q_g
+        check = jnp.concatenate([checksum(q_f), checksum(q_g)])
+    else:
+        h_f, aux_f = f_branch(fp, arith.view(a2), kf, context)
+        b1 = arith.combine(cpl, a1, h_f)
+        h_g, aux_g = g_branch(gp, arith.view(b1), kg, context)
+        b2 = arith.combine(cpl, a2, h_g)
+        check = None
+        if arith.fixed and not arith.traced:
+            rounded = (quantize(h, arith.frac_bits) for h in (h_f, h_g))
+            check = jnp.concatenate([checksum(q) for q in rounded])
+        m_f, m_g = (max_abs(h_f), max_abs(h_g)) if peak is not None else (None, None)
     if peak is not None:
-        parts = (arith.magnitude(a1), arith.magnitude(a2), max_abs(h_f), max_abs(h_g))
+        parts = (arith.magnitude(a1), arith.magnitude(a2), m_f, m_g)
         peak = functools.reduce(jnp.maximum, parts, peak)
-    return (b1, b2), (aux_f, aux_g), peak
+    return (b1, b2), (aux_f, aux_g), peak, check
 
 
 def unit_inverse(arith, cpl, f_branch, g_branch, fp, gp, key, context, b1, b2):
     """Inverse of `unit_forward`: ``a2 = b2 (-) G(b1)``, ``a1 = b1 (-) F(a2)`` (aux discarded)."""
     kf, kg = split_unit_key(key)
+    if isolates(arith):
+        a2 = b2 - rebuilt_output(arith, g_branch, gp, b1, kg, context)
+        return b1 - rebuilt_output(arith, f_branch, fp, a2, kf, context), a2
     a2 = arith.uncombine(cpl, b2, g_branch(gp, arith.view(b1), kg, context)[0])
     a1 = arith.uncombine(cpl, b1, f_branch(fp, arith.view(a2), kf, context)[0])
     return a1, a2

@@ -28,8 +28,10 @@ BatchNorm epsilon 1e-3 (vs Flax's 1e-5) and two-pass variance reduce the amplifi
 
 Fixed-point models (``arithmetic="fixed"``) carry the halves as int32 inside the reversible
 units and rebuild them bit for bit: `reconstruction_error` and `DriftMonitor` then report zero
-error and count ``mismatches``, the rebuilt elements whose bits differ from the forward's (0
-unless XLA computes F/G differently in the rebuild).
+error and count ``mismatches``, the rebuilt elements whose bits differ from the forward's. They
+run a separate rebuild of a `revjax.RevNet`; the training step's own backward counts its
+mismatched units for any model built on `revjax.ReversibleSequence` (`revjax.rebuild_mismatches`,
+`revjax.check_rebuild`).
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ def _stage_reconstruction(stage, h1, h2, exact_every, arithmetic="float", frac_b
 
     def forward(carry, params):
         a1, a2 = carry
-        (b1, b2), _, _ = unit_forward(arith, cpl, f, g, *params, None, None, a1, a2)
+        (b1, b2), _, _, _ = unit_forward(arith, cpl, f, g, *params, None, None, a1, a2)
         return (b1, b2), (a1, a2)
 
     # stored: every unit's exact input carry, [n, N, H, W, C/2] per half.
@@ -137,7 +139,9 @@ def _reconstruction_arrays(graphdef, params, batch_stats, x) -> dict[str, dict[s
     if not hasattr(model, "stem_halves") or not hasattr(model, "stages"):
         raise TypeError(
             f"reconstruction_error needs a revjax.RevNet (or its graphdef), got "
-            f"{type(model).__name__}: only reversible stages rebuild their inputs."
+            f"{type(model).__name__}. For a model built on revjax.ReversibleSequence with "
+            "arithmetic='fixed', the training step's backward counts its own rebuild "
+            "mismatches: see revjax.rebuild_mismatches and revjax.check_rebuild."
         )
     exact_every = model.exact_every if model.memory_saving else None
     h1, h2 = model.stem_halves(x, train=True)

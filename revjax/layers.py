@@ -22,7 +22,9 @@ grow with ``num_units``. What every NNX model needs is handled here:
 * **Exact arithmetic** (``arithmetic="fixed"``): the halves are carried as int32 fixed point
   inside the sequence, so the backward rebuilds them bit for bit; the largest magnitude they
   reach is kept in a `CarryPeak` variable, and `check_carry_range` names a sequence whose
-  carries left the range.
+  carries left the range. Every backward pass counts the units whose rebuild differed from the
+  forward (the gradient of the `RebuildMismatches` variable): `record_rebuild_mismatches`
+  adds the count to the model, `check_rebuild` warns once and names the layer.
 
 `pure_call` is the pure form of any NNX module's call, ``(state, *args) -> (output,
 new_state)``, that the sequence gives the core for F and G; the model zoo and training steps use
@@ -34,6 +36,7 @@ from __future__ import annotations
 import functools
 import inspect
 import operator
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -42,13 +45,30 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from revjax._carry import DEFAULT_FRAC_BITS, CarryRangeError, carry_limit, check_arithmetic
+from revjax._carry import (
+    DEFAULT_FRAC_BITS,
+    CarryRangeError,
+    carry_limit,
+    check_arithmetic,
+    check_rebuild_mode,
+)
 from revjax._coupling import Coupling, get_coupling
 from revjax._sequence import check_exact_every, reversible_sequence
 
 Array = jax.Array
 
-__all__ = ["CarryPeak", "ReversibleSequence", "check_carry_range", "pure_call", "stacked"]
+__all__ = [
+    "CarryPeak",
+    "RebuildMismatchWarning",
+    "RebuildMismatches",
+    "ReversibleSequence",
+    "check_carry_range",
+    "check_rebuild",
+    "pure_call",
+    "rebuild_mismatches",
+    "record_rebuild_mismatches",
+    "stacked",
+]
 
 
 class CarryPeak(nnx.BatchStat):
@@ -90,6 +110,119 @@ def check_carry_range(tree: Any) -> None:
         if peak >= carry_limit(frac_bits):
             where = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
             raise CarryRangeError(where or "the model", peak, frac_bits)
+
+
+class RebuildMismatches(nnx.BatchStat):
+    """Units whose fixed-point rebuild differed from the forward: a running count (float32).
+
+    The backward pass of a fixed-point sequence compares, unit by unit, checksums of the F and
+    G outputs it rebuilds with those of the forward, and gives the number of units that differ
+    as the *gradient* of this variable (its value is not used by the call). So a training step
+    that differentiates it (``nnx.grad(loss, argnums=nnx.DiffState(0, nnx.Any(nnx.Param,
+    revjax.RebuildMismatches)))``) gets this step's count in its gradients
+    (`rebuild_mismatches`), and `record_rebuild_mismatches` adds it to the model's running
+    count, which `check_rebuild` reads. A BatchStat, so it travels with the
+    batch statistics (checkpoints, ``batch_stats`` of the trainer).
+    """
+
+
+class RebuildMismatchWarning(RuntimeWarning):
+    """A fixed-point sequence's backward rebuilt some unit differently from its forward: the
+    rebuilt activations (and the gradients through them) are no longer bit for bit."""
+
+
+def new_rebuild_mismatches() -> RebuildMismatches:
+    """A fresh `RebuildMismatches` count (0)."""
+    return RebuildMismatches(jnp.zeros((), jnp.float32))
+
+
+def _path_name(path: tuple) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def _mismatch_leaves(tree: Any) -> list[tuple[str, Any]]:
+    """``(module path, value)`` of every `RebuildMismatches` in a model, State or gradients."""
+    if isinstance(tree, nnx.Module):
+        tree = nnx.state(tree, RebuildMismatches)
+    is_var = lambda x: isinstance(x, nnx.Variable)
+    found = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_var)[0]:
+        if isinstance(leaf, RebuildMismatches):
+            found.append((_path_name(path), leaf.get_value()))
+    return found
+
+
+def rebuild_mismatches(tree: Any) -> dict[str, float]:
+    """The `RebuildMismatches` counts in ``tree``, by module path.
+
+    ``tree``: gradients that include the `RebuildMismatches` variables (this step's counts),
+    or a model / State (the running counts `record_rebuild_mismatches` keeps). Host values:
+    call it outside `jax.jit`. Empty when the model has no fixed-point sequence.
+    """
+    return {path: float(np.asarray(jax.device_get(v))) for path, v in _mismatch_leaves(tree)}
+
+
+def record_rebuild_mismatches(model: nnx.Module, grads: Any) -> Array:
+    """Adds this step's counts (from ``grads``) to ``model``'s `RebuildMismatches` variables.
+
+    Traceable (call it inside your jitted step, next to the optimizer update). ``grads``: the
+    gradients of a step that differentiated the `RebuildMismatches` variables (see there).
+
+    Returns:
+      The step's total count (float32 scalar), e.g. to log.
+    """
+    counts = nnx.state(grads, RebuildMismatches) if isinstance(grads, nnx.Module) else grads
+    step = {path: v for path, v in _mismatch_leaves(counts)}
+    total = jnp.zeros((), jnp.float32)
+    for path, variable in nnx.iter_graph(model):
+        if isinstance(variable, RebuildMismatches):
+            name = _path_name(path)
+            if name in step:
+                variable[...] = variable[...] + step[name]
+                total = total + step[name]
+    return total
+
+
+def add_rebuild_counts(stats: nnx.State, counts: nnx.State) -> tuple[nnx.State, Array]:
+    """For a training step on pure States: ``stats`` (non-parameter variables) with the
+    step's counts added to its `RebuildMismatches`, and the step's total.
+
+    ``counts``: the gradient of ``nnx.split_state(stats, RebuildMismatches, ...)[0]`` (the
+    variables the step differentiated beside the parameters).
+    """
+    old, rest = nnx.split_state(stats, RebuildMismatches, ...)
+    total = sum((jnp.sum(c) for c in jax.tree.leaves(counts)), jnp.zeros((), jnp.float32))
+    return nnx.merge_state(rest, jax.tree.map(jnp.add, old, counts)), total
+
+
+_WARNED: set[str] = set()
+
+
+def check_rebuild(tree: Any) -> dict[str, float]:
+    """Warns (`RebuildMismatchWarning`, once per layer in a process) where a fixed-point
+    rebuild differed from the forward, naming the layer and what to do.
+
+    ``tree``: a model or a State holding its `RebuildMismatches` running counts (e.g. the
+    trainer's ``batch_stats``), or a step's gradients. Returns the non-zero counts by path.
+    """
+    bad = {path: n for path, n in rebuild_mismatches(tree).items() if n}
+    new = sorted(path for path in bad if path not in _WARNED)
+    if new:
+        _WARNED.update(new)
+        listed = ", ".join(f"{path} ({bad[path]:g} unit rebuilds)" for path in new)
+        warnings.warn(
+            f"Fixed-point rebuilds differed from the forward at {listed}: the backward "
+            "computed F or G with different bits than the forward, so those units' rebuilt "
+            "activations and the gradients below them are off by grid steps. With "
+            "rebuild='pullback', use rebuild='isolated' (the default, which evaluates F and G "
+            "as the forward did); otherwise F or G is not deterministic (an op whose result "
+            "varies between runs, e.g. non-deterministic GPU reductions: set "
+            "XLA_FLAGS=--xla_gpu_deterministic_ops=true), or use arithmetic='float' with "
+            "exact_every.",
+            RebuildMismatchWarning,
+            stacklevel=2,
+        )
+    return bad
 
 
 def stacked(n: int, make: Callable[[nnx.Rngs], nnx.Module], rngs: nnx.Rngs) -> nnx.Module:
@@ -232,6 +365,12 @@ class ReversibleSequence(nnx.Module):
         (which the trainer calls at every log step) raises `revjax.CarryRangeError` naming
         this module.
       frac_bits: fraction bits of the fixed-point carries.
+      rebuild: with fixed point, how the backward rebuilds F and G's outputs: ``"isolated"``
+        (default: evaluated as the forward evaluates them, bit for bit on any backend) or
+        ``"pullback"`` (reusing the pullback's recomputation: one F and G evaluation fewer
+        per unit, exact only where XLA compiles both alike). Either way ``rebuild_mismatches``
+        (a `RebuildMismatches`) receives, as its gradient, the number of units whose rebuild
+        differed (see `check_rebuild`). A plain attribute, like ``memory_saving``.
 
     Call:
       ``seq(x1, x2, *context, **kwargs) -> (y1, y2)``. ``context``: arrays (or pytrees of
@@ -256,6 +395,7 @@ class ReversibleSequence(nnx.Module):
         unroll: int | bool | None = None,
         arithmetic: str = "float",
         frac_bits: int = DEFAULT_FRAC_BITS,
+        rebuild: str = "isolated",
     ):
         try:
             n = operator.index(num_units)
@@ -278,6 +418,7 @@ class ReversibleSequence(nnx.Module):
         # first call.
         check_arithmetic(arithmetic, frac_bits, get_coupling(coupling), "ReversibleSequence")
         check_exact_every(exact_every)
+        check_rebuild_mode(rebuild, "ReversibleSequence")
         self.num_units = n
         self.coupling = coupling
         self.memory_saving = memory_saving
@@ -285,7 +426,10 @@ class ReversibleSequence(nnx.Module):
         self.unroll = unroll
         self.arithmetic = arithmetic
         self.frac_bits = frac_bits
-        self.carry_peak = new_carry_peak(frac_bits) if arithmetic == "fixed" else None
+        self.rebuild = rebuild
+        fixed = arithmetic == "fixed"
+        self.carry_peak = new_carry_peak(frac_bits) if fixed else None
+        self.rebuild_mismatches = new_rebuild_mismatches() if fixed else None
         self.f = stacked(n, make_f, rngs)
         self.g = stacked(n, make_g, rngs)
 
@@ -375,6 +519,8 @@ class ReversibleSequence(nnx.Module):
             arithmetic=self.arithmetic,
             frac_bits=self.frac_bits,
             return_peak=fixed,
+            rebuild=self.rebuild,
+            rebuild_probe=self.rebuild_mismatches[...] if fixed else None,
         )
         ((y1, y2), (f_new, g_new)), peak = out if fixed else (out, None)
         if fixed:

@@ -511,6 +511,11 @@ def test_public_api():
         "DriftWarning",
         "gradient_agreement",
         "reconstruction_error",
+        "RebuildMismatches",
+        "RebuildMismatchWarning",
+        "check_rebuild",
+        "rebuild_mismatches",
+        "record_rebuild_mismatches",
     }
     assert expected <= set(revjax.__all__)
     # (that each name is re-exported: tests/test_structure.py) Every public class and function
@@ -611,7 +616,7 @@ def test_exact_every_stores_the_inputs_of_exact_units():
             g = lambda x, i=i: residual(jax.tree.map(lambda a: a[i], gp), x)
             inputs.append(additive_coupling.forward(f, g, *inputs[-1]))
         setting = SequenceSetting(additive_coupling, branch, branch, 1, FloatCarry(x1.dtype), k)
-        _, _, stored, _ = scan_forward(
+        _, _, stored, *_ = scan_forward(
             setting, fp, gp, x1, x2, None, stored_units=exact_range(n, k)
         )
         return inputs, stored
