@@ -11,13 +11,14 @@ into the model, and `revjax.generate` continues the prompt with the key-value ca
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
 
 def sample(workdir: str, prompt: str = "\n", tokens: int = 500, temperature: float = 0.8,
            top_k: int | None = 200, seed: int = 0, config_name: str | None = None,
-           quick: bool = False) -> str:
+           quick: bool = False, data_dir: str | None = None) -> str:
     """The prompt and ``tokens`` characters (or bytes) sampled from the run in ``workdir``."""
     import jax
     from flax import nnx
@@ -40,7 +41,10 @@ def sample(workdir: str, prompt: str = "\n", tokens: int = 500, temperature: flo
         if not name:
             raise SystemExit(f"error: the checkpoint in {path} does not name its config; pass "
                              "--config NAME.")
-        config = load_config(name, quick or bool(record.get("quick")))
+        name, *flags = name.split()  # a recorded name may read "shakespeare_char_gpt --quick"
+        config = load_config(name, quick or "--quick" in flags)
+        if data_dir is not None:
+            config = dataclasses.replace(config, data_dir=data_dir)
         data = text.load_text_dataset(config.dataset, config.data_dir)
         graphdef, target, _ = abstract_train_state(config, data.vocab_size, 1)
         restored = resilience.restore_latest(manager, target, path)
@@ -64,9 +68,10 @@ def main(argv=None) -> str:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--config", default=None)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--data-dir", default=None, help="where the text dataset was prepared")
     args = p.parse_args(argv)
     out = sample(args.workdir, args.prompt, args.tokens, args.temperature, args.top_k or None,
-                 args.seed, args.config, args.quick)
+                 args.seed, args.config, args.quick, args.data_dir)
     sys.stdout.write(out + "\n")
     return out
 

@@ -43,7 +43,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from revjax.data.sources import DatasetNotPreparedError
+from revjax.data.sources import DatasetInfo, DatasetNotPreparedError
 
 __all__ = [
     "LEVELS",
@@ -57,6 +57,7 @@ __all__ = [
     "load_text_dataset",
     "prepare_text",
     "shakespeare_text",
+    "text_dataset_info",
     "unigram_entropy",
 ]
 
@@ -240,6 +241,18 @@ def load_text_dataset(name: str, data_dir: str | os.PathLike | None = None) -> T
         meta = json.load(f)
     vocab = None if meta["vocab"] is None else tuple(meta["vocab"])
     return TextDataset(name, meta["level"], vocab, np.load(files[0]), np.load(files[1]))
+
+
+def text_dataset_info(name: str, data_dir: str | os.PathLike | None, context: int) -> DatasetInfo:
+    """The trainer's `revjax.data.DatasetInfo` of a prepared text dataset: ``num_classes`` is
+    the vocabulary size, ``image_shape`` ``(context, 1, 1)``, examples are tokens.
+
+    Raises:
+      DatasetNotPreparedError: as `load_text_dataset`.
+    """
+    data = load_text_dataset(name, data_dir)
+    return DatasetInfo(name, data.vocab_size, (context, 1, 1), "train", "val", len(data.train),
+                       len(data.val), False, False)
 
 
 # --------------------------------------------------------------------------------------------

@@ -23,6 +23,8 @@ from revjax.train.config import TrainConfig
 from revjax.train.inputs import (
     DATA_AXIS,
     check_batch_size,
+    dataset_info,
+    is_text,
     make_eval_input,
     make_mesh,
     make_train_input,
@@ -270,7 +272,6 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike, *,
 def _train(config: TrainConfig, workdir: Path, config_name: str | None, stop: StopSignals,
            cleanup: contextlib.ExitStack):
     """Start-up and the training loop; returns ``(state, result, run_eval, writer)``."""
-    from revjax import data  # the input pipeline needs the experiments extra
 
     maybe_initialize_distributed()
     workdir = workdir.expanduser().absolute()  # Orbax requires absolute paths
@@ -280,7 +281,7 @@ def _train(config: TrainConfig, workdir: Path, config_name: str | None, stop: St
     check_batch_size(config.batch_size, mesh)
     check_batch_size(eval_batch_size, mesh, "eval_batch_size")
     workdir.mkdir(parents=True, exist_ok=True)
-    info = data.get_dataset_info(config.dataset, config.image_size)
+    info = dataset_info(config)  # a text dataset's: the vocabulary and the context
     image_size = info.image_shape[0]
 
     # Fails early, with the prepare command, if data are missing.
@@ -302,7 +303,8 @@ def _train(config: TrainConfig, workdir: Path, config_name: str | None, stop: St
 
     writer = MetricWriter(workdir)
     result: dict[str, Any] = {}
-    if config.memory_report and step == 0:
+    # The memory report compiles image models' steps; language models have bench_lm.
+    if config.memory_report and step == 0 and not is_text(config):
         result["memory"] = _report_memory(config, info, writer, startup.check)
         startup.check()
 
