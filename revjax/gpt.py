@@ -53,9 +53,16 @@ from jax import lax
 
 from revjax._carry import DEFAULT_FRAC_BITS, check_arithmetic, make_carry
 from revjax._coupling import get_coupling
-from revjax._gpt_blocks import ATTENTIONS, MLPS, NORMS, POSITIONS, BlockSetting, norm_layer
-from revjax._gpt_blocks import CausalAttention as CausalAttention
-from revjax._gpt_blocks import Mlp as Mlp
+from revjax._gpt_blocks import (
+    ATTENTIONS,
+    MLPS,
+    NORMS,
+    POSITIONS,
+    BlockSetting,
+    CausalAttention,
+    Mlp,
+    norm_layer,
+)
 from revjax._options import (
     ModelOptions,
     OptionsModule,
@@ -572,27 +579,32 @@ _GPT2_SMALL = dict(vocab_size=50257, context_length=1024, embed_dim=768, depth=1
 _1B = dict(vocab_size=50257, context_length=2048, embed_dim=2048, depth=24, num_heads=16)
 
 
-def _pair(name: str, arch: dict, what: str) -> tuple:
-    """Registers ``name`` (a GPT) and ``rev{name}`` (its RevGPT twin)."""
-    plain = register(name, GPT, f"{what}.", **arch)
-    rev = register(f"rev{name}", RevGPT, f"{what}, reversible (parameters equal the GPT's).",
-                   twin=name, **arch)
-    return plain, rev
+_REV = "reversible (parameters equal the GPT's)"
 
-
-gpt_char_cpu, revgpt_char_cpu = _pair(
-    "gpt_char_cpu", _CHAR_CPU, "nanoGPT's CPU character model: 4 blocks, 4 heads, width 128, "
-    "context 64; 809,856 parameters with 65 characters"
+gpt_char_cpu = register(
+    "gpt_char_cpu", GPT, "nanoGPT's CPU character model: 4 blocks, 4 heads, width 128, context "
+    "64; 809,856 parameters with 65 characters.", **_CHAR_CPU,
 )
-gpt_char, revgpt_char = _pair(
-    "gpt_char", _CHAR, "nanoGPT's GPU character model: 6 blocks, 6 heads, width 384, context "
-    "256, dropout 0.2; 10,770,816 parameters with 65 characters"
+revgpt_char_cpu = register(
+    "revgpt_char_cpu", RevGPT, f"nanoGPT's CPU character model, {_REV}.", twin="gpt_char_cpu",
+    **_CHAR_CPU,
 )
-gpt2_small, revgpt2_small = _pair(
-    "gpt2_small", _GPT2_SMALL, "GPT-2 small: 12 blocks, 12 heads, width 768, context 1024, "
-    "vocabulary 50,257; 124,439,808 parameters"
+gpt_char = register(
+    "gpt_char", GPT, "nanoGPT's GPU character model: 6 blocks, 6 heads, width 384, context 256, "
+    "dropout 0.2; 10,770,816 parameters with 65 characters.", **_CHAR,
 )
-gpt_1b, revgpt_1b = _pair(
-    "gpt_1b", _1B, "A 1.3B GPT: 24 blocks, 16 heads, width 2048, context 2048, vocabulary "
-    "50,257; 1,315,723,264 parameters"
+revgpt_char = register(
+    "revgpt_char", RevGPT, f"nanoGPT's GPU character model, {_REV}.", twin="gpt_char", **_CHAR,
 )
+gpt2_small = register(
+    "gpt2_small", GPT, "GPT-2 small: 12 blocks, 12 heads, width 768, context 1024, vocabulary "
+    "50,257; 124,439,808 parameters.", **_GPT2_SMALL,
+)
+revgpt2_small = register(
+    "revgpt2_small", RevGPT, f"GPT-2 small, {_REV}.", twin="gpt2_small", **_GPT2_SMALL,
+)
+gpt_1b = register(
+    "gpt_1b", GPT, "A 1.3B GPT: 24 blocks, 16 heads, width 2048, context 2048, vocabulary "
+    "50,257; 1,315,723,264 parameters.", **_1B,
+)
+revgpt_1b = register("revgpt_1b", RevGPT, f"The 1.3B GPT, {_REV}.", twin="gpt_1b", **_1B)
