@@ -76,3 +76,14 @@ def test_windows_resume_and_eval(prepared):
     batches = list(ev)
     assert sum(float(b["mask"].sum()) for b in batches) == ev.num_windows <= 10
     np.testing.assert_array_equal(batches[0]["tokens"][0], ds.val[:8])
+
+
+def test_prepare_command_line(tmp_path, capsys):
+    from revjax.data.prepare import main
+
+    source = tmp_path / "mine.txt"
+    source.write_text("abcab" * 40, encoding="utf-8")
+    assert main(["text_char", "--data_dir", str(tmp_path), "--source", str(source)]) == 0
+    assert "3 tokens in the vocabulary, 180 training" in capsys.readouterr().out
+    assert main(["text_char", "--data_dir", str(tmp_path)]) == 1  # no --source: the fix named
+    assert "--source" in capsys.readouterr().err
