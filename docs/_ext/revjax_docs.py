@@ -44,6 +44,7 @@ RESULT_PAGES: dict[str, tuple[str, ...]] = {
         "bench_lm_memory_w768_grad_h100",
         "bench_lm_memory_w2048_grad_h100",
         "bench_lm_exact",
+        "bench_lm_speed",
     ),
     "finetune": ("bench_finetune", "bench_finetune_h100", "train_digits_revvit_finetune"),
     "drift": ("bench_arithmetic", "bench_drift"),
