@@ -29,6 +29,35 @@ ATTENTIONS = ("xla", "cudnn", "plain")
 ROPE_BASE = 10_000.0
 
 
+def check_options(name: str, o: Any) -> None:
+    """Raises a ValueError naming the first option of ``o`` (a `revjax.LanguageModelOptions`)
+    a GPT cannot take."""
+    for what in ("vocab_size", "context_length", "embed_dim", "depth", "num_heads"):
+        value = getattr(o, what)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: {what} must be a positive int, got {value!r}.")
+    if o.embed_dim % o.num_heads:
+        raise ValueError(
+            f"{name}: embed_dim={o.embed_dim} is not divisible by num_heads={o.num_heads}; "
+            "each head gets embed_dim / num_heads features."
+        )
+    for what, value, known in (
+        ("norm", o.norm, NORMS),
+        ("mlp", o.mlp, MLPS),
+        ("position", o.position, POSITIONS),
+        ("attention", o.attention, ATTENTIONS),
+    ):
+        if value not in known:
+            raise ValueError(f"{name}: unknown {what} {value!r}; use one of {known}.")
+    if o.position == "rope" and (o.embed_dim // o.num_heads) % 2:
+        width = o.embed_dim // o.num_heads
+        raise ValueError(f"{name}: RoPE needs an even head width, got {width}.")
+    for what in ("dropout", "attention_dropout"):
+        rate = getattr(o, what)
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"{name}: {what} must lie in [0, 1), got {rate!r}.")
+
+
 class BlockSetting(NamedTuple):
     """The static setting every attention and MLP block of a GPT shares.
 

@@ -53,16 +53,7 @@ from jax import lax
 
 from revjax._carry import DEFAULT_FRAC_BITS, check_arithmetic, make_carry
 from revjax._coupling import get_coupling
-from revjax._gpt_blocks import (
-    ATTENTIONS,
-    MLPS,
-    NORMS,
-    POSITIONS,
-    BlockSetting,
-    CausalAttention,
-    Mlp,
-    norm_layer,
-)
+from revjax._gpt_blocks import BlockSetting, CausalAttention, Mlp, check_options, norm_layer
 from revjax._options import (
     ModelOptions,
     OptionsModule,
@@ -198,33 +189,6 @@ class RevGPTOptions(LanguageModelOptions):
 # --------------------------------------------------------------------------------------------
 
 
-def _check(name: str, o: LanguageModelOptions) -> None:
-    for what in ("vocab_size", "context_length", "embed_dim", "depth", "num_heads"):
-        value = getattr(o, what)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: {what} must be a positive int, got {value!r}.")
-    if o.embed_dim % o.num_heads:
-        raise ValueError(
-            f"{name}: embed_dim={o.embed_dim} is not divisible by num_heads={o.num_heads}; "
-            "each head gets embed_dim / num_heads features."
-        )
-    for what, value, known in (
-        ("norm", o.norm, NORMS),
-        ("mlp", o.mlp, MLPS),
-        ("position", o.position, POSITIONS),
-        ("attention", o.attention, ATTENTIONS),
-    ):
-        if value not in known:
-            raise ValueError(f"{name}: unknown {what} {value!r}; use one of {known}.")
-    if o.position == "rope" and (o.embed_dim // o.num_heads) % 2:
-        width = o.embed_dim // o.num_heads
-        raise ValueError(f"{name}: RoPE needs an even head width, got {width}.")
-    for what in ("dropout", "attention_dropout"):
-        rate = getattr(o, what)
-        if not 0.0 <= rate < 1.0:
-            raise ValueError(f"{name}: {what} must lie in [0, 1), got {rate!r}.")
-
-
 class _LanguageModel(OptionsModule):
     """What GPT and RevGPT share: options, checks, embeddings, keys, the tied head, the cache."""
 
@@ -235,7 +199,7 @@ class _LanguageModel(OptionsModule):
 
     def _setup(self, o: LanguageModelOptions, rngs: nnx.Rngs) -> BlockSetting:
         """Checks the options ``o``, sets the attributes, builds embeddings and final norm."""
-        _check(type(self).__name__, o)
+        check_options(type(self).__name__, o)
         self.vocab_size = o.vocab_size
         self.context_length = o.context_length
         self.embed_dim = o.embed_dim
