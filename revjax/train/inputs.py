@@ -23,7 +23,11 @@ from revjax.train.config import ConfigError, TrainConfig
 
 __all__ = [
     "DATA_AXIS",
+    "TEXT_EVAL_WINDOWS",
     "check_batch_size",
+    "dataset_info",
+    "is_text",
+    "lm_context",
     "make_eval_input",
     "make_mesh",
     "make_train_input",
@@ -96,6 +100,11 @@ def resolve_input_pipeline(config: TrainConfig) -> str:
     from revjax import data
 
     choice = config.input_pipeline  # one of config.INPUT_PIPELINES (checked by TrainConfig)
+    if is_text(config):
+        if choice not in ("auto", "device"):
+            raise ValueError(f"Text datasets ({config.dataset!r}) live on the devices; use "
+                             "input_pipeline='auto' or 'device'.")
+        return "device"
     if config.dataset == "imagenet2012":
         return _resolve_imagenet_pipeline(choice)
     if choice == "dali":
@@ -131,6 +140,42 @@ def _resolve_imagenet_pipeline(choice: str) -> str:
     )
 
 
+# --------------------------------------------------------------------------------------------
+# Language models: token windows of the model's context
+# --------------------------------------------------------------------------------------------
+
+#: Validation windows of a text dataset (nanoGPT evaluates 200 batches of 12).
+TEXT_EVAL_WINDOWS = 2400
+
+
+def is_text(config: TrainConfig) -> bool:
+    """Whether ``config`` trains a language model on a text dataset."""
+    from revjax.data.text import TEXT_DATASETS
+
+    return config.dataset in TEXT_DATASETS
+
+
+def lm_context(config: TrainConfig) -> int:
+    """The context length of ``config``'s language model (its windows' length)."""
+    from revjax import presets
+
+    preset = presets.get(config.model)
+    return int(config.model_overrides.get("context_length",
+                                          preset.architecture["context_length"]))
+
+
+def dataset_info(config: TrainConfig):
+    """The `revjax.data.DatasetInfo` of ``config``'s dataset (a text dataset's: vocabulary size
+    as ``num_classes``, ``(context, 1, 1)`` as ``image_shape``)."""
+    from revjax import data
+
+    if is_text(config):
+        from revjax.data import text
+
+        return text.text_dataset_info(config.dataset, config.data_dir, lm_context(config))
+    return data.get_dataset_info(config.dataset, config.image_size)
+
+
 def make_train_input(config: TrainConfig, mesh: Mesh, image_size: int):
     """The training input of ``config``: a `revjax.data.DeviceTrainInput`,
     `revjax.data.GrainTrainInput`, `revjax.data.ImageNetTrainInput` or
@@ -140,6 +185,13 @@ def make_train_input(config: TrainConfig, mesh: Mesh, image_size: int):
 
     batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
     kind = resolve_input_pipeline(config)
+    if is_text(config):  # token windows drawn in the step from the tokens on the devices
+        from revjax.data import text
+
+        tokens = text.load_text_dataset(config.dataset, config.data_dir).train
+        return text.TextTrainInput(tokens, batch_size=config.batch_size,
+                                        context=lm_context(config), seed=config.seed,
+                                        batch_sharding=batch_sharding)
     if config.dataset == "imagenet2012":  # uint8 crops; flip, jitter, scaling in the step
         if kind == "dali":
             from revjax.data.dali_pipeline import DaliTrainInput
@@ -182,6 +234,14 @@ def make_eval_input(config: TrainConfig, mesh: Mesh, image_size: int, kind: str,
     central crops, scaled on the devices)."""
     from revjax import data
 
+    if is_text(config):
+        from revjax.data import text
+
+        tokens = text.load_text_dataset(config.dataset, config.data_dir).val
+        windows = text.TextEvalInput(
+            tokens, batch_size=batch_size, context=lm_context(config),
+            num_windows=TEXT_EVAL_WINDOWS, batch_sharding=NamedSharding(mesh, P(DATA_AXIS)))
+        return lambda: iter(windows)
     if config.dataset == "imagenet2012":
         return data.imagenet.make_eval_input(
             batch_size=batch_size, batch_sharding=NamedSharding(mesh, P(DATA_AXIS)),

@@ -25,6 +25,8 @@ from revjax.train.config import TrainConfig, check_init_from
 from revjax.train.inputs import (
     DATA_AXIS,
     check_batch_size,
+    dataset_info,
+    is_text,
     make_eval_input,
     make_mesh,
     make_train_input,
@@ -345,7 +347,6 @@ def _set_up(config: TrainConfig, workdir: Path, config_name: str | None, stop: S
     """Devices, data, state (restored when resuming), the memory report and the compiled step;
     every resource it opens goes on ``cleanup``. Stops with `Preempted` (``started`` False)
     between phases on a signal received so far."""
-    from revjax import data  # the input pipeline needs the experiments extra
 
     maybe_initialize_distributed()
     workdir = workdir.expanduser().absolute()  # Orbax requires absolute paths
@@ -355,7 +356,7 @@ def _set_up(config: TrainConfig, workdir: Path, config_name: str | None, stop: S
     check_batch_size(config.batch_size, mesh)
     check_batch_size(eval_batch_size, mesh, "eval_batch_size")
     check_init_from(config)
-    info = data.get_dataset_info(config.dataset, config.image_size)
+    info = dataset_info(config)  # a text dataset's: the vocabulary and the context
     image_size = info.image_shape[0]
 
     # Fails early, with the prepare command, if data are missing (before the workdir exists).
@@ -378,7 +379,8 @@ def _set_up(config: TrainConfig, workdir: Path, config_name: str | None, stop: S
     writer = MetricWriter(workdir)
     cleanup.callback(writer.close)
     memory = None
-    if config.memory_report and step == 0:
+    # The memory report compiles image models' steps; language models have bench_lm.
+    if config.memory_report and step == 0 and not is_text(config):
         memory = _report_memory(config, info, writer, startup.check)
         startup.check()
 

@@ -7,6 +7,7 @@ be jitted, sharded and donated like any JAX function.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -67,7 +68,8 @@ def build_model(name: str, overrides: Mapping[str, Any], num_classes: int, in_ch
       ValueError: an unknown name (with the closest known names).
     """
     overrides = dict(overrides)
-    overrides.setdefault("in_channels", in_channels)
+    if presets.get(name).accepts("in_channels"):  # image models; a language model reads tokens
+        overrides.setdefault("in_channels", in_channels)
     return presets.build(name, num_classes, rngs=nnx.Rngs(seed), **overrides)
 
 
@@ -186,10 +188,17 @@ def _apply(graphdef, params, batch_stats, x, *, train, key=None):
 
 
 def _loss_and_metrics(graphdef, params, batch_stats, batch, train, key=None, label_smoothing=0.0):
-    logits, new_stats = _apply(graphdef, params, batch_stats, batch["image"], train=train, key=key)
+    """Per-example losses and accuracies: of the image's label, or for a language model's batch
+    (``tokens`` / ``targets`` [N, T]) the mean over its positions of next-token prediction."""
+    text = "tokens" in batch
+    inputs, labels = (batch["tokens"], batch["targets"]) if text else (batch["image"],
+                                                                       batch["label"])
+    logits, new_stats = _apply(graphdef, params, batch_stats, inputs, train=train, key=key)
     logits = logits.astype(jnp.float32)
-    losses = cross_entropy(logits, batch["label"], label_smoothing)
-    correct = (jnp.argmax(logits, axis=-1) == batch["label"]).astype(jnp.float32)
+    losses = cross_entropy(logits, labels, label_smoothing)
+    correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+    if text:  # [N, T] -> [N]: every window weighs the same
+        losses, correct = jnp.mean(losses, axis=-1), jnp.mean(correct, axis=-1)
     return losses, correct, new_stats
 
 
@@ -252,13 +261,19 @@ def make_eval_step(graphdef: nnx.GraphDef) -> Callable:
 
 
 def evaluate(eval_step: Callable, state: TrainState, batches: Iterator, sharding) -> dict:
-    """Exact accuracy and loss over a masked, padded evaluation stream."""
+    """Exact accuracy and loss over a masked, padded evaluation stream (and, for a language
+    model's token windows, the perplexity ``exp(loss)``)."""
     from revjax.data import global_batch  # the input pipeline needs the experiments extra
 
     totals = {"correct": 0.0, "loss": 0.0, "count": 0.0}
+    text = False
     for local in batches:
+        text = text or "tokens" in local
         out = eval_step(state, global_batch(local, sharding))
         for k in totals:
             totals[k] += float(out[k])
     count = max(totals["count"], 1.0)
-    return {"eval_accuracy": totals["correct"] / count, "eval_loss": totals["loss"] / count}
+    result = {"eval_accuracy": totals["correct"] / count, "eval_loss": totals["loss"] / count}
+    if text:  # a language model's: loss in nats per token, so perplexity exp(loss)
+        result["eval_perplexity"] = math.exp(result["eval_loss"])
+    return result

@@ -1,0 +1,69 @@
+"""Tests of `revjax.pretrained.load_gpt2` / `save_gpt2`: Hugging Face GPT-2 into `revjax.GPT`."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import revjax
+from revjax.pretrained import CheckpointMismatch, gpt2_state_dict, load_gpt2, save_gpt2
+
+TINY = dict(vocab_size=29, context_length=16, embed_dim=24, depth=2, num_heads=3, unroll=1)
+
+
+_forward = nnx.jit(lambda model, tokens: model(tokens))
+
+
+def _tokens():
+    return jax.random.randint(jax.random.key(0), (2, 16), 0, TINY["vocab_size"])
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = revjax.GPT(rngs=nnx.Rngs(4), **TINY)
+    save_gpt2(model, tmp_path)
+    again = load_gpt2(tmp_path, unroll=1)
+    np.testing.assert_array_equal(_forward(model, _tokens()), _forward(again, _tokens()))
+    state = gpt2_state_dict(model)
+    assert state["transformer.h.1.attn.c_attn.weight"].shape == (24, 72)  # Conv1D: [in, out]
+    del state["transformer.h.0.ln_2.bias"]
+    state["transformer.h.0.extra"] = state["transformer.ln_f.bias"]
+    from safetensors.numpy import save_file
+
+    save_file(state, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(CheckpointMismatch, match="2 difference") as info:
+        load_gpt2(tmp_path / "bad.safetensors")
+    assert "missing tensor h.0.ln_2.bias" in str(info.value)
+    with pytest.raises(ValueError, match="Only GPT-2's layout"):
+        gpt2_state_dict(revjax.GPT(rngs=nnx.Rngs(0), **TINY, position="rope"))
+
+
+def test_logits_equal_transformers(tmp_path):
+    transformers = pytest.importorskip(
+        "transformers", reason="transformers is not installed (the pretrained-test extra has it)"
+    )
+    torch = pytest.importorskip("torch")
+    config = transformers.GPT2Config(
+        vocab_size=29, n_positions=16, n_embd=24, n_layer=2, n_head=3, resid_pdrop=0.0,
+        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+    )
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    model = load_gpt2(tmp_path / "hf", unroll=1)
+    tokens = np.array(_tokens())  # writable, for torch
+    with torch.no_grad():
+        expected = hf(torch.from_numpy(tokens).long()).logits.numpy()
+    got = np.asarray(_forward(model, jnp.asarray(tokens)))
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    # And back: the exported tensors are GPT2LMHeadModel's, names and layout.
+    back = transformers.GPT2LMHeadModel(config).eval()
+    exported = {k: torch.tensor(np.array(v)) for k, v in gpt2_state_dict(model).items()}
+    result = back.load_state_dict(exported, strict=False)
+    assert not result.unexpected_keys and set(result.missing_keys) <= {"lm_head.weight"}
+    back.tie_weights()
+    with torch.no_grad():
+        again = back(torch.from_numpy(tokens).long()).logits.numpy()
+    np.testing.assert_allclose(again, expected, rtol=1e-5, atol=1e-5)
