@@ -303,7 +303,8 @@ _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\{$")
 _CALLED = re.compile(r"(?:calls|to_apply|body|condition|branch_computations)=\{?([^,}\s]+(?:, "
                      r"%[\w.\-]+)*)\}?")
 _WHILE_BODY = re.compile(r"\bwhile\(.*\bbody=%?([\w.\-]+)")
-_GATHER = re.compile(r"= (\w+\[[\d,]*\])\S* all-gather(?:-start)?\(")
+_GATHER = re.compile(r"= (.*?) all-gather(?:-start)?\(")
+_SHAPE = re.compile(r"\w+\[[\d,]*\]")
 
 
 def all_gathers(hlo_text: str) -> dict[str, list[str]]:
@@ -332,5 +333,8 @@ def all_gathers(hlo_text: str) -> dict[str, list[str]]:
     found: dict[str, list[str]] = {"in_loops": [], "outside": []}
     for name, lines in computations.items():
         where = "in_loops" if name in in_loops else "outside"
-        found[where].extend(m.group(1) for line in lines for m in [_GATHER.search(line)] if m)
+        for line in lines:
+            match = _GATHER.search(line)
+            if match:  # an async start's result is a tuple (operand, result): the last shape
+                found[where].append(_SHAPE.findall(match.group(1))[-1])
     return found
