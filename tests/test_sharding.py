@@ -191,3 +191,26 @@ def test_sharded_training_equals_one_device(model, mesh_shape, rtol):
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
         error = np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
         assert error <= rtol, (S.param_path(path), error)
+
+
+def test_language_model_rules_by_name():
+    """GPT / RevGPT parameter names (token embedding tied to the head, a learned position
+    table, attention and a gated MLP, stacked over 12 blocks) are all placed."""
+    f32 = jnp.float32
+    params = {
+        "embed": {"embedding": jax.ShapeDtypeStruct((50304, 768), f32)},
+        "pos_embed": jax.ShapeDtypeStruct((1024, 768), f32),
+        "blocks": {"f": {"qkv": {"kernel": jax.ShapeDtypeStruct((12, 768, 2304), f32)},
+                         "proj": {"kernel": jax.ShapeDtypeStruct((12, 768, 768), f32)},
+                         "norm": {"scale": jax.ShapeDtypeStruct((12, 768), f32)}},
+                   "g": {"gate": {"kernel": jax.ShapeDtypeStruct((12, 768, 2048), f32)},
+                         "fc1": {"kernel": jax.ShapeDtypeStruct((12, 768, 2048), f32)},
+                         "fc2": {"kernel": jax.ShapeDtypeStruct((12, 2048, 768), f32)}}},
+        "norm": {"scale": jax.ShapeDtypeStruct((768,), f32)},
+    }
+    plan = S.plan_params(params, {"data": 1, "fsdp": 4, "tensor": 2}, S.GPT_RULES)
+    assert plan["embed/embedding"].spec == P("tensor", "fsdp")
+    assert plan["pos_embed"].spec == P(None, "fsdp")
+    assert plan["blocks/g/gate/kernel"].spec == P(None, "fsdp", "tensor")
+    assert plan["blocks/f/proj/kernel"].spec == P(None, "tensor", "fsdp")
+    assert plan["norm/scale"].replicated

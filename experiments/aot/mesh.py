@@ -26,6 +26,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -67,7 +68,9 @@ L16 = {"embed_dim": 1024, "depth": 24, "num_heads": 16}
 TABLES = {
     "vit_l16": dict(
         models=(("ViT-L/16", "vit_b16", L16), ("RevViT-L/16", "revvit_b16", L16)),
-        meshes=((8, 1, 1), (1, 8, 1), (2, 4, 1)), batch=32, size=224,
+        # by the slice's device count
+        meshes={8: ((8, 1, 1), (1, 8, 1), (2, 4, 1)), 4: ((4, 1, 1), (1, 4, 1), (2, 2, 1))},
+        batch=32, size=224,
     ),
 }
 CONFIG = {"optimizer": "adamw", "compute_dtype": "bfloat16"}
@@ -130,29 +133,38 @@ def compile_sharded(devices, model, overrides, mesh_shape, batch, size, config=N
     step = jax.jit(make_train_step(graphdef, tx), donate_argnums=0,
                    in_shardings=(shardings, batch_sharding),
                    out_shardings=(shardings, NamedSharding(mesh, P())))
-    with jax.set_mesh(mesh):
-        compiled = step.lower(placed, {"image": images, "label": labels}).compile()
-    mem = compiled_memory(compiled)
-    gathers = S.all_gathers(compiled.as_text())
-    params = sum(math.prod(s.shape) for s in jax.tree.leaves(state.params))
-    return {
-        "params": params,
+    record = {
+        "params": sum(math.prod(s.shape) for s in jax.tree.leaves(state.params)),
         "state": shard_bytes(state.params, shardings.params)
         + shard_bytes(state.opt_state, shardings.opt_state),
         "state_replicated": sum(math.prod(s.shape) * np.dtype(s.dtype).itemsize
                                 for s in jax.tree.leaves((state.params, state.opt_state))),
         "global_batch": global_batch,
-        **mem, "total": mem.total,
+    }
+    try:
+        with jax.set_mesh(mesh):
+            compiled = step.lower(placed, {"image": images, "label": labels}).compile()
+    except Exception as error:  # noqa: BLE001 - the TPU compiler refuses what cannot fit
+        text = str(error)
+        if "RESOURCE_EXHAUSTED" not in text:
+            raise
+        # "... the total memory required for HLO temporaries (19.02G) exceeds available HBM"
+        return {**record, "error": text.splitlines()[0][:300]}
+    mem = compiled_memory(compiled)
+    gathers = S.all_gathers(compiled.as_text())
+    return {
+        **record, **mem, "total": mem.total,
         "gathers_in_loops": len(gathers["in_loops"]), "gathers_outside": len(gathers["outside"]),
     }
 
 
-def _jobs(args):
+def _jobs(args, devices: int):
     if args.table:
         table = TABLES[args.table]
         return [dict(label=label, model=model, overrides=overrides, mesh=mesh,
                      batch=table["batch"], size=table["size"])
-                for label, model, overrides in table["models"] for mesh in table["meshes"]]
+                for label, model, overrides in table["models"]
+                for mesh in table["meshes"][devices]]
     meshes = [tuple(int(v) for v in m.split(",")) for m in args.mesh]
     return [dict(label=args.model, model=args.model, overrides=json.loads(args.overrides),
                  mesh=mesh, batch=args.batch, size=args.size) for mesh in meshes]
@@ -160,6 +172,12 @@ def _jobs(args):
 
 def _row(job, rec, budget):
     mib = 2**20
+    if "error" in rec:  # the compiler gave up: its own figure for the temporaries
+        found = re.search(r"temporaries \(([\d.]+\w)\)", rec["error"])
+        needed = f"{found.group(1)}B needed" if found else "-"
+        return [job["label"], str(tuple(job["mesh"])), rec["global_batch"],
+                f"{rec['state'] / mib:,.0f}", "-", needed, "-",
+                "does not fit (the compiler refused)", "-"]
     return [job["label"], str(tuple(job["mesh"])), rec["global_batch"],
             f"{rec['state'] / mib:,.0f}", f"{rec['argument'] / mib:,.0f}",
             f"{rec['temp'] / mib:,.0f}", f"{rec['total'] / mib:,.0f}",
@@ -193,7 +211,7 @@ def main(argv=None) -> None:
     memory = _memory(spec)
     budget = memory * (1 - RESERVE)
     rows = []
-    for job in _jobs(args):
+    for job in _jobs(args, len(devices)):
         rec = compile_sharded(devices, job["model"], job["overrides"], job["mesh"], job["batch"],
                               job["size"])
         rows.append(_row(job, rec, budget))

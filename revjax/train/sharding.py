@@ -108,20 +108,14 @@ VIT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     (r"head/bias", ("classes",)),
 )
 
-# Transformer language models: the ViT names plus token embeddings, separate q / k / v
-# projections, a gated MLP and the language-model head.
+# Transformer language models: token embeddings (also the tied output head), a learned
+# position table [context, D], a gated MLP's gate, and the ViT's names for the rest (qkv, proj,
+# fc1, fc2, norms).
 GPT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     (r".*(wte|tok\w*|token\w*|embed\w*)/embedding", ("vocab", "embed")),
-    (r".*(wpe|pos\w*)/embedding", ("spatial", "embed")),
-    (r"pos_embed", ("spatial", "spatial", "embed")),
-    (r".*(q|k|v|query|key|value)/kernel", ("embed", "heads")),
-    (r".*(q|k|v|query|key|value)/bias", ("heads",)),
-    (r".*(out|o)/kernel", ("heads", "embed")),
-    (r".*(out|o)/bias", ("embed",)),
+    (r"pos_embed", ("spatial", "embed")),
     (r".*(gate|up)/kernel", ("embed", "mlp")),
     (r".*(gate|up)/bias", ("mlp",)),
-    (r".*down/kernel", ("mlp", "embed")),
-    (r".*down/bias", ("embed",)),
     (r".*(lm_)?head/kernel", ("embed", "vocab")),
     (r".*(lm_)?head/bias", ("vocab",)),
     *VIT_RULES,
@@ -232,21 +226,20 @@ def plan_params(params: Any, mesh_shape: Mapping[str, int], rules: Sequence[tupl
       min_size: parameters with fewer elements stay replicated.
 
     Raises:
-      ValueError: parameters no pattern matches (all of them named), or a pattern whose
-        logical axes outnumber the parameter's dimensions.
+      ValueError: parameters no pattern matches with at most as many logical axes as they
+        have dimensions (all of them named).
     """
     compiled = [(re.compile(pattern), axes) for pattern, axes in rules]
     plan, unmatched = {}, []
     for key_path, leaf in jax.tree_util.tree_leaves_with_path(params):
         path, shape = param_path(key_path), tuple(leaf.shape)
-        axes = next((axes for rx, axes in compiled if rx.fullmatch(path)), None)
+        # The first pattern that matches and names at most as many dimensions as there are.
+        axes = next((axes for rx, axes in compiled
+                     if rx.fullmatch(path) and len(axes) <= len(shape)), None)
         if axes is None:
             unmatched.append(f"{path} {shape}")
             continue
         extra = len(shape) - len(axes)
-        if extra < 0:
-            raise ValueError(f"Sharding rule {axes} names {len(axes)} dimensions but {path} has "
-                             f"shape {shape}; fix the pattern that matches it.")
         logical = ("units",) * extra + tuple(axes)  # leading stacked-unit axes
         plan[path] = _place(path, shape, logical, mesh_shape, min_size)
     if unmatched:
