@@ -58,7 +58,7 @@ bench: $(VENV)/.experiments
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build dist docs/_build docs/_generated docs/api/generated
 
-# Ahead-of-time compilation for GPU / TPU targets (experiments/aot.py): one venv per plugin,
+# Ahead-of-time compilation for GPU / TPU targets (experiments/aot/): one venv per plugin,
 # jax pinned to the main venv's version. Not part of `make test` (CI never downloads them).
 AOT_JAX = $(shell $(PY) -c "import jax; print(jax.__version__)" 2>/dev/null)
 AOT_PIN = $(if $(AOT_JAX),==$(AOT_JAX))

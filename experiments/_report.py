@@ -31,6 +31,7 @@ import numpy as np
 
 from revjax import train
 from revjax.measure import CompiledMemory, compiled_memory
+from revjax.train.steps import abstract_train_step as abstract_train_step_of
 
 __all__ = [
     "CPU_MEMORY_COMPILER_OPTIONS",
@@ -203,15 +204,6 @@ def _config(
     return train.TrainConfig(model=model, model_overrides=dict(overrides), **dict(config or {}))
 
 
-def _batch_shapes(batch_size: int, image_size: int, in_channels: int) -> dict:
-    return {
-        "image": jax.ShapeDtypeStruct(
-            (batch_size, image_size, image_size, in_channels), jnp.float32
-        ),
-        "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
-    }
-
-
 def abstract_train_step(
     model: str,
     overrides: Mapping[str, Any],
@@ -223,27 +215,20 @@ def abstract_train_step(
     donate: bool = False,
     config: Mapping[str, Any] | None = None,
 ):
-    """The trainer's jitted step for a preset, with abstract state and batch (nothing allocated).
+    """`revjax.train.steps.abstract_train_step` for a preset by name: ``(step, state, batch)``.
 
     Args:
       model: a preset name of `revjax.models` (``"revnet164"``, ``"resnet_tiny"``, ...).
       overrides: constructor arguments (``units_per_stage``, ``memory_saving``, ``unroll``...).
-      batch_size: images per step.
-      image_size: square side length.
-      in_channels: image channels.
-      num_classes: logits.
+      batch_size, image_size, in_channels, num_classes: the batch and the model's shapes.
       donate: donate the state as the training loop does (old and new state share buffers).
       config: other `revjax.train.TrainConfig` fields (optimizer, ``layer_decay``, ``freeze``...:
         a fine-tuning recipe); the defaults otherwise.
-
-    Returns:
-      ``(step, state, batch)``: ``jax.jit(make_train_step(...))`` and `jax.ShapeDtypeStruct`
-      pytrees to lower it with.
     """
-    cfg = _config(model, overrides, config)
-    graphdef, state, tx = train.abstract_train_state(cfg, num_classes, in_channels)
-    step = jax.jit(train.make_train_step(graphdef, tx), donate_argnums=0 if donate else ())
-    return step, state, _batch_shapes(batch_size, image_size, in_channels)
+    return abstract_train_step_of(
+        _config(model, overrides, config), num_classes, in_channels,
+        (image_size, image_size, in_channels), batch_size, donate=donate,
+    )
 
 
 def concrete_train_step(

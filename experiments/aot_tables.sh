@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerates the GPU/TPU tables in results/ that are compiled ahead of time on a host without the
-# device (experiments/aot.py; nothing runs, so any CPU host will do):
+# device (experiments/aot/; nothing runs, so any CPU host will do):
 #
 #   bash experiments/aot_tables.sh            # all of them
 #   bash experiments/aot_tables.sh gpu        # the H100 (and other GPU) tables only
@@ -23,7 +23,7 @@ case $what in
   all | gpu | tpu | tpu-batch) ;;
   *) echo "usage: bash experiments/aot_tables.sh [all|gpu|tpu|tpu-batch] (got '$what')" >&2; exit 2 ;;
 esac
-# Compile records are kept here (experiments/aot.py, CompileCache): a rerun or an interrupted
+# Compile records are kept here (experiments/aot/, CompileCache): a rerun or an interrupted
 # search does not compile again what it compiled for the same sources and versions.
 CACHE=${CACHE_DIR:-results/.aot-cache}
 

@@ -18,7 +18,7 @@ batch 16, BatchNorm in train mode), at initialisation and after training on digi
    of loss + grad (rolled scans, the GPU/TPU setting).
 3. **Per unit** (18 units): where the error sits.
 4. **Invertible downsampling**: a 3-stage RevNet with ``downsample='invertible'`` (27 units in
-   one `revjax._core.reversible_chain`, as RevNet-164's), ``exact_every`` None and 8.
+   one `revjax._chain.reversible_chain`, as RevNet-164's), ``exact_every`` None and 8.
 5. **Fixed point** (``arithmetic="fixed"``, ``exact_every=None``; depth sweep): rebuild
    mismatches (elements whose bits differ) and largest error, gradient agreement with plain
    autodiff of the same fixed-point model, in float32 and with bfloat16 compute, beside the
@@ -40,7 +40,6 @@ random init of a new shape costs an XLA compile on the CPU.
 from __future__ import annotations
 
 import argparse
-import functools
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -57,6 +56,14 @@ from experiments import _report
 from revjax import models
 from revjax.data import DigitsSource
 from revjax.drift import gradient_agreement, reconstruction_error
+from revjax.reference import (
+    architecture,
+    fill,
+    float64_gradients,
+    gradient_temp_bytes,
+    gradients,
+    variant,
+)
 from revjax.train import TrainConfig, make_optimizer
 
 NAME = "bench_drift"
@@ -102,23 +109,6 @@ _BN_KEYS = ("bn_epsilon", "bn_fast_variance")
 # --------------------------------------------------------------------------------------------
 
 
-def _draw(rng: np.random.Generator, path: str, shape: tuple[int, ...]) -> np.ndarray:
-    """One leaf from the constructor's distribution (see `revjax._blocks.conv_init`)."""
-    leaf = path.rsplit("'", 2)[-2] if "'" in path else path
-    if "kernel" in path and len(shape) >= 4:  # conv: truncated normal, std sqrt(2/(k*k*out))
-        std = math.sqrt(2.0 / (shape[-4] * shape[-3] * shape[-1]))
-        z = rng.standard_normal(shape)
-        while np.any(bad := np.abs(z) > 2):
-            z[bad] = rng.standard_normal(int(bad.sum()))
-        return z * std
-    if "kernel" in path:  # dense: U(-sqrt(3/fan_in), sqrt(3/fan_in))
-        bound = math.sqrt(3.0 / shape[-2])
-        return rng.uniform(-bound, bound, shape)
-    if leaf in ("scale", "var"):
-        return np.ones(shape)
-    return np.zeros(shape)  # biases, BN shifts and running means
-
-
 def build(units: int, *, seed: int = 0, **overrides) -> nnx.Module:
     """A one-stage RevNet for digits (``units`` per stage), weights drawn with NumPy."""
     model = nnx.eval_shape(
@@ -134,19 +124,6 @@ def build(units: int, *, seed: int = 0, **overrides) -> nnx.Module:
     return fill(model, seed)
 
 
-def fill(model: nnx.Module, seed: int = 0) -> nnx.Module:
-    """Fills an abstract model (`nnx.eval_shape`) with weights from the constructor's
-    distributions, drawn with NumPy (no XLA compile)."""
-    rng = np.random.default_rng(seed)
-    state = nnx.state(model)
-
-    def draw(path, leaf):
-        return jnp.asarray(_draw(rng, jax.tree_util.keystr(path), leaf.shape), leaf.dtype)
-
-    nnx.update(model, jax.tree_util.tree_map_with_path(draw, state))
-    return model
-
-
 def digits_batches(batch: int, seed: int = 0):
     """Endless shuffled digits batches: ``(images [batch, 8, 8, 1] in [0, 1], labels)``."""
     src = DigitsSource("train")
@@ -160,84 +137,16 @@ def digits_batches(batch: int, seed: int = 0):
             yield jnp.asarray(images[idx]), jnp.asarray(labels[idx])
 
 
-def cast(tree: Any, dtype) -> Any:
-    """Every floating leaf of ``tree`` cast to ``dtype``."""
-    return jax.tree.map(
-        lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree
-    )
-
-
-def variant(model: nnx.Module, **overrides) -> nnx.GraphDef:
-    """The graphdef of ``model``'s architecture built with ``overrides`` (same weights fit).
-
-    Options not given take the model's arithmetic and exact_every, and the constructor's
-    defaults otherwise (memory saving, dtypes, BatchNorm).
-    """
-    abstract = nnx.eval_shape(lambda: models.RevNet(**_config(model, overrides), rngs=nnx.Rngs(0)))
-    graphdef, _, _ = models.functional(abstract)
-    return graphdef
-
-
-def _config(model: nnx.Module, overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """``model``'s architecture as RevNet arguments, with ``overrides``."""
-    cfg = dict(
-        units_per_stage=model.units_per_stage,
-        widths=model.widths,
-        block=model.block,
-        stem=model.stem.kind,
-        strides=model.strides,
-        num_classes=model.num_classes,
-        in_channels=model.in_channels,
-        unroll=model.unroll,
-        downsample=model.downsample,
-        arithmetic=model.arithmetic,
-        exact_every=model.exact_every,
-    )
-    cfg.update(overrides)
-    return cfg
-
-
 # --------------------------------------------------------------------------------------------
 # Gradients
 # --------------------------------------------------------------------------------------------
 
 
-@functools.cache
-def _grad_fn(graphdef: nnx.GraphDef):
-    def loss(params, batch_stats, x, y):
-        logits, _ = models.apply(graphdef, params, batch_stats, x, train=True)
-        logits = logits.astype(jnp.float32 if logits.dtype != jnp.float64 else jnp.float64)
-        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
-
-    return jax.jit(jax.grad(loss))
-
-
-def gradients(graphdef, params, batch_stats, x, y) -> Any:
-    """Loss gradients with respect to ``params`` (BatchNorm in train mode), one compile per
-    graphdef and shapes."""
-    return _grad_fn(graphdef)(params, batch_stats, x, y)
-
-
-def float64_gradients(model: nnx.Module, params, batch_stats, x, y, **overrides) -> Any:
-    """Plain-autodiff gradients of the same weights in float64 (x64 enabled inside)."""
-    with jax.enable_x64(True), jax.numpy_dtype_promotion("standard"):
-        graphdef = variant(
-            model, param_dtype=jnp.float64, dtype=jnp.float64, memory_saving=False, **overrides
-        )
-        g = gradients(
-            graphdef,
-            cast(params, jnp.float64),
-            cast(batch_stats, jnp.float64),
-            x.astype(jnp.float64),
-            y,
-        )
-        return jax.device_get(g)
-
-
 def with_peaks(model: nnx.Module, batch_stats: nnx.State, **overrides) -> nnx.State:
     """``batch_stats`` of ``model``, plus the zero `revjax.CarryPeak` s that its variant with
     ``overrides`` (fixed-point arithmetic) also holds."""
-    abstract = nnx.eval_shape(lambda: models.RevNet(**_config(model, overrides), rngs=nnx.Rngs(0)))
+    config = architecture(model, overrides)
+    abstract = nnx.eval_shape(lambda: models.RevNet(**config, rngs=nnx.Rngs(0)))
     _, _, stats = models.functional(abstract)
     given = dict(nnx.to_flat_state(batch_stats))
     for path, leaf in nnx.to_flat_state(stats):
@@ -288,16 +197,8 @@ def train(model: nnx.Module, steps: int, *, seed: int = 0):
 
 
 def temp_bytes(model: nnx.Module, **overrides) -> int:
-    """Compiled temporary bytes of loss + grad (rolled scan, abstract: nothing runs)."""
-    graphdef = variant(model, **overrides)
-    _, params, batch_stats = models.functional(model)
-    params, batch_stats = jax.eval_shape(lambda t: t, (params, batch_stats))
-    x = jax.ShapeDtypeStruct((BATCH, 8, 8, model.in_channels), jnp.float32)
-    y = jax.ShapeDtypeStruct((BATCH,), jnp.int32)
-    options = _report.CPU_MEMORY_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
-    with jax.numpy_dtype_promotion("standard"):
-        lowered = _grad_fn(graphdef).lower(params, batch_stats, x, y)
-    return lowered.compile(compiler_options=options).memory_analysis().temp_size_in_bytes
+    """Compiled temporary bytes of loss + grad on a digits batch (rolled scan, nothing runs)."""
+    return gradient_temp_bytes(model, BATCH, 8, **overrides)
 
 
 # --------------------------------------------------------------------------------------------

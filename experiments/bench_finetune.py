@@ -34,13 +34,13 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
 from experiments import _report, aot
-from revjax import RevViT, finetune, pretrained, vit
+from revjax import RevViT, data, finetune, pretrained, vit
+from revjax.finetune import accuracy, fit
 
 NAME = "bench_finetune"
 MODULE = f"experiments.{NAME}"
@@ -147,49 +147,6 @@ def measure_on_target(args, pairs, sizes, *, batch: int, classes: int = 1000,
 # --------------------------------------------------------------------------------------------
 
 
-def digits_split(classes: range, seed: int = 0):
-    """scikit-learn's digits of ``classes`` as ``(x_train, y_train, x_test, y_test)``: images
-    [N, 8, 8, 1] in [0, 1], labels renumbered from 0; a seeded 80/20 split."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    keep = np.isin(data.target, list(classes))
-    x = (data.images[keep] / 16.0).astype(np.float32)[..., None]
-    y = (data.target[keep] - classes.start).astype(np.int32)
-    order = np.random.default_rng(seed).permutation(len(y))
-    x, y = x[order], y[order]
-    n = int(0.8 * len(y))
-    return x[:n], y[:n], x[n:], y[n:]
-
-
-def fit(model, tx, x, y, *, steps: int, batch: int, seed: int = 0):
-    """Trains ``model`` in place on (x, y) with ``tx`` for ``steps`` random batches."""
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    opt_state = tx.init(params)
-
-    @jax.jit
-    def step(params, opt_state, xb, yb):
-        def loss_fn(p):
-            logits = nnx.merge(graphdef, p, rest, copy=True)(xb, train=False)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    rng = np.random.default_rng(seed)
-    for _ in range(steps):
-        idx = rng.integers(0, len(y), batch)
-        params, opt_state, _ = step(params, opt_state, jnp.asarray(x[idx]), jnp.asarray(y[idx]))
-    nnx.update(model, params)
-    return model
-
-
-def accuracy(model, x, y) -> float:
-    logits = jax.jit(lambda m, x: m(x))(model, jnp.asarray(x))
-    return float(np.mean(np.asarray(jnp.argmax(logits, -1)) == y))
-
-
 def transfer(pretrain_steps: int, finetune_steps: int, batch: int, lr: float,
              layer_decay: float, seeds=(1,), save_source: Path | None = None) -> dict:
     """The toy transfer; returns accuracies on digits 5-9 (test split) and the settings.
@@ -201,8 +158,9 @@ def transfer(pretrain_steps: int, finetune_steps: int, batch: int, lr: float,
     checkpoint `experiments/configs/digits_revvit_finetune.py` starts from.
     """
     arch = dict(in_channels=1, num_classes=5, unroll=True)
-    xa, ya, _, _ = digits_split(range(0, 5))
-    xb, yb, xb_test, yb_test = digits_split(range(5, 10))
+    xa, ya = data.digits_arrays("train", range(0, 5))
+    xb, yb = data.digits_arrays("train", range(5, 10))
+    xb_test, yb_test = data.digits_arrays("test", range(5, 10))
 
     source = vit.vit_tiny(pool="cls", **arch, rngs=nnx.Rngs(0))
     fit(source, optax.adamw(lr, weight_decay=0.05), xa, ya, steps=pretrain_steps, batch=batch)
@@ -234,7 +192,7 @@ def transfer(pretrain_steps: int, finetune_steps: int, batch: int, lr: float,
     return {
         **runs,
         "seeds": tuple(seeds),
-        "source_on_0_4": accuracy(loaded, *digits_split(range(0, 5))[2:]),
+        "source_on_0_4": accuracy(loaded, *data.digits_arrays("test", range(0, 5))),
         "test_examples": len(yb_test),
         **dict(pretrain_steps=pretrain_steps, finetune_steps=finetune_steps, batch=batch,
                lr=lr, layer_decay=layer_decay),

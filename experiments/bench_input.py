@@ -45,7 +45,7 @@ from jax.sharding import PartitionSpec as P
 from experiments import _report
 from revjax import data, train
 from revjax.data import grain_pipeline, imagenet
-from revjax.prepare import presize_jpeg
+from revjax.data.prepare import presize_jpeg
 
 NAME = "bench_input"
 MODULE = f"experiments.{NAME}"

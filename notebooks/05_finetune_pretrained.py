@@ -81,15 +81,17 @@ import optax
 from flax import nnx
 
 import revjax
-from experiments.bench_finetune import accuracy, digits_split, fit, measure_memory
-from revjax import finetune, pretrained
+from revjax import data, finetune, pretrained, train
+from revjax.finetune import accuracy, fit
+from revjax.measure import compiled_memory
 
 # %% [markdown]
 # ## 1. Pretrain a tiny ViT on digits 0-4 and save it as a timm checkpoint
 #
 # `revjax.vit_tiny` on scikit-learn's 8x8 digits (patch 2, so 16 tokens, width 32, 2 blocks,
-# 2 heads), with a class token (`pool="cls"`, timm's default layout). `fit` is a plain optax
-# loop over random batches. `pretrained.save_timm` writes timm's state dict: it loads into
+# 2 heads), with a class token (`pool="cls"`, timm's default layout), on `DigitsSource`'s
+# train / test split (`data.digits_arrays`). `revjax.finetune.fit` is a plain optax loop over
+# random batches. `pretrained.save_timm` writes timm's state dict: it loads into
 # `timm.create_model(...)` with `load_state_dict`, and back into revjax with `load_timm`.
 
 # %%
@@ -99,8 +101,10 @@ steps = dict(pretrain=150, finetune=60, batch=32) if QUICK else dict(
 lr = 3e-3
 arch = dict(in_channels=1, num_classes=5, unroll=True)
 
-x_old, y_old, x_old_test, y_old_test = digits_split(range(0, 5))
-x_new, y_new, x_new_test, y_new_test = digits_split(range(5, 10))
+x_old, y_old = data.digits_arrays("train", range(0, 5))
+x_old_test, y_old_test = data.digits_arrays("test", range(0, 5))
+x_new, y_new = data.digits_arrays("train", range(5, 10))
+x_new_test, y_new_test = data.digits_arrays("test", range(5, 10))
 print(f"digits 0-4: {len(y_old)} train / {len(y_old_test)} test; "
       f"digits 5-9: {len(y_new)} train / {len(y_new_test)} test")
 
@@ -166,15 +170,36 @@ for name, value in acc.items():
 # set. In quick mode eight-block, width-64 stand-ins at 64x64 (batch 8) are compiled instead.
 
 # %%
-if QUICK:
-    memory = measure_memory(
-        [("ViT-S/16 stand-in", "vit_s16", "revvit_s16")], (64,), batch=8, classes=10,
-        small=dict(embed_dim=64, depth=8, num_heads=2),
+recipe = dict(optimizer="adamw", weight_decay=0.05, layer_decay=0.75, freeze=("embed",))
+
+
+def step_memory(preset, size, *, batch, classes, **overrides):
+    """Compiled memory of the trainer's fine-tuning step for ``preset`` (nothing runs)."""
+    config = train.TrainConfig(
+        model=preset, model_overrides=dict(image_size=size, unroll=1, **overrides), **recipe
     )
+    step, state, images = train.abstract_train_step(config, classes, 3, (size, size, 3), batch)
+    return compiled_memory(step, state, images)
+
+
+def measure_memory(pairs, size, *, batch, classes=1000, **small):
+    return {
+        (label, size): {
+            "vit": step_memory(vit_preset, size, batch=batch, classes=classes, pool="cls",
+                               **small),
+            "rev": step_memory(rev_preset, size, batch=batch, classes=classes, **small),
+        }
+        for label, vit_preset, rev_preset in pairs
+    }
+
+
+if QUICK:
+    memory = measure_memory([("ViT-S/16 stand-in", "vit_s16", "revvit_s16")], 64, batch=8,
+                            classes=10, embed_dim=64, depth=8, num_heads=2)
 else:
     memory = measure_memory(
         [("ViT-S/16", "vit_s16", "revvit_s16"), ("ViT-B/16", "vit_b16", "revvit_b16")],
-        (224,), batch=32,
+        224, batch=32,
     )
 
 fig, (ax_acc, ax_mem) = plt.subplots(1, 2, figsize=(10, 3.5))
@@ -213,5 +238,5 @@ for (name, size), row in memory.items():
 #
 # `image_size=384` resamples the position embedding as timm does (bicubic); `num_classes=102`
 # keeps a fresh head (the log says so). With the trainer, `init_from`, `layer_decay` and
-# `freeze` in the `TrainConfig` do the same (see `experiments/configs/digits_finetune.py`).
+# `freeze` in the `TrainConfig` do the same (see `experiments/configs/digits_revvit_finetune.py`).
 # `pretrained.save_timm(vit, "out.safetensors")` writes a fine-tuned `ViT` back for timm.

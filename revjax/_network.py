@@ -103,7 +103,7 @@ class RevNetOptions(NetworkOptions):
         entry unit's shortcut is space-to-depth plus zero channels, so every unit is
         reversible; the carried halves then grow to ``max(stage width / 2, stride**2 x the
         previous halves)`` channels while F and G keep the stage's width inside). With memory
-        saving, all stages then form one `revjax._core.reversible_chain` (one custom VJP)
+        saving, all stages then form one `revjax._chain.reversible_chain` (one custom VJP)
         that stores only the last stage's output: every earlier stage's output is rebuilt in
         the backward. ``exact_every`` then counts units across the stages (entry units
         included), so set ``exact_every=None`` to store nothing but the stem's input and the

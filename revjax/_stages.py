@@ -47,9 +47,9 @@ def call_rematerialised(module: nnx.Module, *args, train: bool) -> Any:
     A `jax.custom_vjp` rather than `jax.checkpoint`: on XLA:CPU common-subexpression
     elimination merges a `jax.checkpoint` recomputation back into the forward pass (it saved
     nothing there). Here the recomputation's inputs are tied to the incoming cotangent
-    (`revjax._core.tie_to_cotangent`), so it cannot run before the backward reaches this module. The
-    forward's new batch statistics are written back once; the recomputation's are dropped (it
-    sees the same batch, so it normalises identically).
+    (`revjax._units.tie_to_cotangent`), so it cannot run before the backward reaches this
+    module. The forward's new batch statistics are written back once; the recomputation's are
+    dropped (it sees the same batch, so it normalises identically).
     """
     graphdef, state = nnx.split(module)
     call = pure_call(graphdef)
@@ -335,7 +335,7 @@ def chain_invertible_stages(
     exact_every: int | None = None,
     memory_saving: bool = True,
 ) -> tuple[Array, Array]:
-    """Applies invertible stages as one `revjax._core.reversible_chain`: one custom VJP that
+    """Applies invertible stages as one `revjax._chain.reversible_chain`: one custom VJP that
     stores only the last stage's output (and the inputs ``exact_every`` names, counted over all
     units of all stages), so the whole body of an i-RevNet stores one pair of halves.
 

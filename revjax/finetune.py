@@ -14,6 +14,8 @@ hand-written loop use the same code:
   learning rate does.
 * `freeze_mask` / `freeze`: zero updates of named parts (``"embed"``: patch embedding,
   position embedding and class token), so they keep their loaded values.
+* `fit` / `accuracy`: a minimal optax loop over in-memory arrays and its test accuracy, for
+  notebooks and small experiments (the trainer, `revjax.train`, is the full one).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -31,6 +34,8 @@ from revjax.vit import RevViT, ViT, ViTOptions
 
 __all__ = [
     "EMBEDDING",
+    "accuracy",
+    "fit",
     "freeze",
     "freeze_mask",
     "init_from",
@@ -192,3 +197,43 @@ def init_from(
         loaded = nnx.filter_state(loaded, nnx.Not(nnx.PathContains("head")))
     nnx.update(model, loaded)
     return model
+
+
+def fit(
+    model: nnx.Module,
+    tx: optax.GradientTransformation,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    steps: int,
+    batch: int,
+    seed: int = 0,
+) -> nnx.Module:
+    """Trains ``model`` in place on images ``x`` and integer labels ``y`` with ``tx`` (softmax
+    cross-entropy, ``steps`` batches of ``batch`` examples drawn with replacement, seeded);
+    returns it. Every non-Param variable stays as it is (the model runs with ``train=False``)."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def step(params, opt_state, xb, yb):
+        def loss_fn(p):
+            logits = nnx.merge(graphdef, p, rest, copy=True)(xb, train=False)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    rng = np.random.default_rng(seed)
+    for _ in range(steps):
+        idx = rng.integers(0, len(y), batch)
+        params, opt_state, _ = step(params, opt_state, jnp.asarray(x[idx]), jnp.asarray(y[idx]))
+    nnx.update(model, params)
+    return model
+
+
+def accuracy(model: nnx.Module, x: np.ndarray, y: np.ndarray) -> float:
+    """The fraction of ``x`` whose largest logit is at its label ``y`` (one batch)."""
+    logits = jax.jit(lambda m, x: m(x))(model, jnp.asarray(x))
+    return float(np.mean(np.asarray(jnp.argmax(logits, -1)) == y))

@@ -44,14 +44,10 @@ from flax import nnx
 from revjax._blocks import LayerConfig
 from revjax._carry import check_arithmetic
 from revjax._coupling import merge_halves, split_halves
-from revjax._network import DOWNSAMPLES as DOWNSAMPLES
-from revjax._network import STEMS as STEMS
-from revjax._network import Head as Head
-from revjax._network import Network, StagePlan
+from revjax._network import DOWNSAMPLES, Head, Network, StagePlan
 from revjax._network import NetworkOptions as NetworkOptions
 from revjax._network import ResNetOptions as ResNetOptions
 from revjax._network import RevNetOptions as RevNetOptions
-from revjax._network import Stem as Stem
 from revjax._options import constructor_signature
 from revjax._sequence import check_exact_every
 from revjax._stages import (

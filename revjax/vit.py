@@ -60,20 +60,17 @@ from revjax._options import (
 )
 from revjax._sequence import check_exact_every
 from revjax._units import default_unroll
-from revjax._vit_blocks import LN_EPSILON as LN_EPSILON
-from revjax._vit_blocks import AttentionBranch as AttentionBranch
-from revjax._vit_blocks import BlockIndex as BlockIndex
-from revjax._vit_blocks import MlpBranch as MlpBranch
-from revjax._vit_blocks import PatchEmbed as PatchEmbed
 from revjax._vit_blocks import (
+    AttentionBranch,
+    MlpBranch,
+    PatchEmbed,
     as_key,
     at_least_float32,
+    dropout,
     layer_norm,
     linear,
     number_blocks,
 )
-from revjax._vit_blocks import drop_path as drop_path
-from revjax._vit_blocks import dropout as dropout
 from revjax.layers import ReversibleSequence, stacked
 from revjax.presets import register
 

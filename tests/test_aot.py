@@ -1,4 +1,4 @@
-"""Ahead-of-time compilation for other devices (experiments/aot.py), with this host's CPU as the
+"""Ahead-of-time compilation for other devices (experiments/aot/), with this host's CPU as the
 target: the child-process plumbing the GPU/TPU compiles use, without any CUDA or TPU wheel."""
 
 import argparse
@@ -40,7 +40,7 @@ def test_targets_name_their_device_memory():
 
 def test_missing_interpreter_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.delenv("REVJAX_AOT_CUDA_PYTHON", raising=False)
-    monkeypatch.setattr(aot, "ROOT", tmp_path)
+    monkeypatch.setattr(aot.compiler, "ROOT", tmp_path)
     with pytest.raises(SystemExit, match=r"make aot-venv-cuda.*REVJAX_AOT_CUDA_PYTHON"):
         aot.target_python(aot.TARGETS["h100"])
 

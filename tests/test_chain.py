@@ -1,4 +1,4 @@
-"""Tests of `revjax._core.reversible_chain`: invertible segments joined into one custom VJP."""
+"""Tests of `revjax._chain.reversible_chain`: invertible segments joined into one custom VJP."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from jax.ad_checkpoint import print_saved_residuals
 
 from revjax import relative_error
 from revjax._blocks import InvertibleShortcut
-from revjax._core import (
-    FloatCarry,
+from revjax._carry import FloatCarry
+from revjax._chain import (
     chain_exact_units,
     reversible_chain,
     sequence_segment,

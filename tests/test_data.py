@@ -100,6 +100,17 @@ def test_digits_source_splits_cover_the_dataset_once():
         data.DigitsSource("validation")
 
 
+def test_digits_arrays_select_and_renumber_classes():
+    source = data.DigitsSource("test")
+    x, y = data.digits_arrays("test", range(5, 10))
+    kept = [i for i in range(len(source)) if source[i]["label"] >= 5]
+    assert x.shape == (len(kept), 8, 8, 1) and x.dtype == np.float32 and y.dtype == np.int32
+    assert [int(v) for v in y] == [source[i]["label"] - 5 for i in kept]
+    np.testing.assert_array_equal(x[0], source[kept[0]]["image"] / np.float32(255))
+    x_all, y_all = data.digits_arrays("test")
+    assert len(y_all) == len(source) and set(y_all.tolist()) == set(range(10))
+
+
 def test_digits_train_epochs_are_permutations():
     # 1497 = 3 * 499: one epoch is exactly three batches.
     it = data.train_iterator("digits", batch_size=499, seed=3, num_threads=1)
@@ -383,7 +394,7 @@ def test_missing_data_names_the_prepare_command(tmp_path):
 
 
 def test_prepare_argument_errors(tmp_path):
-    from revjax import prepare
+    from revjax.data import prepare
 
     with pytest.raises(ValueError, match="needs no preparation"):
         prepare.prepare("digits", tmp_path)

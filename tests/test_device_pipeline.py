@@ -16,6 +16,7 @@ pytest.importorskip("grain")
 
 from revjax import data, train  # noqa: E402
 from revjax.data import grain_pipeline  # noqa: E402
+from revjax.train import inputs  # noqa: E402
 
 
 def _sharding(num_devices: int) -> NamedSharding:
@@ -153,10 +154,10 @@ def test_bad_arguments():
         data.DeviceTrainInput("digits", batch_size=2000, seed=0, batch_sharding=_sharding(1))
     cfg = train.TrainConfig(dataset="imagenet2012", input_pipeline="device")
     with pytest.raises(ValueError, match="input_pipeline='grain'"):
-        train.resolve_input_pipeline(cfg)
+        inputs.resolve_input_pipeline(cfg)
     with pytest.raises(ValueError, match="auto, device, grain"):
-        train.resolve_input_pipeline(dataclasses.replace(cfg, input_pipeline="gpu"))
-    assert train.resolve_input_pipeline(dataclasses.replace(cfg, input_pipeline="auto")) == "grain"
+        inputs.resolve_input_pipeline(dataclasses.replace(cfg, input_pipeline="gpu"))
+    assert inputs.resolve_input_pipeline(dataclasses.replace(cfg, input_pipeline="auto")) == "grain"
     assert data.fits_on_devices(10**15, [_FakeDevice(80 * 2**30)]) is False
     assert data.fits_on_devices(150 * 2**20, [_FakeDevice(80 * 2**30)]) is True
 
@@ -205,13 +206,13 @@ def test_trainer_picks_the_device_pipeline_for_digits_and_mock_cifar(tmp_path):
     from experiments.train import load_config
 
     mesh = train.make_mesh(1)
-    digits = train.make_train_input(load_config("digits"), mesh, 8)
+    digits = inputs.make_train_input(load_config("digits"), mesh, 8)
     assert digits.kind == "device" and digits.get_state() == {"input_pipeline": "device"}
     cifar = dataclasses.replace(load_config("cifar10_revnet38", quick=True), num_devices=1,
                                 data_dir=str(tmp_path))
     assert cifar.input_pipeline == "auto"
     with tfds.testing.mock_data(num_examples=24):
-        assert train.make_train_input(cifar, mesh, 32).kind == "device"
+        assert inputs.make_train_input(cifar, mesh, 32).kind == "device"
         # tests/test_train.py::test_trainer_on_mock_tfds trains this config end to end.
     imagenet = load_config("imagenet_revnet104", quick=True)
-    assert train.resolve_input_pipeline(imagenet) == "grain"
+    assert inputs.resolve_input_pipeline(imagenet) == "grain"

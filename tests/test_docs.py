@@ -20,6 +20,7 @@ import revjax.data
 import revjax.finetune
 import revjax.presets
 import revjax.pretrained
+import revjax.reference
 import revjax.train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,6 +49,7 @@ def _api_names(page: str) -> list[str]:
         ("presets.md", revjax.presets),
         ("pretrained.md", revjax.pretrained),
         ("finetune.md", revjax.finetune),
+        ("reference.md", revjax.reference),
         ("data.md", revjax.data),
         ("train.md", revjax.train),
     ],

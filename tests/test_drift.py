@@ -1,7 +1,7 @@
 """Numerical drift (`revjax.drift`): reconstruction error, gradient accuracy against float64,
 ``exact_every``, ``carry_dtype``, the training monitor and the drift benchmark's quick mode.
 
-Models get their weights from `experiments.bench_drift.fill` (the constructor's distributions
+Models get their weights from `revjax.reference.fill` (the constructor's distributions
 drawn with NumPy): a random init of a new shape costs an XLA compile on the CPU. Scans are
 rolled (``unroll=1``) where gradients of deep models are compiled: XLA:CPU compiles a fully
 unrolled 18-unit backward for minutes.
@@ -16,8 +16,7 @@ import pytest
 from flax import nnx
 
 from experiments import bench_drift
-from revjax import models
-from revjax._core import relative_error
+from revjax import models, reference, relative_error
 from revjax.drift import DriftMonitor, DriftWarning, gradient_agreement, reconstruction_error
 
 # Float arithmetic: what drifts (fixed-point models rebuild exactly: tests/test_fixed_point.py).
@@ -29,7 +28,7 @@ def _abstract(**kw):
 
 
 def _model(seed=0, **kw):
-    return bench_drift.fill(_abstract(**kw), seed)
+    return reference.fill(_abstract(**kw), seed)
 
 
 def _images(shape, seed=1, dtype=jnp.float32):
@@ -46,8 +45,8 @@ def _float64(graphdef_kw, params, batch_stats):
     graphdef, _, _ = models.functional(_abstract(param_dtype=jnp.float64, **graphdef_kw))
     return (
         graphdef,
-        bench_drift.cast(params, jnp.float64),
-        bench_drift.cast(batch_stats, jnp.float64),
+        reference.cast(params, jnp.float64),
+        reference.cast(batch_stats, jnp.float64),
     )
 
 
@@ -162,7 +161,7 @@ def test_gradient_agreement():
 def _three_gradients(model, x, y):
     """Reversible float32, plain float32 and plain float64 gradients of the same weights."""
     graphdef, params, batch_stats = models.functional(model)
-    plain = bench_drift.variant(model, memory_saving=False)
+    plain = reference.variant(model, memory_saving=False)
 
     def grad(graphdef, p, s, x):
         def loss(p):
@@ -175,7 +174,7 @@ def _three_gradients(model, x, y):
     rev32, plain32 = jax.jit(lambda p, s, x: (grad(graphdef, p, s, x), grad(plain, p, s, x)))(
         params, batch_stats, x
     )
-    f64 = bench_drift.float64_gradients(model, params, batch_stats, x, y)
+    f64 = reference.float64_gradients(model, params, batch_stats, x, y)
     return jax.device_get(rev32), jax.device_get(plain32), f64
 
 
@@ -206,7 +205,7 @@ def test_18_units_float32_as_accurate_as_plain():
 @pytest.mark.parametrize(("preset", "batch"), [("revnet110", 2), ("revnet164", 4)])
 def test_presets_float32_as_accurate_as_plain(preset, batch):
     # 32x32 inputs; small batches to keep the CPU run short (float64 included).
-    model = bench_drift.fill(
+    model = reference.fill(
         nnx.eval_shape(lambda: getattr(models, preset)(rngs=nnx.Rngs(0), unroll=1))
     )
     x, y = _images((batch, 32, 32, 3), seed=3), jnp.arange(batch) % 10
@@ -219,14 +218,14 @@ def test_presets_float32_as_accurate_as_plain(preset, batch):
 
 
 def _grads(graphdef, params, batch_stats, x, y):
-    return jax.device_get(bench_drift.gradients(graphdef, params, batch_stats, x, y))
+    return jax.device_get(reference.gradients(graphdef, params, batch_stats, x, y))
 
 
 def test_exact_every_one_equals_plain(tiny):
     _, params, batch_stats = models.functional(tiny)
     x, y = _images((4, 8, 8, 3)), jnp.arange(4)
-    every1 = bench_drift.variant(tiny, exact_every=1)
-    plain = bench_drift.variant(tiny, memory_saving=False)
+    every1 = reference.variant(tiny, exact_every=1)
+    plain = reference.variant(tiny, memory_saving=False)
     g1, gp = _grads(every1, params, batch_stats, x, y), _grads(plain, params, batch_stats, x, y)
     # Every unit's input is the stored one: the plain computation up to operation order.
     assert float(relative_error(g1, gp)) <= 1e-6
@@ -235,7 +234,7 @@ def test_exact_every_one_equals_plain(tiny):
 def test_exact_every_memory_grows_with_depth_over_k():
     def temp(units, k):
         model = _abstract(units_per_stage=(units,), widths=(16, 16), unroll=1)
-        return bench_drift.temp_bytes(model, exact_every=k)
+        return reference.gradient_temp_bytes(model, 16, 8, exact_every=k)
 
     # 4 -> 12 reversible units: +8 stored inputs with k=1 (3 -> 11), +2 with k=4 (0 -> 2).
     grow1 = temp(13, 1) - temp(5, 1)
@@ -249,8 +248,8 @@ def test_carry_dtype_keeps_float32_reconstruction(tiny):
     graphdef, params, batch_stats = models.functional(tiny)
     x = _images((4, 8, 8, 3))
     with jax.numpy_dtype_promotion("standard"):
-        f32_carry = bench_drift.variant(tiny, dtype=jnp.bfloat16, carry_dtype=jnp.float32)
-        bf16_carry = bench_drift.variant(tiny, dtype=jnp.bfloat16)
+        f32_carry = reference.variant(tiny, dtype=jnp.bfloat16, carry_dtype=jnp.float32)
+        bf16_carry = reference.variant(tiny, dtype=jnp.bfloat16)
         good = reconstruction_error(f32_carry, params, batch_stats, x)
         bad = reconstruction_error(bf16_carry, params, batch_stats, x)
         logits, _ = models.apply(f32_carry, params, batch_stats, x, train=True)

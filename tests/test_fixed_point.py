@@ -19,9 +19,9 @@ from flax import nnx
 from jax import lax
 
 import revjax
+from revjax import _carry, _coupling, _sequence, _units
 from revjax import _chain as chain_module
-from revjax import _core, _sequence, _units
-from revjax._core import quantize
+from revjax._carry import quantize
 
 DEEP = 64  # units of the exactness tests
 B, HW, C = 2, 4, 4  # halves [2, 4, 4, 4]
@@ -84,8 +84,8 @@ def rebuild_mismatches(arithmetic, compute_dtype, unroll, n=DEEP):
     fp, gp, x1, x2, keys = inputs(n)
     res = make_residual(compute_dtype)
     branch = _units.Branch(res, False, True)
-    arith = _core.make_carry(arithmetic, 16, x1.dtype)
-    setting = _core.SequenceSetting(_core.additive_coupling, branch, branch, unroll, arith)
+    arith = _carry.make_carry(arithmetic, 16, x1.dtype)
+    setting = _sequence.SequenceSetting(_coupling.additive_coupling, branch, branch, unroll, arith)
 
     @jax.jit
     def run(fp, gp, x1, x2, keys):
@@ -248,9 +248,9 @@ def _chain(n, dtype=jnp.float32):
 
     shortcut = InvertibleShortcut(C, 4 * C, stride=2)
     segments = [
-        _core.sequence_segment(res, res, n),
-        _core.shortcut_unit_segment(strided, res, shortcut, shortcut.inverse),
-        _core.sequence_segment(res, res, n),
+        chain_module.sequence_segment(res, res, n),
+        chain_module.shortcut_unit_segment(strided, res, shortcut, shortcut.inverse),
+        chain_module.sequence_segment(res, res, n),
     ]
     ks = jax.random.split(jax.random.key(1), 6)
     w = lambda k, lead, cin, cout: 0.3 * jax.random.normal(k, (*lead, 3, 3, cin, cout), dtype)
@@ -512,7 +512,7 @@ def test_revvit_bfloat16_fixed_gradients():
 def test_trainer_names_an_overflowed_carry(tmp_path):
     import dataclasses
 
-    from test_train import TINY
+    from helpers import TINY
 
     from revjax import train
 
@@ -525,7 +525,7 @@ def test_trainer_names_an_overflowed_carry(tmp_path):
 def test_revvit_bfloat16_fixed_point_trains_on_digits(tmp_path):
     import dataclasses
 
-    from test_train import TINY
+    from helpers import TINY
 
     from revjax import train
 

@@ -372,7 +372,7 @@ def test_prepare_presizes_the_training_split(prepared_imagenet):
     assert len(val) == info["validation"]
     assert val[0]["image"] == imagenet.encoded_source("validation", info["data_dir"])[0]["image"]
     with pytest.raises(SystemExit):
-        from revjax import prepare
+        from revjax.data import prepare
 
         prepare.main(["cifar10", "--data_dir", str(info["data_dir"]), "--max-side", "48"])
 
@@ -385,14 +385,15 @@ def test_trainer_on_the_prepared_archive_resumes_bit_identically(prepared_imagen
     import json
 
     from revjax import train
+    from revjax.train import inputs
 
     cfg = train.TrainConfig(
         model="revnet_tiny", dataset="imagenet2012", image_size=16, batch_size=4,
         eval_batch_size=4, num_steps=3, lr_boundaries=(1000,), log_every=1, checkpoint_every=2,
         memory_report=False, num_devices=1, data_dir=str(prepared_imagenet["presized"]),
     )
-    assert train.resolve_input_pipeline(cfg) == "grain"
-    inp = train.make_train_input(cfg, train.make_mesh(1), 16)
+    assert inputs.resolve_input_pipeline(cfg) == "grain"
+    inp = inputs.make_train_input(cfg, train.make_mesh(1), 16)
     assert isinstance(inp, imagenet.ImageNetTrainInput)
     batch = inp.step_args(0)[0]
     assert batch["image"].dtype == np.uint8 and batch["image"].shape == (4, 16, 16, 3)
@@ -413,16 +414,16 @@ def test_trainer_pipeline_names_for_imagenet(monkeypatch):
     import dataclasses
 
     from experiments.train import load_config
-    from revjax import train
     from revjax.data import dali_pipeline
+    from revjax.train import inputs
 
     cfg = load_config("imagenet_revnet104", quick=True)
-    assert train.resolve_input_pipeline(cfg) == "grain"  # auto on a CPU
+    assert inputs.resolve_input_pipeline(cfg) == "grain"  # auto on a CPU
     with pytest.raises(ValueError, match="cannot read imagenet2012"):
-        train.resolve_input_pipeline(dataclasses.replace(cfg, input_pipeline="device"))
+        inputs.resolve_input_pipeline(dataclasses.replace(cfg, input_pipeline="device"))
     with pytest.raises(ValueError, match="imagenet2012 only"):
-        train.resolve_input_pipeline(load_config("digits").__class__(
+        inputs.resolve_input_pipeline(load_config("digits").__class__(
             dataset="digits", input_pipeline="dali"))
     monkeypatch.setattr(dali_pipeline, "_import_dali", lambda: None)
     with pytest.raises(ImportError, match=r"revjax\[dali\]"):
-        train.resolve_input_pipeline(dataclasses.replace(cfg, input_pipeline="dali"))
+        inputs.resolve_input_pipeline(dataclasses.replace(cfg, input_pipeline="dali"))

@@ -101,7 +101,7 @@ def test_is_out_of_memory():
     assert measure.is_out_of_memory(oom)
     assert measure.is_out_of_memory(MemoryError("CUDA out of memory"))
     assert not measure.is_out_of_memory(ValueError("Incompatible shapes for broadcasting"))
-    # A compile error reported as text by an ahead-of-time compile child (experiments/aot.py).
+    # A compile error reported as text by an ahead-of-time compile child (experiments/aot/).
     assert measure.is_out_of_memory("XlaRuntimeError: RESOURCE_EXHAUSTED: Ran out of memory")
     assert not measure.is_out_of_memory("ValueError: Unknown model preset 'revnet39'.")
 

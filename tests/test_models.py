@@ -13,8 +13,7 @@ import optax
 import pytest
 from flax import nnx
 
-from revjax import models
-from revjax._core import relative_error
+from revjax import models, relative_error
 from revjax.models import ResNet, RevNet
 
 # --------------------------------------------------------------------------------------------

@@ -19,8 +19,9 @@ import jax
 import numpy as np
 import pytest
 
-from revjax import _resilience, train
-from revjax.train import TrainConfig
+from revjax import train
+from revjax.train import TrainConfig, resilience
+from revjax.train.config import FIELD_CHECKS
 
 # Orbax's asyncio threads may still post callbacks after a failed restore has closed their
 # event loop ("RuntimeError: Event loop is closed", raised as unraisable warnings in the damaged-
@@ -76,9 +77,9 @@ def _checkpoint_steps(workdir: Path) -> list[int]:
 
 def _restore(workdir: Path, step: int, config: train.TrainConfig = TINY):
     _, target, _ = train.create_train_state(config, 10, 1)
-    manager = _resilience.checkpoint_manager(workdir, 6)
+    manager = resilience.checkpoint_manager(workdir, 6)
     try:
-        return _resilience._restore(manager, step, target)[0]
+        return resilience._restore(manager, step, target)[0]
     finally:
         manager.close()
 
@@ -105,11 +106,11 @@ def uninterrupted(tmp_path_factory) -> Path:
 
 
 def test_every_config_field_has_a_check():
-    # A field added to TrainConfig needs one line in train.FIELD_CHECKS (type, range, names).
+    # A field added to TrainConfig needs one line in FIELD_CHECKS (type, range, names).
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    assert fields == set(train.FIELD_CHECKS), (
-        f"without a check: {sorted(fields - set(train.FIELD_CHECKS))}; "
-        f"checks for no field: {sorted(set(train.FIELD_CHECKS) - fields)}"
+    assert fields == set(FIELD_CHECKS), (
+        f"without a check: {sorted(fields - set(FIELD_CHECKS))}; "
+        f"checks for no field: {sorted(set(FIELD_CHECKS) - fields)}"
     )
 
 
@@ -176,7 +177,7 @@ def test_command_line_rejects_bad_config_with_status_2(argv, message, tmp_path, 
 
 def test_stop_signals_record_and_restore_handlers():
     before = signal.getsignal(signal.SIGINT)
-    stop = _resilience.StopSignals()
+    stop = resilience.StopSignals()
     stop.install()
     try:
         if signal.getsignal(signal.SIGINT) != stop._handle:  # not the main thread: no handlers
@@ -257,9 +258,9 @@ def test_truncated_latest_checkpoint_is_skipped(uninterrupted, tmp_path):
     for f in (workdir / "checkpoints" / "6" / "state").rglob("d/*"):
         os.truncate(f, f.stat().st_size // 2)  # a crash or a full disk mid-copy
     with pytest.warns(train.ConfigChangedWarning, match="num_steps 6 -> 5"):
-        with pytest.warns(_resilience.DamagedCheckpointWarning) as caught:
+        with pytest.warns(resilience.DamagedCheckpointWarning) as caught:
             result = train.train_and_evaluate(dataclasses.replace(TINY, num_steps=5), workdir)
-    (warning,) = [w for w in caught if w.category is _resilience.DamagedCheckpointWarning]
+    (warning,) = [w for w in caught if w.category is resilience.DamagedCheckpointWarning]
     assert str(warning.message).startswith(
         f"Skipped damaged checkpoint {workdir / 'checkpoints' / '6'} ("
     )
@@ -276,9 +277,9 @@ def test_checkpoint_with_missing_file_is_skipped(missing, uninterrupted, tmp_pat
         path = workdir / "checkpoints" / step / missing
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     _, target, _ = train.create_train_state(TINY, 10, 1)
-    manager = _resilience.checkpoint_manager(workdir, 6)
-    with pytest.warns(_resilience.DamagedCheckpointWarning, match="checkpoints/[65] "):
-        step, _, data_state = _resilience.restore_latest(manager, target, workdir)
+    manager = resilience.checkpoint_manager(workdir, 6)
+    with pytest.warns(resilience.DamagedCheckpointWarning, match="checkpoints/[65] "):
+        step, _, data_state = resilience.restore_latest(manager, target, workdir)
     manager.close()
     assert step == 4 and data_state
     assert sorted(p.name for p in (workdir / "damaged_checkpoints").iterdir()) == ["5", "6"]
@@ -301,9 +302,9 @@ def test_checkpoint_of_another_model_is_a_clear_error(uninterrupted, tmp_path):
     # The trainer calls restore_latest before anything runs; abstract shapes spare the test
     # compiling a second model's initialisation.
     _, target, _ = train.abstract_train_state(other, 10, 1)
-    manager = _resilience.checkpoint_manager(workdir, 6)
+    manager = resilience.checkpoint_manager(workdir, 6)
     with pytest.raises(train.CheckpointMismatchError) as info:
-        _resilience.restore_latest(manager, target, workdir)
+        resilience.restore_latest(manager, target, workdir)
     manager.close()
     text = str(info.value)
     assert text.startswith(

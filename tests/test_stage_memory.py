@@ -9,7 +9,7 @@ import numpy as np
 from flax import nnx
 
 import revjax
-from revjax import _core
+from revjax import _carry
 from revjax._blocks import LayerConfig
 from revjax._carry import output_carries, output_residual
 from revjax._stages import InvertibleRevStage
@@ -62,7 +62,7 @@ def test_invertible_stage_entry_recomputation_gradients_float64():
 
 
 def test_output_residual_restores_carries_bit_for_bit():
-    arith = _core.make_carry("fixed", 16, jnp.float32)
+    arith = _carry.make_carry("fixed", 16, jnp.float32)
     limit = 2**31 - 2**7  # float32(c) stays an int32 below this
     c = jax.random.randint(jax.random.key(0), (4096,), -limit, limit, jnp.int32)
     c = jnp.concatenate([c, jnp.array([0, 1, -1, 2**24 + 1, -(2**24) - 1, limit], jnp.int32)])
@@ -74,9 +74,9 @@ def test_output_residual_restores_carries_bit_for_bit():
     np.testing.assert_array_equal(restored[0], c)
     np.testing.assert_array_equal(restored[1], -c)
     # Float carries are their outputs; bfloat16 halves keep the int32 carries.
-    floats = _core.make_carry("float", 16, jnp.float32)
+    floats = _carry.make_carry("float", 16, jnp.float32)
     assert output_residual(floats, (y, y), (y, y)) == (y, y)
-    bf16 = _core.make_carry("fixed", 16, jnp.bfloat16)
+    bf16 = _carry.make_carry("fixed", 16, jnp.bfloat16)
     assert output_residual(bf16, (y, y), (c, c)) == (c, c)
 
 

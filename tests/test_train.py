@@ -10,23 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import TINY
 
 import revjax
 from revjax import data, train
 from revjax.train import TrainConfig
-
-# A tiny RevNet on digits: two stages of two units (one transition + one reversible unit each).
-TINY = TrainConfig(
-    model="revnet_tiny",
-    dataset="digits",
-    batch_size=16,
-    eval_batch_size=100,
-    num_steps=3,
-    lr_boundaries=(1000,),
-    log_every=1,
-    memory_report=False,
-    num_devices=1,
-)
+from revjax.train.report import format_memory_report
 
 
 def _leaves_with_names(tree):
@@ -257,7 +246,7 @@ def test_memory_report_shows_savings():
     cfg = dataclasses.replace(TINY, twin_model="resnet_tiny", batch_size=32)
     mem = train.train_step_memory(cfg, 10, 1, (16, 16, 1))
     assert mem["model"] < mem["model_plain"]
-    report = train.format_memory_report(mem, cfg)
+    report = format_memory_report(mem, cfg)
     assert "memory saving off" in report and "resnet_tiny" in report
 
 

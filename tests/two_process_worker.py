@@ -24,12 +24,13 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 from revjax import train  # noqa: E402
-from revjax._resilience import StopSignals  # noqa: E402
+from revjax.train.inputs import maybe_initialize_distributed  # noqa: E402
+from revjax.train.resilience import StopSignals  # noqa: E402
 
 
 def main() -> int:
     fields, workdir, prefix = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
-    train.maybe_initialize_distributed()
+    maybe_initialize_distributed()
     assert jax.process_count() == 2 and jax.local_device_count() == 2, jax.devices()
     report = {"process": jax.process_index(), "devices": jax.device_count()}
     train.train_and_evaluate(train.TrainConfig(**{**fields, "num_steps": 2}), workdir)

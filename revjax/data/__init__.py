@@ -57,6 +57,7 @@ from revjax.data.sources import TFDS_DATASETS as TFDS_DATASETS
 from revjax.data.sources import DatasetInfo as DatasetInfo
 from revjax.data.sources import DatasetNotPreparedError as DatasetNotPreparedError
 from revjax.data.sources import DigitsSource as DigitsSource
+from revjax.data.sources import digits_arrays as digits_arrays
 from revjax.data.sources import get_dataset_info as get_dataset_info
 from revjax.data.sources import make_source as make_source
 from revjax.data.sources import mean_image as mean_image
@@ -85,6 +86,7 @@ __all__ = [
     "augment_spec",
     "cifar_eval_transform",
     "cifar_train_transform",
+    "digits_arrays",
     "draw_augmentation",
     "epoch_permutation",
     "eval_dataset",

@@ -39,9 +39,6 @@ from revjax.data.grain_pipeline import iterate, stream_from_source
 
 __all__ = ["DaliTrainInput", "dali_available", "dali_install_hint", "require_dali"]
 
-DALI_PACKAGES = ("nvidia-dali-cuda120", "nvidia-dali-cuda130")
-
-
 def dali_install_hint() -> str:
     return (
         "input_pipeline='dali' needs NVIDIA DALI (Linux, NVIDIA GPU): pip install "

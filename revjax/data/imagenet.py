@@ -32,8 +32,8 @@ and workers, so a run resumes bit-identically from a checkpoint that stores the 
 
 Modules: `revjax.data.imagenet_decode` (the host: header, crop box, reduced decode),
 `revjax.data.imagenet_augment` (the device: flip, jitter, scaling) and this one (the Grain
-streams, the trainer's input and the choice of pipeline); this module's names include both
-others' public names.
+streams and the trainer's input; `revjax.train.inputs` chooses the pipeline); this module's
+names include both others' public names.
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ from revjax.data.imagenet_decode import jpeg_size as jpeg_size
 from revjax.data.imagenet_decode import reduction_for as reduction_for
 
 __all__ = [
+    "DECODERS",
     "JPEG_REDUCTIONS",
     "ImageNetEvalCrop",
     "ImageNetTrainCrop",
@@ -190,60 +191,8 @@ class ImageNetTrainInput(GrainTrainInput):
 
 
 # --------------------------------------------------------------------------------------------
-# What the trainer builds
+# What the trainer builds (the training input: `revjax.train.inputs.make_train_input`)
 # --------------------------------------------------------------------------------------------
-
-# The trainer's `TrainConfig.input_pipeline` names: "auto" resolves per dataset and platform.
-INPUT_PIPELINES: tuple[str, ...] = ("auto", "device", "grain", "dali")
-
-
-def resolve_imagenet_pipeline(choice: str) -> str:
-    """`"grain"` or `"dali"` for ImageNet: `"auto"` is DALI on NVIDIA GPUs where it is
-    installed, else the Grain host path; `"dali"` without DALI raises, saying how to install it.
-    """
-    from revjax.data import dali_pipeline
-
-    if choice == "dali":
-        dali_pipeline.require_dali()
-        return "dali"
-    if choice == "auto":
-        return "dali" if dali_pipeline.dali_available() else "grain"
-    if choice == "grain":
-        return "grain"
-    raise ValueError(
-        f"input_pipeline={choice!r} cannot read imagenet2012 (it does not fit in device "
-        "memory); use input_pipeline='grain' (every platform), 'dali' (NVIDIA GPUs) or 'auto'."
-    )
-
-
-def make_train_input(
-    kind: str,
-    *,
-    batch_size: int,
-    seed: int,
-    batch_sharding,
-    data_dir: str | os.PathLike | None = None,
-    image_size: int = 224,
-    process_index: int = 0,
-    process_count: int = 1,
-    num_workers: int = 0,
-    prefetch: int = 2,
-):
-    """The trainer's ImageNet training input: `ImageNetTrainInput` (kind "grain") or
-    `revjax.data.dali_pipeline.DaliTrainInput` (kind "dali")."""
-    if kind == "dali":
-        from revjax.data.dali_pipeline import DaliTrainInput
-
-        return DaliTrainInput(
-            batch_size=batch_size, seed=seed, batch_sharding=batch_sharding, data_dir=data_dir,
-            image_size=image_size, process_index=process_index, process_count=process_count,
-            prefetch=prefetch,
-        )
-    it = train_iterator(
-        batch_size=batch_size, seed=seed, data_dir=data_dir, image_size=image_size,
-        process_index=process_index, process_count=process_count, num_workers=num_workers,
-    )
-    return ImageNetTrainInput(it, batch_sharding, seed, prefetch=prefetch)
 
 
 def make_eval_input(

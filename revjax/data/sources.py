@@ -13,6 +13,7 @@ import functools
 import logging
 import os
 import tempfile
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -171,6 +172,27 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     for arr in (images, labels, order):
         arr.setflags(write=False)
     return images, labels, order
+
+
+def digits_arrays(
+    split: str, classes: Sequence[int] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """`DigitsSource` ``split`` as arrays, for hand-written loops: ``(images, labels)``, images
+    float32 [N, 8, 8, 1] in [0, 1], labels int32.
+
+    Args:
+      split: ``"train"`` or ``"test"`` (the same fixed split as `DigitsSource`).
+      classes: keep these digits only, labelled by their position in ``classes`` (``range(5,
+        10)``: digit 5 is label 0); ``None``: all ten, labelled as themselves.
+    """
+    source = DigitsSource(split)
+    images, labels = source._images, source._labels
+    if classes is not None:
+        position = {int(c): i for i, c in enumerate(classes)}
+        keep = np.isin(labels, list(position))
+        images = images[keep]
+        labels = np.asarray([position[int(label)] for label in labels[keep]])
+    return (images / 255.0).astype(np.float32), np.asarray(labels, np.int32)
 
 
 class DigitsSource:

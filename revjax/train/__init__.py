@@ -19,50 +19,29 @@ Typical use::
     train_and_evaluate(TrainConfig(model="revnet38", dataset="digits", num_steps=400), "/tmp/w")
 """
 
-from revjax._resilience import CheckpointMismatchError as CheckpointMismatchError
-from revjax._resilience import DamagedCheckpointWarning as DamagedCheckpointWarning
-from revjax._resilience import NoReadableCheckpointError as NoReadableCheckpointError
-from revjax._resilience import Preempted as Preempted
-from revjax.train.config import CROSS_CHECKS as CROSS_CHECKS
-from revjax.train.config import FIELD_CHECKS as FIELD_CHECKS
 from revjax.train.config import ConfigError as ConfigError
 from revjax.train.config import TrainConfig as TrainConfig
-from revjax.train.config import validate_config as validate_config
-from revjax.train.inputs import DATA_AXIS as DATA_AXIS
-from revjax.train.inputs import INPUT_PIPELINES as INPUT_PIPELINES
-from revjax.train.inputs import check_batch_size as check_batch_size
-from revjax.train.inputs import make_eval_input as make_eval_input
 from revjax.train.inputs import make_mesh as make_mesh
-from revjax.train.inputs import make_train_input as make_train_input
-from revjax.train.inputs import maybe_initialize_distributed as maybe_initialize_distributed
-from revjax.train.inputs import resolve_input_pipeline as resolve_input_pipeline
 from revjax.train.loop import NonFiniteLossError as NonFiniteLossError
 from revjax.train.loop import train_and_evaluate as train_and_evaluate
-from revjax.train.optim import LR_SCHEDULES as LR_SCHEDULES
-from revjax.train.optim import OPTIMIZERS as OPTIMIZERS
-from revjax.train.optim import adamw as adamw
-from revjax.train.optim import cosine_decay as cosine_decay
 from revjax.train.optim import learning_rate_schedule as learning_rate_schedule
 from revjax.train.optim import make_optimizer as make_optimizer
-from revjax.train.optim import piecewise_constant as piecewise_constant
-from revjax.train.optim import sgd as sgd
 from revjax.train.optim import warmup_schedule as warmup_schedule
 from revjax.train.optim import weight_decay_mask as weight_decay_mask
-from revjax.train.optim import with_warmup as with_warmup
 from revjax.train.record import ConfigChangedWarning as ConfigChangedWarning
-from revjax.train.report import MetricWriter as MetricWriter
-from revjax.train.report import format_memory_report as format_memory_report
 from revjax.train.report import train_step_memory as train_step_memory
+from revjax.train.resilience import CheckpointMismatchError as CheckpointMismatchError
+from revjax.train.resilience import DamagedCheckpointWarning as DamagedCheckpointWarning
+from revjax.train.resilience import NoReadableCheckpointError as NoReadableCheckpointError
+from revjax.train.resilience import Preempted as Preempted
 from revjax.train.steps import TrainState as TrainState
 from revjax.train.steps import abstract_train_state as abstract_train_state
-from revjax.train.steps import build_model as build_model
+from revjax.train.steps import abstract_train_step as abstract_train_step
 from revjax.train.steps import create_train_state as create_train_state
 from revjax.train.steps import cross_entropy as cross_entropy
 from revjax.train.steps import evaluate as evaluate
 from revjax.train.steps import make_eval_step as make_eval_step
 from revjax.train.steps import make_train_step as make_train_step
-from revjax.train.steps import model_presets as model_presets
-from revjax.train.steps import step_options as step_options
 
 __all__ = [
     "CheckpointMismatchError",
@@ -75,6 +54,7 @@ __all__ = [
     "TrainConfig",
     "TrainState",
     "abstract_train_state",
+    "abstract_train_step",
     "create_train_state",
     "cross_entropy",
     "evaluate",
@@ -83,8 +63,8 @@ __all__ = [
     "make_mesh",
     "make_optimizer",
     "make_train_step",
-    "warmup_schedule",
     "train_and_evaluate",
     "train_step_memory",
+    "warmup_schedule",
     "weight_decay_mask",
 ]

@@ -17,12 +17,25 @@ import jax.numpy as jnp
 import numpy as np
 
 from revjax import presets
-from revjax.train.inputs import INPUT_PIPELINES
-from revjax.train.optim import LR_SCHEDULES, OPTIMIZERS
-from revjax.train.steps import model_presets
 from revjax.vit import RevViT, ViT
 
-__all__ = ["CROSS_CHECKS", "FIELD_CHECKS", "ConfigError", "TrainConfig", "validate_config"]
+__all__ = [
+    "CROSS_CHECKS",
+    "FIELD_CHECKS",
+    "INPUT_PIPELINES",
+    "LR_SCHEDULE_NAMES",
+    "OPTIMIZER_NAMES",
+    "ConfigError",
+    "TrainConfig",
+    "validate_config",
+]
+
+# The names `TrainConfig.input_pipeline`, `optimizer` and `lr_schedule` accept. The trainer's
+# modules implement one entry per name (`revjax.train.inputs.resolve_input_pipeline`,
+# `revjax.train.optim.OPTIMIZERS` and `LR_SCHEDULES`); this module imports none of them.
+INPUT_PIPELINES: tuple[str, ...] = ("auto", "device", "grain", "dali")
+OPTIMIZER_NAMES: tuple[str, ...] = ("sgd", "adamw")
+LR_SCHEDULE_NAMES: tuple[str, ...] = ("piecewise", "cosine")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,9 +323,9 @@ def _name(known: Callable[[], list[str] | None], what: str, optional: bool = Fal
 
 
 FIELD_CHECKS: dict[str, Callable[[Any], Any]] = {
-    "model": _name(model_presets, "model preset"),
+    "model": _name(presets.names, "model preset"),
     "model_overrides": _mapping,
-    "twin_model": _name(model_presets, "model preset", optional=True),
+    "twin_model": _name(presets.names, "model preset", optional=True),
     "twin_overrides": _mapping,
     "dataset": _name(_dataset_names, "dataset"),
     "data_dir": _path,
@@ -338,11 +351,11 @@ FIELD_CHECKS: dict[str, Callable[[Any], Any]] = {
     "input_pipeline": _name(lambda: list(INPUT_PIPELINES), "input pipeline"),
     "prefetch": _integer(0),
     "preemption_sync_every": _integer(1),
-    "optimizer": _name(lambda: list(OPTIMIZERS), "optimizer"),
+    "optimizer": _name(lambda: list(OPTIMIZER_NAMES), "optimizer"),
     "adam_b1": _number(0.0, 1.0, open_max=True),
     "adam_b2": _number(0.0, 1.0, open_max=True),
     "adam_eps": _number(0.0, open_min=True),
-    "lr_schedule": _name(lambda: list(LR_SCHEDULES), "learning-rate schedule"),
+    "lr_schedule": _name(lambda: list(LR_SCHEDULE_NAMES), "learning-rate schedule"),
     "warmup_steps": _integer(0),
     "end_learning_rate": _number(0.0),
     "label_smoothing": _number(0.0, 1.0, open_max=True),

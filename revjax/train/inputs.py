@@ -1,5 +1,5 @@
-"""Devices and input: the data-parallel mesh, batch-size checks, and the choice between the
-device-resident and the Grain input pipelines.
+"""Devices and input: the data-parallel mesh, batch-size checks, and the choice of input
+pipeline (device-resident, Grain, or for ImageNet on NVIDIA GPUs DALI).
 
 Data parallelism: a `jax.sharding.Mesh` over every device (all processes), the batch sharded
 along its ``"data"`` axis and the parameters replicated. XLA partitions the jitted step, so
@@ -13,19 +13,16 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-if TYPE_CHECKING:
-    from revjax.train.config import TrainConfig
+from revjax.train.config import ConfigError, TrainConfig
 
 __all__ = [
     "DATA_AXIS",
-    "INPUT_PIPELINES",
     "check_batch_size",
     "make_eval_input",
     "make_mesh",
@@ -61,8 +58,6 @@ def maybe_initialize_distributed() -> None:
 
 def make_mesh(num_devices: int | None = None) -> Mesh:
     """A 1-D data-parallel mesh over every device (or the first ``num_devices`` local ones)."""
-    from revjax.train.config import ConfigError
-
     devices = jax.devices()
     if num_devices is not None:
         if jax.process_count() > 1:
@@ -78,8 +73,6 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
 def check_batch_size(batch_size: int, mesh: Mesh, what: str = "batch_size") -> None:
     """Raises `revjax.train.ConfigError` when the global batch does not split evenly over the
     devices, naming the settings that fix it (``what`` or ``num_devices``)."""
-    from revjax.train.config import ConfigError
-
     n = mesh.devices.size
     if batch_size % n:
         lower = batch_size // n * n
@@ -96,19 +89,15 @@ def check_batch_size(batch_size: int, mesh: Mesh, what: str = "batch_size") -> N
 # Input
 # --------------------------------------------------------------------------------------------
 
-# The names `TrainConfig.input_pipeline` accepts.
-INPUT_PIPELINES = ("auto", "device", "grain", "dali")
-
-
 def resolve_input_pipeline(config: TrainConfig) -> str:
     """``"device"``, ``"grain"`` or ``"dali"`` for ``config`` (``"auto"``: device where the
     dataset supports it, `make_train_input` then also checking that it fits in device memory;
     for ImageNet DALI on NVIDIA GPUs where installed, else Grain)."""
     from revjax import data
 
-    choice = config.input_pipeline  # one of INPUT_PIPELINES (checked by TrainConfig)
+    choice = config.input_pipeline  # one of config.INPUT_PIPELINES (checked by TrainConfig)
     if config.dataset == "imagenet2012":
-        return data.imagenet.resolve_imagenet_pipeline(choice)
+        return _resolve_imagenet_pipeline(choice)
     if choice == "dali":
         raise ValueError(f"input_pipeline='dali' reads imagenet2012 only, not {config.dataset!r}; "
                          "use 'auto', 'device' or 'grain'.")
@@ -123,6 +112,25 @@ def resolve_input_pipeline(config: TrainConfig) -> str:
     return choice
 
 
+def _resolve_imagenet_pipeline(choice: str) -> str:
+    """`"grain"` or `"dali"` for ImageNet: `"auto"` is DALI on NVIDIA GPUs where it is
+    installed, else the Grain host path; `"dali"` without DALI raises, saying how to install it.
+    """
+    from revjax.data import dali_pipeline
+
+    if choice == "dali":
+        dali_pipeline.require_dali()
+        return "dali"
+    if choice == "auto":
+        return "dali" if dali_pipeline.dali_available() else "grain"
+    if choice == "grain":
+        return "grain"
+    raise ValueError(
+        f"input_pipeline={choice!r} cannot read imagenet2012 (it does not fit in device "
+        "memory); use input_pipeline='grain' (every platform), 'dali' (NVIDIA GPUs) or 'auto'."
+    )
+
+
 def make_train_input(config: TrainConfig, mesh: Mesh, image_size: int):
     """The training input of ``config``: a `revjax.data.DeviceTrainInput`,
     `revjax.data.GrainTrainInput`, `revjax.data.ImageNetTrainInput` or
@@ -133,12 +141,21 @@ def make_train_input(config: TrainConfig, mesh: Mesh, image_size: int):
     batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
     kind = resolve_input_pipeline(config)
     if config.dataset == "imagenet2012":  # uint8 crops; flip, jitter, scaling in the step
-        return data.imagenet.make_train_input(
-            kind, batch_size=config.batch_size, seed=config.seed, batch_sharding=batch_sharding,
-            data_dir=config.data_dir, image_size=image_size, process_index=jax.process_index(),
+        if kind == "dali":
+            from revjax.data.dali_pipeline import DaliTrainInput
+
+            return DaliTrainInput(
+                batch_size=config.batch_size, seed=config.seed, batch_sharding=batch_sharding,
+                data_dir=config.data_dir, image_size=image_size,
+                process_index=jax.process_index(), process_count=jax.process_count(),
+                prefetch=config.prefetch,
+            )
+        it = data.imagenet.train_iterator(
+            batch_size=config.batch_size, seed=config.seed, data_dir=config.data_dir,
+            image_size=image_size, process_index=jax.process_index(),
             process_count=jax.process_count(), num_workers=config.num_workers,
-            prefetch=config.prefetch,
         )
+        return data.ImageNetTrainInput(it, batch_sharding, config.seed, prefetch=config.prefetch)
     if kind == "device":
         info = data.get_dataset_info(config.dataset)
         arrays = data.load_split(config.dataset, info.train_split, config.data_dir, image_size)

@@ -17,14 +17,6 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from revjax._resilience import (
-    Preempted,
-    StopSignals,
-    checkpoint_manager,
-    read_record,
-    restore_latest,
-    save,
-)
 from revjax.layers import check_carry_range
 from revjax.measure import device_peak_bytes
 from revjax.train.config import TrainConfig
@@ -44,6 +36,14 @@ from revjax.train.report import (
     host_rss_bytes,
     progress_bar,
     train_step_memory,
+)
+from revjax.train.resilience import (
+    Preempted,
+    StopSignals,
+    checkpoint_manager,
+    read_record,
+    restore_latest,
+    save,
 )
 from revjax.train.steps import (
     create_train_state,

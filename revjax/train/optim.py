@@ -144,8 +144,8 @@ def adamw(learning_rate: optax.ScalarOrSchedule, b1: float, b2: float, eps: floa
 
 
 # --------------------------------------------------------------------------------------------
-# A config's optimizer and schedule. The keys of these two tables are the names
-# `TrainConfig.optimizer` and `TrainConfig.lr_schedule` accept.
+# A config's optimizer and schedule: one entry per name of `revjax.train.config.OPTIMIZER_NAMES`
+# and `LR_SCHEDULE_NAMES` (the names `TrainConfig.optimizer` and `lr_schedule` accept).
 # --------------------------------------------------------------------------------------------
 
 LR_SCHEDULES: dict[str, Callable[[TrainConfig], optax.Schedule]] = {

@@ -14,12 +14,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from revjax import presets
 from revjax.measure import compiled_memory
-from revjax.train.steps import abstract_train_state, make_train_step, step_options
+from revjax.train.steps import abstract_train_step
 
 if TYPE_CHECKING:
     from revjax.train.config import TrainConfig
@@ -108,11 +107,6 @@ def train_step_memory(
     ``before_compile`` is called before each of the (up to three) compiles: the trainer stops
     there on a signal.
     """
-    batch_size = batch_size or config.batch_size
-    batch = {
-        "image": jax.ShapeDtypeStruct((batch_size, *image_shape), jnp.float32),
-        "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
-    }
     rolled = {"unroll": 1}
     variants = {"model": (config.model, {**config.model_overrides, **rolled})}
     if presets.get(config.model).reversible:
@@ -126,8 +120,9 @@ def train_step_memory(
         if before_compile is not None:
             before_compile()
         cfg = dataclasses.replace(config, model=name, model_overrides=overrides)
-        graphdef, state, tx = abstract_train_state(cfg, num_classes, in_channels)
-        step = jax.jit(make_train_step(graphdef, tx, **step_options(config)))
+        step, state, batch = abstract_train_step(
+            cfg, num_classes, in_channels, image_shape, batch_size
+        )
         out[key] = compiled_memory(step, state, batch)["temp"]
     return out
 

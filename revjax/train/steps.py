@@ -24,20 +24,15 @@ if TYPE_CHECKING:
 __all__ = [
     "TrainState",
     "abstract_train_state",
+    "abstract_train_step",
     "build_model",
     "create_train_state",
     "cross_entropy",
     "evaluate",
     "make_eval_step",
     "make_train_step",
-    "model_presets",
     "step_options",
 ]
-
-
-def model_presets() -> list[str]:
-    """The preset names a `TrainConfig` accepts: every model of `revjax.presets`."""
-    return presets.names()
 
 
 @struct.dataclass
@@ -136,6 +131,41 @@ def abstract_train_state(
 
     state = jax.eval_shape(build)
     return holder["graphdef"], state, holder["tx"]
+
+
+def abstract_train_step(
+    config: TrainConfig,
+    num_classes: int,
+    in_channels: int,
+    image_shape: tuple[int, int, int],
+    batch_size: int | None = None,
+    *,
+    donate: bool = False,
+) -> tuple[Any, TrainState, dict[str, jax.ShapeDtypeStruct]]:
+    """The trainer's jitted train step for ``config`` with an abstract state and batch (nothing
+    is allocated), to lower and compile: memory reports, ahead-of-time compiles.
+
+    Args:
+      config: the model, its overrides and the recipe.
+      num_classes, in_channels: the model's logits and image channels.
+      image_shape: ``(height, width, channels)`` of one image.
+      batch_size: images per step (default: ``config.batch_size``).
+      donate: donate the state as the training loop does (old and new state share buffers).
+
+    Returns:
+      ``(step, state, batch)``: ``jax.jit(make_train_step(...))`` and `jax.ShapeDtypeStruct`
+      pytrees to lower it with.
+    """
+    batch_size = batch_size or config.batch_size
+    graphdef, state, tx = abstract_train_state(config, num_classes, in_channels)
+    step = jax.jit(
+        make_train_step(graphdef, tx, **step_options(config)), donate_argnums=0 if donate else ()
+    )
+    batch = {
+        "image": jax.ShapeDtypeStruct((batch_size, *image_shape), jnp.float32),
+        "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
+    }
+    return step, state, batch
 
 
 def step_options(config: TrainConfig) -> dict[str, Any]:
