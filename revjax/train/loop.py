@@ -21,7 +21,6 @@ from revjax.layers import check_carry_range
 from revjax.measure import device_peak_bytes
 from revjax.train.config import TrainConfig
 from revjax.train.inputs import (
-    DATA_AXIS,
     check_batch_size,
     make_eval_input,
     make_mesh,
@@ -45,8 +44,8 @@ from revjax.train.resilience import (
     restore_latest,
     save,
 )
+from revjax.train.sharding import batch_sharding, create_sharded_train_state
 from revjax.train.steps import (
-    create_train_state,
     evaluate,
     make_eval_step,
     make_train_step,
@@ -275,7 +274,7 @@ def _train(config: TrainConfig, workdir: Path, config_name: str | None, stop: St
     maybe_initialize_distributed()
     workdir = workdir.expanduser().absolute()  # Orbax requires absolute paths
     startup = _StartUp(stop, workdir)
-    mesh = make_mesh(config.num_devices)
+    mesh = make_mesh(config.num_devices, config.mesh)
     eval_batch_size = config.eval_batch_size or config.batch_size
     check_batch_size(config.batch_size, mesh)
     check_batch_size(eval_batch_size, mesh, "eval_batch_size")
@@ -289,13 +288,16 @@ def _train(config: TrainConfig, workdir: Path, config_name: str | None, stop: St
     eval_iter = make_eval_input(config, mesh, image_size, train_input.kind, eval_batch_size)
     startup.check()
 
-    graphdef, state, tx = create_train_state(config, info.num_classes, info.image_shape[2])
+    # Parameters and optimizer state placed by the model family's sharding rules (replicated
+    # on a pure data-parallel mesh); a checkpoint restores into these shardings, whatever mesh
+    # wrote it.
+    graphdef, state, tx, shardings = create_sharded_train_state(
+        config, info.num_classes, info.image_shape[2], mesh)
     replicated = NamedSharding(mesh, P())
-    batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
-    state = jax.device_put(state, replicated)
+    batch = batch_sharding(mesh)
     manager = checkpoint_manager(workdir, config.keep_checkpoints)
     cleanup.callback(manager.close)
-    last_saved, state = _restore(manager, state, workdir, train_input, replicated, config,
+    last_saved, state = _restore(manager, state, workdir, train_input, shardings, config,
                                  config_name)
     step = startup.resumed = last_saved or 0
     startup.check()
@@ -314,20 +316,26 @@ def _train(config: TrainConfig, workdir: Path, config_name: str | None, stop: St
         devices = mesh.devices.size
         _say(f"Compiling the train step ({config.model}, batch {config.batch_size} over "
              f"{devices} device{'s' if devices > 1 else ''})...")
-        train_step = _while_handling_signals(jax.jit(
+        jitted = jax.jit(
             train_input.wrap_step(make_train_step(graphdef, tx, **step_options(config))),
-            in_shardings=(replicated, *train_input.arg_shardings()),
-            out_shardings=(replicated, replicated),
+            in_shardings=(shardings, *train_input.arg_shardings()),
+            out_shardings=(shardings, replicated),
             donate_argnums=0,
-        ).lower(state, *first_args).compile)
+        )
+
+        def compile_step():
+            with jax.set_mesh(mesh):  # the models' activation constraints see the mesh
+                return jitted.lower(state, *first_args).compile()
+
+        train_step = _while_handling_signals(compile_step)
         startup.check()
     eval_step = jax.jit(
-        make_eval_step(graphdef), in_shardings=(replicated, batch_sharding),
-        out_shardings=replicated,
+        make_eval_step(graphdef), in_shardings=(shardings, batch), out_shardings=replicated,
     )
 
     def run_eval(state) -> dict:
-        return evaluate(eval_step, state, eval_iter(), batch_sharding)
+        with jax.set_mesh(mesh):
+            return evaluate(eval_step, state, eval_iter(), batch)
 
     drift_monitor = _drift_monitor(config, graphdef)
     schedule = learning_rate_schedule(config)

@@ -50,7 +50,9 @@ __all__ = [
     "MIN_SHARDED_SIZE",
     "VIT_RULES",
     "Placement",
+    "all_gathers",
     "batch_sharding",
+    "create_sharded_train_state",
     "family_rules",
     "param_path",
     "plan_params",
@@ -331,3 +333,33 @@ def all_gathers(hlo_text: str) -> dict[str, list[str]]:
             if match:  # an async start's result is a tuple (operand, result): the last shape
                 found[where].append(_SHAPE.findall(match.group(1))[-1])
     return found
+
+
+# --------------------------------------------------------------------------------------------
+# The trainer's train state, created sharded
+# --------------------------------------------------------------------------------------------
+
+
+def create_sharded_train_state(config: Any, num_classes: int, in_channels: int, mesh: Mesh,
+                               min_size: int = MIN_SHARDED_SIZE):
+    """`revjax.train.create_train_state` placed on ``mesh`` by the model family's rules.
+
+    The state is built by a `jax.jit` whose outputs have the state's shardings, so each device
+    initialises only its own shards (a model too large for one device is never whole on one).
+    A config with ``init_from`` (weights read from a file on the host) is built on the host
+    and then placed.
+
+    Returns:
+      ``(graphdef, state, tx, shardings)``: ``shardings`` is the state's `NamedSharding` tree
+      (`train_state_shardings`), for the train step's input and output shardings.
+    """
+    from revjax.train.steps import abstract_train_state, create_train_state
+
+    graphdef, abstract, tx = abstract_train_state(config, num_classes, in_channels)
+    shardings = train_state_shardings(abstract, mesh, family_rules(config.model), min_size)
+    if config.init_from is not None:
+        _, state, _ = create_train_state(config, num_classes, in_channels)
+        return graphdef, jax.device_put(state, shardings), tx, shardings
+    build = jax.jit(lambda: create_train_state(config, num_classes, in_channels)[1],
+                    out_shardings=shardings)
+    return graphdef, build(), tx, shardings
