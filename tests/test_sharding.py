@@ -1,19 +1,27 @@
 """Sharding rules (every parameter of every family placed on purpose) and the compiled program
 of a sharded step (unit parameters gathered inside the reversible scan, one unit at a time)."""
 
+import dataclasses
 import functools
+import json
 import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import TINY
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from revjax import presets
-from revjax.train import TrainConfig
+from revjax import presets, train
+from revjax.train import TrainConfig, resilience
 from revjax.train import sharding as S
 from revjax.train.steps import create_train_state, make_train_step
 
@@ -214,3 +222,114 @@ def test_language_model_rules_by_name():
     assert plan["blocks/g/gate/kernel"].spec == P(None, "fsdp", "tensor")
     assert plan["blocks/f/proj/kernel"].spec == P(None, "tensor", "fsdp")
     assert plan["norm/scale"].replicated
+
+
+# ------------------------------------------------------------------------------------------
+# The trainer on a mesh: checkpoints across meshes and device counts, several processes
+# ------------------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "sharded_process_worker.py"
+# TINY (a RevNet on digits) with float carries (the differences across meshes are then
+# reduction order), every device, an evaluation batch the 8 devices divide, and stages wide
+# enough (64-channel halves) that their conv kernels pass the size below which parameters
+# stay replicated.
+SHARDED = dataclasses.replace(TINY, num_devices=None, arithmetic="float", eval_batch_size=64,
+                              model_overrides={"widths": (16, 128, 128)})
+
+
+def _fields(config):
+    return json.dumps({f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def _max_rel_l2(a, b):
+    errors = [np.linalg.norm(np.asarray(x, np.float64) - np.asarray(y, np.float64))
+              / max(np.linalg.norm(np.asarray(y, np.float64)), 1e-30)
+              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+              if np.issubdtype(np.asarray(y).dtype, np.floating)]
+    return max(errors)
+
+
+@pytest.mark.slow
+def test_checkpoint_restores_on_another_mesh_and_device_count(tmp_path):
+    """Saved on (1, 8, 1) after 2 steps: restored bit for bit onto (2, 2, 2) and, in a process
+    with 4 devices, onto (1, 2, 2); training resumed on (8, 1, 1) to step 3 equals 3 steps on
+    one device."""
+    work = tmp_path / "work"
+    first = train.train_and_evaluate(
+        dataclasses.replace(SHARDED, mesh=(1, 8, 1), num_steps=2), work)["state"]
+    saved = jax.tree.leaves(first)
+
+    other = dataclasses.replace(SHARDED, mesh=(2, 2, 2))
+    mesh = train.make_mesh(None, other.mesh)
+    _, target, _, shardings = train.create_sharded_train_state(other, 10, 1, mesh)
+    manager = resilience.checkpoint_manager(work.absolute(), 6)
+    try:
+        step, restored, _ = resilience.restore_latest(manager, target, work.absolute())
+    finally:
+        manager.close()
+    assert step == 2
+    for a, b, sharding in zip(jax.tree.leaves(restored), saved, jax.tree.leaves(shardings),
+                              strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert a.sharding.is_equivalent_to(sharding, a.ndim)
+    assert any("fsdp" in str(s.spec) for s in jax.tree.leaves(shardings.params))  # resharded
+
+    four = dataclasses.replace(SHARDED, mesh=(1, 2, 2))
+    out = tmp_path / "four.npz"
+    subprocess.run([sys.executable, str(WORKER), "4", "restore", _fields(four), str(work),
+                    str(out)], env=_env(), check=True, timeout=600)
+    with np.load(out) as four_devices:
+        for i, b in enumerate(saved):
+            np.testing.assert_array_equal(four_devices[f"leaf_{i}"], np.asarray(b))
+        assert any("fsdp" in str(four_devices[f"spec_{i}"]) for i in range(len(saved)))
+
+    with pytest.warns(train.ConfigChangedWarning, match="mesh"):  # resumed, and it says how
+        resumed = train.train_and_evaluate(
+            dataclasses.replace(SHARDED, mesh=(8, 1, 1), num_steps=3), work)
+    one = train.train_and_evaluate(dataclasses.replace(SHARDED, num_devices=1, num_steps=3),
+                                   tmp_path / "one")
+    assert resumed["step"] == 3
+    assert _max_rel_l2(resumed["state"].params, one["state"].params) <= 3e-6
+
+
+@pytest.mark.slow
+def test_two_processes_of_four_devices_equal_one_of_eight(tmp_path):
+    """A (1, 8, 1) mesh over 2 processes x 4 CPU devices (jax.distributed, each process
+    reading its own half of the batch, fsdp across the processes) trains to the checkpoint
+    1 process x 8 devices reaches with the same mesh."""
+    config = dataclasses.replace(SHARDED, mesh=(1, 8, 1))
+    port = socket.socket()
+    port.bind(("localhost", 0))
+    address = f"localhost:{port.getsockname()[1]}"
+    port.close()
+    procs = []
+    for index in range(2):
+        env = _env()
+        env.update(JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2",
+                   JAX_PROCESS_ID=str(index))
+        procs.append(subprocess.Popen(
+            [sys.executable, str(WORKER), "4", "train", _fields(config), str(tmp_path / "two")],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        outs = [p.communicate(timeout=600)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outs
+    one = train.train_and_evaluate(config, tmp_path / "one")["state"]
+    _, target, _, _ = train.create_sharded_train_state(config, 10, 1,
+                                                        train.make_mesh(None, config.mesh))
+    manager = resilience.checkpoint_manager((tmp_path / "two").absolute(), 6)
+    try:
+        step, two, _ = resilience.restore_latest(manager, target, (tmp_path / "two").absolute())
+    finally:
+        manager.close()
+    assert step == config.num_steps
+    assert _max_rel_l2(two, one) <= 1e-6
