@@ -74,7 +74,7 @@ def main(argv=None) -> None:
     if jax.device_count() < 8:
         raise SystemExit(f"needs 8 devices, found {jax.device_count()} (XLA_FLAGS="
                          "--xla_force_host_platform_device_count=8)")
-    model, overrides, size = "revvit_s16", {}, args.size
+    model, overrides, size = "revvit_s16", {"image_size": args.size}, args.size
     if args.quick:
         model, overrides, size = "revvit_tiny", {}, 8
     meshes = [tuple(int(v) for v in m.split(",")) for m in args.mesh] or list(MESHES)
