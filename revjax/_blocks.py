@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from revjax._partition import constrain_batch
+
 Array = jax.Array
 Dtype = Any
 
@@ -154,10 +156,11 @@ class BasicFunction(nnx.Module):
 
     def __call__(self, x: Array, *, train: bool) -> Array:
         """Applies the function. x: [N, H, W, in] -> [N, H/stride, W/stride, out]."""
+        x = constrain_batch(x)  # batch-split activations under a mesh (revjax._partition)
         h = x if self.bn1 is None else _bn_relu(self.bn1, x, train)
         h = self.conv1(h)
         h = _bn_relu(self.bn2, h, train)
-        return self.conv2(h)
+        return constrain_batch(self.conv2(h))
 
 
 class BottleneckFunction(nnx.Module):
@@ -188,10 +191,11 @@ class BottleneckFunction(nnx.Module):
 
     def __call__(self, x: Array, *, train: bool) -> Array:
         """Applies the function. x: [N, H, W, in] -> [N, H/stride, W/stride, out]."""
+        x = constrain_batch(x)  # batch-split activations under a mesh (revjax._partition)
         h = x if self.bn1 is None else _bn_relu(self.bn1, x, train)
         h = self.conv1(h)  # [N, H/s, W/s, out/4]
         h = self.conv2(_bn_relu(self.bn2, h, train))
-        return self.conv3(_bn_relu(self.bn3, h, train))
+        return constrain_batch(self.conv3(_bn_relu(self.bn3, h, train)))
 
 
 def residual_function(block: str, *args, **kwargs) -> nnx.Module:

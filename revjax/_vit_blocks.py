@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from revjax._partition import constrain_batch
+
 Array = jax.Array
 Dtype = Any
 
@@ -223,7 +225,7 @@ class AttentionBranch(Branch):
         """
         (k_attn, k_out, k_path), rate = self._randomness(key_data)
         n, t, d = x.shape
-        h = self.norm(x.astype(self.compute_dtype))
+        h = self.norm(constrain_batch(x).astype(self.compute_dtype))
         qkv = self.qkv(h).reshape(n, t, 3, self.num_heads, d // self.num_heads)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [N, T, heads, D/heads] each
         q = q * jnp.asarray(1.0 / math.sqrt(d // self.num_heads), q.dtype)
@@ -233,7 +235,7 @@ class AttentionBranch(Branch):
         weights = dropout(weights.astype(v.dtype), self.attention_dropout, k_attn)
         h = jnp.einsum("nhqk,nkhd->nqhd", weights, v).reshape(n, t, d)
         h = dropout(self.proj(h), self.dropout, k_out)
-        return drop_path(h, rate, k_path)
+        return constrain_batch(drop_path(h, rate, k_path))
 
 
 class MlpBranch(Branch):
@@ -260,10 +262,10 @@ class MlpBranch(Branch):
     def __call__(self, x: Array, key_data: Array | None = None) -> Array:
         """Maps tokens [N, T, D] to the branch output [N, T, D]; arguments as `AttentionBranch`."""
         (k_hidden, k_out, k_path), rate = self._randomness(key_data)
-        h = self.fc1(self.norm(x.astype(self.compute_dtype)))  # [N, T, hidden]
+        h = self.fc1(self.norm(constrain_batch(x).astype(self.compute_dtype)))  # [N, T, hidden]
         h = dropout(jax.nn.gelu(h, approximate=False), self.dropout, k_hidden)
         h = dropout(self.fc2(h), self.dropout, k_out)
-        return drop_path(h, rate, k_path)
+        return constrain_batch(drop_path(h, rate, k_path))
 
 
 def number_blocks(stack: nnx.Module, depth: int) -> None:

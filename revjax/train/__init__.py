@@ -5,11 +5,14 @@ gradient before momentum and applied to conv and dense kernels only, and a piece
 learning rate (CIFAR: 0.1, x0.1 at 40k and 60k steps, 80k steps at batch 100; ImageNet: 0.1, x0.1
 at 160k, 320k and 480k steps, 600k steps at batch 256, weight decay 1e-4).
 
-Data parallelism: a `jax.sharding.Mesh` over every device (all processes), the batch sharded
-along its ``"data"`` axis and the parameters replicated (`revjax.train.inputs`).
+Devices: a `jax.sharding.Mesh` over every device (all processes) with ``data``, ``fsdp`` and
+``tensor`` axes (`TrainConfig.mesh`; pure data parallelism by default), the batch split over
+``data x fsdp`` (`revjax.train.inputs`) and the parameters and optimizer state placed by one
+table of sharding rules per model family (`revjax.train.sharding`).
 
 Modules: `config` (`TrainConfig` and its validation table), `optim` (optimizers and schedules),
 `steps` (model, state, train and evaluation steps), `inputs` (mesh and input pipelines),
+`sharding` (where each parameter lives on the mesh),
 `report` (metrics, memory report, progress), `record` (the config record each checkpoint
 carries), `loop` (`train_and_evaluate`).
 
@@ -34,6 +37,11 @@ from revjax.train.resilience import CheckpointMismatchError as CheckpointMismatc
 from revjax.train.resilience import DamagedCheckpointWarning as DamagedCheckpointWarning
 from revjax.train.resilience import NoReadableCheckpointError as NoReadableCheckpointError
 from revjax.train.resilience import Preempted as Preempted
+from revjax.train.sharding import Placement as Placement
+from revjax.train.sharding import create_sharded_train_state as create_sharded_train_state
+from revjax.train.sharding import family_rules as family_rules
+from revjax.train.sharding import plan_params as plan_params
+from revjax.train.sharding import train_state_shardings as train_state_shardings
 from revjax.train.steps import TrainState as TrainState
 from revjax.train.steps import abstract_train_state as abstract_train_state
 from revjax.train.steps import abstract_train_step as abstract_train_step
@@ -50,20 +58,25 @@ __all__ = [
     "DamagedCheckpointWarning",
     "NoReadableCheckpointError",
     "NonFiniteLossError",
+    "Placement",
     "Preempted",
     "TrainConfig",
     "TrainState",
     "abstract_train_state",
     "abstract_train_step",
+    "create_sharded_train_state",
     "create_train_state",
     "cross_entropy",
     "evaluate",
+    "family_rules",
     "learning_rate_schedule",
     "make_eval_step",
     "make_mesh",
     "make_optimizer",
     "make_train_step",
+    "plan_params",
     "train_and_evaluate",
+    "train_state_shardings",
     "train_step_memory",
     "warmup_schedule",
     "weight_decay_mask",

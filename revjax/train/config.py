@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from revjax import presets
+from revjax._partition import MESH_AXES
 from revjax.vit import RevViT, ViT
 
 __all__ = [
@@ -72,6 +73,12 @@ class TrainConfig:
       keep_checkpoints: how many checkpoints to keep.
       seed: seed of initialisation, data order and augmentation.
       num_devices: use the first n local devices (``None``: every device).
+      mesh: sizes of the device mesh's ``data``, ``fsdp`` and ``tensor`` axes, as a tuple
+        ``(data, fsdp, tensor)`` or a dict of some of them (the others 1), e.g.
+        ``{"fsdp": 8}``; their product is the number of devices. ``data`` replicates the
+        parameters and splits the batch, ``fsdp`` splits the batch and every large parameter
+        with its optimizer state, ``tensor`` splits attention heads and MLP hidden units
+        (`revjax.train.sharding`). ``None``: pure data parallelism over every device.
       num_workers: Grain worker processes for the input pipeline.
       memory_report: print and record compiled train-step memory vs plain / twin at start.
       drift_every: steps between drift-monitor checks of the reversible stages (0: off).
@@ -143,6 +150,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     seed: int = 0
     num_devices: int | None = None
+    mesh: tuple[int, int, int] | None = None
     num_workers: int = 0
     memory_report: bool = True
     drift_every: int = 0
@@ -328,6 +336,22 @@ def _name(known: Callable[[], list[str] | None], what: str, optional: bool = Fal
     return check
 
 
+def _mesh(v):
+    if v is None:
+        return None
+    bad = _Bad(f"None, a tuple of {len(MESH_AXES)} axis sizes >= 1 ({', '.join(MESH_AXES)}), "
+               "e.g. (1, 8, 1), or a dict of some of them, e.g. {'fsdp': 8}")
+    if isinstance(v, Mapping):
+        if not set(v) <= set(MESH_AXES):
+            raise bad
+        v = tuple(v.get(axis, 1) for axis in MESH_AXES)
+    if isinstance(v, str) or not isinstance(v, tuple | list) or len(v) != len(MESH_AXES):
+        raise bad
+    if not all(_is_int(size) and size >= 1 for size in v):
+        raise bad
+    return tuple(int(size) for size in v)
+
+
 FIELD_CHECKS: dict[str, Callable[[Any], Any]] = {
     "model": _name(presets.names, "model preset"),
     "model_overrides": _mapping,
@@ -350,6 +374,7 @@ FIELD_CHECKS: dict[str, Callable[[Any], Any]] = {
     "keep_checkpoints": _integer(1),
     "seed": _integer(0),
     "num_devices": _integer(1, optional=True),
+    "mesh": _mesh,
     "num_workers": _integer(0),
     "memory_report": _boolean,
     "drift_every": _integer(0),
@@ -407,12 +432,25 @@ def _text_goes_with_a_language_model(config: TrainConfig) -> str | None:
     return None
 
 
+def _mesh_matches_num_devices(config: TrainConfig) -> str | None:
+    if config.mesh is None or config.num_devices is None:
+        return None
+    size = math.prod(config.mesh)
+    if size != config.num_devices:
+        return (
+            f"mesh={config.mesh} spans {size} devices but num_devices={config.num_devices}; "
+            f"use num_devices={size} or a mesh whose sizes multiply to {config.num_devices}"
+        )
+    return None
+
+
 # Rules over several fields, checked after every field passed its own check: each returns the
 # problem text (naming the fields and the fix) or None.
 CROSS_CHECKS: tuple[Callable[[TrainConfig], str | None], ...] = (
     _warmup_below_cosine_end,
     _fine_tuning_needs_a_vit,
     _text_goes_with_a_language_model,
+    _mesh_matches_num_devices,
 )
 
 

@@ -1,25 +1,28 @@
-"""Devices and input: the data-parallel mesh, batch-size checks, and the choice of input
-pipeline (device-resident, Grain, or for ImageNet on NVIDIA GPUs DALI).
+"""Devices and input: the device mesh, batch-size checks, and the choice of input pipeline
+(device-resident, Grain, or for ImageNet on NVIDIA GPUs DALI).
 
-Data parallelism: a `jax.sharding.Mesh` over every device (all processes), the batch sharded
-along its ``"data"`` axis and the parameters replicated. XLA partitions the jitted step, so
-BatchNorm statistics are computed over the **global** batch, exactly as on one device. With
-several processes, `jax.distributed.initialize()` is called when the usual environment variables
-are present and each process reads its own shard of the data.
+The mesh spans every device (all processes) with three named axes, ``data``, ``fsdp`` and
+``tensor`` (`TrainConfig.mesh`; by default all devices on ``data``: pure data parallelism). The
+batch is split over ``data x fsdp``; the parameters are placed by `revjax.train.sharding`. XLA
+partitions the jitted step, so BatchNorm statistics are computed over the **global** batch,
+exactly as on one device. With several processes, `jax.distributed.initialize()` is called when
+the usual environment variables are present and each process reads its own shard of the data.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable, Iterator
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
+from revjax._partition import BATCH_AXES, MESH_AXES
 from revjax.train.config import ConfigError, TrainConfig
+from revjax.train.sharding import batch_sharding
 
 __all__ = [
     "DATA_AXIS",
@@ -60,8 +63,19 @@ def maybe_initialize_distributed() -> None:
         )
 
 
-def make_mesh(num_devices: int | None = None) -> Mesh:
-    """A 1-D data-parallel mesh over every device (or the first ``num_devices`` local ones)."""
+def make_mesh(num_devices: int | None = None, shape: tuple[int, ...] | None = None) -> Mesh:
+    """The device mesh with axes ``("data", "fsdp", "tensor")`` (`MESH_AXES`).
+
+    Args:
+      num_devices: use the first ``num_devices`` local devices (one process only); ``None``:
+        every device of every process.
+      shape: the axes' sizes ``(data, fsdp, tensor)`` (`TrainConfig.mesh`); ``None``: every
+        device on ``data``.
+
+    Raises:
+      ConfigError: more devices asked for than exist, or a shape that does not multiply to the
+        number of devices (naming shapes that do).
+    """
     devices = jax.devices()
     if num_devices is not None:
         if jax.process_count() > 1:
@@ -71,20 +85,33 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
             raise ConfigError(f"num_devices={num_devices}, but {len(devices)} devices exist",
                               fixes=(f"num_devices={len(devices)}", "num_devices=None"))
         devices = devices[:num_devices]
-    return Mesh(np.asarray(devices), (DATA_AXIS,))
+    n = len(devices)
+    shape = (n, 1, 1) if shape is None else tuple(shape)
+    if math.prod(shape) != n:
+        _, fsdp, tensor = shape
+        shapes = ((n // (fsdp * tensor), fsdp, tensor), (1, n // tensor, tensor), (1, n, 1))
+        fixes = dict.fromkeys(f"mesh={fix}" for fix in shapes if math.prod(fix) == n)
+        raise ConfigError(f"mesh={shape} spans {math.prod(shape)} devices, but {n} are used "
+                          "(every device of every process, or num_devices)", fixes=tuple(fixes))
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 
 def check_batch_size(batch_size: int, mesh: Mesh, what: str = "batch_size") -> None:
     """Raises `revjax.train.ConfigError` when the global batch does not split evenly over the
-    devices, naming the settings that fix it (``what`` or ``num_devices``)."""
-    n = mesh.devices.size
+    mesh's batch axes (``data x fsdp``), naming the settings that fix it (``what``,
+    ``num_devices`` or ``mesh``)."""
+    shape = dict(mesh.shape)
+    n = math.prod(shape.get(axis, 1) for axis in BATCH_AXES)
     if batch_size % n:
         lower = batch_size // n * n
         fixes = [f"{what}={size}" for size in dict.fromkeys((max(lower, n), lower + n))]
-        if jax.process_count() == 1:  # num_devices picks local devices: one process only
+        if mesh.devices.size == n and jax.process_count() == 1:  # one process, no fsdp/tensor
             fixes.append(f"num_devices={max(d for d in range(1, n) if batch_size % d == 0)}")
+        split = " x ".join(f"{axis} {shape[axis]}" for axis in BATCH_AXES if axis in shape)
+        where = (f"the {n} devices of the data-parallel mesh" if mesh.devices.size == n
+                 else f"the {n} batch shards of the mesh ({split})")
         raise ConfigError(
-            f"{what}={batch_size} is not divisible by the {n} devices of the data-parallel mesh",
+            f"{what}={batch_size} is not divisible by {where}",
             fixes=tuple(fixes),
         )
 
@@ -183,21 +210,21 @@ def make_train_input(config: TrainConfig, mesh: Mesh, image_size: int):
     ``arg_shardings``, ``batch_at``, ``get_state`` / ``set_state``, ``close``)."""
     from revjax import data
 
-    batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
+    batch = batch_sharding(mesh)
     kind = resolve_input_pipeline(config)
     if is_text(config):  # token windows drawn in the step from the tokens on the devices
         from revjax.data import text
 
         tokens = text.load_text_dataset(config.dataset, config.data_dir).train
         return text.TextTrainInput(tokens, batch_size=config.batch_size,
-                                        context=lm_context(config), seed=config.seed,
-                                        batch_sharding=batch_sharding)
+                                   context=lm_context(config), seed=config.seed,
+                                   batch_sharding=batch)
     if config.dataset == "imagenet2012":  # uint8 crops; flip, jitter, scaling in the step
         if kind == "dali":
             from revjax.data.dali_pipeline import DaliTrainInput
 
             return DaliTrainInput(
-                batch_size=config.batch_size, seed=config.seed, batch_sharding=batch_sharding,
+                batch_size=config.batch_size, seed=config.seed, batch_sharding=batch,
                 data_dir=config.data_dir, image_size=image_size,
                 process_index=jax.process_index(), process_count=jax.process_count(),
                 prefetch=config.prefetch,
@@ -207,7 +234,7 @@ def make_train_input(config: TrainConfig, mesh: Mesh, image_size: int):
             image_size=image_size, process_index=jax.process_index(),
             process_count=jax.process_count(), num_workers=config.num_workers,
         )
-        return data.ImageNetTrainInput(it, batch_sharding, config.seed, prefetch=config.prefetch)
+        return data.ImageNetTrainInput(it, batch, config.seed, prefetch=config.prefetch)
     if kind == "device":
         info = data.get_dataset_info(config.dataset)
         arrays = data.load_split(config.dataset, info.train_split, config.data_dir, image_size)
@@ -215,7 +242,7 @@ def make_train_input(config: TrainConfig, mesh: Mesh, image_size: int):
         if config.input_pipeline == "device" or data.fits_on_devices(nbytes):
             return data.DeviceTrainInput(
                 config.dataset, batch_size=config.batch_size, seed=config.seed,
-                batch_sharding=batch_sharding, data_dir=config.data_dir, arrays=arrays,
+                batch_sharding=batch, data_dir=config.data_dir, arrays=arrays,
             )
         _log.warning("The %s training split (%d bytes) does not fit beside the model on every "
                      "device: using the Grain pipeline", config.dataset, nbytes)
@@ -224,7 +251,7 @@ def make_train_input(config: TrainConfig, mesh: Mesh, image_size: int):
         data_dir=config.data_dir, image_size=image_size, process_index=jax.process_index(),
         process_count=jax.process_count(), num_workers=config.num_workers,
     )
-    return data.GrainTrainInput(it, batch_sharding, config.prefetch)
+    return data.GrainTrainInput(it, batch, config.prefetch)
 
 
 def make_eval_input(config: TrainConfig, mesh: Mesh, image_size: int, kind: str,
@@ -240,17 +267,17 @@ def make_eval_input(config: TrainConfig, mesh: Mesh, image_size: int, kind: str,
         tokens = text.load_text_dataset(config.dataset, config.data_dir).val
         windows = text.TextEvalInput(
             tokens, batch_size=batch_size, context=lm_context(config),
-            num_windows=TEXT_EVAL_WINDOWS, batch_sharding=NamedSharding(mesh, P(DATA_AXIS)))
+            num_windows=TEXT_EVAL_WINDOWS, batch_sharding=batch_sharding(mesh))
         return lambda: iter(windows)
     if config.dataset == "imagenet2012":
         return data.imagenet.make_eval_input(
-            batch_size=batch_size, batch_sharding=NamedSharding(mesh, P(DATA_AXIS)),
+            batch_size=batch_size, batch_sharding=batch_sharding(mesh),
             data_dir=config.data_dir, image_size=image_size, process_index=jax.process_index(),
             process_count=jax.process_count(), num_workers=config.num_workers,
         )
     if kind == "device":
         resident = data.DeviceEvalInput(
-            config.dataset, batch_size=batch_size, batch_sharding=NamedSharding(mesh, P(DATA_AXIS)),
+            config.dataset, batch_size=batch_size, batch_sharding=batch_sharding(mesh),
             data_dir=config.data_dir, image_size=image_size,
         )
         return lambda: iter(resident)

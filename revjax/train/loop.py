@@ -23,7 +23,6 @@ from revjax.layers import check_carry_range
 from revjax.measure import device_peak_bytes
 from revjax.train.config import TrainConfig, check_init_from
 from revjax.train.inputs import (
-    DATA_AXIS,
     check_batch_size,
     dataset_info,
     is_text,
@@ -49,9 +48,9 @@ from revjax.train.resilience import (
     restore_latest,
     save,
 )
+from revjax.train.sharding import batch_sharding, create_sharded_train_state
 from revjax.train.steps import (
     TrainState,
-    create_train_state,
     evaluate,
     make_eval_step,
     make_train_step,
@@ -331,7 +330,7 @@ class _Setup:
 
     workdir: Path  # absolute
     train_input: Any  # `make_train_input`'s: step_args, get_state, batch_at
-    state: TrainState  # replicated over the mesh; restored when resuming
+    state: TrainState  # placed by the sharding rules; restored when resuming
     step: int  # the first step to run: the restored checkpoint's, else 0
     train_step: Callable | None  # compiled for ``first_args``; None when nothing is left
     first_args: tuple | None  # the first step's arguments (compiled with them)
@@ -351,7 +350,7 @@ def _set_up(config: TrainConfig, workdir: Path, config_name: str | None, stop: S
     maybe_initialize_distributed()
     workdir = workdir.expanduser().absolute()  # Orbax requires absolute paths
     startup = _StartUp(stop, workdir)
-    mesh = make_mesh(config.num_devices)
+    mesh = make_mesh(config.num_devices, config.mesh)
     eval_batch_size = config.eval_batch_size or config.batch_size
     check_batch_size(config.batch_size, mesh)
     check_batch_size(eval_batch_size, mesh, "eval_batch_size")
@@ -365,13 +364,16 @@ def _set_up(config: TrainConfig, workdir: Path, config_name: str | None, stop: S
     eval_iter = make_eval_input(config, mesh, image_size, train_input.kind, eval_batch_size)
     startup.check()
 
-    graphdef, state, tx = create_train_state(config, info.num_classes, info.image_shape[2])
+    # Parameters and optimizer state placed by the model family's sharding rules (replicated
+    # on a pure data-parallel mesh); a checkpoint restores into these shardings, whatever mesh
+    # wrote it.
+    graphdef, state, tx, shardings = create_sharded_train_state(
+        config, info.num_classes, info.image_shape[2], mesh)
     replicated = NamedSharding(mesh, P())
-    batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
-    state = jax.device_put(state, replicated)
+    batch = batch_sharding(mesh)
     workdir.mkdir(parents=True, exist_ok=True)
     manager = _checkpoint_manager(workdir, config.keep_checkpoints, cleanup)
-    last_saved, state = _restore(manager, state, workdir, train_input, replicated, config,
+    last_saved, state = _restore(manager, state, workdir, train_input, shardings, config,
                                  config_name)
     step = startup.resumed = last_saved or 0
     startup.check()
@@ -392,20 +394,26 @@ def _set_up(config: TrainConfig, workdir: Path, config_name: str | None, stop: S
         devices = mesh.devices.size
         _say(f"Compiling the train step ({config.model}, batch {config.batch_size} over "
              f"{devices} device{'s' if devices > 1 else ''})...")
-        train_step = _while_handling_signals(jax.jit(
+        jitted = jax.jit(
             train_input.wrap_step(make_train_step(graphdef, tx, **step_options(config))),
-            in_shardings=(replicated, *train_input.arg_shardings()),
-            out_shardings=(replicated, replicated),
+            in_shardings=(shardings, *train_input.arg_shardings()),
+            out_shardings=(shardings, replicated),
             donate_argnums=0,
-        ).lower(state, *first_args).compile)
+        )
+
+        def compile_step():
+            with jax.set_mesh(mesh):  # the models' activation constraints see the mesh
+                return jitted.lower(state, *first_args).compile()
+
+        train_step = _while_handling_signals(compile_step)
         startup.check()
     eval_step = jax.jit(
-        make_eval_step(graphdef), in_shardings=(replicated, batch_sharding),
-        out_shardings=replicated,
+        make_eval_step(graphdef), in_shardings=(shardings, batch), out_shardings=replicated,
     )
 
     def run_eval(state) -> dict:
-        return evaluate(eval_step, state, eval_iter(), batch_sharding)
+        with jax.set_mesh(mesh):
+            return evaluate(eval_step, state, eval_iter(), batch)
 
     return _Setup(
         workdir=workdir, train_input=train_input, state=state, step=step, train_step=train_step,

@@ -1,0 +1,53 @@
+"""One process of the sharded runs in tests/test_sharding.py (not a test itself).
+
+    python tests/sharded_process_worker.py DEVICES train CONFIG_JSON WORKDIR
+    python tests/sharded_process_worker.py DEVICES restore CONFIG_JSON WORKDIR OUT_NPZ
+
+Each process has DEVICES CPU devices. ``train``: with ``JAX_COORDINATOR_ADDRESS``,
+``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` set, every process trains the config (its mesh
+spans every device of every process) into WORKDIR's checkpoints. ``restore``: one process
+restores WORKDIR's latest checkpoint onto the config's mesh and writes the state's leaves to
+OUT_NPZ (``leaf_<i>``), with each parameter's sharding spec (``spec_<i>``).
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={int(sys.argv[1])}"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+from revjax import train  # noqa: E402
+from revjax.train import resilience  # noqa: E402
+from revjax.train.inputs import make_mesh, maybe_initialize_distributed  # noqa: E402
+
+
+def main() -> int:
+    mode, fields, workdir = sys.argv[2], json.loads(sys.argv[3]), Path(sys.argv[4])
+    maybe_initialize_distributed()
+    config = train.TrainConfig(**fields)
+    if mode == "train":
+        train.train_and_evaluate(config, workdir)
+        return 0
+    mesh = make_mesh(config.num_devices, config.mesh)
+    _, target, _, _ = train.create_sharded_train_state(config, 10, 1, mesh)
+    manager = resilience.checkpoint_manager(workdir.absolute(), 6)
+    try:
+        _, state, _ = resilience.restore_latest(manager, target, workdir.absolute())
+    finally:
+        manager.close()
+    leaves = jax.tree.leaves(state)
+    np.savez(sys.argv[5], **{f"leaf_{i}": np.asarray(x) for i, x in enumerate(leaves)},
+             **{f"spec_{i}": str(x.sharding.spec) for i, x in enumerate(leaves)})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

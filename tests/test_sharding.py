@@ -1,0 +1,335 @@
+"""Sharding rules (every parameter of every family placed on purpose) and the compiled program
+of a sharded step (unit parameters gathered inside the reversible scan, one unit at a time)."""
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from helpers import TINY
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from revjax import presets, train
+from revjax.train import TrainConfig, resilience
+from revjax.train import sharding as S
+from revjax.train.steps import create_train_state, make_train_step
+
+# One preset per block kind and family (basic / bottleneck, RevNet / ResNet, ViT with a class
+# token / RevViT); shapes only.
+PRESETS = ["revnet38", "resnet32", "revnet104", "resnet101", "vit_s16", "revvit_b16"]
+MESHES = [{"data": 1, "fsdp": 8, "tensor": 1}, {"data": 1, "fsdp": 4, "tensor": 2},
+          {"data": 2, "fsdp": 2, "tensor": 2}]
+
+
+def _abstract_params(name):
+    return jax.eval_shape(
+        lambda: nnx.state(presets.build(name, 1000, rngs=nnx.Rngs(0)), nnx.Param))
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_large_parameter_is_sharded_or_says_why(name):
+    params = _abstract_params(name)
+    for mesh_shape in MESHES:
+        plan = S.plan_params(params, mesh_shape, S.family_rules(name))
+        assert len(plan) == len(jax.tree.leaves(params))
+        for p in plan.values():
+            size = math.prod(p.shape)
+            if size < S.MIN_SHARDED_SIZE:
+                assert p.replicated and p.reason.startswith("small"), p
+                continue
+            named = [a for entry in p.spec if entry for a in np.atleast_1d(entry)]
+            assert "fsdp" in named or "fsdp: " in p.reason, p  # fsdp splits every large one
+            if mesh_shape["tensor"] > 1 and any(ax in p.logical for ax in ("heads", "mlp")):
+                assert "tensor" in named or "tensor: " in p.reason, p
+            assert "data" not in named
+            if p.logical[0] == "units":  # stacked units: never split along the unit axis
+                assert p.spec[0] is None, p
+            for dim, entry in zip(p.shape, p.spec, strict=False):
+                if entry:
+                    assert dim % math.prod(mesh_shape[a] for a in np.atleast_1d(entry)) == 0
+        # The transformer layers are split over tensor along heads / hidden units.
+        if mesh_shape["tensor"] > 1 and "vit" in name:
+            fc1 = next(p for path, p in plan.items() if path.endswith("fc1/kernel"))
+            assert fc1.spec == P(None, "fsdp", "tensor")
+
+
+def test_indivisible_axis_moves_or_replicates_with_a_reason():
+    params = {"conv": {"kernel": jax.ShapeDtypeStruct((3, 3, 30, 56), jnp.float32)},
+              "odd": {"kernel": jax.ShapeDtypeStruct((3, 3, 7, 7), jnp.float32)}}
+    rules = ((r".*/kernel", ("spatial", "spatial", "conv_in", "conv_out")),)
+    plan = S.plan_params(params, {"data": 1, "fsdp": 8, "tensor": 2}, rules, min_size=0)
+    conv, odd = plan["conv/kernel"], plan["odd/kernel"]
+    assert conv.spec == P(None, None, "tensor", "fsdp") and conv.reason == ""
+    plan = S.plan_params(params, {"data": 1, "fsdp": 4, "tensor": 4}, rules, min_size=0)
+    conv = plan["conv/kernel"]
+    assert conv.spec == P(None, None, None, "fsdp")  # 30 % 4: tensor replicated, said so
+    assert "tensor: conv_in 30 not divisible by 4" in conv.reason
+    plan = S.plan_params(params, {"data": 1, "fsdp": 3, "tensor": 1}, rules, min_size=0)
+    conv, odd = plan["conv/kernel"], plan["odd/kernel"]
+    assert conv.spec == P(None, None, "fsdp", None) and "split conv_in 30 instead" in conv.reason
+    assert odd.replicated and "replicated over it" in odd.reason
+
+
+def test_unmatched_parameter_is_an_error():
+    params = {"mystery": {"kernel": jax.ShapeDtypeStruct((64, 64), jnp.float32)}}
+    with pytest.raises(ValueError, match=r"mystery/kernel \(64, 64\)"):
+        S.plan_params(params, {"data": 1, "fsdp": 8, "tensor": 1}, S.VIT_RULES)
+    with pytest.raises(ValueError, match="known families"):
+        S.family_rules(int)
+
+
+@functools.cache
+def _tiny_step(model, mesh_shape, min_size=1024):
+    """``(state, compiled AdamW train step)`` of ``STEPS[model]`` on 8 devices as
+    ``(data, fsdp, tensor)``; compiled once per module."""
+    mesh = Mesh(np.asarray(jax.devices()).reshape(mesh_shape), S.MESH_AXES)
+    config = TrainConfig(model=model, model_overrides={"unroll": 1, **STEPS[model]},
+                         optimizer="adamw", dataset="digits", batch_size=16)
+    graphdef, state, tx = create_train_state(config, 10, 1)
+    shardings = S.train_state_shardings(state, mesh, S.family_rules(model), min_size=min_size)
+    batch = {"image": jnp.zeros((16, 8, 8, 1)), "label": jnp.zeros((16,), jnp.int32)}
+    data = S.batch_sharding(mesh)
+    step = jax.jit(make_train_step(graphdef, tx), in_shardings=(shardings, data),
+                   out_shardings=(shardings, NamedSharding(mesh, P())))
+    with jax.set_mesh(mesh):
+        return state, step.lower(state, batch).compile()
+
+
+# A RevViT on 64 tokens and a RevNet whose stages scan 3 units; 8 host devices on fsdp.
+STEPS = {
+    "revvit_tiny": {"embed_dim": 64, "depth": 3, "num_heads": 2, "patch_size": 1},
+    "revnet_tiny": {"units_per_stage": (4, 4), "widths": (16, 32, 32)},
+}
+
+
+@pytest.mark.parametrize("model", sorted(STEPS))
+def test_unit_parameters_are_gathered_inside_the_scan(model):
+    """The stacked unit parameters are gathered one unit per iteration inside the forward's
+    and the backward's while loops; no gather outside a loop has a stacked parameter's shape
+    (that would be every unit gathered at once). Parameters below ``min_size`` (BatchNorm
+    scales) are replicated: XLA gathers such small stacked ones before the loop."""
+    state, compiled = _tiny_step(model, (1, 8, 1))
+    mesh_shape = dict(zip(S.MESH_AXES, (1, 8, 1), strict=True))
+    plan = S.plan_params(state.params, mesh_shape, S.family_rules(model), min_size=1024)
+    stacked = [p for p in plan.values() if p.logical[0] == "units" and not p.replicated]
+    assert stacked
+    gathers = S.all_gathers(compiled.as_text())
+
+    def text(shape):
+        return f"f32[{','.join(map(str, shape))}]"
+
+    for p in stacked:
+        assert text(p.shape) not in gathers["outside"], p.path  # not hoisted
+        assert text(p.shape[1:]) in gathers["in_loops"], p.path  # one unit, in the loop
+    assert not any(text(p.shape) in gathers["in_loops"] for p in stacked)
+
+
+def test_per_device_arguments_fall_with_fsdp():
+    """Compiled argument bytes per device (parameters, AdamW's moments, the batch) with every
+    parameter over fsdp = 8 against the data-parallel replicated layout."""
+    _, sharded = _tiny_step("revvit_tiny", (1, 8, 1))
+    _, replicated = _tiny_step("revvit_tiny", (8, 1, 1))
+    ratio = (sharded.memory_analysis().argument_size_in_bytes
+             / replicated.memory_analysis().argument_size_in_bytes)
+    # 1/8 of the kernels; parameters under min_size (norms, biases) and the batch are whole.
+    assert ratio < 0.3
+
+
+# ------------------------------------------------------------------------------------------
+# Sharded training equals one device
+# ------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _three_steps(model, mesh_shape):
+    """Parameters after 3 SGD steps (float carries) on one device (``mesh_shape`` None) or
+    sharded over 8 devices as ``(data, fsdp, tensor)``, every parameter split (min_size 0)."""
+    config = TrainConfig(model=model, dataset="digits", batch_size=16, arithmetic="float")
+    graphdef, state, tx = create_train_state(config, 10, 1)
+    rng = np.random.default_rng(0)
+    batches = [{"image": jnp.asarray(rng.normal(size=(16, 8, 8, 1)), jnp.float32),
+                "label": jnp.asarray(rng.integers(0, 10, 16), jnp.int32)} for _ in range(3)]
+    if mesh_shape is None:
+        step = jax.jit(make_train_step(graphdef, tx))
+        for batch in batches:
+            state, _ = step(state, batch)
+        return state.params
+    mesh = Mesh(np.asarray(jax.devices()).reshape(mesh_shape), S.MESH_AXES)
+    shardings = S.train_state_shardings(state, mesh, S.family_rules(model), min_size=0)
+    data = S.batch_sharding(mesh)
+    step = jax.jit(make_train_step(graphdef, tx), in_shardings=(shardings, data),
+                   out_shardings=(shardings, NamedSharding(mesh, P())))
+    state = jax.device_put(state, shardings)
+    with jax.set_mesh(mesh):
+        for batch in batches:
+            state, _ = step(state, jax.device_put(batch, data))
+    for leaf, sharding in zip(jax.tree.leaves(state.params), jax.tree.leaves(shardings.params),
+                              strict=True):
+        assert leaf.sharding.is_equivalent_to(sharding, leaf.ndim)  # stayed sharded
+    return state.params
+
+
+# Relative L2 error per parameter. The RevViT's differences are reduction order (~4e-7 on 8
+# devices). The RevNet's BatchNorm statistics over the global batch move it by ~1.1e-6 with
+# pure data parallelism (8, 1, 1) already; parameter sharding adds less than that again.
+@pytest.mark.slow
+@pytest.mark.parametrize("model, mesh_shape, rtol", [
+    ("revvit_tiny", (8, 1, 1), 1e-6),
+    ("revvit_tiny", (1, 8, 1), 1e-6),
+    ("revvit_tiny", (2, 2, 2), 1e-6),
+    ("revvit_tiny", (1, 4, 2), 1e-6),
+    ("revnet_tiny", (1, 8, 1), 3e-6),
+    ("revnet_tiny", (1, 4, 2), 3e-6),
+])
+def test_sharded_training_equals_one_device(model, mesh_shape, rtol):
+    one, sharded = _three_steps(model, None), _three_steps(model, mesh_shape)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(sharded), jax.tree.leaves(one),
+                            strict=True):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        error = np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+        assert error <= rtol, (S.param_path(path), error)
+
+
+def test_language_model_rules_by_name():
+    """GPT / RevGPT parameter names (token embedding tied to the head, a learned position
+    table, attention and a gated MLP, stacked over 12 blocks) are all placed."""
+    f32 = jnp.float32
+    params = {
+        "embed": {"embedding": jax.ShapeDtypeStruct((50304, 768), f32)},
+        "pos_embed": jax.ShapeDtypeStruct((1024, 768), f32),
+        "blocks": {"f": {"qkv": {"kernel": jax.ShapeDtypeStruct((12, 768, 2304), f32)},
+                         "proj": {"kernel": jax.ShapeDtypeStruct((12, 768, 768), f32)},
+                         "norm": {"scale": jax.ShapeDtypeStruct((12, 768), f32)}},
+                   "g": {"gate": {"kernel": jax.ShapeDtypeStruct((12, 768, 2048), f32)},
+                         "fc1": {"kernel": jax.ShapeDtypeStruct((12, 768, 2048), f32)},
+                         "fc2": {"kernel": jax.ShapeDtypeStruct((12, 2048, 768), f32)}}},
+        "norm": {"scale": jax.ShapeDtypeStruct((768,), f32)},
+    }
+    plan = S.plan_params(params, {"data": 1, "fsdp": 4, "tensor": 2}, S.GPT_RULES)
+    assert plan["embed/embedding"].spec == P("tensor", "fsdp")
+    assert plan["pos_embed"].spec == P(None, "fsdp")
+    assert plan["blocks/g/gate/kernel"].spec == P(None, "fsdp", "tensor")
+    assert plan["blocks/f/proj/kernel"].spec == P(None, "tensor", "fsdp")
+    assert plan["norm/scale"].replicated
+
+
+# ------------------------------------------------------------------------------------------
+# The trainer on a mesh: checkpoints across meshes and device counts, several processes
+# ------------------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "sharded_process_worker.py"
+# TINY (a RevNet on digits) with float carries (the differences across meshes are then
+# reduction order), every device, an evaluation batch the 8 devices divide, and stages wide
+# enough (64-channel halves) that their conv kernels pass the size below which parameters
+# stay replicated.
+SHARDED = dataclasses.replace(TINY, num_devices=None, arithmetic="float", eval_batch_size=64,
+                              model_overrides={"widths": (16, 128, 128)})
+
+
+def _fields(config):
+    return json.dumps({f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def _max_rel_l2(a, b):
+    errors = [np.linalg.norm(np.asarray(x, np.float64) - np.asarray(y, np.float64))
+              / max(np.linalg.norm(np.asarray(y, np.float64)), 1e-30)
+              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+              if np.issubdtype(np.asarray(y).dtype, np.floating)]
+    return max(errors)
+
+
+@pytest.mark.slow
+def test_checkpoint_restores_on_another_mesh_and_device_count(tmp_path):
+    """Saved on (1, 8, 1) after 2 steps: restored bit for bit onto (2, 2, 2) and, in a process
+    with 4 devices, onto (1, 2, 2); training resumed on (8, 1, 1) to step 3 equals 3 steps on
+    one device."""
+    work = tmp_path / "work"
+    first = train.train_and_evaluate(
+        dataclasses.replace(SHARDED, mesh=(1, 8, 1), num_steps=2), work)["state"]
+    saved = jax.tree.leaves(first)
+
+    other = dataclasses.replace(SHARDED, mesh=(2, 2, 2))
+    mesh = train.make_mesh(None, other.mesh)
+    _, target, _, shardings = train.create_sharded_train_state(other, 10, 1, mesh)
+    manager = resilience.checkpoint_manager(work.absolute(), 6)
+    try:
+        step, restored, _ = resilience.restore_latest(manager, target, work.absolute())
+    finally:
+        manager.close()
+    assert step == 2
+    for a, b, sharding in zip(jax.tree.leaves(restored), saved, jax.tree.leaves(shardings),
+                              strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert a.sharding.is_equivalent_to(sharding, a.ndim)
+    assert any("fsdp" in str(s.spec) for s in jax.tree.leaves(shardings.params))  # resharded
+
+    four = dataclasses.replace(SHARDED, mesh=(1, 2, 2))
+    out = tmp_path / "four.npz"
+    subprocess.run([sys.executable, str(WORKER), "4", "restore", _fields(four), str(work),
+                    str(out)], env=_env(), check=True, timeout=600)
+    with np.load(out) as four_devices:
+        for i, b in enumerate(saved):
+            np.testing.assert_array_equal(four_devices[f"leaf_{i}"], np.asarray(b))
+        assert any("fsdp" in str(four_devices[f"spec_{i}"]) for i in range(len(saved)))
+
+    with pytest.warns(train.ConfigChangedWarning, match="mesh"):  # resumed, and it says how
+        resumed = train.train_and_evaluate(
+            dataclasses.replace(SHARDED, mesh=(8, 1, 1), num_steps=3), work)
+    one = train.train_and_evaluate(dataclasses.replace(SHARDED, num_devices=1, num_steps=3),
+                                   tmp_path / "one")
+    assert resumed["step"] == 3
+    assert _max_rel_l2(resumed["state"].params, one["state"].params) <= 3e-6
+
+
+@pytest.mark.slow
+def test_two_processes_of_four_devices_equal_one_of_eight(tmp_path):
+    """A (1, 8, 1) mesh over 2 processes x 4 CPU devices (jax.distributed, each process
+    reading its own half of the batch, fsdp across the processes) trains to the checkpoint
+    1 process x 8 devices reaches with the same mesh."""
+    config = dataclasses.replace(SHARDED, mesh=(1, 8, 1))
+    port = socket.socket()
+    port.bind(("localhost", 0))
+    address = f"localhost:{port.getsockname()[1]}"
+    port.close()
+    procs = []
+    for index in range(2):
+        env = _env()
+        env.update(JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2",
+                   JAX_PROCESS_ID=str(index))
+        procs.append(subprocess.Popen(
+            [sys.executable, str(WORKER), "4", "train", _fields(config), str(tmp_path / "two")],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        outs = [p.communicate(timeout=600)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outs
+    one = train.train_and_evaluate(config, tmp_path / "one")["state"]
+    _, target, _, _ = train.create_sharded_train_state(config, 10, 1,
+                                                        train.make_mesh(None, config.mesh))
+    manager = resilience.checkpoint_manager((tmp_path / "two").absolute(), 6)
+    try:
+        step, two, _ = resilience.restore_latest(manager, target, (tmp_path / "two").absolute())
+    finally:
+        manager.close()
+    assert step == config.num_steps
+    assert _max_rel_l2(two, one) <= 1e-6
