@@ -20,7 +20,7 @@ def trained(tmp_path_factory):
     text.prepare_text("shakespeare_char", root / "data", text=TEXT)
     config = dataclasses.replace(get_config(quick=True), data_dir=str(root / "data"),
                                  num_steps=60, eval_every=0, checkpoint_every=0)
-    result = train_and_evaluate(config, root / "work")
+    _, result = train_and_evaluate(config, root / "work")
     return root, result
 
 

@@ -262,8 +262,8 @@ def test_checkpoint_restores_on_another_mesh_and_device_count(tmp_path):
     with 4 devices, onto (1, 2, 2); training resumed on (8, 1, 1) to step 3 equals 3 steps on
     one device."""
     work = tmp_path / "work"
-    first = train.train_and_evaluate(
-        dataclasses.replace(SHARDED, mesh=(1, 8, 1), num_steps=2), work)["state"]
+    first, _ = train.train_and_evaluate(
+        dataclasses.replace(SHARDED, mesh=(1, 8, 1), num_steps=2), work)
     saved = jax.tree.leaves(first)
 
     other = dataclasses.replace(SHARDED, mesh=(2, 2, 2))
@@ -291,12 +291,12 @@ def test_checkpoint_restores_on_another_mesh_and_device_count(tmp_path):
         assert any("fsdp" in str(four_devices[f"spec_{i}"]) for i in range(len(saved)))
 
     with pytest.warns(train.ConfigChangedWarning, match="mesh"):  # resumed, and it says how
-        resumed = train.train_and_evaluate(
+        resumed_state, resumed = train.train_and_evaluate(
             dataclasses.replace(SHARDED, mesh=(8, 1, 1), num_steps=3), work)
-    one = train.train_and_evaluate(dataclasses.replace(SHARDED, num_devices=1, num_steps=3),
-                                   tmp_path / "one")
+    one_state, _ = train.train_and_evaluate(
+        dataclasses.replace(SHARDED, num_devices=1, num_steps=3), tmp_path / "one")
     assert resumed["step"] == 3
-    assert _max_rel_l2(resumed["state"].params, one["state"].params) <= 3e-6
+    assert _max_rel_l2(resumed_state.params, one_state.params) <= 3e-6
 
 
 @pytest.mark.slow
@@ -323,7 +323,7 @@ def test_two_processes_of_four_devices_equal_one_of_eight(tmp_path):
         for p in procs:
             p.kill()
     assert [p.returncode for p in procs] == [0, 0], outs
-    one = train.train_and_evaluate(config, tmp_path / "one")["state"]
+    one, _ = train.train_and_evaluate(config, tmp_path / "one")
     _, target, _, _ = train.create_sharded_train_state(config, 10, 1,
                                                         train.make_mesh(None, config.mesh))
     manager = resilience.checkpoint_manager((tmp_path / "two").absolute(), 6)
