@@ -145,7 +145,7 @@ def reversible_sequence(
       rebuild: with fixed point, ``"isolated"`` (default, exact by construction) or
         ``"pullback"``: the rebuild reuses the pullback's recomputation of F and G, one
         evaluation fewer per unit, exact only where XLA compiles it as in the forward.
-      rebuild_probe: optional float32 scalar (value unused) whose gradient is the number of
+      rebuild_probe: optional float scalar (value unused) whose gradient is the number of
         units whose fixed-point rebuild differed from the forward (0 for floats).
 
     Returns:
@@ -164,11 +164,13 @@ def reversible_sequence(
     if context is not None:
         check_context(context)
     if rebuild_probe is not None:
-        if jnp.shape(rebuild_probe) or jnp.result_type(rebuild_probe) != jnp.float32:
+        floating = jnp.issubdtype(jnp.result_type(rebuild_probe), jnp.floating)
+        if jnp.shape(rebuild_probe) or not floating:
             raise ValueError(
-                "rebuild_probe must be a float32 scalar (its value is unused; its gradient is "
-                f"the count of mismatched units), got {jnp.result_type(rebuild_probe)} of shape "
-                f"{jnp.shape(rebuild_probe)}. Use jnp.zeros((), jnp.float32)."
+                "rebuild_probe must be a floating-point scalar (its value is unused; its "
+                "gradient is the count of mismatched units), got "
+                f"{jnp.result_type(rebuild_probe)} of shape {jnp.shape(rebuild_probe)}. Use "
+                "jnp.zeros((), jnp.float32)."
             )
     if keys is not None:
         n_keys = jnp.shape(keys)[0] if jnp.ndim(keys) else None
@@ -211,6 +213,7 @@ def reversible_sequence(
     else:
         run = lambda fp, gp, a, b, k, c, _: _plain_sequence(setting, fp, gp, a, b, k, c, remat)
     probe = jnp.zeros((), jnp.float32) if rebuild_probe is None else rebuild_probe
+    probe = jnp.asarray(probe).astype(jnp.float32)  # the count's dtype (float64 under x64)
     (y1, y2), aux, peak = run(f_params, g_params, x1, x2, keys, context, probe)
     out = ((y1, y2), aux) if has_aux else (y1, y2)
     return (out, peak) if return_peak else out
