@@ -26,8 +26,9 @@ from revjax.train import sharding as S
 from revjax.train.steps import create_train_state, make_train_step
 
 # One preset per block kind and family (basic / bottleneck, RevNet / ResNet, ViT with a class
-# token / RevViT); shapes only.
-PRESETS = ["revnet38", "resnet32", "revnet104", "resnet101", "vit_s16", "revvit_b16"]
+# token / RevViT, GPT / RevGPT language models); shapes only.
+PRESETS = ["revnet38", "resnet32", "revnet104", "resnet101", "vit_s16", "revvit_b16",
+           "gpt_char_cpu", "revgpt_char_cpu", "gpt2_small"]
 MESHES = [{"data": 1, "fsdp": 8, "tensor": 1}, {"data": 1, "fsdp": 4, "tensor": 2},
           {"data": 2, "fsdp": 2, "tensor": 2}]
 
