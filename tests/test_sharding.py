@@ -184,15 +184,28 @@ def test_residual_function_on_a_small_map_equals_one_device():
 # ------------------------------------------------------------------------------------------
 
 
+# A RevGPT of 2 blocks of width 32 on a context of 16 characters.
+LANGUAGE = {"revgpt_char_cpu": {"depth": 2, "embed_dim": 32, "num_heads": 2,
+                                "context_length": 16}}
+
+
 @functools.cache
 def _three_steps(model, mesh_shape):
     """Parameters after 3 SGD steps (float carries) on one device (``mesh_shape`` None) or
     sharded over 8 devices as ``(data, fsdp, tensor)``, every parameter split (min_size 0)."""
-    config = TrainConfig(model=model, dataset="digits", batch_size=16, arithmetic="float")
-    graphdef, state, tx = create_train_state(config, 10, 1)
     rng = np.random.default_rng(0)
-    batches = [{"image": jnp.asarray(rng.normal(size=(16, 8, 8, 1)), jnp.float32),
-                "label": jnp.asarray(rng.integers(0, 10, 16), jnp.int32)} for _ in range(3)]
+    if model in LANGUAGE:  # 16 windows of 16 characters
+        config = TrainConfig(model=model, dataset="shakespeare_char", batch_size=16,
+                             model_overrides=LANGUAGE[model])
+        graphdef, state, tx = create_train_state(config, 65, 1)
+        batches = [{"tokens": jnp.asarray(rng.integers(0, 65, (16, 16)), jnp.int32),
+                    "targets": jnp.asarray(rng.integers(0, 65, (16, 16)), jnp.int32)}
+                   for _ in range(3)]
+    else:
+        config = TrainConfig(model=model, dataset="digits", batch_size=16, arithmetic="float")
+        graphdef, state, tx = create_train_state(config, 10, 1)
+        batches = [{"image": jnp.asarray(rng.normal(size=(16, 8, 8, 1)), jnp.float32),
+                    "label": jnp.asarray(rng.integers(0, 10, 16), jnp.int32)} for _ in range(3)]
     if mesh_shape is None:
         step = jax.jit(make_train_step(graphdef, tx))
         for batch in batches:
@@ -226,6 +239,10 @@ def _three_steps(model, mesh_shape):
     ("revnet_tiny", (1, 8, 1), 3e-6),
     ("revnet_tiny", (2, 2, 2), 3e-6),
     ("revnet_tiny", (1, 4, 2), 3e-6),
+    ("revgpt_char_cpu", (8, 1, 1), 1e-5),
+    ("revgpt_char_cpu", (1, 8, 1), 1e-5),
+    ("revgpt_char_cpu", (2, 2, 2), 1e-5),
+    ("revgpt_char_cpu", (1, 4, 2), 1e-5),
 ])
 def test_sharded_training_equals_one_device(model, mesh_shape, rtol):
     one, sharded = _three_steps(model, None), _three_steps(model, mesh_shape)
