@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from revjax._partition import constrain_batch
 from revjax._vit_blocks import Branch, at_least_float32, dropout
 
 Array = jax.Array
@@ -209,13 +210,14 @@ class CausalAttention(Branch):
         s = self.setting
         (k_attn, k_out, _), _ = self._randomness(key_data)
         n, t, d = x.shape
+        x = constrain_batch(x)  # batch-split activations under a mesh (revjax._partition)
         q, k, v = self._qkv(x, jnp.arange(t, dtype=jnp.int32))
         if s.attention == "plain" or (s.attention_dropout > 0.0 and k_attn is not None):
             h = plain_attention(q, k, v, causal_mask(t, t), s.attention_dropout, k_attn)
         else:
             h = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=s.attention)
         h = self.proj(h.reshape(n, t, d))
-        return dropout(h, s.dropout, k_out)
+        return constrain_batch(dropout(h, s.dropout, k_out))
 
     def decode(self, x: Array, cache: tuple[Array, Array], start: Array):
         """The branch on tokens at positions ``start .. start + T - 1``, with a key-value cache.
@@ -262,10 +264,10 @@ class Mlp(Branch):
         """Maps tokens [N, T, D] to the branch output [N, T, D]; arguments as
         `CausalAttention`."""
         (k_hidden, k_out, _), _ = self._randomness(key_data)
-        h = self.norm(x.astype(self.compute_dtype))
+        h = self.norm(constrain_batch(x).astype(self.compute_dtype))
         if self.gate is not None:
             h = jax.nn.silu(self.gate(h)) * self.fc1(h)  # [N, T, hidden]
         else:
             h = jax.nn.gelu(self.fc1(h), approximate=True)
         h = dropout(h, self.setting.dropout, k_hidden)
-        return dropout(self.fc2(h), self.setting.dropout, k_out)
+        return constrain_batch(dropout(self.fc2(h), self.setting.dropout, k_out))
