@@ -214,6 +214,7 @@ def test_18_units_float32_as_accurate_as_plain():
     assert rev64["cos"] > 0.9999
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("preset", "batch"), [("revnet110", 2), ("revnet164", 4)])
 def test_presets_float32_as_accurate_as_plain(preset, batch):
     # 32x32 inputs; small batches to keep the CPU run short (float64 included).
@@ -281,6 +282,7 @@ def test_exact_every_validated():
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_bench_drift_quick(tmp_path):
     results = bench_drift.main(["--quick", "--out-dir", str(tmp_path)])
     md, png = tmp_path / "bench_drift.md", tmp_path / "bench_drift.png"

@@ -536,6 +536,7 @@ def test_revvit_bfloat16_fixed_gradients():
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_trainer_names_an_overflowed_carry(tmp_path):
     import dataclasses
 
