@@ -48,13 +48,20 @@ class CarryRangeError(FloatingPointError):
     def __init__(self, where: str, peak: float, frac_bits: int):
         self.where, self.peak, self.frac_bits = where, float(peak), int(frac_bits)
         limit = carry_limit(frac_bits)
-        fewer = max(frac_bits - max(math.ceil(math.log2(max(peak, 1.0) * 2 / limit)), 1), 0)
+        # The fewest fraction bits removed that leave the peak at most half the new range.
+        needed = math.ceil(math.log2(max(self.peak, 1.0) * 2 / limit)) if math.isfinite(
+            self.peak) else frac_bits
+        fewer = max(frac_bits - max(needed, 1), 0)
+        if fewer < frac_bits and carry_limit(fewer) > self.peak:
+            hint = (f"Use fewer fraction bits (frac_bits={fewer} widens the range "
+                    f"{2 ** (frac_bits - fewer):g}-fold, to {carry_limit(fewer):g}), ")
+        else:
+            hint = "No frac_bits holds it; "
         super().__init__(
-            f"Fixed-point carries of {where} reached |value| = {peak:.6g}, beyond the range "
-            f"{limit:g} that frac_bits={frac_bits} allows (int32 with {frac_bits} fraction bits "
-            "would wrap around). Use fewer fraction bits (frac_bits="
-            f"{fewer} doubles the headroom {2 ** (frac_bits - fewer):g}-fold), look for exploding "
-            "weights or activations (a lower learning rate), or arithmetic='float'."
+            f"Fixed-point carries of {where} reached |value| = {self.peak:.6g}, beyond the "
+            f"range {limit:g} that frac_bits={frac_bits} allows (int32 with {frac_bits} fraction "
+            f"bits would wrap around). {hint}look for exploding weights or activations (a lower "
+            "learning rate), or use arithmetic='float'."
         )
 
 
@@ -134,7 +141,8 @@ def _straight_through_jvp(primals, tangents):
 def max_abs(tree: PyTree) -> Array:
     """Largest ``|leaf|`` over the leaves of ``tree``, float32 (NaN if any element is NaN)."""
     return functools.reduce(
-        jnp.maximum, [jnp.max(jnp.abs(a)).astype(jnp.float32) for a in jax.tree.leaves(tree)]
+        jnp.maximum,
+        [jnp.max(jnp.abs(a), initial=0).astype(jnp.float32) for a in jax.tree.leaves(tree)],
     )
 
 
@@ -209,7 +217,7 @@ class FixedCarry(NamedTuple):
         return fn(c)
 
     def magnitude(self, c: Array) -> Array:
-        return jnp.max(jnp.abs(c)).astype(jnp.float32) * (2.0**-self.frac_bits)
+        return jnp.max(jnp.abs(c), initial=0).astype(jnp.float32) * (2.0**-self.frac_bits)
 
 
 class TracedFixedCarry(NamedTuple):
@@ -244,7 +252,16 @@ class TracedFixedCarry(NamedTuple):
         return fn(c[0]), fn(c[1])
 
     def magnitude(self, c: tuple) -> Array:
-        return jnp.max(jnp.abs(c[0])).astype(jnp.float32) * (2.0**-self.frac_bits)
+        return jnp.max(jnp.abs(c[0]), initial=0).astype(jnp.float32) * (2.0**-self.frac_bits)
+
+
+def check_carry_dtype(arithmetic: str, dtype: Any) -> None:
+    """Raises a TypeError for fixed point on halves that are not floating point."""
+    if arithmetic == "fixed" and not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"Fixed-point carries need floating-point halves, got {jnp.dtype(dtype)} halves. "
+            "Cast them to float32 (or bfloat16) first, e.g. x1.astype(jnp.float32)."
+        )
 
 
 def make_carry(
@@ -252,9 +269,14 @@ def make_carry(
 ):
     """The carry arithmetic for halves of ``dtype``: `FloatCarry`, `FixedCarry` (evaluating F
     and G in isolation unless ``rebuild="pullback"``), or for plain autodiff (``traced``)
-    `TracedFixedCarry`."""
+    `TracedFixedCarry`.
+
+    Raises:
+      TypeError: fixed point on halves that are not floating point.
+    """
     if arithmetic == "float":
         return FloatCarry(jnp.dtype(dtype))
+    check_carry_dtype(arithmetic, dtype)
     if traced:
         return TracedFixedCarry(jnp.dtype(dtype), frac_bits)
     return FixedCarry(jnp.dtype(dtype), frac_bits, rebuild == "isolated")

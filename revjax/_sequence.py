@@ -19,6 +19,7 @@ from jax import lax
 from revjax._carry import (
     DEFAULT_FRAC_BITS,
     check_arithmetic,
+    check_carry_dtype,
     check_rebuild_mode,
     in_range,
     make_carry,
@@ -184,6 +185,7 @@ def reversible_sequence(
             "arithmetic='fixed' needs both halves in one dtype, got "
             f"{jnp.result_type(x1)} and {jnp.result_type(x2)}: cast them to the carry dtype."
         )
+    check_carry_dtype(arithmetic, jnp.result_type(x1))
     if unroll is None:
         unroll = default_unroll(n)
     f_branch = Branch(f, has_aux, keys is not None, context is not None)

@@ -31,7 +31,14 @@ from revjax._blocks import (
 )
 from revjax._chain import reversible_chain, sequence_segment, shortcut_unit_segment
 from revjax._units import default_unroll, tie_to_cotangent
-from revjax.layers import ReversibleSequence, new_carry_peak, pure_call, record_peak, stacked
+from revjax.layers import (
+    ReversibleSequence,
+    new_carry_peak,
+    new_rebuild_mismatches,
+    pure_call,
+    record_peak,
+    stacked,
+)
 
 Array = jax.Array
 
@@ -317,7 +324,11 @@ class InvertibleRevStage(RevStage):
         self.num_reversible = units - 1
         self.reversible = _remaining_units(make, self.num_reversible, rngs, arithmetic, frac_bits)
         self.arithmetic, self.frac_bits = arithmetic, frac_bits
-        self.entry_peak = new_carry_peak(frac_bits) if arithmetic == "fixed" else None
+        fixed = arithmetic == "fixed"
+        self.entry_peak = new_carry_peak(frac_bits) if fixed else None
+        # The entry unit's rebuild check in `chain_invertible_stages` (see
+        # `revjax.RebuildMismatches`); its reversible units have their sequence's.
+        self.entry_rebuild_mismatches = new_rebuild_mismatches() if fixed else None
 
     def __call__(self, x1: Array, x2: Array, *, train: bool, memory_saving: bool = True, **kw):
         """As `RevStage.__call__`; the entry unit is recomputed whenever memory saving is on."""
@@ -344,10 +355,13 @@ def chain_invertible_stages(
     back once, from the forward pass. The carry arithmetic is the stages' (``"fixed"``: the
     whole chain on int32 carries, rebuilt bit for bit); each segment's largest carry
     magnitude goes to its `CarryPeak` (the stage's ``entry_peak``, its sequence's
-    ``carry_peak``).
+    ``carry_peak``). Fixed point also checks the rebuild: the gradient of each segment's
+    `revjax.RebuildMismatches` (the stage's ``entry_rebuild_mismatches``, its sequence's
+    ``rebuild_mismatches``) is the number of its units rebuilt differently from the forward.
     """
-    segments, params, modules, peaks = [], [], [], []
+    segments, params, modules, peaks, probes = [], [], [], [], []
     arithmetic, frac_bits = stages[0].arithmetic, stages[0].frac_bits
+    fixed = arithmetic == "fixed"
 
     def branches(f: nnx.Module, g: nnx.Module) -> tuple[Callable, Callable]:
         # F and G as the core's pure ``(state, x) -> (h, new_state)``; their states as params.
@@ -364,12 +378,13 @@ def chain_invertible_stages(
             shortcut_unit_segment(f, g, entry.shortcut, entry.shortcut.inverse, has_aux=True)
         )
         peaks.append(stage.entry_peak)
+        probes.append(stage.entry_rebuild_mismatches)
         if stage.reversible is not None:
             rev = stage.reversible
             f, g = branches(rev.f, rev.g)
             segments.append(sequence_segment(f, g, rev.num_units, has_aux=True, unroll=unroll))
             peaks.append(rev.carry_peak)
-    fixed = arithmetic == "fixed"
+            probes.append(rev.rebuild_mismatches)
     out = reversible_chain(
         segments,
         params,
@@ -380,6 +395,9 @@ def chain_invertible_stages(
         arithmetic=arithmetic,
         frac_bits=frac_bits,
         return_peak=fixed,
+        # Each segment's `RebuildMismatches` value: its gradient counts the segment's units
+        # whose rebuild differed from the forward.
+        rebuild_probes=[p[...] for p in probes] if fixed else None,
     )
     ((y1, y2), aux), seg_peaks = out if fixed else (out, None)
     for (f_mod, g_mod), (f_new, g_new) in zip(modules, aux, strict=True):

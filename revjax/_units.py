@@ -186,6 +186,8 @@ def isolated_branch(arith, branch, params, c, key, context):
         return quantize(h, arith.frac_bits), aux, max_abs(h)
 
     def conditional(operands):
+        if not operands[1].size:  # an empty batch: nothing to compute, nothing to isolate
+            return run(operands)
         shapes = jax.eval_shape(run, operands)
         first = operands[1].reshape(-1)[0]
         return lax.cond(
@@ -304,7 +306,8 @@ def tie_to_cotangent(tree: PyTree, cotangent: PyTree) -> PyTree:
     form used when the shapes match).
     """
     first = jax.tree.leaves(cotangent)[0]
-    zero = first.reshape(-1)[:1] * 0  # [1]
+    # [1]; an empty cotangent (an empty batch) has nothing to wait for
+    zero = first.reshape(-1)[:1] * 0 if first.size else jnp.zeros((1,), first.dtype)
 
     def tie(a):
         if not jnp.issubdtype(a.dtype, jnp.floating):

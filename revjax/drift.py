@@ -77,7 +77,7 @@ class DriftWarning(RuntimeWarning):
 def _stage_reconstruction(stage, h1, h2, exact_every, arithmetic="float", frac_bits=16):
     """Forward through one RevStage storing every reversible unit's input, then the rebuild.
 
-    Both run the core's own unit (`revjax._core.unit_forward` / `unit_inverse`) on the
+    Both run the core's own unit (`revjax._units.unit_forward` / `unit_inverse`) on the
     model's carries: floats, or int32 fixed point, where the rebuild should be bit-exact.
 
     Returns:
@@ -211,7 +211,8 @@ def reconstruction_error(
       params: trainable parameters (``None`` with a module: its own).
       batch_stats: BatchNorm running averages (``None`` with a module: its own); unused in
         train mode but part of the model.
-      x: images [N, H, W, C].
+      x: images [N, H, W, C]; with a module, also accepted as the second positional
+        argument (``reconstruction_error(model, x)``).
 
     Returns:
       ``{"stage<i>": stats}`` for every stage with reversible units (the entry unit stores its
@@ -229,8 +230,13 @@ def reconstruction_error(
     With ``arithmetic="fixed"`` the forward and the rebuild run on the model's int32 carries,
     as the memory-saving backward does; errors are measured on their values.
     """
+    if x is None and isinstance(params, (jax.Array, np.ndarray)):  # reconstruction_error(m, x)
+        params, x = None, params
     if x is None:
-        raise TypeError("reconstruction_error needs the images x.")
+        raise TypeError(
+            "reconstruction_error needs the images x: reconstruction_error(model, x), or "
+            "reconstruction_error(graphdef, params, batch_stats, x)."
+        )
     if isinstance(model_or_graphdef, nnx.Module):
         graphdef, own_params, own_stats = nnx.split(model_or_graphdef, nnx.Param, nnx.BatchStat)
         params = own_params if params is None else params
@@ -261,6 +267,12 @@ def _summarise(arrays: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, A
 # --------------------------------------------------------------------------------------------
 # Gradient agreement
 # --------------------------------------------------------------------------------------------
+
+
+def _cosine(dot: float, norms: float, tiny: float) -> float:
+    """``dot / norms`` clipped to [-1, 1] (rounding can put a cosine of equal vectors a bit
+    above 1)."""
+    return float(np.clip(dot / max(norms, tiny), -1.0, 1.0))
 
 
 def gradient_agreement(
@@ -298,7 +310,7 @@ def gradient_agreement(
         ab = float(np.vdot(a, b))
         leaves[name] = {
             "rel": float(d / max(nb, tiny)),
-            "cos": float(ab / max(na * nb, tiny)),
+            "cos": _cosine(ab, na * nb, tiny),
             "norm": float(nb),
             "significant": bool(nb >= min_relative_norm * largest and nb > 0),
         }
@@ -306,7 +318,7 @@ def gradient_agreement(
     significant = [v["rel"] for v in leaves.values() if v["significant"]]
     return {
         "rel": float(np.sqrt(sq_d) / max(np.sqrt(sq_b), tiny)),
-        "cos": float(dot / max(np.sqrt(sq_a * sq_b), tiny)),
+        "cos": _cosine(dot, np.sqrt(sq_a * sq_b), tiny),
         "max_leaf_rel": max(significant, default=0.0),
         "leaves": leaves,
     }

@@ -20,21 +20,6 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
-# Slow checks in files whose tests carry no `slow` mark of their own yet (`make test` deselects
-# `slow`; `make test-all` and CI run them): node-id prefixes, each measured at minutes on 2 cores.
-SLOW = (
-    "tests/test_drift.py::test_presets_float32_as_accurate_as_plain",
-    "tests/test_drift.py::test_bench_drift_quick",
-    "tests/test_fixed_point.py::test_trainer_names_an_overflowed_carry",
-)
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.nodeid.startswith(SLOW):
-            item.add_marker(pytest.mark.slow)
-
-
 @pytest.fixture
 def x64():
     """Run a test with 64-bit types enabled."""

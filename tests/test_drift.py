@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 from flax import nnx
@@ -74,6 +75,10 @@ def test_reconstruction_error_report(tiny):
     graphdef, params, batch_stats = models.functional(tiny)
     again = reconstruction_error(graphdef, params, batch_stats, x)
     assert again["stage1"]["max_abs"] == report["stage1"]["max_abs"]
+    # The images as the second positional argument of a module's call.
+    assert reconstruction_error(tiny, x)["stage1"]["max_abs"] == report["stage1"]["max_abs"]
+    with pytest.raises(TypeError, match=r"needs the images x: reconstruction_error\(model, x\)"):
+        reconstruction_error(graphdef, params, batch_stats)
 
 
 def test_reconstruction_error_float64_tiny(tiny):
@@ -151,6 +156,13 @@ def test_gradient_agreement():
     assert out["max_leaf_rel"] == pytest.approx(0.1)
     with pytest.raises(ValueError, match="different structures"):
         gradient_agreement({"a": ref["a"]}, ref)
+    # A vector whose float64 cosine with itself rounds above 1: clipped to 1.
+    v = np.asarray([0.9470809631292422, -0.7037352358069926, -1.2654214710460525,
+                    -0.6232744625373522, 0.0413259793472436, -2.3250307746388343,
+                    -0.21879166393254573])
+    assert np.vdot(v, v) / np.linalg.norm(v) ** 2 > 1
+    clipped = gradient_agreement({"v": v}, {"v": v})
+    assert clipped["cos"] == 1.0 and clipped["leaves"]["['v']"]["cos"] == 1.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,6 +214,7 @@ def test_18_units_float32_as_accurate_as_plain():
     assert rev64["cos"] > 0.9999
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("preset", "batch"), [("revnet110", 2), ("revnet164", 4)])
 def test_presets_float32_as_accurate_as_plain(preset, batch):
     # 32x32 inputs; small batches to keep the CPU run short (float64 included).
@@ -269,6 +282,7 @@ def test_exact_every_validated():
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_bench_drift_quick(tmp_path):
     results = bench_drift.main(["--quick", "--out-dir", str(tmp_path)])
     md, png = tmp_path / "bench_drift.md", tmp_path / "bench_drift.png"

@@ -237,6 +237,38 @@ def test_carry_range_error_names_the_module():
     assert info.value.peak >= 200 and info.value.frac_bits == 24
 
 
+def test_carry_range_error_suggests_enough_fraction_bits():
+    # 20000 > 2**(30 - 16) = 16384: frac_bits=14 keeps it below half of 2**16.
+    message = str(revjax.CarryRangeError("x", 20000.0, 16))
+    assert "frac_bits=14 widens the range 4-fold, to 65536)" in message
+    assert "widens the range 2-fold, to 32768" in str(revjax.CarryRangeError("x", 16384.0, 16))
+    # Beyond 2**30 no fraction bits hold it.
+    assert "No frac_bits holds it" in str(revjax.CarryRangeError("x", 5e9, 16))
+    assert "No frac_bits holds it" in str(revjax.CarryRangeError("x", float("inf"), 16))
+
+
+def _small_sequence():
+    return revjax.ReversibleSequence(
+        lambda r: nnx.Linear(4, 4, rngs=r), lambda r: nnx.Linear(4, 4, rngs=r), 2,
+        rngs=nnx.Rngs(0), arithmetic="fixed",
+    )  # fmt: skip
+
+
+def test_empty_batch():
+    seq = _small_sequence()
+    empty = jnp.zeros((0, 4))
+    y1, y2 = seq(empty, empty)
+    assert y1.shape == y2.shape == (0, 4)
+    grads = nnx.grad(lambda m: jnp.sum(m(empty, empty)[0]))(seq)
+    assert all(not np.any(np.asarray(g)) for g in jax.tree.leaves(grads))
+
+
+def test_integer_halves_name_the_cast():
+    x = jnp.zeros((2, 4), jnp.int32)
+    with pytest.raises(TypeError, match=r"floating-point halves, got int32.*float32"):
+        _small_sequence()(x, x)
+
+
 # --------------------------------------------------------------------------------------------
 # The invertible chain (sequences joined by space-to-depth shortcut units)
 # --------------------------------------------------------------------------------------------
@@ -504,6 +536,7 @@ def test_revvit_bfloat16_fixed_gradients():
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_trainer_names_an_overflowed_carry(tmp_path):
     import dataclasses
 

@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from revjax.layers import check_carry_range
+from revjax.layers import check_carry_range, check_rebuild
 from revjax.measure import device_peak_bytes
 from revjax.train.config import TrainConfig, check_init_from
 from revjax.train.inputs import (
@@ -96,8 +96,11 @@ class _LossWatch:
 def _check_health(state, losses: _LossWatch) -> None:
     """Before a log record or a checkpoint: `revjax.CarryRangeError` naming a fixed-point
     sequence whose carries left their range (its NaN outputs can turn back into numbers
-    downstream, so the recorded peak is the signal), then `NonFiniteLossError`."""
+    downstream, so the recorded peak is the signal), then `NonFiniteLossError`. A sequence
+    whose backward rebuilt some unit differently from its forward gets one
+    `revjax.RebuildMismatchWarning` (the first time its running count is non-zero)."""
     check_carry_range(state.batch_stats)
+    check_rebuild(state.batch_stats)
     losses.check()
 
 
@@ -109,7 +112,9 @@ class _MetricWindow:
         self.start = time.perf_counter()
 
     def record(self, batch_size: int, learning_rate: float) -> dict[str, float]:
-        """Mean loss and accuracy, throughput and memory of the window; starts the next one."""
+        """Mean loss and accuracy, throughput and memory of the window; starts the next one.
+        A model with fixed-point sequences also gets ``rebuild_mismatches``: the unit rebuilds
+        that differed from the forward, summed over the window's steps."""
         elapsed = time.perf_counter() - self.start
         record = {
             "train_loss": float(np.mean([float(m["loss"]) for m in self.metrics])),
@@ -117,6 +122,9 @@ class _MetricWindow:
             "learning_rate": learning_rate,
             "images_per_second": len(self.metrics) * batch_size / max(elapsed, 1e-9),
         }
+        if self.metrics and "rebuild_mismatches" in self.metrics[0]:
+            record["rebuild_mismatches"] = float(
+                sum(float(m["rebuild_mismatches"]) for m in self.metrics))
         rss = host_rss_bytes()
         if rss is not None:
             record["host_rss_bytes"] = rss

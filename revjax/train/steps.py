@@ -17,6 +17,7 @@ import optax
 from flax import nnx, struct
 
 from revjax import finetune, presets  # presets: filled by revjax.models and revjax.vit
+from revjax.layers import RebuildMismatches, add_rebuild_counts
 from revjax.train.optim import make_optimizer
 
 if TYPE_CHECKING:
@@ -211,6 +212,10 @@ def make_train_step(
 ) -> Callable:
     """Returns the pure step ``(state, batch) -> (state, metrics)`` (not yet jitted).
 
+    ``metrics``: the mean ``loss`` and ``accuracy``; for a model with fixed-point sequences
+    also ``rebuild_mismatches``, the step's number of unit rebuilds that differed from the
+    forward (added to the `revjax.RebuildMismatches` running counts in ``batch_stats``).
+
     Args:
       graphdef: the model's static part (`revjax.models.functional`).
       tx: the optimizer.
@@ -222,23 +227,32 @@ def make_train_step(
 
     def train_step(state: TrainState, batch: Mapping[str, jax.Array]):
         key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 1), state.step)
+        # The fixed-point sequences' `RebuildMismatches` are differentiated beside the
+        # parameters: their gradient is this step's count of units whose rebuild differed from
+        # the forward. A model without any differentiates the parameters only.
+        probes, rest = nnx.split_state(state.batch_stats, RebuildMismatches, ...)
+        counted = bool(jax.tree.leaves(probes))
 
-        def loss_fn(params):
+        def loss_fn(params, probes):
+            stats = nnx.merge_state(rest, probes) if counted else state.batch_stats
             losses, correct, new_stats = _loss_and_metrics(
-                graphdef, params, state.batch_stats, batch, train=True, key=key,
+                graphdef, params, stats, batch, train=True, key=key,
                 label_smoothing=label_smoothing,
             )
             return jnp.mean(losses), (jnp.mean(correct), new_stats)
 
-        (loss, (accuracy, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params
-        )
+        (loss, (accuracy, new_stats)), (grads, counts) = jax.value_and_grad(
+            loss_fn, argnums=(0, 1), has_aux=True
+        )(state.params, probes)
+        metrics = {"loss": loss, "accuracy": accuracy}
+        if counted:
+            new_stats, metrics["rebuild_mismatches"] = add_rebuild_counts(new_stats, counts)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(
             step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state
         )
-        return new_state, {"loss": loss, "accuracy": accuracy}
+        return new_state, metrics
 
     return train_step
 
