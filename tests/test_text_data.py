@@ -85,5 +85,5 @@ def test_prepare_command_line(tmp_path, capsys):
     source.write_text("abcab" * 40, encoding="utf-8")
     assert main(["text_char", "--data_dir", str(tmp_path), "--source", str(source)]) == 0
     assert "3 tokens in the vocabulary, 180 training" in capsys.readouterr().out
-    assert main(["text_char", "--data_dir", str(tmp_path)]) == 1  # no --source: the fix named
+    assert main(["text_char", "--data_dir", str(tmp_path)]) == 2  # no --source: the fix named
     assert "--source" in capsys.readouterr().err

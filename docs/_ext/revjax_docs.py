@@ -27,7 +27,7 @@ GENERATED = DOCS / "_generated"
 
 # Results page -> the results files it shows, in order.
 RESULT_PAGES: dict[str, tuple[str, ...]] = {
-    "memory": ("bench_memory", "bench_models", "bench_transitions", "bench_core"),
+    "memory": ("bench_memory", "bench_models", "bench_transitions", "bench_core", "bench_sharding"),
     "gpu_tpu": (
         "bench_models_h100",
         "bench_memory_h100",
@@ -38,6 +38,8 @@ RESULT_PAGES: dict[str, tuple[str, ...]] = {
         "bench_models_a100-40",
         "bench_batch_tpu-v5e",
         "bench_models_tpu-v5e",
+        "aot_mesh_vit_l16_tpu-v5e-2x4",
+        "aot_mesh_vit_l16_h100x8",
     ),
     "vit": ("bench_vit", "bench_vit_h100", "bench_vit_h100_batch128"),
     "language_models": (
@@ -48,7 +50,7 @@ RESULT_PAGES: dict[str, tuple[str, ...]] = {
         "bench_lm_speed",
     ),
     "finetune": ("bench_finetune", "bench_finetune_h100", "train_digits_revvit_finetune"),
-    "drift": ("bench_arithmetic", "bench_drift"),
+    "drift": ("bench_arithmetic", "exact_hlo_cpu", "bench_drift"),
     "speed_input": ("bench_speed", "bench_memcnn", "bench_input", "bench_soak"),
 }
 

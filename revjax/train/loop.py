@@ -169,10 +169,14 @@ def _while_handling_signals(fn):
     if threading.current_thread() is not threading.main_thread():
         return fn()
     out: dict[str, Any] = {}
+    # JAX's configuration contexts are thread-local: the helper thread traces under the
+    # caller's (e.g. a `jax.numpy_dtype_promotion` or `jax.enable_x64` block around the call).
+    promotion, x64 = jax.config.jax_numpy_dtype_promotion, jax.config.jax_enable_x64
 
     def run():
         try:
-            out["value"] = fn()
+            with jax.numpy_dtype_promotion(promotion), jax.enable_x64(x64):
+                out["value"] = fn()
         except BaseException as err:  # re-raised in the calling thread
             out["error"] = err
 
