@@ -572,6 +572,12 @@ def test_revvit_bfloat16_fixed_point_trains_on_digits(tmp_path):
         log_every=40,
     )
     # Flax's LayerNorm promotes bfloat16 with float32 inside, which strict promotion refuses.
-    with jax.numpy_dtype_promotion("standard"):
+    # Set globally: the trainer compiles in a helper thread, which a thread-local
+    # `jax.numpy_dtype_promotion` context would not reach.
+    before = jax.config.jax_numpy_dtype_promotion
+    jax.config.update("jax_numpy_dtype_promotion", "standard")
+    try:
         _, result = train.train_and_evaluate(cfg, tmp_path)
+    finally:
+        jax.config.update("jax_numpy_dtype_promotion", before)
     assert result["eval_accuracy"] >= 0.5, result
