@@ -100,9 +100,9 @@ def main(argv=None) -> None:
     details = (f"{model} (rolled scan), AdamW train step, batch {args.batch} of {size}x{size}, "
                f"parameters under {args.min_size} elements replicated, median of "
                f"{args.repeats} interleaved rounds")
-    line = _report.header("Step time and memory per mesh", details,
-                          _report.command_line(MODULE, argv))
-    text = f"# Sharded training on 8 host devices\n\n{line}\n\n{table}\n"
+    line = _report.header("Sharded training on 8 host devices: step time and memory per mesh",
+                          details, _report.command_line(MODULE, argv))
+    text = f"{line}\n\n{table}\n"
     _report.write_report(args.out_dir, NAME, text)
 
 

@@ -219,14 +219,14 @@ def digest(ops: Sequence[str]) -> str:
 
 
 def report(target: str, cases: Sequence[tuple[str, str]], argv: Sequence[str]) -> str:
+    from experiments import _report  # imports jax: after the target's environment is set
+
     lines = [
-        f"# Isolated F/G in the compiled forward and backward: {target} target",
-        "",
-        f"`PYTHONPATH=. {Path(sys.executable).name} -m experiments.exact_hlo "
-        + " ".join(argv)
-        + "` (jax "
-        + __import__("jax").__version__
-        + ")",
+        _report.header(
+            f"Isolated F/G in the compiled forward and backward, {target} target",
+            "op sequences of the forward's and the backward's isolated branches",
+            _report.command_line("experiments.exact_hlo", argv),
+        ),
         "",
         "Gradient of a fixed-point `ReversibleSequence` of 4 units (width 64; conv: batch 32, "
         "16x16; transformer: batch 8, 128 tokens, 4 heads), `unroll=1`. Per while-loop body "

@@ -227,7 +227,10 @@ def main(argv=None) -> None:
                f"program; compiled on a host without the devices, nothing run (jax "
                f"{jax.__version__})")
     command = _report.command_line("experiments.aot.mesh", argv)
-    text = f"# Sharded train step per device: {args.target}\n\n{details}; `{command}`\n\n{table}\n"
+    title = f"Sharded train step per device, {args.target}"
+    head = _report.target_header(title, details, command,
+                                 f"compiled on {_report.hardware_label()} without the devices")
+    text = f"{head}\n\n{table}\n"
     if args.out_dir:
         name = f"aot_mesh_{args.table or args.model}_{args.target}"
         _report.write_report(args.out_dir, name, text)
