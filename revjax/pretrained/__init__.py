@@ -49,6 +49,7 @@ from revjax.pretrained.export import save_timm as save_timm
 from revjax.pretrained.export import timm_state_dict as timm_state_dict
 from revjax.pretrained.gpt2 import gpt2_state_dict as gpt2_state_dict
 from revjax.pretrained.gpt2 import load_gpt2 as load_gpt2
+from revjax.pretrained.gpt2 import load_gpt2_weights as load_gpt2_weights
 from revjax.pretrained.gpt2 import save_gpt2 as save_gpt2
 from revjax.pretrained.timm_layout import load_timm as load_timm
 from revjax.pretrained.timm_layout import load_vit_weights as load_vit_weights
@@ -64,6 +65,7 @@ __all__ = [
     "gpt2_state_dict",
     "load_big_vision",
     "load_gpt2",
+    "load_gpt2_weights",
     "load_timm",
     "load_vit_weights",
     "read_checkpoint",

@@ -35,10 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from revjax.gpt import GPT
+from revjax.gpt import GPT, LanguageModelOptions, RevGPT
 from revjax.pretrained.checkpoint_files import CheckpointMismatch, read_checkpoint
 
-__all__ = ["gpt2_state_dict", "load_gpt2", "save_gpt2"]
+__all__ = ["gpt2_state_dict", "load_gpt2", "load_gpt2_weights", "save_gpt2"]
 
 _BLOCK = {  # Hugging Face name within block i -> (revjax branch, layer, parameter)
     "ln_1.weight": ("attn", "norm", "scale"),
@@ -149,6 +149,36 @@ def load_gpt2(
     for key, (variable, i) in values.items():
         value = jnp.asarray(state[key], variable.dtype)
         variable[...] = value if i is None else variable[...].at[i].set(value)
+    return model
+
+
+def load_gpt2_weights(model: GPT | RevGPT, path: str | os.PathLike) -> GPT | RevGPT:
+    """Loads a GPT-2 checkpoint (`load_gpt2`) into ``model`` in place and returns it.
+
+    A `GPT` takes the weights as they are; a `RevGPT` takes `RevGPT.from_gpt` of them (the
+    checkpoint's attention as F, its MLP as G). Only parameters change: the model keeps its
+    own dropout, dtypes and reversible options.
+
+    Raises:
+      CheckpointMismatch: the checkpoint's architecture is not the model's (vocabulary size,
+        context, width, depth, heads: all listed; nothing loaded), or `load_gpt2`'s errors.
+    """
+    if not isinstance(model, GPT | RevGPT):
+        raise TypeError(f"GPT-2 checkpoints load into revjax.GPT or revjax.RevGPT, got "
+                        f"{type(model).__name__}.")
+    weights, config = _files(path)
+    gpt = load_gpt2(path, num_heads=config.get("n_head", model.num_heads))
+    own = {f: getattr(model.options, f) for f in LanguageModelOptions.ARCHITECTURE}
+    theirs = {f: getattr(gpt.options, f) for f in LanguageModelOptions.ARCHITECTURE}
+    problems = [f"{f}: checkpoint {theirs[f]!r}, model {own[f]!r}" for f in own
+                if own[f] != theirs[f]]
+    if problems:
+        fix = ("The model's vocabulary is its dataset's: prepare the text with the "
+               "pretraining data's vocabulary (python -m revjax.prepare ... --vocab-from DIR)."
+               if own["vocab_size"] != theirs["vocab_size"] else "")
+        raise CheckpointMismatch(f"{weights} into this {type(model).__name__}", problems, fix)
+    source = RevGPT.from_gpt(gpt) if isinstance(model, RevGPT) else gpt
+    nnx.update(model, nnx.state(source, nnx.Param))
     return model
 
 

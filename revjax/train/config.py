@@ -120,8 +120,9 @@ class TrainConfig:
       init_from: a pretrained ViT checkpoint to start from (ViT / RevViT presets): timm
         ``.safetensors`` / ``.pth`` / ``.bin`` or big_vision ``.npz`` (`revjax.finetune.init_from`:
         a RevViT gets the ViT's blocks through `RevViT.from_vit`; another number of classes
-        keeps the model's new head). A resumed run restores its own checkpoint over it.
-        ``None``: the initialisation.
+        keeps the model's new head); for GPT / RevGPT presets a GPT-2 ``model.safetensors``
+        (a RevGPT gets it through `RevGPT.from_gpt`). A resumed run restores its own
+        checkpoint over it. ``None``: the initialisation.
       layer_decay: layer-wise learning-rate decay (ViT / RevViT presets;
         `revjax.finetune.scale_by_layer_decay`): block i of n learns at
         ``layer_decay ** (n - i)`` times the head's rate; ``None``: off.
@@ -410,11 +411,17 @@ def _warmup_below_cosine_end(config: TrainConfig) -> str | None:
 
 
 def _fine_tuning_needs_a_vit(config: TrainConfig) -> str | None:
-    used = [f for f in ("init_from", "layer_decay") if getattr(config, f) is not None]
-    if used and not issubclass(presets.get(config.model).cls, ViT | RevViT):
+    cls = presets.get(config.model).cls
+    language_model = presets.get(config.model).accepts("vocab_size")  # GPT / RevGPT
+    if config.init_from is not None and not (issubclass(cls, ViT | RevViT) or language_model):
         return (
-            f"{' and '.join(used)} need a ViT or RevViT preset (pretrained checkpoints and "
-            f"layer-wise decay are defined for their blocks), got model={config.model!r}"
+            f"init_from needs a ViT, RevViT, GPT or RevGPT preset (pretrained ViT and GPT-2 "
+            f"checkpoints load into those), got model={config.model!r}"
+        )
+    if config.layer_decay is not None and not issubclass(cls, ViT | RevViT):
+        return (
+            f"layer_decay and its per-block rates need a ViT or RevViT preset (layer-wise decay "
+            f"is defined for their blocks), got model={config.model!r}"
         )
     return None
 
