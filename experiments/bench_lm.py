@@ -8,6 +8,11 @@ Four measurements, each its own subcommand, each writing ``<out-dir>/bench_lm_<w
   ``python -m revjax.prepare shakespeare_char``), GPT and RevGPT for each seed; validation loss
   over 2,400 fixed windows of the validation split (nanoGPT: 200 random batches of 12).
   Target: RevGPT within 0.03 of GPT, both <= 1.88 (nanoGPT's figure on tiny-shakespeare).
+* ``finetune``: a GPT of that shape pretrained with that recipe on
+  ``shakespeare_char_pretrain`` (every work but four plays), converted with `RevGPT.from_gpt`
+  and fine-tuned on the four held-out plays (``shakespeare_char_heldout``, the same
+  vocabulary), against the same RevGPT trained from scratch on them for the same steps and the
+  GPT fine-tuned without conversion; held-out validation loss (prepare both datasets first).
 * ``memory``: temporary bytes of the compiled train step (forward, backward, AdamW update) of
   GPT, GPT with ``remat="full"``, GPT with ``remat="dots"`` and RevGPT, over depth and context,
   for a width (``--width 768``: GPT-2 small's blocks; ``2048``: the 1.3B pair's). Compiled for
@@ -19,6 +24,7 @@ Four measurements, each its own subcommand, each writing ``<out-dir>/bench_lm_<w
   bfloat16 compute: elements whose bits differ (`revjax.inverse_sequence`).
 
     python -m experiments.bench_lm accuracy --seeds 0 1 2 --data-dir DIR
+    python -m experiments.bench_lm finetune --pretrain-steps 2000 --steps 500 --data-dir DIR
     python -m experiments.bench_lm memory --width 768 --depths 6 12 24 48 --contexts 1024
     python -m experiments.bench_lm memory --target h100 --python .venv-aot-cuda/bin/python
     python -m experiments.bench_lm speed
@@ -107,52 +113,78 @@ def build(cls_name: str, seed: int = 0, **options):
 # --------------------------------------------------------------------------------------------
 
 
-def train_one(cls_name: str, seed: int, data, args) -> dict:
+def train_lm(model, tokens, *, steps: int, seed: int, warmup: int = RECIPE["warmup"]):
+    """Trains ``model`` with nanoGPT's CPU recipe (`RECIPE`, ``steps`` iterations, ``warmup``
+    of them but at most half) on random windows of ``tokens`` drawn with ``seed``; returns
+    ``(model, last train loss, seconds)``."""
     import jax
     import numpy as np
     from flax import nnx
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from revjax.data.text import TextEvalInput, TextTrainInput
+    from revjax.data.text import TextTrainInput
 
     r = RECIPE
-    steps = args.steps
-    model = build(cls_name, seed, vocab_size=data.vocab_size, context_length=r["context"],
-                  embed_dim=128, depth=4, num_heads=4)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    tx = lm_optimizer(steps, r["lr"], r["min_lr"], r["warmup"], r["b2"], r["weight_decay"],
-                      r["clip"])
+    warmup = min(warmup, steps // 2)
+    tx = lm_optimizer(steps, r["lr"], r["min_lr"], warmup, r["b2"], r["weight_decay"], r["clip"])
     opt_state = tx.init(params)
     mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
-    sharding = NamedSharding(mesh, P("data"))
-    inp = TextTrainInput(data.train, batch_size=r["batch"], context=r["context"], seed=seed,
-                         batch_sharding=sharding)
-    ev = TextEvalInput(data.val, batch_size=240, context=r["context"],
-                       num_windows=r["eval_windows"], batch_sharding=sharding)
+    inp = TextTrainInput(tokens, batch_size=r["batch"], context=model.context_length, seed=seed,
+                         batch_sharding=NamedSharding(mesh, P("data")))
     step = make_step(graphdef, tx)
 
     @jax.jit
     def train_step(params, opt_state, k, tokens):
         return step(params, rest, opt_state, inp.batch({"tokens": tokens}, k))
 
-    @jax.jit
-    def eval_loss(params, batch):
-        import jax.numpy as jnp
-        import optax
-
-        logits = nnx.merge(graphdef, params, rest, copy=True)(batch["tokens"])
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-        return jnp.sum(jnp.mean(losses, axis=1) * batch["mask"])
-
     start = time.perf_counter()
+    loss = float("nan")
     for k in range(steps):
         params, opt_state, loss = train_step(params, opt_state, np.int32(k), inp.data["tokens"])
     jax.block_until_ready(params)
     seconds = time.perf_counter() - start
-    total = sum(float(eval_loss(params, b)) for b in ev)
-    return {"model": cls_name, "seed": seed, "val_loss": total / ev.num_windows,
-            "train_loss": float(loss), "seconds": seconds, "steps": steps}
+    return nnx.merge(graphdef, params, rest), float(loss), seconds
+
+
+def eval_lm(model, tokens, windows: int = RECIPE["eval_windows"]) -> float:
+    """Mean next-token loss over ``windows`` fixed windows of ``tokens`` (`TextEvalInput`)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    from flax import nnx
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from revjax.data.text import TextEvalInput
+
+    mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
+    ev = TextEvalInput(tokens, batch_size=240, context=model.context_length,
+                       num_windows=windows, batch_sharding=NamedSharding(mesh, P("data")))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    @jax.jit
+    def loss_sum(params, batch):
+        logits = nnx.merge(graphdef, params, rest, copy=True)(batch["tokens"])
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+        return jnp.sum(jnp.mean(losses, axis=1) * batch["mask"])
+
+    return sum(float(loss_sum(params, b)) for b in ev) / ev.num_windows
+
+
+def char_model(cls_name: str, seed: int, vocab_size: int):
+    """nanoGPT's CPU character model (4 blocks, 4 heads, width 128, context 64)."""
+    return build(cls_name, seed, vocab_size=vocab_size, context_length=RECIPE["context"],
+                 embed_dim=128, depth=4, num_heads=4)
+
+
+def train_one(cls_name: str, seed: int, data, args) -> dict:
+    model = char_model(cls_name, seed, data.vocab_size)
+    model, loss, seconds = train_lm(model, data.train, steps=args.steps, seed=seed)
+    return {"model": cls_name, "seed": seed, "val_loss": eval_lm(model, data.val),
+            "train_loss": loss, "seconds": seconds, "steps": args.steps}
 
 
 def run_accuracy(args) -> None:
@@ -198,6 +230,93 @@ def _accuracy_report(args, data, records) -> None:
         "```json\n" + json.dumps(records) + "\n```",
     ])
     _report.write_report(Path(args.out_dir), f"{NAME}_accuracy", text)
+
+
+# --------------------------------------------------------------------------------------------
+# finetune: GPT pretrained without four plays -> RevGPT.from_gpt -> fine-tuned on them
+# --------------------------------------------------------------------------------------------
+
+
+def run_finetune(args) -> None:
+    from flax import nnx
+
+    from revjax import RevGPT
+    from revjax.data.text import load_text_dataset
+
+    pre = load_text_dataset("shakespeare_char_pretrain", args.data_dir)
+    held = load_text_dataset("shakespeare_char_heldout", args.data_dir)
+    if pre.vocab != held.vocab:
+        raise SystemExit("error: shakespeare_char_pretrain and _heldout have different "
+                         "vocabularies; prepare both with one command (python -m revjax.prepare "
+                         "shakespeare_char_pretrain shakespeare_char_heldout).")
+    windows = args.eval_windows
+    gpt, loss, seconds = train_lm(char_model("GPT", 0, pre.vocab_size), pre.train,
+                                  steps=args.pretrain_steps, seed=0)
+    source = {"pretrain_val": eval_lm(gpt, pre.val, windows), "train_loss": loss,
+              "seconds": seconds, "heldout_val_gpt": eval_lm(gpt, held.val, windows),
+              "heldout_val_converted": eval_lm(RevGPT.from_gpt(gpt), held.val, windows)}
+    print(json.dumps(source), flush=True)
+    records = []
+    starts = {  # each fine-tuning run's start: the same steps, recipe and windows
+        "RevGPT from the GPT (RevGPT.from_gpt)": lambda seed: RevGPT.from_gpt(gpt),
+        "GPT fine-tuned as it is": lambda seed: nnx.clone(gpt),
+        "RevGPT from scratch": lambda seed: char_model("RevGPT", seed, held.vocab_size),
+    }
+    for seed in args.seeds:
+        for label, start in starts.items():
+            model, loss, seconds = train_lm(start(seed), held.train, steps=args.steps,
+                                            seed=seed, warmup=args.warmup)
+            rec = {"start": label, "seed": seed, "val_loss": eval_lm(model, held.val, windows),
+                   "train_loss": loss, "seconds": seconds}
+            print(json.dumps(rec), flush=True)
+            records.append(rec)
+    _finetune_report(args, pre, held, source, records, starts)
+
+
+def _finetune_report(args, pre, held, source, records, starts) -> None:
+    import numpy as np
+
+    from experiments import _report
+    from revjax.data.text import HELD_OUT_WORKS
+
+    rows = [["GPT pretrained, before fine-tuning", "-", f"{source['heldout_val_gpt']:.4f}", "-"],
+            ["its RevGPT.from_gpt conversion, before fine-tuning", "-",
+             f"{source['heldout_val_converted']:.4f}", "-"]]
+    for label in starts:
+        runs = [r for r in records if r["start"] == label]
+        losses = [r["val_loss"] for r in runs]
+        rows.append([label, " / ".join(f"{v:.4f}" for v in losses), f"{np.mean(losses):.4f}",
+                     f"{np.mean([r['seconds'] for r in runs]):.0f}"])
+    works = ", ".join(HELD_OUT_WORKS)
+    text = "\n\n".join([
+        _report.header("Fine-tuning a converted GPT on held-out plays: RevGPT.from_gpt vs scratch",
+                       f"pretraining {args.pretrain_steps} iterations, fine-tuning {args.steps} "
+                       f"(warmup {min(args.warmup, args.steps // 2)}), seeds {list(args.seeds)}",
+                       _report.command_line(MODULE, args.argv)),
+        f"A GPT of nanoGPT's CPU shape (4 blocks, 4 heads, width 128, context 64) trained with "
+        f"its recipe on shakespeare_char_pretrain ({len(pre.train):,} training characters: every "
+        f"work but {works}) for {args.pretrain_steps} iterations "
+        f"(validation loss on those works {source['pretrain_val']:.4f}, "
+        f"{source['seconds']:.0f} s), then fine-tuned on shakespeare_char_heldout (those four "
+        f"plays, {len(held.train):,} training characters, the same {held.vocab_size}-character "
+        f"vocabulary) for {args.steps} iterations with the same recipe (lr 1e-3 -> 1e-4 cosine, "
+        f"batch 12), against the same RevGPT trained from scratch for those iterations. "
+        f"Validation loss (nats per character) over {args.eval_windows} fixed windows of the "
+        "held-out plays' last 10 %.",
+        _report.markdown_table(
+            ["start", "validation loss per seed", "held-out validation loss (mean)",
+             "train s / run"], rows),
+        f"Unigram entropy of the held-out validation split: "
+        f"{_entropy(held):.4f} nats. Train seconds include the compile.",
+        "```json\n" + json.dumps({"pretrain": source, "runs": records}) + "\n```",
+    ])
+    _report.write_report(Path(args.out_dir), f"{NAME}_finetune", text)
+
+
+def _entropy(data) -> float:
+    from revjax.data.text import unigram_entropy
+
+    return unigram_entropy(data.val, data.vocab_size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -420,6 +539,13 @@ def main(argv=None) -> None:
     acc.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     acc.add_argument("--steps", type=int, default=RECIPE["steps"])
     acc.add_argument("--data-dir", default=None)
+    ft = sub.add_parser("finetune")
+    ft.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ft.add_argument("--pretrain-steps", type=int, default=RECIPE["steps"])
+    ft.add_argument("--steps", type=int, default=500, help="fine-tuning iterations")
+    ft.add_argument("--warmup", type=int, default=50, help="fine-tuning warmup iterations")
+    ft.add_argument("--eval-windows", type=int, default=RECIPE["eval_windows"])
+    ft.add_argument("--data-dir", default=None)
     mem = sub.add_parser("memory")
     mem.add_argument("--width", type=int, default=768)
     mem.add_argument("--depths", type=int, nargs="+", default=[6, 12, 24, 48])
@@ -446,7 +572,7 @@ def main(argv=None) -> None:
     if args.what == "memory-child":
         print(json.dumps(memory_record(*json.loads(args.spec))), flush=True)
         return
-    {"accuracy": run_accuracy, "memory": run_memory, "speed": run_speed,
+    {"accuracy": run_accuracy, "finetune": run_finetune, "memory": run_memory, "speed": run_speed,
      "exact": run_exact}[args.what](args)
 
 
