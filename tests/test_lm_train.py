@@ -119,3 +119,32 @@ def test_finetune_chain_through_the_trainer(held_out_plays, capsys):
                        "ft", *short])
     assert result["step"] == 2 and np.isfinite(result["eval_loss"])
     assert '"eval_loss"' in capsys.readouterr().out
+
+
+def test_gpu_check_language_model_stage_refuses_the_cpu(tmp_path):
+    """gpu_check's language-model stage (`bench_lm recipe`), called as gpu_check calls it,
+    refuses to measure the CPU."""
+    from experiments import bench_lm, gpu_check
+
+    (stage,) = [args for module, args, _ in gpu_check.STAGES if module == "bench_lm"]
+    with pytest.raises(SystemExit, match="no GPU/TPU visible"):
+        bench_lm.main(["--out-dir", str(tmp_path), *stage])
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_gpu_check_language_model_stage_on_the_cpu(trained, tmp_path):
+    """Allowed on the CPU, the stage trains a config through the trainer and writes the
+    validation loss and step time."""
+    from experiments import bench_lm, gpu_check
+
+    root, _ = trained
+    (stage,) = [args for module, args, _ in gpu_check.STAGES if module == "bench_lm"]
+    bench_lm.main(["--out-dir", str(tmp_path), *stage, "--steps", "4", "--quick", "--allow-cpu",
+                   "--configs", "shakespeare_char_revgpt_gpu", "--data-dir", str(root / "data")])
+    report = (tmp_path / "bench_lm_recipe.md").read_text()
+    assert report.startswith("The trainer's language-model recipes for a bounded number of steps (")
+    row = next(line for line in report.splitlines() if line.startswith("| shakespeare_char_"))
+    config, model, loss, step_ms, _ = (c.strip() for c in row.strip("|").split("|"))
+    assert (config, model) == ("shakespeare_char_revgpt_gpu", "revgpt_char")
+    assert 0 < float(loss) < 10 and float(step_ms) > 0

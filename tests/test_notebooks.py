@@ -28,6 +28,7 @@ NOTEBOOKS = [
     "03_memory_and_drift",
     "04_your_own_reversible_model",
     "05_finetune_pretrained",
+    "06_language_models",
 ]
 REPO_URL = "https://github.com/revjax/revjax"
 KERNEL_NAME = "revjax-test-python3"
