@@ -28,6 +28,7 @@ Four measurements, each its own subcommand, each writing ``<out-dir>/bench_lm_<w
   bfloat16 compute: elements whose bits differ (`revjax.inverse_sequence`).
 
     python -m experiments.bench_lm accuracy --seeds 0 1 2 --data-dir DIR
+    python -m experiments.bench_lm accuracy --seeds 2 --merge results/bench_lm_accuracy.md
     python -m experiments.bench_lm finetune --pretrain-steps 2000 --steps 500 --data-dir DIR
     python -m experiments.bench_lm recipe --steps 500        # on a GPU
     python -m experiments.bench_lm memory --width 768 --depths 6 12 24 48 --contexts 1024
@@ -196,7 +197,12 @@ def run_accuracy(args) -> None:
     from revjax.data.text import load_text_dataset
 
     data = load_text_dataset("shakespeare_char", args.data_dir)
-    records = []
+    records, args.merged_from = [], None
+    if args.merge:  # the runs of other seeds from an earlier report (its JSON block)
+        earlier = Path(args.merge).read_text()
+        block = earlier.split("```json\n", 1)[1].split("\n```", 1)[0]
+        records = [r for r in json.loads(block) if r["seed"] not in args.seeds]
+        args.merged_from = earlier.split("`", 2)[1]  # the earlier command, from the header
     for seed in args.seeds:
         for cls_name in ("GPT", "RevGPT"):
             rec = train_one(cls_name, seed, data, args)
@@ -221,8 +227,13 @@ def _accuracy_report(args, data, records) -> None:
         rows.append([cls_name, " / ".join(f"{v:.4f}" for v in losses), f"{np.mean(losses):.4f}",
                      f"{np.std(losses):.4f}", f"{np.mean(secs):.0f}"])
     h = unigram_entropy(data.val, data.vocab_size)
-    diff = (f"RevGPT - GPT: {summary['RevGPT'] - summary['GPT']:+.4f} nats (target within 0.03; "
-            "both <= 1.88). " if len(summary) == 2 else "")
+    diff = ""
+    if len(summary) == 2:
+        d = summary["RevGPT"] - summary["GPT"]
+        above = [k for k, v in summary.items() if v > 1.88]
+        diff = (f"RevGPT - GPT: {d:+.4f} nats (target within 0.03: "
+                f"{'met' if abs(d) <= 0.03 else 'not met'}); mean validation loss <= 1.88: "
+                + (f"{' and '.join(above)} above it. " if above else "both. "))
     seeds = sorted({r["seed"] for r in records})
     text = "\n\n".join([
         _report.header("RevGPT vs GPT, nanoGPT's CPU recipe on shakespeare_char",
@@ -231,7 +242,9 @@ def _accuracy_report(args, data, records) -> None:
         _report.markdown_table(
             ["model", "validation loss per seed", "mean", "std", "train s / run"], rows),
         f"{diff}Unigram entropy of the validation split: {h:.4f} nats. Train seconds include "
-        "the compile and a shared machine's load.",
+        "the compile and a shared machine's load."
+        + (f" Seeds {sorted({r['seed'] for r in records} - set(args.seeds))} are the runs of "
+           f"`{args.merged_from}` (--merge)." if args.merged_from else ""),
         "```json\n" + json.dumps(records) + "\n```",
     ])
     _report.write_report(Path(args.out_dir), f"{NAME}_accuracy", text)
@@ -457,6 +470,8 @@ def main(argv=None) -> None:
     acc.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     acc.add_argument("--steps", type=int, default=RECIPE["steps"])
     acc.add_argument("--data-dir", default=None)
+    acc.add_argument("--merge", default=None, metavar="REPORT",
+                     help="keep the other seeds' runs of an earlier bench_lm_accuracy.md")
     ft = sub.add_parser("finetune")
     ft.add_argument("--seeds", type=int, nargs="+", default=[0])
     ft.add_argument("--pretrain-steps", type=int, default=RECIPE["steps"])

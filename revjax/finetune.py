@@ -177,7 +177,10 @@ def init_from(
     """
     from revjax import pretrained
 
-    if isinstance(model, GPT | RevGPT) and not isinstance(path, Mapping):
+    if isinstance(model, GPT | RevGPT):
+        if isinstance(path, Mapping):
+            raise TypeError("A GPT / RevGPT loads a GPT-2 checkpoint from its path "
+                            "(model.safetensors with config.json beside it), not a state dict.")
         return pretrained.load_gpt2_weights(model, path)
     if not isinstance(path, Mapping) and os.fspath(path).lower().endswith(".npz"):
         state = pretrained.timm_state_from_big_vision(pretrained.read_checkpoint(path))

@@ -191,15 +191,18 @@ def test_kv_cache_equals_recompute(cls):
     rest, _ = model.decode(tokens[:, 5:], cache, 5)
     full = model(tokens)
     np.testing.assert_allclose(jnp.concatenate([first, rest], 1), full, atol=1e-5)
-    prompt = tokens[:, :3]
-    for temperature, top_k in ((0.0, None), (1.0, 5)):
-        kw = dict(temperature=temperature, top_k=top_k, rngs=jax.random.key(7))
+    # One prompt shape and two samplers (each a compile of the cached and recomputing paths).
+    prompt = tokens[:1, :3]
+    sampled = dict(temperature=1.0, top_k=5, rngs=jax.random.key(7))
+    for kw in (dict(temperature=0.0), sampled):
         cached = revjax.generate(model, prompt, T - 3, **kw)
         again = revjax.generate(model, prompt, T - 3, **kw, use_cache=False)
         np.testing.assert_array_equal(cached, again)
         np.testing.assert_array_equal(cached[:, :3], prompt)
-    # Beyond the context the cached path re-encodes the recent tokens and keeps going.
-    long = revjax.generate(model, prompt[0], 2 * T, temperature=1.0, rngs=jax.random.key(0))
+    # Beyond the context the cached path re-encodes the recent tokens and keeps going (a 1-D
+    # prompt gives a 1-D result).
+    long = revjax.generate(model, prompt[0], 2 * T, **sampled)
     assert long.shape == (3 + 2 * T,) and int(long.max()) < TINY["vocab_size"]
+    np.testing.assert_array_equal(long[:T], cached[0])  # the same key: the same first tokens
     with pytest.raises(ValueError, match="needs randomness"):
         revjax.generate(model, prompt, 2)
