@@ -62,13 +62,14 @@ def save_gpt2(workdir: str, directory: str, config_name: str | None = None, quic
     import os
 
     import revjax
+    from revjax import pretrained
     from revjax.data import text
 
     model, data, config = load_run(workdir, config_name, quick, data_dir)
     if not isinstance(model, revjax.GPT):
         raise SystemExit(f"error: the run in {workdir} trained a {type(model).__name__}; only a "
                          "GPT exports to GPT-2's format.")
-    revjax.pretrained.save_gpt2(model, directory)
+    pretrained.save_gpt2(model, directory)
     source = os.path.join(text.default_text_dir(config.data_dir), config.dataset, "vocab.json")
     with open(source, encoding="utf-8") as f, open(
             os.path.join(directory, "vocab.json"), "w", encoding="utf-8") as out:
