@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from experiments import _report, aot, bench_batch, bench_models, bench_vit
+from experiments import _batch_target, _report, aot, bench_batch, bench_models, bench_vit
 
 TINY = {"units_per_stage": [1], "widths": [4, 8]}
 
@@ -150,7 +150,7 @@ def _fake_totals(fixed, per_image, budget, oom_above=None):
 )
 def test_largest_fitting_batch_brackets_the_boundary(fixed, per_image, budget, start):
     total_of, calls = _fake_totals(fixed, per_image, budget)
-    best, failed, tries = bench_batch.largest_fitting_batch(
+    best, failed, tries = _batch_target.largest_fitting_batch(
         total_of, budget, start=start, multiple=8
     )
     exact = int((budget - fixed) // per_image) // 8 * 8
@@ -165,7 +165,7 @@ def test_largest_fitting_batch_bisects_where_memory_is_convex():
     # (here 144, 160, 168, ... up to the cap); bisection finds the boundary.
     budget = 14.4
     total_of = lambda b: 0.5 + 1e-6 * b**3  # 2.6 at 128, 14.4 at 240
-    best, failed, tries = bench_batch.largest_fitting_batch(
+    best, failed, tries = _batch_target.largest_fitting_batch(
         total_of, budget, start=128, multiple=8, max_compiles=12
     )
     exact = max(b for b in range(8, 400, 8) if total_of(b) <= budget)
@@ -174,14 +174,14 @@ def test_largest_fitting_batch_bisects_where_memory_is_convex():
 
 def test_largest_fitting_batch_edges():
     # Nothing fits, not even the smallest multiple.
-    best, failed, _ = bench_batch.largest_fitting_batch(lambda b: 1e9, 10.0, start=64)
+    best, failed, _ = _batch_target.largest_fitting_batch(lambda b: 1e9, 10.0, start=64)
     assert best is None and failed == 8
     # The cap: a lower bound, no failure seen.
-    best, failed, _ = bench_batch.largest_fitting_batch(lambda b: b, 1e9, start=8, max_batch=64)
+    best, failed, _ = _batch_target.largest_fitting_batch(lambda b: b, 1e9, start=8, max_batch=64)
     assert best == 64 and failed is None
     # Compiles well above the budget run out of memory (no bytes): still bracketed.
     total_of, _ = _fake_totals(50.0, 1.0, 1000.0, oom_above=1100.0)
-    best, failed, _ = bench_batch.largest_fitting_batch(total_of, 1000.0, start=1024)
+    best, failed, _ = _batch_target.largest_fitting_batch(total_of, 1000.0, start=1024)
     assert best == 944 and failed == 952
 
 
@@ -271,13 +271,14 @@ def test_line_near_budget_only_where_memory_rises():
     falling pair (TPU memory is not monotone in the batch) predicts nothing."""
     gib = 2**30
     tries = [(128, 1 * gib), (1024, 8 * gib), (1280, 10 * gib), (4096, math.inf)]
-    per_image, predicted = bench_batch.line_near_budget(tries, 14 * gib, 8)
+    per_image, predicted = _batch_target.line_near_budget(tries, 14 * gib, 8)
     assert per_image == pytest.approx(2 * gib / 256)
     assert predicted == 1792
     # ResNet-110 on the TPU v5e target: 904, 912 and 952 images all compile to 15.08 GiB
     flat = [(744, 11.2 * gib), (952, 15.08 * gib), (912, 15.08 * gib), (880, 13.2 * gib)]
-    assert bench_batch.line_near_budget(flat, 14.4 * gib, 8) == (None, None)
-    assert bench_batch.line_near_budget([(128, gib), (256, math.inf)], 14 * gib, 8) == (None, None)
+    assert _batch_target.line_near_budget(flat, 14.4 * gib, 8) == (None, None)
+    unbounded = [(128, gib), (256, math.inf)]
+    assert _batch_target.line_near_budget(unbounded, 14 * gib, 8) == (None, None)
 
 
 @pytest.mark.slow
