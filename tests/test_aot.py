@@ -221,6 +221,9 @@ def test_benchmarks_compile_for_a_target(tmp_path, capsys):
     lines = results["revnet_tiny"]["lines"]
     assert "memory" not in lines.get("res_ckpt", {})  # --lines
     assert lines["rev"]["memory"]["temp"] < lines["rev_plain"]["memory"]["temp"]
+    # The defaults once more with the state donated, as `aot --batch N` compiles them.
+    assert lines["rev"]["donated"]["alias"] > 0 and lines["rev"]["memory"]["alias"] == 0
+    assert "state donated" in text and "revnet_tiny " in text.split("state donated")[-1]
     remat_on, remat_off = lines["rev"]["flops"], lines["rev_transitions"]["flops"]
     if not bench_models.REMAT_DEFAULT:
         remat_on, remat_off = remat_off, remat_on
