@@ -389,7 +389,7 @@ def _train_step_temp_bytes(cls, units, **kw):
     x = jax.ShapeDtypeStruct((4, 32, 32, 3), jnp.float32)
     y = jax.ShapeDtypeStruct((4,), jnp.int32)
     # Backend optimisation level 0: LLVM code generation comes after buffer assignment, so the
-    # byte counts are identical and compilation is ~2.5x faster (the code never runs).
+    # byte counts are identical and compilation is faster (the code never runs).
     compiled = (
         jax.jit(step)
         .lower(params, batch_stats, x, y)
