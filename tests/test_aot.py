@@ -4,7 +4,11 @@ target: the child-process plumbing the GPU/TPU compiles use, without any CUDA or
 import argparse
 import json
 import math
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -104,6 +108,28 @@ def test_child_compiles_what_this_process_compiles():
     # Donation aliases the state: counted once, as in the training loop.
     assert ok["alias"] == 0 and ok4["alias"] > 0
     assert ok4["total"] == ok4["argument"] + ok4["output"] + ok4["temp"] - ok4["alias"]
+
+
+def test_step_builds_without_the_experiments_extra():
+    """The compile venvs install revjax alone (``pip install -e .``: no Grain, TFDS or
+    scikit-learn), so a child must build its config and abstract step without `revjax.data`."""
+    code = (
+        "import sys\n"
+        "for name in ('grain', 'tensorflow_datasets', 'sklearn'):\n"
+        "    sys.modules[name] = None  # import raises ImportError, as where it is not installed\n"
+        "from experiments import _report\n"
+        "_report.abstract_train_step('revnet_tiny', {'unroll': 1}, batch_size=2, image_size=8)\n"
+        "print('built', flush=True)\n"
+        "import revjax.data\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=120
+    )
+    # The step built; only the final import of the data package failed, on Grain.
+    assert proc.stdout.strip() == "built", proc.stderr
+    assert proc.returncode == 1 and "import of grain halted" in proc.stderr, proc.stderr
 
 
 def test_batch_ends_with_the_fits_verdict(tmp_path, capsys):
