@@ -511,7 +511,7 @@ def test_invertible_gradients_float64():
     # second's space-to-depth grows them (32 -> 128); all five units form one reversible chain,
     # which stores only its output (exact_every=None), or also the inputs of units 3 and 1
     # (exact_every=2), rebuilding the first stage's output from the second stage.
-    from experiments.bench_drift import fill
+    from revjax.reference import fill
 
     with jax.enable_x64(True), jax.numpy_dtype_promotion("standard"):
         model = nnx.eval_shape(
