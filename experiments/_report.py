@@ -56,8 +56,8 @@ __all__ = [
 
 # XLA:CPU spends most of its compile time in LLVM code generation, which happens after buffer
 # assignment and so cannot change `memory_analysis()`. Compiling with backend optimisation
-# level 0 gives identical temp/argument/output bytes ~2.5x faster (checked on the benchmark
-# models); only used where the compiled code is not run.
+# level 0 gives identical temp/argument/output bytes in a fraction of the time; only used where
+# the compiled code is not run.
 CPU_MEMORY_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 
 

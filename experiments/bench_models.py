@@ -237,6 +237,20 @@ def measure_on_target(
                     key=[rev, key, "memory"],
                 )
             )
+        if not args.lines or "rev" in args.lines:
+            # The default RevNet once more with the state donated, as the training loop and
+            # `python -m experiments.aot --batch N` compile it (buffer assignment differs).
+            memory_jobs.append(
+                aot.job(
+                    rev,
+                    {**base, "unroll": 1},
+                    batch=batch,
+                    size=size,
+                    num_classes=num_classes,
+                    donate=True,
+                    key=[rev, "rev", "donated"],
+                )
+            )
         if args.flops:  # fully unrolled: cost analysis counts a rolled loop's body only once
             for key in ("rev", "rev_transitions"):
                 flops_jobs.append(
@@ -272,7 +286,7 @@ def measure_on_target(
         with lock:
             progress(r)
             done.append(r)
-            if r["key"][2] == "memory":
+            if r["key"][2] != "flops":
                 infos[:] = [r["target_info"]]  # the target's, not the FLOPs child's (CPU)
             if on_partial is not None and "error" not in r and infos:
                 on_partial(infos[0], _assemble(done, pairs))
@@ -317,7 +331,8 @@ def measure_on_target(
 
 
 def _assemble(records: list[dict], pairs: dict) -> dict:
-    """``{rev: {"twin", "batch", "size", "lines": {key: {"memory"|"flops": record}}}}``."""
+    """``{rev: {"twin", "batch", "size", "lines": {key: {"memory"|"donated"|"flops": record}}}}``
+    (``donated``: the default RevNet's step with the state donated)."""
     results = {}
     for rev in pairs:  # in the order of the pairs, whatever order the records came in
         for r in records:
@@ -370,6 +385,11 @@ def to_markdown_target(results: dict, head: str, target: aot.Target) -> str:
             flops_rows.append(
                 [rev, r["batch"], f"{off / 1e9:.1f}", f"{on / 1e9:.1f}", f"{(on / off - 1):+.1%}"]
             )
+    donated = [
+        f"{rev} {_report.fmt_mib(r['lines']['rev']['donated']['temp'])} MiB"
+        for rev, r in results.items()
+        if "donated" in r["lines"].get("rev", {})
+    ]
     memory = target.memory_label
     notes = [
         f"Temp MiB: compiled temporary bytes of the trainer's full train step (forward, backward, "
@@ -381,6 +401,13 @@ def to_markdown_target(results: dict, head: str, target: aot.Target) -> str:
         "",
         aot.lower_bound_note(target),
     ]
+    if donated:
+        notes += [
+            "",
+            "Temp MiB of the defaults' step with the state donated, as the training loop and "
+            "`python -m experiments.aot --target NAME --model PRESET --batch N` compile it "
+            "(donation changes XLA's buffer assignment): " + ", ".join(donated) + ".",
+        ]
     out = [head, "", _report.markdown_table(columns, rows), "", *notes]
     if flops_rows:
         out += [

@@ -13,7 +13,7 @@ and reports the median step time after warm-up, with the three variants' samples
 (round-robin) so that the ratios reversible / plain and reversible / twin are measured side by
 side under the same load, and the compile time (trace + lower + XLA compile) of each. Scans use
 the backend's default unroll: rolled on GPU/TPU (compile time independent of depth), fully
-unrolled on CPU (rolled conv gradients are ~90x slower there, jax-ml/jax#12868), so on CPU
+unrolled on CPU (rolled conv gradients are many times slower there, jax-ml/jax#12868), so on CPU
 compile time grows with depth by design.
 
 Targets (GPU, rolled scans): reversible / plain <= 1.30; compile time of RevNet-164 <= 1.5x
@@ -288,7 +288,7 @@ def main(argv=None):
         action=argparse.BooleanOptionalAction,
         default=None,
         help="XLA:CPU backend optimisation level 0 (default: with --quick only; "
-        "cuts compile time ~2.5x, slows the code)",
+        "compiles faster, runs slower)",
     )
     parser.add_argument("--out-dir", type=Path, default=Path("results"))
     aot.add_target_arguments(parser)

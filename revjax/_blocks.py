@@ -88,8 +88,8 @@ class LayerConfig:
         """BatchNorm as in the official configs (decay 0.99, epsilon 1e-3).
 
         Two-pass variance by default (``bn_fast_variance=False``): the fast E[x^2] - E[x]^2
-        form loses ~1e-4 relative in float32, which BatchNorm then amplifies in the rebuilt
-        activations (the "fast variance" rows of ``results/bench_drift.md``, made by
+        form loses precision to cancellation in float32, which BatchNorm then amplifies in the
+        rebuilt activations (the "fast variance" rows of ``results/bench_drift.md``, made by
         ``experiments/bench_drift.py``).
         """
         bn = nnx.BatchNorm(
@@ -161,7 +161,8 @@ class BasicFunction(nnx.Module):
         # Every convolution's output too: between two convolutions whose kernels are split
         # over fsdp and tensor, sharding propagation would otherwise pick a layout for the
         # activation from the kernels, and XLA's SPMD partitioner computes such a chain wrongly
-        # on small feature maps (a 4x4 map on a (2, 2, 2) mesh: 25 % relative error).
+        # on small feature maps (tests/test_sharding.py holds the case: a 4x4 map on a
+        # (2, 2, 2) mesh).
         h = constrain_batch(self.conv1(h))
         h = _bn_relu(self.bn2, h, train)
         return constrain_batch(self.conv2(h))

@@ -57,7 +57,8 @@ class NetworkOptions(ModelOptions):
         divides the rebuilt activations' rounding error by ``sqrt(var + epsilon)``, which is
         large for near-constant channels (see `revjax.drift` and ``results/bench_drift.md``).
       bn_fast_variance: BatchNorm's one-pass ``E[x^2] - E[x]^2`` variance (Flax's default).
-        Off by default: it loses ~1e-4 relative in float32, in plain and reversible mode alike.
+        Off by default: its cancellation loses precision in float32, in plain and reversible
+        mode alike (the "fast variance" rows of ``results/bench_drift.md``).
     """
 
     units_per_stage: Sequence[int]
@@ -94,10 +95,11 @@ class RevNetOptions(NetworkOptions):
         their activations in the backward (a custom VJP whose recomputation is tied to the
         incoming cotangent, `revjax._stages.call_rematerialised`; on XLA:CPU a
         `jax.checkpoint` saved nothing). Default True: the same gradients for a fraction of the
-        memory (RevNet-164: about half; RevNet-104, whose ImageNet stem has the network's
-        largest activations: 14 % less at batch 32), for one extra forward of the stem and
-        three units (``results/bench_transitions.md``). ``False`` is the paper's code: entry
-        units and stem store their activations. Also settable as an attribute.
+        memory, for one extra forward of the stem and three units; less is saved where the
+        stem has the network's largest activations, as in RevNet-104's ImageNet stem
+        (figures: ``results/bench_transitions.md``, ``results/bench_models_h100.md``).
+        ``False`` is the paper's code: entry units and stem store their activations. Also
+        settable as an attribute.
       downsample: ``'pool'`` (the paper's entry units: average-pool-and-pad or projection
         shortcuts, not invertible) or ``'invertible'`` (i-RevNet, Jacobsen et al. 2018: the
         entry unit's shortcut is space-to-depth plus zero channels, so every unit is
@@ -115,8 +117,8 @@ class RevNetOptions(NetworkOptions):
         the rebuilt activations accumulates over at most k units, at the cost of
         ``(n - 1) // k`` stored activations per stage: none for stages of up to k + 1 units
         (all the CIFAR presets), memory O(depth / k) beyond. Only useful with
-        ``arithmetic="float"``: there, without it, float32 gradients of deep stages lose up to
-        ~1e-2 relative, because the backward recomputes ReLU masks and BatchNorm statistics
+        ``arithmetic="float"``: there, without it, float32 gradients of deep stages lose
+        accuracy, because the backward recomputes ReLU masks and BatchNorm statistics
         from rebuilt activations whose error grows towards the stage's first unit
         (`revjax.drift`, ``results/bench_drift.md``); with 8 they match plain float32
         autodiff. ``None`` (default): store none (activation memory flat in depth); the

@@ -1,17 +1,48 @@
 """Strict test setup: several CPU devices, strict dtype promotion, rank promotion raises."""
 
 import os
+import shutil
+import tempfile
 
 # Must happen before JAX initialises its backends. The suite spends most of its time in XLA:CPU
 # compiles of tiny programs: backend optimisation level 0 and no expensive LLVM passes compile
-# ~1.8x faster (measured: 108 s -> 60 s of CPU on four model tests) and leave compiled memory
-# (buffer assignment happens before the backend) unchanged.
+# them much faster and leave compiled memory (buffer assignment happens before the backend)
+# unchanged.
 os.environ.setdefault(
     "XLA_FLAGS",
     "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
     "--xla_llvm_disable_expensive_passes=true",
 )
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def _compilation_cache_for_this_run() -> str | None:
+    """One XLA compile per distinct program in a run: the trainer tests, the docs' examples, the
+    notebooks and the entry points run as subprocesses build the same tiny steps again and again.
+
+    JAX's persistent compilation cache goes in a directory made for this run, which the xdist
+    workers and the subprocesses inherit through the environment; the first process to make it
+    removes it at the end. A cache entry is the compiled program of the same HLO, options and
+    XLA flags, so what a test checks (values, compiled memory, tracing) is unchanged. The size
+    limit turns on JAX's file lock (the `filelock` package), so that processes compiling the
+    same program at once never read a half-written entry; without it each process compiles for
+    itself. Returns the directory this process made, if any.
+    """
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return None
+    try:
+        import filelock  # noqa: F401
+    except ImportError:
+        return None
+    made = tempfile.mkdtemp(prefix="revjax-tests-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = made
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 * 2**30))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+    return made
+
+
+_CACHE_MADE_HERE = _compilation_cache_for_this_run()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -25,3 +56,8 @@ def x64():
     """Run a test with 64-bit types enabled."""
     with jax.enable_x64(True):
         yield
+
+
+def pytest_unconfigure(config):
+    if _CACHE_MADE_HERE is not None:
+        shutil.rmtree(_CACHE_MADE_HERE, ignore_errors=True)

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from experiments import (
+    _batch_device,
     _report,
     bench_batch,
     bench_core,
@@ -110,7 +111,7 @@ def test_bench_batch_quick_on_cpu(tmp_path):
     ],
 )
 def test_largest_power_of_two(threshold, start, cap, expected):
-    best, failed, tries = bench_batch.largest_power_of_two(lambda b: b <= threshold, start, cap)
+    best, failed, tries = _batch_device.largest_power_of_two(lambda b: b <= threshold, start, cap)
     assert (best, failed, [b for b, _ in tries]) == expected
     assert all(ok == (b <= threshold) for b, ok in tries)
 
@@ -119,7 +120,7 @@ def test_bench_batch_probe_worker_runs_in_a_fresh_process():
     """The path every GPU try takes: a worker process printing one JSON record."""
     overrides = json.dumps({"units_per_stage": [1], "widths": [4, 8]})
     records = _report.run_json_worker(
-        bench_batch.MODULE,
+        _batch_device.WORKER_MODULE,
         ["--probe", "revnet_tiny", "2", "--size", "8", "--overrides", overrides],
         timeout=120,
     )

@@ -389,7 +389,7 @@ def _train_step_temp_bytes(cls, units, **kw):
     x = jax.ShapeDtypeStruct((4, 32, 32, 3), jnp.float32)
     y = jax.ShapeDtypeStruct((4,), jnp.int32)
     # Backend optimisation level 0: LLVM code generation comes after buffer assignment, so the
-    # byte counts are identical and compilation is ~2.5x faster (the code never runs).
+    # byte counts are identical and compilation is faster (the code never runs).
     compiled = (
         jax.jit(step)
         .lower(params, batch_stats, x, y)
@@ -511,7 +511,7 @@ def test_invertible_gradients_float64():
     # second's space-to-depth grows them (32 -> 128); all five units form one reversible chain,
     # which stores only its output (exact_every=None), or also the inputs of units 3 and 1
     # (exact_every=2), rebuilding the first stage's output from the second stage.
-    from experiments.bench_drift import fill
+    from revjax.reference import fill
 
     with jax.enable_x64(True), jax.numpy_dtype_promotion("standard"):
         model = nnx.eval_shape(

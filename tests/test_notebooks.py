@@ -34,7 +34,7 @@ REPO_URL = "https://github.com/revjax/revjax"
 KERNEL_NAME = "revjax-test-python3"
 CELL_TIMEOUT_S = 300
 
-# XLA:CPU spends most of a quick notebook's time compiling; these flags compile ~2.5x faster
+# XLA:CPU spends most of a quick notebook's time compiling; these flags compile faster
 # and only make the (tiny) compiled code run slower.
 FAST_COMPILE_XLA_FLAGS = (
     "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"

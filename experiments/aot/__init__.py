@@ -8,10 +8,10 @@ program; nothing is allocated and nothing runs.
 
 Each compile runs in a child process, started by `compile_for_target` in an interpreter that has
 the target's JAX plugin (``jax[cuda12]`` or ``jax[tpu]``, same version as ``jax``, each in its
-own virtual environment because the CUDA one takes ~5.6 GB: ``make aot-venv-cuda`` /
-``make aot-venv-tpu``). The child sets
-what must be set before JAX is imported (for CUDA: ``CUDA_VISIBLE_DEVICES=-1``, so that no GPU is
-looked for, and ``JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1``, without which the plugin's start-up check
+own virtual environment because the CUDA one is large (the AOT guide gives the sizes):
+``make aot-venv-cuda`` / ``make aot-venv-tpu``). The child sets what must be set before JAX is
+imported (for CUDA: ``CUDA_VISIBLE_DEVICES=-1``, so that no GPU is looked for, and
+``JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1``, without which the plugin's start-up check
 fails on ``cuInit`` and the plugin is never registered), reads compile jobs as JSON on stdin and
 prints one JSON record per job. The ``cpu`` target compiles for this host's CPU with the current
 interpreter: the tests exercise the whole path with it, without any CUDA or TPU wheel.

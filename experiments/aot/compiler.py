@@ -100,7 +100,7 @@ class TargetCompiler:
 
     ``with TargetCompiler("h100") as c: record = c.compile(job(...))``; ``c.info`` describes the
     target (``device_kind``, versions, host). The child keeps JAX and the plugin loaded between
-    jobs (a TPU child takes ~10 s to start); its stderr goes to a temporary file, so that
+    jobs (a TPU child takes seconds to start); its stderr goes to a temporary file, so that
     libtpu's chatter can never block it.
 
     Raises (from the constructor and `compile`):

@@ -72,10 +72,10 @@ def _decode_reduced(jpeg: bytes, reduction: int, decoder: str = "auto"):
     """The JPEG decoded at 1/`reduction` (libjpeg DCT scaling) as an RGB PIL image, and the
     reduction actually used (1 for non-JPEG data).
 
-    `decoder`: "simplejpeg" (libjpeg-turbo's TurboJPEG API through the `simplejpeg` package,
-    ~1.5x PIL's rate here), "pil" (PIL's bundled libjpeg-turbo through `Image.draft`), "auto"
-    (simplejpeg when installed). Both run libjpeg-turbo's accurate integer DCT with fancy
-    upsampling.
+    `decoder`: "simplejpeg" (libjpeg-turbo's TurboJPEG API through the `simplejpeg` package),
+    "pil" (PIL's bundled libjpeg-turbo through `Image.draft`), "auto" (simplejpeg when
+    installed); ``results/bench_input.md`` gives both rates side by side. Both run
+    libjpeg-turbo's accurate integer DCT with fancy upsampling.
     """
     from PIL import Image
 

@@ -427,7 +427,11 @@ def _fine_tuning_needs_a_vit(config: TrainConfig) -> str | None:
 
 
 def _text_goes_with_a_language_model(config: TrainConfig) -> str | None:
-    from revjax.data.text import TEXT_DATASETS
+    try:  # `revjax.data` needs the experiments extra (Grain); without it no dataset is read,
+        # and a config only builds a step (the ahead-of-time compile venvs install revjax alone)
+        from revjax.data.text import TEXT_DATASETS
+    except ImportError:
+        return None
 
     language_model = presets.get(config.model).accepts("vocab_size")
     if (config.dataset in TEXT_DATASETS) != language_model:
