@@ -179,23 +179,28 @@ def measure_digits(quick: bool, workdir: Path) -> list[dict]:
     return rows
 
 
-EXACTNESS_MODELS = [
-    ("revnet38", {}),
-    ("revnet164", {}),
-    ("revnet164", {"downsample": "invertible"}),
-    ("revnet164", {"dtype": "bfloat16", "carry_dtype": "float32"}),
-    ("revvit_cifar", {}),
-    ("revvit_cifar", {"dtype": "bfloat16", "carry_dtype": "float32"}),
-]
+_BF16 = {"dtype": "bfloat16", "carry_dtype": "float32"}
+#: ``--exactness-models`` names: (preset, constructor overrides).
+EXACTNESS_MODELS = {
+    "revnet38": ("revnet38", {}),
+    "revnet164": ("revnet164", {}),
+    "revnet164-invertible": ("revnet164", {"downsample": "invertible"}),
+    "revnet164-bf16": ("revnet164", _BF16),
+    "revvit_cifar": ("revvit_cifar", {}),
+    "revvit_cifar-bf16": ("revvit_cifar", _BF16),
+}
 
 
-def measure_exactness(quick: bool, batch: int) -> list[dict]:
+def measure_exactness(quick: bool, batch: int, models: Sequence[str] = ()) -> list[dict]:
     import jax.numpy as jnp
 
     import revjax
 
     rows = []
-    cases = [("revnet_tiny", {}), ("revvit_tiny", {})] if quick else EXACTNESS_MODELS
+    names = models or list(EXACTNESS_MODELS)
+    cases = [("revnet_tiny", {}), ("revvit_tiny", {})] if quick else [
+        EXACTNESS_MODELS[m] for m in names
+    ]
     size = 8 if quick else 32
     x = jax.random.normal(jax.random.key(0), (batch, size, size, 3))
     y = jnp.arange(batch) % 10
@@ -301,8 +306,18 @@ def gradient_errors(kind: str, dtype: str, n: int, width: int) -> dict[str, floa
     with jax.numpy_dtype_promotion("standard"):
         got = {"rev": grad(True, False), "plain": grad(False, False), "remat": grad(False, True)}
     rel = lambda a, b: float(revjax.relative_error(got[a], got[b]))
-    return {"rev": rel("rev", "plain"), "remat": rel("remat", "plain"),
-            "rev_remat": rel("rev", "remat")}  # fmt: skip
+    leaves = {k: [np.asarray(a, np.float32) for a in jax.tree.leaves(v)] for k, v in got.items()}
+    differ = lambda a, b: sum(
+        int(np.sum(x != y)) for x, y in zip(leaves[a], leaves[b], strict=True)
+    )
+    return {
+        "rev": rel("rev", "plain"), "remat": rel("remat", "plain"),
+        "rev_remat": rel("rev", "remat"), "rev_differ": differ("rev", "plain"),
+        "remat_differ": differ("remat", "plain"),
+        "total": sum(a.size for a in leaves["plain"]),
+        # Every gradient is non-zero: a zero difference is not a zero gradient.
+        "zero": sum(int(np.sum(a == 0)) for a in leaves["plain"]),
+    }  # fmt: skip
 
 
 def sequence_mismatches(kind: str, dtype: str, rebuild: str, n: int, width: int) -> float:
@@ -379,7 +394,9 @@ def measure_gradients(quick: bool) -> list[dict]:
 
 
 def gradients_markdown(rows: Sequence[dict]) -> str:
-    table = [[r["case"], f"{r['rev']:.1e}", f"{r['remat']:.1e}", f"{r['rev_remat']:.1e}"]
+    table = [[r["case"], f"{r['rev']:.1e}", f"{r['remat']:.1e}", f"{r['rev_remat']:.1e}",
+              f"{r['rev_differ']:,} / {r['remat_differ']:,} of {r['total']:,}",
+              f"{r['zero']:,}"]
              for r in rows]  # fmt: skip
     return "\n".join(
         [
@@ -391,10 +408,18 @@ def gradients_markdown(rows: Sequence[dict]) -> str:
             "all parameter and input gradients) of the memory-saving gradients against plain "
             "autodiff of the same rounded forward, beside `jax.checkpoint` of every unit "
             "(`remat=True`: what `nnx.remat` does) against plain autodiff: any backward that "
-            "recomputes its forward is a different XLA program and rounds differently.",
+            "recomputes its forward is a different XLA program and rounds differently. "
+            "`elements differing`: gradient elements whose bits differ from plain autodiff's "
+            "(memory-saving / remat); `zero elements`: plain autodiff's gradient elements that "
+            "are exactly 0 (a zero difference is not a vanishing gradient). With bfloat16 "
+            "compute every op's result is rounded to bfloat16 (the compiled CPU programs "
+            "compute bfloat16 ops in float32 between conversions), which absorbs the "
+            "float32-level differences between two programs unless a value sits at a "
+            "rounding boundary.",
             "",
             _report.markdown_table(
-                ["case", "memory-saving vs plain", "remat vs plain", "memory-saving vs remat"],
+                ["case", "memory-saving vs plain", "remat vs plain", "memory-saving vs remat",
+                 "elements differing", "zero elements"],
                 table,
             ),
             "",
@@ -511,6 +536,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     parser.add_argument("--digits", action="store_true", help="train the digits job, both ways")
     parser.add_argument("--exactness", action="store_true", help="bit-exact rebuild check")
     parser.add_argument(
+        "--exactness-models", nargs="+", default=[], choices=list(EXACTNESS_MODELS),
+        help="with --exactness: these models only (default: all)",
+    )
+    parser.add_argument(
         "--gradients", action="store_true", help="reversible and remat gradients vs plain"
     )
     parser.add_argument("--no-speed", dest="speed", action="store_false", help="skip step time")
@@ -536,17 +565,25 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         _report.command_line(MODULE, argv),
     )
     text = to_markdown(rows, head) if rows else head + "\n"
-    if args.range:
-        text += "\n" + range_markdown(measure_range(args.quick))
-    if args.exactness:
-        rows_seq = measure_sequence_exactness(args.quick)
-        text += "\n" + sequence_exactness_markdown(rows_seq)
-        text += "\n" + exactness_markdown(measure_exactness(args.quick, batch), batch)
-    if args.gradients:
-        text += "\n" + gradients_markdown(measure_gradients(args.quick))
-    if args.digits:
-        text += "\n" + digits_markdown(measure_digits(args.quick, args.workdir))
+    # Written after every section: a run stopped by a time limit keeps what it measured.
     _report.write_report(args.out_dir, NAME, text)
+    sections = []
+    if args.range:
+        sections.append(lambda: range_markdown(measure_range(args.quick)))
+    if args.exactness:
+        sections.append(
+            lambda: sequence_exactness_markdown(measure_sequence_exactness(args.quick))
+        )
+        sections.append(lambda: exactness_markdown(
+            measure_exactness(args.quick, batch, args.exactness_models), batch
+        ))  # fmt: skip
+    if args.gradients:
+        sections.append(lambda: gradients_markdown(measure_gradients(args.quick)))
+    if args.digits:
+        sections.append(lambda: digits_markdown(measure_digits(args.quick, args.workdir)))
+    for section in sections:
+        text += "\n" + section()
+        _report.write_report(args.out_dir, NAME, text)
     return rows
 
 

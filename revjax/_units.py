@@ -19,6 +19,7 @@ import numpy as np
 from jax import lax
 
 from revjax._carry import max_abs, quantize
+from revjax._platform import target_platform
 
 Array = jax.Array
 PyTree = Any
@@ -33,10 +34,11 @@ def default_unroll(n: int) -> int:
     """Scan unroll used when ``unroll=None``: full on CPU, rolled on GPU/TPU.
 
     XLA:CPU runs convolution gradients inside a rolled ``lax.scan`` (a while loop) ~90x slower
-    than the same code unrolled (jax-ml/jax#12868, measured again here); GPU and TPU don't have
-    this problem and a rolled scan keeps compile time independent of depth there.
+    than the same code unrolled (jax-ml/jax#12868); GPU and TPU don't have this problem and a
+    rolled scan keeps compile time independent of depth there. The platform is
+    `revjax.target_platform` (JAX's default backend, or `revjax.compiling_for`'s).
     """
-    return max(n, 1) if jax.default_backend() == "cpu" else 1
+    return max(n, 1) if target_platform() == "cpu" else 1
 
 
 def count_units(f_params: PyTree, g_params: PyTree) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 import revjax
@@ -78,6 +79,41 @@ def test_output_residual_restores_carries_bit_for_bit():
     assert output_residual(floats, (y, y), (y, y)) == (y, y)
     bf16 = _carry.make_carry("fixed", 16, jnp.bfloat16)
     assert output_residual(bf16, (y, y), (c, c)) == (c, c)
+
+
+def test_residual_layout_follows_the_platform_compiled_for():
+    arith = _carry.make_carry("fixed", 16, jnp.float32)
+    c = jnp.arange(-5, 5, dtype=jnp.int32) * 3
+    y = arith.leave(c)
+    with revjax.compiling_for("tpu"):
+        assert revjax.target_platform() == "tpu" and revjax.default_unroll(7) == 1
+        assert output_residual(arith, (y, y), (c, c)) == (c, c)
+        assert output_carries(arith, (c, c)) == (c, c)
+        with revjax.compiling_for("cuda"):  # nested: the innermost wins; JAX's GPU names
+            assert revjax.target_platform() == "gpu"
+            outputs, corrections = output_residual(arith, (y, y), (c, c))
+            assert corrections[0].dtype == jnp.int8
+        assert revjax.target_platform() == "tpu"
+    assert revjax.target_platform() == jax.default_backend()
+    with pytest.raises(ValueError, match="unknown platform 'metal'"):
+        with revjax.compiling_for("metal"):
+            pass
+    # A fixed-point sequence traced for the TPU keeps its int32 output carries (and nothing
+    # else of its output) for the backward.
+    f = g = lambda p, x: jnp.tanh(x * p)
+    params = jnp.ones((3,), jnp.float32)
+    x = jnp.linspace(-1, 1, 8, dtype=jnp.float32)
+
+    def loss(p, x):
+        y1, y2 = revjax.reversible_sequence(f, g, p, p, x, x, arithmetic="fixed", unroll=1)
+        return jnp.sum(y1 * y2)
+
+    def saved_dtypes(platform):
+        with revjax.compiling_for(platform):
+            jaxpr = jax.make_jaxpr(lambda p, x: jax.vjp(loss, p, x)[1])(params, x)
+        return sorted(str(v.aval.dtype) for v in jaxpr.jaxpr.outvars)
+
+    assert "int8" not in saved_dtypes("tpu") and "int8" in saved_dtypes("gpu")
 
 
 def test_fixed_gradients_match_plain_beyond_float32_precision():
