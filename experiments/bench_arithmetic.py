@@ -3,17 +3,15 @@
 For each RevNet preset, runs the trainer's full train step (forward, rebuilding backward, SGD
 update) with
 
-- ``float, k=8``: floating-point carries with stored inputs every 8 units (the paper's
-  arithmetic with revjax's drift bound),
 - ``float, k=None``: floating-point carries, nothing stored,
 - ``fixed, k=None``: int32 fixed-point carries (16 fraction bits), nothing stored, the default
-  ``rebuild="isolated"`` (the rebuild evaluates F and G as the forward did: one more F and G
-  evaluation per unit in the backward),
+  ``rebuild="isolated"`` (the rebuild evaluates F and G as the forward did; on CPU that
+  evaluation also gives the pullback's residuals),
 - ``fixed, pullback``: the same with ``rebuild="pullback"`` (the rebuild reuses the pullback's
   recomputation; exact only where XLA compiles it as in the forward),
 
-and reports the median step time, the three samples interleaved (round-robin) so the ratios
-are measured side by side under the same load. Also reports the largest fixed-point carry
+and reports the median step time and process CPU time, the samples interleaved (round-robin)
+so the ratios are measured side by side under the same load. Also reports the largest fixed-point carry
 magnitude after the timed steps (`revjax.CarryPeak`), against `revjax.carry_limit`.
 
 ``--range``: the largest carry magnitude of every reversible preset (both downsampling modes
@@ -37,6 +35,8 @@ Writes ``<out-dir>/bench_arithmetic.md``.
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -52,7 +52,6 @@ NAME = "bench_arithmetic"
 MODULE = f"experiments.{NAME}"
 
 VARIANTS = {
-    "float, k=8": {"arithmetic": "float", "exact_every": 8},
     "float, k=None": {"arithmetic": "float", "exact_every": None},
     "fixed, k=None": {"arithmetic": "fixed", "exact_every": None},
     "fixed, pullback": {"arithmetic": "fixed", "exact_every": None, "rebuild": "pullback"},
@@ -69,6 +68,19 @@ def _peak(state) -> float:
         if isinstance(leaf, CarryPeak)
     ]
     return max(peaks, default=float("nan"))
+
+
+def cpu_interleaved(fns: dict, *, repeats: int) -> dict[str, float]:
+    """Median process CPU time (all threads, user + system) of each function per call, sampled
+    round-robin: the work a step does, which other processes on a shared host change less than
+    its wall time."""
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, (fn, args) in fns.items():
+            start = time.process_time()
+            jax.block_until_ready(fn(*args))
+            samples[name].append(time.process_time() - start)
+    return {name: statistics.median(s) for name, s in samples.items()}
 
 
 def with_rebuild(model: str, overrides: dict, channels: int, rebuild: str):
@@ -96,10 +108,12 @@ def measure(model: str, overrides: dict, *, batch: int, size: int, channels: int
             step = with_rebuild(model, {**overrides, **variant}, channels, rebuild)
         fns[name] = (step, (state, data))
     times = time_interleaved(fns, warmup=2, repeats=repeats)
+    cpu = cpu_interleaved(fns, repeats=repeats)
     step, (state, data) = fns["fixed, k=None"]
     for _ in range(3):
         state, _ = step(state, data)
     row = {"model": model, **{f"time {n}": times[n]["median"] for n in VARIANTS}}
+    row.update({f"cpu {n}": cpu[n] for n in VARIANTS})
     row["peak"] = _peak(state)
     print(f"  {model}: {row}", flush=True)
     return row
@@ -458,14 +472,16 @@ def exactness_markdown(rows: Sequence[dict], batch: int) -> str:
 
 def to_markdown(rows: Sequence[dict], head: str) -> str:
     cols = ["model", *[f"step ms {n}" for n in VARIANTS], "fixed / fixed pullback",
-            "fixed / float k=None", "fixed / float k=8", "largest carry", "limit"]  # fmt: skip
+            "fixed / float k=None", "CPU time: fixed / fixed pullback",
+            "CPU time: fixed / float k=None", "largest carry", "limit"]  # fmt: skip
     table = [
         [
             r["model"],
             *[_report.fmt_ms(r[f"time {n}"]) for n in VARIANTS],
             f"{r['time fixed, k=None'] / r['time fixed, pullback']:.3f}",
             f"{r['time fixed, k=None'] / r['time float, k=None']:.3f}",
-            f"{r['time fixed, k=None'] / r['time float, k=8']:.3f}",
+            f"{r['cpu fixed, k=None'] / r['cpu fixed, pullback']:.3f}",
+            f"{r['cpu fixed, k=None'] / r['cpu float, k=None']:.3f}",
             f"{r['peak']:.1f}",
             f"{carry_limit(FRAC_BITS):g}",
         ]
@@ -561,7 +577,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     head = _report.header(
         "Fixed-point vs floating-point reversible arithmetic: train-step time",
         f"batch {batch}, {size}x{size} (revnet_tiny: 8x8x1), float32, the trainer's step; "
-        f"median of {repeats} interleaved rounds",
+        f"median of {repeats} interleaved rounds of wall time, then of process CPU time (all "
+        "threads)",
         _report.command_line(MODULE, argv),
     )
     text = to_markdown(rows, head) if rows else head + "\n"
