@@ -11,8 +11,9 @@ update) with
   recomputation; exact only where XLA compiles it as in the forward),
 
 and reports the median step time and process CPU time, the samples interleaved (round-robin)
-so the ratios are measured side by side under the same load. Also reports the largest fixed-point carry
-magnitude after the timed steps (`revjax.CarryPeak`), against `revjax.carry_limit`.
+so the ratios are measured side by side under the same load. Also reports the largest
+fixed-point carry magnitude after the timed steps (`revjax.CarryPeak`), against
+`revjax.carry_limit`.
 
 ``--range``: the largest carry magnitude of every reversible preset (both downsampling modes
 for the RevNets) after init, one forward in train mode on standard-normal images at the
@@ -585,6 +586,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     # Written after every section: a run stopped by a time limit keeps what it measured.
     _report.write_report(args.out_dir, NAME, text)
     sections = []
+    if args.gradients:
+        sections.append(lambda: gradients_markdown(measure_gradients(args.quick)))
     if args.range:
         sections.append(lambda: range_markdown(measure_range(args.quick)))
     if args.exactness:
@@ -594,8 +597,6 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         sections.append(lambda: exactness_markdown(
             measure_exactness(args.quick, batch, args.exactness_models), batch
         ))  # fmt: skip
-    if args.gradients:
-        sections.append(lambda: gradients_markdown(measure_gradients(args.quick)))
     if args.digits:
         sections.append(lambda: digits_markdown(measure_digits(args.quick, args.workdir)))
     for section in sections:
