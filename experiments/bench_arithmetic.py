@@ -588,8 +588,6 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     sections = []
     if args.gradients:
         sections.append(lambda: gradients_markdown(measure_gradients(args.quick)))
-    if args.range:
-        sections.append(lambda: range_markdown(measure_range(args.quick)))
     if args.exactness:
         sections.append(
             lambda: sequence_exactness_markdown(measure_sequence_exactness(args.quick))
@@ -599,6 +597,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         ))  # fmt: skip
     if args.digits:
         sections.append(lambda: digits_markdown(measure_digits(args.quick, args.workdir)))
+    if args.range:
+        sections.append(lambda: range_markdown(measure_range(args.quick)))
     for section in sections:
         text += "\n" + section()
         _report.write_report(args.out_dir, NAME, text)
