@@ -30,6 +30,7 @@ import collections
 import hashlib
 import os
 import re
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -77,7 +78,28 @@ def compiled_text(kind: str, dtype: str, target: str, units: int = 4) -> str:
     half = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=replicated)
     args = (jax.tree.map(abstract, params), jax.tree.map(abstract, rest), half, half)
     with jax.numpy_dtype_promotion("standard"), revjax.compiling_for(AOT_TARGETS[target].platform):
-        return jax.jit(grad).lower(*args).compile().as_text()
+        text = jax.jit(grad).lower(*args).compile().as_text()
+    dumped = _before_barrier_expansion() if AOT_TARGETS[target].platform == "cuda" else None
+    return dumped if dumped is not None else text
+
+
+# XLA:GPU keeps optimisation barriers through fusion and scheduling and removes them just
+# before rematerialisation: the module as it enters that pass is the fused, scheduled program
+# with its barriers, dumped there (`DUMP_FLAGS`, set before JAX starts).
+DUMP_DIR = Path(os.environ.get("REVJAX_EXACT_HLO_DUMP", "/tmp/revjax_exact_hlo_dump"))
+DUMP_FLAGS = f"--xla_dump_to={DUMP_DIR} --xla_dump_hlo_pass_re=^rematerialization$"
+
+
+def _before_barrier_expansion() -> str | None:
+    """The newest dumped module entering XLA:GPU's rematerialisation pass, then deletes the
+    dumps; None when there is none (CPU and TPU compiles)."""
+    files = sorted(DUMP_DIR.glob("*jit_grad*before_rematerialization.txt"),
+                   key=lambda f: f.stat().st_mtime)  # fmt: skip
+    if not files:
+        return None
+    text = files[-1].read_text()
+    shutil.rmtree(DUMP_DIR, ignore_errors=True)
+    return text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,7 +280,8 @@ def report(target: str, cases: Sequence[tuple[str, str]], argv: Sequence[str]) -
     where = (
         "a `conditional`'s branch computation"
         if target == "cpu"
-        else "the instructions between two `opt-barrier`s"
+        else "the instructions between two `opt-barrier`s; on GPU in the module as it enters "
+        "XLA's rematerialisation pass, fused and scheduled, just before the barriers are removed"
     )
     lines = [
         _report.header(
@@ -315,4 +338,6 @@ if __name__ == "__main__":
         name = sys.argv[sys.argv.index("--target") + 1]
         for var, value in getattr(AOT_TARGETS.get(name), "env", {}).items():
             os.environ.setdefault(var, value)  # before JAX is imported
+        if getattr(AOT_TARGETS.get(name), "platform", "") == "cuda":
+            os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {DUMP_FLAGS}"
     main()
