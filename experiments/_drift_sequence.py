@@ -97,7 +97,7 @@ def measure(quick: bool) -> list[dict]:
     """Every kind x `DTYPES` x depth, float and fixed carries."""
     rows = []
     for kind in ("conv", "transformer"):
-        for compute, halves in DTYPES:
+        for compute, halves in DTYPES[::2] if quick else DTYPES:
             for n in QUICK_DEPTHS if quick else DEPTHS:
                 for arithmetic in ("float", "fixed"):
                     rows.append(_case(kind, compute, halves, arithmetic, n))
