@@ -3,18 +3,17 @@
 For each RevNet preset, runs the trainer's full train step (forward, rebuilding backward, SGD
 update) with
 
-- ``float, k=8``: floating-point carries with stored inputs every 8 units (the paper's
-  arithmetic with revjax's drift bound),
 - ``float, k=None``: floating-point carries, nothing stored,
 - ``fixed, k=None``: int32 fixed-point carries (16 fraction bits), nothing stored, the default
-  ``rebuild="isolated"`` (the rebuild evaluates F and G as the forward did: one more F and G
-  evaluation per unit in the backward),
+  ``rebuild="isolated"`` (the rebuild evaluates F and G as the forward did; on CPU that
+  evaluation also gives the pullback's residuals),
 - ``fixed, pullback``: the same with ``rebuild="pullback"`` (the rebuild reuses the pullback's
   recomputation; exact only where XLA compiles it as in the forward),
 
-and reports the median step time, the three samples interleaved (round-robin) so the ratios
-are measured side by side under the same load. Also reports the largest fixed-point carry
-magnitude after the timed steps (`revjax.CarryPeak`), against `revjax.carry_limit`.
+and reports the median step time and process CPU time, the samples interleaved (round-robin)
+so the ratios are measured side by side under the same load. Also reports the largest
+fixed-point carry magnitude after the timed steps (`revjax.CarryPeak`), against
+`revjax.carry_limit`.
 
 ``--range``: the largest carry magnitude of every reversible preset (both downsampling modes
 for the RevNets) after init, one forward in train mode on standard-normal images at the
@@ -37,6 +36,8 @@ Writes ``<out-dir>/bench_arithmetic.md``.
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -52,7 +53,6 @@ NAME = "bench_arithmetic"
 MODULE = f"experiments.{NAME}"
 
 VARIANTS = {
-    "float, k=8": {"arithmetic": "float", "exact_every": 8},
     "float, k=None": {"arithmetic": "float", "exact_every": None},
     "fixed, k=None": {"arithmetic": "fixed", "exact_every": None},
     "fixed, pullback": {"arithmetic": "fixed", "exact_every": None, "rebuild": "pullback"},
@@ -69,6 +69,19 @@ def _peak(state) -> float:
         if isinstance(leaf, CarryPeak)
     ]
     return max(peaks, default=float("nan"))
+
+
+def cpu_interleaved(fns: dict, *, repeats: int) -> dict[str, float]:
+    """Median process CPU time (all threads, user + system) of each function per call, sampled
+    round-robin: the work a step does, which other processes on a shared host change less than
+    its wall time."""
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, (fn, args) in fns.items():
+            start = time.process_time()
+            jax.block_until_ready(fn(*args))
+            samples[name].append(time.process_time() - start)
+    return {name: statistics.median(s) for name, s in samples.items()}
 
 
 def with_rebuild(model: str, overrides: dict, channels: int, rebuild: str):
@@ -96,10 +109,12 @@ def measure(model: str, overrides: dict, *, batch: int, size: int, channels: int
             step = with_rebuild(model, {**overrides, **variant}, channels, rebuild)
         fns[name] = (step, (state, data))
     times = time_interleaved(fns, warmup=2, repeats=repeats)
+    cpu = cpu_interleaved(fns, repeats=repeats)
     step, (state, data) = fns["fixed, k=None"]
     for _ in range(3):
         state, _ = step(state, data)
     row = {"model": model, **{f"time {n}": times[n]["median"] for n in VARIANTS}}
+    row.update({f"cpu {n}": cpu[n] for n in VARIANTS})
     row["peak"] = _peak(state)
     print(f"  {model}: {row}", flush=True)
     return row
@@ -179,23 +194,28 @@ def measure_digits(quick: bool, workdir: Path) -> list[dict]:
     return rows
 
 
-EXACTNESS_MODELS = [
-    ("revnet38", {}),
-    ("revnet164", {}),
-    ("revnet164", {"downsample": "invertible"}),
-    ("revnet164", {"dtype": "bfloat16", "carry_dtype": "float32"}),
-    ("revvit_cifar", {}),
-    ("revvit_cifar", {"dtype": "bfloat16", "carry_dtype": "float32"}),
-]
+_BF16 = {"dtype": "bfloat16", "carry_dtype": "float32"}
+#: ``--exactness-models`` names: (preset, constructor overrides).
+EXACTNESS_MODELS = {
+    "revnet38": ("revnet38", {}),
+    "revnet164": ("revnet164", {}),
+    "revnet164-invertible": ("revnet164", {"downsample": "invertible"}),
+    "revnet164-bf16": ("revnet164", _BF16),
+    "revvit_cifar": ("revvit_cifar", {}),
+    "revvit_cifar-bf16": ("revvit_cifar", _BF16),
+}
 
 
-def measure_exactness(quick: bool, batch: int) -> list[dict]:
+def measure_exactness(quick: bool, batch: int, models: Sequence[str] = ()) -> list[dict]:
     import jax.numpy as jnp
 
     import revjax
 
     rows = []
-    cases = [("revnet_tiny", {}), ("revvit_tiny", {})] if quick else EXACTNESS_MODELS
+    names = models or list(EXACTNESS_MODELS)
+    cases = [("revnet_tiny", {}), ("revvit_tiny", {})] if quick else [
+        EXACTNESS_MODELS[m] for m in names
+    ]
     size = 8 if quick else 32
     x = jax.random.normal(jax.random.key(0), (batch, size, size, 3))
     y = jnp.arange(batch) % 10
@@ -301,8 +321,18 @@ def gradient_errors(kind: str, dtype: str, n: int, width: int) -> dict[str, floa
     with jax.numpy_dtype_promotion("standard"):
         got = {"rev": grad(True, False), "plain": grad(False, False), "remat": grad(False, True)}
     rel = lambda a, b: float(revjax.relative_error(got[a], got[b]))
-    return {"rev": rel("rev", "plain"), "remat": rel("remat", "plain"),
-            "rev_remat": rel("rev", "remat")}  # fmt: skip
+    leaves = {k: [np.asarray(a, np.float32) for a in jax.tree.leaves(v)] for k, v in got.items()}
+    differ = lambda a, b: sum(
+        int(np.sum(x != y)) for x, y in zip(leaves[a], leaves[b], strict=True)
+    )
+    return {
+        "rev": rel("rev", "plain"), "remat": rel("remat", "plain"),
+        "rev_remat": rel("rev", "remat"), "rev_differ": differ("rev", "plain"),
+        "remat_differ": differ("remat", "plain"),
+        "total": sum(a.size for a in leaves["plain"]),
+        # Every gradient is non-zero: a zero difference is not a zero gradient.
+        "zero": sum(int(np.sum(a == 0)) for a in leaves["plain"]),
+    }  # fmt: skip
 
 
 def sequence_mismatches(kind: str, dtype: str, rebuild: str, n: int, width: int) -> float:
@@ -379,7 +409,9 @@ def measure_gradients(quick: bool) -> list[dict]:
 
 
 def gradients_markdown(rows: Sequence[dict]) -> str:
-    table = [[r["case"], f"{r['rev']:.1e}", f"{r['remat']:.1e}", f"{r['rev_remat']:.1e}"]
+    table = [[r["case"], f"{r['rev']:.1e}", f"{r['remat']:.1e}", f"{r['rev_remat']:.1e}",
+              f"{r['rev_differ']:,} / {r['remat_differ']:,} of {r['total']:,}",
+              f"{r['zero']:,}"]
              for r in rows]  # fmt: skip
     return "\n".join(
         [
@@ -391,10 +423,18 @@ def gradients_markdown(rows: Sequence[dict]) -> str:
             "all parameter and input gradients) of the memory-saving gradients against plain "
             "autodiff of the same rounded forward, beside `jax.checkpoint` of every unit "
             "(`remat=True`: what `nnx.remat` does) against plain autodiff: any backward that "
-            "recomputes its forward is a different XLA program and rounds differently.",
+            "recomputes its forward is a different XLA program and rounds differently. "
+            "`elements differing`: gradient elements whose bits differ from plain autodiff's "
+            "(memory-saving / remat); `zero elements`: plain autodiff's gradient elements that "
+            "are exactly 0 (a zero difference is not a vanishing gradient). With bfloat16 "
+            "compute every op's result is rounded to bfloat16 (the compiled CPU programs "
+            "compute bfloat16 ops in float32 between conversions), which absorbs the "
+            "float32-level differences between two programs unless a value sits at a "
+            "rounding boundary.",
             "",
             _report.markdown_table(
-                ["case", "memory-saving vs plain", "remat vs plain", "memory-saving vs remat"],
+                ["case", "memory-saving vs plain", "remat vs plain", "memory-saving vs remat",
+                 "elements differing", "zero elements"],
                 table,
             ),
             "",
@@ -433,14 +473,16 @@ def exactness_markdown(rows: Sequence[dict], batch: int) -> str:
 
 def to_markdown(rows: Sequence[dict], head: str) -> str:
     cols = ["model", *[f"step ms {n}" for n in VARIANTS], "fixed / fixed pullback",
-            "fixed / float k=None", "fixed / float k=8", "largest carry", "limit"]  # fmt: skip
+            "fixed / float k=None", "CPU time: fixed / fixed pullback",
+            "CPU time: fixed / float k=None", "largest carry", "limit"]  # fmt: skip
     table = [
         [
             r["model"],
             *[_report.fmt_ms(r[f"time {n}"]) for n in VARIANTS],
             f"{r['time fixed, k=None'] / r['time fixed, pullback']:.3f}",
             f"{r['time fixed, k=None'] / r['time float, k=None']:.3f}",
-            f"{r['time fixed, k=None'] / r['time float, k=8']:.3f}",
+            f"{r['cpu fixed, k=None'] / r['cpu fixed, pullback']:.3f}",
+            f"{r['cpu fixed, k=None'] / r['cpu float, k=None']:.3f}",
             f"{r['peak']:.1f}",
             f"{carry_limit(FRAC_BITS):g}",
         ]
@@ -511,6 +553,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     parser.add_argument("--digits", action="store_true", help="train the digits job, both ways")
     parser.add_argument("--exactness", action="store_true", help="bit-exact rebuild check")
     parser.add_argument(
+        "--exactness-models", nargs="+", default=[], choices=list(EXACTNESS_MODELS),
+        help="with --exactness: these models only (default: all)",
+    )
+    parser.add_argument(
         "--gradients", action="store_true", help="reversible and remat gradients vs plain"
     )
     parser.add_argument("--no-speed", dest="speed", action="store_false", help="skip step time")
@@ -532,21 +578,30 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     head = _report.header(
         "Fixed-point vs floating-point reversible arithmetic: train-step time",
         f"batch {batch}, {size}x{size} (revnet_tiny: 8x8x1), float32, the trainer's step; "
-        f"median of {repeats} interleaved rounds",
+        f"median of {repeats} interleaved rounds of wall time, then of process CPU time (all "
+        "threads)",
         _report.command_line(MODULE, argv),
     )
     text = to_markdown(rows, head) if rows else head + "\n"
-    if args.range:
-        text += "\n" + range_markdown(measure_range(args.quick))
-    if args.exactness:
-        rows_seq = measure_sequence_exactness(args.quick)
-        text += "\n" + sequence_exactness_markdown(rows_seq)
-        text += "\n" + exactness_markdown(measure_exactness(args.quick, batch), batch)
-    if args.gradients:
-        text += "\n" + gradients_markdown(measure_gradients(args.quick))
-    if args.digits:
-        text += "\n" + digits_markdown(measure_digits(args.quick, args.workdir))
+    # Written after every section: a run stopped by a time limit keeps what it measured.
     _report.write_report(args.out_dir, NAME, text)
+    sections = []
+    if args.gradients:
+        sections.append(lambda: gradients_markdown(measure_gradients(args.quick)))
+    if args.exactness:
+        sections.append(
+            lambda: sequence_exactness_markdown(measure_sequence_exactness(args.quick))
+        )
+        sections.append(lambda: exactness_markdown(
+            measure_exactness(args.quick, batch, args.exactness_models), batch
+        ))  # fmt: skip
+    if args.digits:
+        sections.append(lambda: digits_markdown(measure_digits(args.quick, args.workdir)))
+    if args.range:
+        sections.append(lambda: range_markdown(measure_range(args.quick)))
+    for section in sections:
+        text += "\n" + section()
+        _report.write_report(args.out_dir, NAME, text)
     return rows
 
 

@@ -24,6 +24,10 @@ batch 16, BatchNorm in train mode), at initialisation and after training on digi
    autodiff of the same fixed-point model, in float32 and with bfloat16 compute, beside the
    float arithmetic's; and both arithmetics' reversible gradients against float64 plain
    autodiff of the float model (what fixed-point rounding itself costs).
+6. **Sequences** (`experiments._drift_sequence`): conv and transformer (LayerNorm + attention /
+   LayerNorm + exact-GELU MLP) F/G in a `revjax.ReversibleSequence`, float vs fixed carries,
+   float32 and bfloat16 compute, float32 and bfloat16 halves: what the real backward rebuilt,
+   and gradients against plain autodiff.
 
 Writes ``<out-dir>/bench_drift.md`` and ``bench_drift.png``::
 
@@ -52,7 +56,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from experiments import _report
+from experiments import _drift_sequence, _report
 from revjax import models
 from revjax.data import DigitsSource
 from revjax.drift import gradient_agreement, reconstruction_error
@@ -712,6 +716,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
         help=f"depths of the options table (default {OPTION_DEPTHS}; none: skip it)",
     )
     parser.add_argument(
+        "--sequences",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the conv / transformer sequence section (default on)",
+    )
+    parser.add_argument(
         "--invertible",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -748,6 +758,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             results["invertible"] = measure_invertible(INVERTIBLE_UNITS, steps, x, y)
     out_dir = Path(args.out_dir)
     text = report(results, _report.command_line(MODULE, argv), steps)
+    if args.sequences:
+        text += "\n" + _drift_sequence.markdown(_drift_sequence.measure(args.quick))
     _report.write_report(out_dir, NAME, text)
     plot(out_dir / f"{NAME}.png", results["sweep"])
     return results

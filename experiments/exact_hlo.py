@@ -2,19 +2,22 @@
 
 Compiles the gradient of a fixed-point `revjax.ReversibleSequence` (``rebuild="isolated"``,
 rolled: ``unroll=1``, as GPUs and TPUs run it) for a GPU or TPU target without the device
-(deviceless ahead-of-time compilation, as ``experiments.aot``), for a conv unit (F = G = conv +
-BatchNorm + ReLU + conv, bfloat16 compute) and a transformer unit (F = LayerNorm + attention, G =
-LayerNorm + exact-GELU MLP, float32 and bfloat16 compute). In the optimised HLO, every isolated
-branch evaluation is a ``conditional`` whose true branch computation is the F or G evaluation.
-The script prints, per case, each while-loop body's isolated branches as op sequences
-(opcodes, fusion kinds and the fused computations' ops, custom-call targets, shapes; names
-stripped; only what the int32 rounded output depends on) and whether the forward loop's and
-the backward loop's are identical.
+(deviceless ahead-of-time compilation, as ``experiments.aot``, traced inside
+`revjax.compiling_for` the target's platform), for a conv unit (F = G = conv + BatchNorm +
+ReLU + conv, bfloat16 compute) and a transformer unit (F = LayerNorm + attention, G = LayerNorm
++ exact-GELU MLP, float32 and bfloat16 compute). In the optimised HLO an isolated branch
+evaluation is, on CPU, a ``conditional`` whose true branch computation is the F or G
+evaluation, and on GPU and TPU the instructions between two ``opt-barrier``s: those the output
+barrier's int32 rounded output depends on, back to the input barrier. The script prints, per
+case, each while-loop body's isolated branches as op sequences (opcodes, fusion kinds and the
+fused computations' ops, custom-call targets, shapes; names stripped; only what the int32
+rounded output depends on) and whether the forward loop's and the backward loop's are
+identical.
 
 Run it with the target's interpreter (it needs the CUDA or TPU plugin)::
 
     PYTHONPATH=. .venv-aot-cuda/bin/python -m experiments.exact_hlo --target h100
-    PYTHONPATH=. .venv-aot-tpu/bin/python -m experiments.exact_hlo --target v5e
+    PYTHONPATH=. .venv-aot-tpu/bin/python -m experiments.exact_hlo --target tpu-v5e
 
 ``--target cpu`` compiles for this host (no plugin needed; the tests' smoke run). Writes
 ``<out-dir>/exact_hlo_<target>.md``.
@@ -27,33 +30,21 @@ import collections
 import hashlib
 import os
 import re
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-TARGETS = {
-    "h100": ("cuda", "h100_sxm.txtpb"),
-    "v5e": ("tpu", "v5e:1x1"),
-    "cpu": ("cpu", None),
-}
+from experiments.aot.targets import TARGETS as AOT_TARGETS
+
+# No `import jax` at module level: a GPU/TPU target's environment must be set first (`main`).
+TARGETS = ("h100", "tpu-v5e", "cpu")
 
 
 def _devices(target: str):
-    import jax
-    from jax.experimental import topologies
+    from experiments.aot.child import _devices as target_devices
 
-    platform, spec = TARGETS[target]
-    if platform == "cpu":
-        return jax.devices("cpu")[:1]
-    if platform == "cuda":
-        config = (Path(__file__).parent / "targets" / spec).read_text()
-        topo = topologies.get_topology_desc(platform="cuda", target_config=config, topology="1x1x1")
-    else:
-        topo = topologies.get_topology_desc(
-            topology_name=spec, platform="tpu", chip_config_name="default",
-            chips_per_host_bounds=(1, 1, 1), num_slices=1, wrap=(False, False, False),
-        )  # fmt: skip
-    return list(topo.devices)[:1]
+    return target_devices(AOT_TARGETS[target])
 
 
 def compiled_text(kind: str, dtype: str, target: str, units: int = 4) -> str:
@@ -86,8 +77,29 @@ def compiled_text(kind: str, dtype: str, target: str, units: int = 4) -> str:
     abstract = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated)
     half = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=replicated)
     args = (jax.tree.map(abstract, params), jax.tree.map(abstract, rest), half, half)
-    with jax.numpy_dtype_promotion("standard"):
-        return jax.jit(grad).lower(*args).compile().as_text()
+    with jax.numpy_dtype_promotion("standard"), revjax.compiling_for(AOT_TARGETS[target].platform):
+        text = jax.jit(grad).lower(*args).compile().as_text()
+    dumped = _before_barrier_expansion() if AOT_TARGETS[target].platform == "cuda" else None
+    return dumped if dumped is not None else text
+
+
+# XLA:GPU keeps optimisation barriers through fusion and scheduling and removes them just
+# before rematerialisation: the module as it enters that pass is the fused, scheduled program
+# with its barriers, dumped there (`DUMP_FLAGS`, set before JAX starts).
+DUMP_DIR = Path(os.environ.get("REVJAX_EXACT_HLO_DUMP", "/tmp/revjax_exact_hlo_dump"))
+DUMP_FLAGS = f"--xla_dump_to={DUMP_DIR} --xla_dump_hlo_pass_re=^rematerialization$"
+
+
+def _before_barrier_expansion() -> str | None:
+    """The newest dumped module entering XLA:GPU's rematerialisation pass, then deletes the
+    dumps; None when there is none (CPU and TPU compiles)."""
+    files = sorted(DUMP_DIR.glob("*jit_grad*before_rematerialization.txt"),
+                   key=lambda f: f.stat().st_mtime)  # fmt: skip
+    if not files:
+        return None
+    text = files[-1].read_text()
+    shutil.rmtree(DUMP_DIR, ignore_errors=True)
+    return text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,12 +215,55 @@ def branches(comp: list[Instr], comps) -> list[list[str]]:
     return found
 
 
+def _barrier_cone(by_name: dict[str, Instr], start: str, skip: set[str]) -> set[str]:
+    """Names ``start`` depends on within one computation, not crossing an ``opt-barrier``."""
+    cone, todo = set(), [start]
+    while todo:
+        name = todo.pop()
+        if name in cone or name not in by_name:
+            continue
+        instr = by_name[name]
+        if instr.opcode in ("opt-barrier", "parameter") or name in skip:
+            continue
+        cone.add(name)
+        todo.extend(instr.operands)
+    return cone
+
+
+def barrier_branches(comp: list[Instr], comps) -> list[list[str]]:
+    """Each isolated branch evaluation between optimisation barriers (GPU, TPU): for every
+    ``opt-barrier`` whose first operand is int32, the instructions that operand depends on back
+    to the previous barriers, described; kept where they hold a dot, convolution or custom call
+    (an F or G evaluation, not the backward's barriers around bookkeeping)."""
+    by_name = {i.name: i for i in comp}
+    # Reading a barrier's result is reading its input: stop there too.
+    from_barrier = {
+        i.name for i in comp
+        if i.opcode == "get-tuple-element" and by_name.get(i.operands[0], i).opcode == "opt-barrier"
+    }  # fmt: skip
+    found = []
+    for instr in comp:
+        if instr.opcode != "opt-barrier" or not instr.operands:
+            continue
+        packed = by_name.get(instr.operands[0])
+        first = packed.operands[0] if packed is not None and packed.opcode == "tuple" else None
+        if first is None or not by_name.get(first, packed).shape.startswith("s32"):
+            continue
+        cone = _barrier_cone(by_name, first, from_barrier)
+        skip = ("parameter", "get-tuple-element", "constant", "tuple")
+        ops = [describe(i, comps) for i in comp if i.name in cone and i.opcode not in skip]
+        if any(re.search(r"convolution|dot|custom-call", op) for op in ops):
+            found.append(ops)
+    return found
+
+
 def analyse(text: str) -> list[tuple[str, list[list[str]]]]:
-    """``(computation, its isolated branches)`` for every computation that has any."""
+    """``(computation, its isolated branches)`` for every computation that has any
+    (conditionals on CPU, barrier-delimited regions on GPU and TPU)."""
     comps = parse(text)
     out = []
     for name, comp in comps.items():
-        found = branches(comp, comps)
+        found = branches(comp, comps) or barrier_branches(comp, comps)
         if found:
             out.append((name, found))
     return out
@@ -221,16 +276,24 @@ def digest(ops: Sequence[str]) -> str:
 def report(target: str, cases: Sequence[tuple[str, str]], argv: Sequence[str]) -> str:
     from experiments import _report  # imports jax: after the target's environment is set
 
+    label = {"cpu": "CPU"}.get(target, target)
+    where = (
+        "a `conditional`'s branch computation"
+        if target == "cpu"
+        else "the instructions between two `opt-barrier`s; on GPU in the module as it enters "
+        "XLA's rematerialisation pass, fused and scheduled, just before the barriers are removed"
+    )
     lines = [
         _report.header(
-            f"Isolated F/G in the compiled forward and backward, {target} target",
+            f"Isolated F/G in the compiled forward and backward, {label} target",
             "op sequences of the forward's and the backward's isolated branches",
             _report.command_line("experiments.exact_hlo", argv),
         ),
         "",
         "Gradient of a fixed-point `ReversibleSequence` of 4 units (width 64; conv: batch 32, "
         "16x16; transformer: batch 8, 128 tokens, 4 heads), `unroll=1`. Per while-loop body "
-        "holding isolated branch evaluations: each branch's op sequence digest and length "
+        f"holding isolated branch evaluations ({where}): each branch's op sequence digest and "
+        "length "
         "(opcodes, shapes, fusion kinds with their fused ops, custom-call targets; names "
         "stripped; the instructions the int32 rounded output depends on). `same`: the forward "
         "loop's branches and the backward loop's are the same "
@@ -261,7 +324,7 @@ def report(target: str, cases: Sequence[tuple[str, str]], argv: Sequence[str]) -
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--target", choices=sorted(TARGETS), default="h100")
+    parser.add_argument("--target", choices=TARGETS, default="h100")
     parser.add_argument("--out-dir", type=Path, default=Path("results"))
     args = parser.parse_args(argv)
     cases = [("conv", "bfloat16"), ("transformer", "float32"), ("transformer", "bfloat16")]
@@ -271,10 +334,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    if (
-        "--target" in sys.argv
-        and TARGETS.get(sys.argv[sys.argv.index("--target") + 1], ("",))[0] == "cuda"
-    ):
-        os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
-        os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+    if "--target" in sys.argv[:-1]:
+        name = sys.argv[sys.argv.index("--target") + 1]
+        for var, value in getattr(AOT_TARGETS.get(name), "env", {}).items():
+            os.environ.setdefault(var, value)  # before JAX is imported
+        if getattr(AOT_TARGETS.get(name), "platform", "") == "cuda":
+            os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {DUMP_FLAGS}"
     main()

@@ -17,6 +17,8 @@ from revjax._coupling import affine_coupling as affine_coupling
 from revjax._coupling import get_coupling as get_coupling
 from revjax._coupling import merge_halves as merge_halves
 from revjax._coupling import split_halves as split_halves
+from revjax._platform import compiling_for as compiling_for
+from revjax._platform import target_platform as target_platform
 from revjax._sequence import inverse_sequence as inverse_sequence
 from revjax._sequence import relative_error as relative_error
 from revjax._sequence import reversible_sequence as reversible_sequence
@@ -143,6 +145,8 @@ __all__ = [
     "additive_coupling",
     "affine_coupling",
     "default_unroll",
+    "compiling_for",
+    "target_platform",
     "get_coupling",
     "inverse_sequence",
     "merge_halves",

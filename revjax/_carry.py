@@ -108,8 +108,8 @@ def check_rebuild_mode(rebuild: Any, owner: str = "") -> None:
         raise ValueError(
             f"{prefix}unknown rebuild {rebuild!r}; use 'isolated' (fixed-point rebuilds "
             "evaluate F and G as the forward did: bit for bit on any compiler) or 'pullback' "
-            "(the rebuild reuses the pullback's recomputation: one F and G evaluation fewer "
-            "per unit, exact where XLA compiles both alike)."
+            "(the rebuild reuses the pullback's recomputation: on GPU and TPU one F and G "
+            "evaluation fewer per unit; exact where XLA compiles both alike)."
         )
 
 

@@ -35,7 +35,9 @@ from revjax._units import (
     checksum,
     default_unroll,
     isolated_branch,
+    isolated_pullback,
     isolates,
+    isolation_keeps_pullback,
     rebuilt_output,
     vjp_inexact,
 )
@@ -161,12 +163,21 @@ def shortcut_unit_segment(
             checks = jnp.concatenate([checksum(a) for a in q])[None]  # [1, 4]
         return (d1, d2), (aux_f, aux_g), (((c1, c2) if keep else None), checks), peak
 
-    def rebuilt(arith, d, h, params, branch, c):
+    def branch_vjp(arith, branch, params, c):
+        # (h, pullback of (params, view of c), q or None): on CPU with rebuild="isolated",
+        # the isolated evaluation's own residuals, rounded output included.
+        if isolates(arith) and isolation_keeps_pullback():
+            q, pullback, h = isolated_pullback(arith, branch, params, c, None, None)
+            return h, lambda ct: pullback(ct)[:2], q
+        h, pullback = vjp_inexact(lambda p, a: branch(p, a, None)[0], params, arith.view(c))
+        return h, pullback, None
+
+    def rebuilt(arith, d, h, params, branch, c, q=None):
         # The segment's input half from output d: P^-1(d (-) q(branch(c))), and q itself.
-        if isolates(arith):
+        if q is None and isolates(arith):
             q = rebuilt_output(arith, branch, params, c, None, None)
-        else:
-            q = quantize(h, arith.frac_bits) if arith.fixed else None
+        elif q is None and arith.fixed:
+            q = quantize(h, arith.frac_bits)
         r = d - q if q is not None else arith.uncombine(additive_coupling, d, h)
         return shortcut_inverse(r), q
 
@@ -174,8 +185,8 @@ def shortcut_unit_segment(
         fp, gp = params
         stored, checks = kept
         d1, d2 = after(d1, d2, dy1, dy2)
-        h_g, g_vjp = vjp_inexact(lambda p, a: g_branch(p, a, None)[0], gp, arith.view(d1))
-        c2, q_g = rebuilt(arith, d2, h_g, gp, g_branch, d1)
+        h_g, g_vjp, q_g = branch_vjp(arith, g_branch, gp, d1)
+        c2, q_g = rebuilt(arith, d2, h_g, gp, g_branch, d1, q_g)
         if stored is not None:
             c2 = stored[1]
         dx2, dh_g = jax.vjp(float_combine, arith.view(c2), h_g)[1](dy2)
@@ -186,8 +197,8 @@ def shortcut_unit_segment(
         # data and computes nothing. dx2 stays out of it: forced early, it would live through
         # F's pullback.
         c2, dy1 = lax.optimization_barrier((c2, dy1))
-        h_f, f_vjp = vjp_inexact(lambda p, a: f_branch(p, a, None)[0], fp, arith.view(c2))
-        c1, q_f = rebuilt(arith, d1, h_f, fp, f_branch, c2)
+        h_f, f_vjp, q_f = branch_vjp(arith, f_branch, fp, c2)
+        c1, q_f = rebuilt(arith, d1, h_f, fp, f_branch, c2, q_f)
         if stored is not None:
             c1 = stored[0]
         dx1, dh_f = jax.vjp(float_combine, arith.view(c1), h_f)[1](dy1)
@@ -285,7 +296,7 @@ def reversible_chain(
     )
     track = return_peak or arith.fixed
 
-    def forward(params, x1, x2, keep):
+    def forward(params, x1, x2, keep, arith=arith):
         auxes, stored, peaks = [], [], []
         c1, c2 = arith.enter(x1), arith.enter(x2)
         peak = max_abs((x1, x2)) if track else None
@@ -308,9 +319,12 @@ def reversible_chain(
     if not memory_saving:
         return finish(forward(params, x1, x2, False)[0])
 
+    # Without differentiation nothing is rebuilt: F and G run inline, not isolated.
+    inline = arith._replace(isolate=False) if isolates(arith) else arith
+
     @jax.custom_vjp
     def run(params, x1, x2, probes):
-        return forward(params, x1, x2, False)[0]
+        return forward(params, x1, x2, False, inline)[0]
 
     def run_fwd(params, x1, x2, probes):
         out, (c1, c2, kept) = forward(params, x1, x2, True)

@@ -38,7 +38,9 @@ from revjax._units import (
     count_units,
     default_unroll,
     differentiable,
+    isolated_pullback,
     isolates,
+    isolation_keeps_pullback,
     rebuilt_output,
     split_unit_key,
     tie_to_cotangent,
@@ -105,14 +107,15 @@ def reversible_sequence(
     the backward walks the units in reverse, rebuilds each input from its output and pulls the
     cotangent back through F and G, so activation memory does not grow with n.
 
-    ``arithmetic="fixed"`` (additive only) carries the halves as int32 fixed point and rounds
-    every F/G output to the grid before an integer addition, so the rebuild is exact: with
-    ``rebuild="isolated"`` F and G are evaluated for the rebuild exactly as in the forward
-    (bit for bit, whatever XLA does around them), at one more F and G evaluation per unit in
-    the backward. The backward also counts the units whose rebuilt F/G outputs differ from the
-    forward's (checksums, four int32 per unit), returned as the gradient of ``rebuild_probe``.
-    Gradients equal plain autodiff's only up to rounding: they are computed by a different
-    program. See the exact-arithmetic guide for what holds where and for measurements.
+    ``arithmetic="fixed"`` (additive only) carries the halves as int32 fixed point and rounds every
+    F/G output to the grid before an integer addition, so the rebuild is exact: with
+    ``rebuild="isolated"`` F and G are evaluated for the rebuild exactly as in the forward (bit for
+    bit, whatever XLA does around them): on CPU that evaluation also gives the pullback's residuals;
+    on GPU and TPU the pullback evaluates F and G once more per unit. The backward also counts the
+    units whose rebuilt F/G outputs differ from the forward's (checksums, four int32 per unit),
+    returned as the gradient of ``rebuild_probe``. Gradients equal plain autodiff's only up to
+    rounding: they are computed by a different program. See the exact-arithmetic guide for what
+    holds where and for measurements.
 
     Args:
       f: ``(params, x2) -> h``; with ``keys`` it also takes the unit's key, with ``context``
@@ -144,8 +147,9 @@ def reversible_sequence(
       return_peak: also return the largest magnitude of any carry and F/G output (float32;
         NaN if any was NaN). Fixed-point outputs are NaN once it reaches ``carry_limit``.
       rebuild: with fixed point, ``"isolated"`` (default, exact by construction) or
-        ``"pullback"``: the rebuild reuses the pullback's recomputation of F and G, one
-        evaluation fewer per unit, exact only where XLA compiles it as in the forward.
+        ``"pullback"``: the rebuild reuses the pullback's recomputation of F and G (on GPU
+        and TPU one evaluation fewer per unit), exact only where XLA compiles it as in the
+        forward.
       rebuild_probe: optional float scalar (value unused) whose gradient is the number of
         units whose fixed-point rebuild differed from the forward (0 for floats).
 
@@ -356,16 +360,16 @@ def sequence_backward(
 ):
     """The memory-saving backward of a sequence: rebuilds its input while pulling back.
 
-    Walks the units in reverse. Per unit, G(y1) and F(x2) are rebuilt and differentiated:
-    ``x2 = y2 (-) G(y1)``, ``x1 = y1 (-) F(x2)``. With ``rebuild="isolated"`` fixed-point
-    carries the rebuild evaluates each branch through `isolated_branch`, as the forward did
-    (the same computation, so the same bits), and `jax.vjp` serves only the pullback; otherwise
-    the rebuild takes the `jax.vjp`'s primal output (one branch evaluation fewer, and exact
-    only where XLA compiles it as in the forward). ``y1, y2`` are carries in ``setting.arith``
-    (int32 for fixed point); F and G are differentiated at the carries' float view, and the
-    combine rule at its float form (rounding's gradient is the identity). ``stored``: the exact
-    input carries kept by `scan_forward` (``(buf1, buf2)``) or None; ``stored_units`` as there.
-    ``checks``: the forward's per-unit checks (`scan_forward`), compared with the rebuild's.
+    Walks the units in reverse. Per unit, G(y1) and F(x2) are rebuilt and differentiated: ``x2 = y2
+    (-) G(y1)``, ``x1 = y1 (-) F(x2)``. With ``rebuild="isolated"`` fixed-point carries the rebuild
+    evaluates each branch through `isolated_branch`, as the forward did (the same computation, so
+    the same bits): on CPU the pullback uses that evaluation's residuals (`isolated_pullback`), on
+    GPU and TPU a `jax.vjp` of its own; otherwise the rebuild takes the `jax.vjp`'s primal output
+    (exact only where XLA compiles it as in the forward). ``y1, y2`` are carries in
+    ``setting.arith`` (int32 for fixed point); F and G are differentiated at the carries' float
+    view, and the combine rule at its float form (rounding's gradient is the identity). ``stored``:
+    the exact input carries kept by `scan_forward` (``(buf1, buf2)``) or None; ``stored_units`` as
+    there. ``checks``: the forward's per-unit checks (`scan_forward`), compared with the rebuild's.
 
     Returns:
       ``((x1, x2), (dx1, dx2), (df_params, dg_params, dcontext), mismatches)``: the rebuilt
@@ -393,6 +397,10 @@ def sequence_backward(
         # The branch's pullback (non-inexact leaves of parameters and context get None), its
         # float output, and for fixed point the rounded output that rebuilds the carry.
         q = None
+        if isolates(arith) and isolation_keeps_pullback():
+            # One isolated evaluation rebuilds and gives the pullback's residuals (CPU).
+            q, pullback, h = isolated_pullback(arith, fn, params, c, key, context)
+            return h, pullback, q
         if isolates(arith):
             q = rebuilt_output(arith, fn, params, c, key, context)
             # The pullback's recomputation starts once the isolated evaluation is done, so
@@ -451,7 +459,7 @@ def _make_memory_saving(setting: SequenceSetting):
     """Builds the custom-VJP sequence for one static setting: ``((y1, y2), aux, peak)``."""
     arith = setting.arith
 
-    def forward(f_params, g_params, x1, x2, keys, context):
+    def forward(f_params, g_params, x1, x2, keys, context, setting=setting):
         n = count_units(f_params, g_params)
         k = setting.exact_every
         plan = None if k is None else exact_range(n, k)
@@ -472,9 +480,15 @@ def _make_memory_saving(setting: SequenceSetting):
 
     # ``probe`` (a float32 scalar, value unused): its cotangent is the backward's count of
     # units whose rebuild differed from the forward (see `sequence_backward`).
+    # Without differentiation nothing is rebuilt, so F and G need no isolation: they run
+    # inline (cheaper; on CPU the isolated evaluation also computes the pullback's residuals).
+    inline = (
+        setting._replace(arith=arith._replace(isolate=False)) if isolates(arith) else setting
+    )
+
     @jax.custom_vjp
     def run(f_params, g_params, x1, x2, keys, context, probe):
-        return forward(f_params, g_params, x1, x2, keys, context)[0]
+        return forward(f_params, g_params, x1, x2, keys, context, inline)[0]
 
     def run_fwd(f_params, g_params, x1, x2, keys, context, probe):
         out, (c1, c2, stored, checks) = forward(f_params, g_params, x1, x2, keys, context)

@@ -19,6 +19,7 @@ import numpy as np
 from jax import lax
 
 from revjax._carry import max_abs, quantize
+from revjax._platform import target_platform
 
 Array = jax.Array
 PyTree = Any
@@ -33,10 +34,11 @@ def default_unroll(n: int) -> int:
     """Scan unroll used when ``unroll=None``: full on CPU, rolled on GPU/TPU.
 
     XLA:CPU runs convolution gradients inside a rolled ``lax.scan`` (a while loop) ~90x slower
-    than the same code unrolled (jax-ml/jax#12868, measured again here); GPU and TPU don't have
-    this problem and a rolled scan keeps compile time independent of depth there.
+    than the same code unrolled (jax-ml/jax#12868); GPU and TPU don't have this problem and a
+    rolled scan keeps compile time independent of depth there. The platform is
+    `revjax.target_platform` (JAX's default backend, or `revjax.compiling_for`'s).
     """
-    return max(n, 1) if jax.default_backend() == "cpu" else 1
+    return max(n, 1) if target_platform() == "cpu" else 1
 
 
 def count_units(f_params: PyTree, g_params: PyTree) -> int:
@@ -163,45 +165,114 @@ def isolates(arith) -> bool:
     return bool(getattr(arith, "isolate", False))
 
 
+def isolation_keeps_pullback() -> bool:
+    """Whether `isolated_branch` evaluates the branch's pullback residuals too, so that the
+    backward differentiates from them instead of recomputing the branch (`isolated_pullback`):
+    on CPU (`target_platform`), where the branch is a conditional's."""
+    return target_platform() == "cpu"
+
+
+def _zeros(s: jax.ShapeDtypeStruct) -> Array:
+    if jax.dtypes.issubdtype(s.dtype, jax.dtypes.prng_key):
+        data = jax.eval_shape(jax.random.key_data, s)
+        return jax.random.wrap_key_data(jnp.zeros(data.shape, data.dtype))
+    return jnp.zeros(s.shape, s.dtype)
+
+
+def _zero_of(tree: PyTree) -> Array:
+    """An int32 0 computed from every element of ``tree`` (times zero, which XLA does not fold
+    for floats): keeps each leaf a used output of the computation that made it."""
+    total = jnp.zeros((), jnp.float32)
+    for leaf in jax.tree.leaves(tree):
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            leaf = jax.random.key_data(leaf)
+        total = total + jnp.sum(leaf.astype(jnp.float32)) * 0
+    return total.astype(jnp.int32)
+
+
+class _Linearised(NamedTuple):
+    """What `isolated_branch`'s conditional knows statically about the branch's pullback."""
+
+    residuals: Any  # the treedef of the `jax.vjp` pullback (its leaves: the residuals)
+    operands: Any  # the treedef of (params, view, context)
+    where: tuple  # positions of their inexact leaves (the differentiated ones)
+    output: jax.ShapeDtypeStruct  # h's shape and dtype
+
+
+def _evaluate(arith, branch, operands, linearised=None):
+    """The branch on ``(params, view, key, context)``: ``(q, aux, max |h|, residuals)``. With
+    a ``linearised`` dict, also its `jax.vjp` with respect to the inexact leaves of params,
+    view and context: residuals are the pullback's leaves, their structure goes into the dict."""
+    params, view, key, context = operands
+    if linearised is None:
+        h, aux = branch(params, view, key, context)
+        return quantize(h, arith.frac_bits), aux, max_abs(h), ()
+    leaves, treedef = jax.tree.flatten((params, view, context))
+    where = tuple(i for i, leaf in enumerate(leaves) if differentiable(leaf))
+
+    def of_inexact(*inexact):
+        full = list(leaves)
+        for i, leaf in zip(where, inexact, strict=True):
+            full[i] = leaf
+        p, v, ctx = jax.tree.unflatten(treedef, full)
+        return branch(p, v, key, ctx)
+
+    h, pullback, aux = jax.vjp(of_inexact, *(leaves[i] for i in where), has_aux=True)
+    residuals, tree = jax.tree.flatten(pullback)
+    linearised["value"] = _Linearised(tree, treedef, where, jax.ShapeDtypeStruct(h.shape, h.dtype))
+    return quantize(h, arith.frac_bits), aux, max_abs(h), residuals
+
+
+def _isolated(arith, branch, params, c, key, context):
+    """``(q, aux, magnitude, residuals, linearised)`` of one isolated evaluation (see
+    `isolated_branch`); residuals and linearised only where `isolation_keeps_pullback`."""
+    operands = (params, arith.view(c), key, context)
+    if not isolation_keeps_pullback():
+        run = lambda ops: _evaluate(arith, branch, ops)[:3]
+        out = lax.optimization_barrier(run(lax.optimization_barrier(operands)))
+        return (*out, (), None)
+    linearised = {}
+    run = lambda ops: _evaluate(arith, branch, ops, linearised)
+    if not operands[1].size:  # an empty batch: nothing to compute, nothing to isolate
+        out = run(operands)
+    else:
+        shapes = jax.eval_shape(run, operands)
+        first = operands[1].reshape(-1)[0]
+        out = lax.cond(
+            first == first,  # true at run time (the view is never NaN), unknown to XLA
+            run,
+            lambda _: jax.tree.map(_zeros, shapes),
+            operands,
+        )
+    return (*out, linearised["value"])
+
+
 def isolated_branch(arith, branch, params, c, key, context):
     """F or G on the carry ``c``, evaluated in isolation, with its output rounded to the grid.
 
-    The forward and the backward's rebuild both evaluate a branch through this one function,
-    so that they run the same computation, which XLA must not fuse with what surrounds it (the
-    next combine in the forward, the pullback beside it in the backward). On CPU the branch is
-    that of a conditional whose predicate is true at run time but unknown to XLA, so it is
-    compiled as a computation of its own: XLA:CPU removes optimisation barriers before fusion,
-    and with barriers alone a RevNet stage's rebuild differed at its default optimisation
-    level. On GPU and TPU, where a conditional costs a predicate read and more memory (RevNet-
-    164's train step on the H100 target), `lax.optimization_barrier` on the branch's inputs and
-    outputs isolates it; the in-step check (`checksum`) counts any unit where that did not hold.
+    The forward and the backward's rebuild both evaluate a branch through this one function
+    (or `isolated_pullback`, the same computation), so that they run the same computation,
+    which XLA must not fuse with what surrounds it (the next combine in the forward, the
+    pullback in the backward). On CPU the branch is that of a conditional whose predicate is
+    true at run time but unknown to XLA, so it is compiled as a computation of its own:
+    XLA:CPU removes optimisation barriers before fusion, and with barriers alone a RevNet
+    stage's rebuild differed at its default optimisation level. The conditional also computes
+    the branch's pullback residuals (`jax.vjp`), in the forward as in the backward, where
+    `isolated_pullback` differentiates from them instead of evaluating the branch a third
+    time; every output is used in both places (the forward folds the residuals into the
+    result times zero), so XLA compiles the two conditionals alike. On GPU and TPU, where a
+    conditional costs a predicate read and more memory (RevNet-164's train step on the H100
+    target), `lax.optimization_barrier` on the branch's inputs and outputs isolates it, and
+    the backward's pullback recomputes the branch. The choice follows `target_platform` (set
+    `revjax.compiling_for` to trace for another device); the in-step check (`checksum`)
+    counts any unit where the isolation did not hold.
 
     Returns:
       ``(q, aux, magnitude)``: the int32 rounded output ``q(h)``, the branch's aux, and
       ``max |h|`` (float32, NaN if h has a NaN, which rounding to int32 would hide).
     """
-
-    def run(operands):
-        h, aux = branch(*operands)
-        return quantize(h, arith.frac_bits), aux, max_abs(h)
-
-    def conditional(operands):
-        if not operands[1].size:  # an empty batch: nothing to compute, nothing to isolate
-            return run(operands)
-        shapes = jax.eval_shape(run, operands)
-        first = operands[1].reshape(-1)[0]
-        return lax.cond(
-            first == first,  # true at run time (the view is never NaN), unknown to XLA
-            run,
-            lambda _: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
-            operands,
-        )
-
-    def barriers(operands):
-        return lax.optimization_barrier(run(lax.optimization_barrier(operands)))
-
-    operands = (params, arith.view(c), key, context)
-    return lax.platform_dependent(operands, cpu=conditional, default=barriers)
+    q, aux, magnitude, residuals, _ = _isolated(arith, branch, params, c, key, context)
+    return q + _zero_of(residuals), aux, magnitude
 
 
 def rebuilt_output(arith, branch, params, c, key, context) -> Array:
@@ -209,10 +280,28 @@ def rebuilt_output(arith, branch, params, c, key, context) -> Array:
     magnitude: both still feed the result (times zero, which XLA does not fold for floats), so
     the backward computes everything the forward's evaluation computes. Left unused, XLA would
     drop them, and could then fuse the rest of the branch differently from the forward."""
-    q, aux, magnitude = isolated_branch(arith, branch, params, c, key, context)
-    leaves = [a for a in jax.tree.leaves((aux, magnitude)) if jnp.issubdtype(a.dtype, jnp.inexact)]
-    zero = sum((jnp.sum(a).astype(jnp.float32) * 0 for a in leaves), jnp.zeros((), jnp.float32))
-    return q + zero.astype(jnp.int32)
+    q, aux, magnitude, residuals, _ = _isolated(arith, branch, params, c, key, context)
+    return q + _zero_of((aux, magnitude, residuals))
+
+
+def isolated_pullback(arith, branch, params, c, key, context):
+    """`rebuilt_output` and the branch's pullback from the same isolated evaluation (where
+    `isolation_keeps_pullback`): ``(q, pullback, h)``. ``pullback(dh)`` gives the cotangents
+    of ``(params, view of c, context)`` (None for leaves that are not inexact, as
+    `vjp_inexact`); ``h`` is zeros of the output's shape and dtype (the additive combine's
+    pullback needs no values). Aux, magnitude and every residual feed ``q`` times zero, so the
+    conditional's outputs are all used, as in the forward."""
+    q, aux, magnitude, residuals, lin = _isolated(arith, branch, params, c, key, context)
+    q = q + _zero_of((aux, magnitude, residuals))
+    vjp = jax.tree.unflatten(lin.residuals, residuals)
+
+    def pullback(ct):
+        full = [None] * lin.operands.num_leaves
+        for i, d in zip(lin.where, vjp(ct), strict=True):
+            full[i] = d
+        return jax.tree.unflatten(lin.operands, full)
+
+    return q, pullback, jnp.zeros(lin.output.shape, lin.output.dtype)
 
 
 #: Odd multiplier of the position weights of `checksum` (2**32 / golden ratio, as int32).

@@ -367,10 +367,11 @@ class ReversibleSequence(nnx.Module):
       frac_bits: fraction bits of the fixed-point carries.
       rebuild: with fixed point, how the backward rebuilds F and G's outputs: ``"isolated"``
         (default: evaluated as the forward evaluates them, bit for bit on any backend) or
-        ``"pullback"`` (reusing the pullback's recomputation: one F and G evaluation fewer
-        per unit, exact only where XLA compiles both alike). Either way ``rebuild_mismatches``
-        (a `RebuildMismatches`) receives, as its gradient, the number of units whose rebuild
-        differed (see `check_rebuild`). A plain attribute, like ``memory_saving``.
+        ``"pullback"`` (reusing the pullback's recomputation: on GPU and TPU one F and G evaluation
+        fewer per unit; exact only where XLA compiles both alike). Either way
+        ``rebuild_mismatches`` (a `RebuildMismatches`) receives, as its gradient, the number of
+        units whose rebuild differed (see `check_rebuild`). A plain attribute, like
+        ``memory_saving``.
 
     Call:
       ``seq(x1, x2, *context, **kwargs) -> (y1, y2)``. ``context``: arrays (or pytrees of

@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 import revjax
@@ -80,31 +81,31 @@ def test_output_residual_restores_carries_bit_for_bit():
     assert output_residual(bf16, (y, y), (c, c)) == (c, c)
 
 
-def test_fixed_gradients_match_plain_beyond_float32_precision():
-    # Carries of magnitude ~1000 (beyond 256, where float32 holds fewer bits than the grid):
-    # the backward rebuilds from the float outputs plus the int8 corrections, and must still
-    # start from the forward's exact carries.
-    n = 3
-    k1, k2, k3, k4 = jax.random.split(jax.random.key(2), 4)
-    fp = 0.3 * jax.random.normal(k1, (n, 4, 4))
-    gp = 0.3 * jax.random.normal(k2, (n, 4, 4))
-    x1 = 1000.0 * jax.random.normal(k3, (8, 4))
-    x2 = 1000.0 * jax.random.normal(k4, (8, 4))
-    branch = lambda p, x: jnp.tanh(x / 1000.0) @ p * 7.0
+def test_isolation_follows_the_platform_compiled_for():
+    from revjax import _units
 
-    def loss(memory_saving, fp, gp, x1, x2):
-        y1, y2 = revjax.reversible_sequence(
-            branch, branch, fp, gp, x1, x2, arithmetic="fixed", memory_saving=memory_saving
-        )
-        return jnp.sum(jnp.sin(y1)) + jnp.sum(jnp.cos(y2))
+    with revjax.compiling_for("tpu"):
+        assert revjax.target_platform() == "tpu" and revjax.default_unroll(7) == 1
+        assert not _units.isolation_keeps_pullback()
+        with revjax.compiling_for("cuda"):  # nested: the innermost wins; JAX's GPU names
+            assert revjax.target_platform() == "gpu"
+        assert revjax.target_platform() == "tpu"
+    assert revjax.target_platform() == jax.default_backend()
+    with pytest.raises(ValueError, match="unknown platform 'metal'"):
+        with revjax.compiling_for("metal"):
+            pass
+    # Traced for the CPU, a fixed-point sequence isolates F and G in conditionals (that also
+    # yield the pullback's residuals); for a GPU with barriers.
+    f = g = lambda p, x: jnp.tanh(x * p)
+    params = jnp.ones((3,), jnp.float32)
+    x = jnp.linspace(-1, 1, 8, dtype=jnp.float32)
 
-    grads = [
-        jax.jit(jax.value_and_grad(lambda *a, m=m: loss(m, *a), argnums=(0, 1, 2, 3)))(
-            fp, gp, x1, x2
-        )
-        for m in (True, False)
-    ]
-    (v1, g1), (v2, g2) = grads
-    assert float(jnp.max(jnp.abs(x1))) > 256.0
-    assert float(v1) == float(v2)
-    assert float(revjax.relative_error(g1, g2)) <= 1e-6
+    def loss(p, x):
+        y1, y2 = revjax.reversible_sequence(f, g, p, p, x, x, arithmetic="fixed", unroll=1)
+        return jnp.sum(y1 * y2)
+
+    def primitives(platform):
+        with revjax.compiling_for(platform):
+            return str(jax.make_jaxpr(jax.grad(loss))(params, x))
+
+    assert "cond[" in primitives("cpu") and "cond[" not in primitives("gpu")

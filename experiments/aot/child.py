@@ -45,7 +45,16 @@ def _versions(target: Target) -> dict[str, str]:
     return versions
 
 
-def _compile_one(spec: Mapping[str, Any], sharding, options) -> dict:
+def _compile_one(spec: Mapping[str, Any], sharding, options, platform: str) -> dict:
+    import revjax
+
+    # Built and traced as for the target's platform: revjax's trace-time choices (default
+    # unroll, fixed-point residual layout) follow it, not this process's default backend (CPU).
+    with revjax.compiling_for(platform):
+        return _build_and_compile(spec, sharding, options)
+
+
+def _build_and_compile(spec: Mapping[str, Any], sharding, options) -> dict:
     import jax
 
     from experiments import _report
@@ -137,7 +146,7 @@ def child_main(name: str) -> None:
             continue
         one = json.loads(line)
         try:
-            record = _compile_one(one, sharding, options)
+            record = _compile_one(one, sharding, options, target.platform)
         except Exception as error:  # noqa: BLE001 - reported to the parent, which decides
             record = {"error": f"{type(error).__name__}: {str(error)[:2000]}"}
         print(json.dumps({**one, **record}), flush=True)
