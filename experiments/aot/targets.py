@@ -232,26 +232,24 @@ SLICES: dict[str, Slice] = {
 }
 
 
-def get_target(name: str) -> Target:
-    """The `Target` called ``name``; a clear error naming the known ones otherwise."""
+def _named(table: Mapping[str, Any], name: str, kind: str, hint: str) -> Any:
     try:
-        return TARGETS[name]
+        return table[name]
     except KeyError:
         raise SystemExit(
-            f"unknown target {name!r}; known targets: {', '.join(TARGETS)} "
-            "(python -m experiments.aot --list)"
+            f"unknown {kind} {name!r}; known {kind}s: {', '.join(table)} ({hint})"
         ) from None
+
+
+def get_target(name: str) -> Target:
+    """The `Target` called ``name``; a clear error naming the known ones otherwise."""
+    return _named(TARGETS, name, "target", "python -m experiments.aot --list")
 
 
 def get_slice(name: str) -> Slice:
     """The `Slice` called ``name``; a clear error naming the known ones otherwise."""
-    try:
-        return SLICES[name]
-    except KeyError:
-        raise SystemExit(
-            f"unknown multi-chip target {name!r}; known: {', '.join(SLICES)} (single chips: "
-            "python -m experiments.aot --list)"
-        ) from None
+    return _named(SLICES, name, "multi-chip target", "single chips: python -m experiments.aot "
+                  "--list")
 
 
 def describe(target: Target, info: Mapping[str, Any]) -> str:
