@@ -150,17 +150,15 @@ def test_per_device_arguments_fall_with_fsdp():
 
 
 def _one_step(model, mesh_shape):
-    """``(metrics, batch_stats)`` of one AdamW train step of ``STEPS[model]`` (fixed-point
-    carries) on a digits-shaped batch: one device (``mesh_shape`` None) or sharded over 8."""
+    """``(params, metrics, batch_stats)`` after one AdamW train step of ``STEPS[model]``
+    (fixed-point carries) on a digits-shaped batch, sharded over 8 devices as ``mesh_shape``
+    with every parameter split."""
     config = TrainConfig(model=model, model_overrides={"unroll": 1, **STEPS[model]},
                          optimizer="adamw", dataset="digits", batch_size=16)
     graphdef, state, tx = create_train_state(config, 10, 1)
     rng = np.random.default_rng(0)
     batch = {"image": jnp.asarray(rng.normal(size=(16, 8, 8, 1)), jnp.float32),
              "label": jnp.asarray(rng.integers(0, 10, 16), jnp.int32)}
-    if mesh_shape is None:
-        state, metrics = jax.jit(make_train_step(graphdef, tx))(state, batch)
-        return metrics, state.batch_stats
     mesh = Mesh(np.asarray(jax.devices()).reshape(mesh_shape), S.MESH_AXES)
     shardings = S.train_state_shardings(state, mesh, S.family_rules(model), min_size=0)
     data = S.batch_sharding(mesh)
@@ -168,14 +166,14 @@ def _one_step(model, mesh_shape):
                    out_shardings=(shardings, NamedSharding(mesh, P())))
     with jax.set_mesh(mesh):
         state, metrics = step(jax.device_put(state, shardings), jax.device_put(batch, data))
-    return metrics, state.batch_stats
+    return state.params, metrics, state.batch_stats
 
 
 def test_rebuild_count_on_a_mesh_is_zero():
     """A fixed-point RevViT stepped on a (1, 4, 2) mesh, every parameter split: the in-step
     rebuild count (the ``rebuild_mismatches`` metric and the running count in batch_stats) is
     there and 0: the backward rebuilt every unit's carries bit for bit from sharded weights."""
-    metrics, stats = _one_step("revvit_tiny", (1, 4, 2))
+    _, metrics, stats = _one_step("revvit_tiny", (1, 4, 2))
     assert float(metrics["rebuild_mismatches"]) == 0.0
     assert revjax.rebuild_mismatches(stats) == {"blocks/rebuild_mismatches": 0.0}
 
@@ -183,14 +181,18 @@ def test_rebuild_count_on_a_mesh_is_zero():
 @pytest.mark.usefixtures("forced_mismatch")
 def test_rebuild_count_on_a_mesh_counts_units_not_devices():
     """With every unit's rebuild forced off the forward (`test_rebuild_train`'s nudge), a RevNet
-    stepped on a (2, 2, 2) mesh counts the mismatched units once, as one device does: the
-    checksums are whole-tensor sums, so a partitioned program neither misses a shard nor
-    counts a unit once per device."""
-    one, one_stats = _one_step("revnet_tiny", None)
-    sharded, stats = _one_step("revnet_tiny", (2, 2, 2))
-    assert float(one["rebuild_mismatches"]) > 0
-    assert float(sharded["rebuild_mismatches"]) == float(one["rebuild_mismatches"])
-    assert revjax.rebuild_mismatches(stats) == revjax.rebuild_mismatches(one_stats)
+    stepped on a (2, 2, 2) mesh counts each stage's reversible units once, as one device
+    would: the checksums are whole-tensor sums, so a partitioned program neither misses a
+    shard nor counts a unit once per device."""
+    params, metrics, stats = _one_step("revnet_tiny", (2, 2, 2))
+    units = {}  # "stages/i/reversible/rebuild_mismatches" -> that sequence's unit count
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        name = S.param_path(path)
+        if name.endswith("reversible/f/conv1/kernel"):
+            units[name.replace("f/conv1/kernel", "rebuild_mismatches")] = float(leaf.shape[0])
+    assert len(units) == 2 and all(n > 1 for n in units.values())
+    assert revjax.rebuild_mismatches(stats) == units
+    assert float(metrics["rebuild_mismatches"]) == sum(units.values())
 
 
 def test_residual_function_on_a_small_map_equals_one_device():
