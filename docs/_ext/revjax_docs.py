@@ -42,6 +42,7 @@ RESULT_PAGES: dict[str, tuple[str, ...]] = {
         "aot_mesh_vit_l16_h100x8",
         "aot_mesh_gpt_1b_tpu-v5e-2x4",
         "aot_mesh_gpt_1b_h100x8",
+        "aot_mesh_gpt_1b_largest_tpu-v5e-2x4",
     ),
     "vit": ("bench_vit", "bench_vit_h100", "bench_vit_h100_batch128"),
     "language_models": (
