@@ -19,7 +19,9 @@ from flax import nnx
 from helpers import TINY
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from test_rebuild_train import forced_mismatch  # noqa: F401 - a fixture
 
+import revjax
 from revjax import presets, train
 from revjax.train import TrainConfig, resilience
 from revjax.train import sharding as S
@@ -147,6 +149,52 @@ def test_per_device_arguments_fall_with_fsdp():
     assert ratio < 0.3
 
 
+def _one_step(model, mesh_shape):
+    """``(params, metrics, batch_stats)`` after one AdamW train step of ``STEPS[model]``
+    (fixed-point carries) on a digits-shaped batch, sharded over 8 devices as ``mesh_shape``
+    with every parameter split."""
+    config = TrainConfig(model=model, model_overrides={"unroll": 1, **STEPS[model]},
+                         optimizer="adamw", dataset="digits", batch_size=16)
+    graphdef, state, tx = create_train_state(config, 10, 1)
+    rng = np.random.default_rng(0)
+    batch = {"image": jnp.asarray(rng.normal(size=(16, 8, 8, 1)), jnp.float32),
+             "label": jnp.asarray(rng.integers(0, 10, 16), jnp.int32)}
+    mesh = Mesh(np.asarray(jax.devices()).reshape(mesh_shape), S.MESH_AXES)
+    shardings = S.train_state_shardings(state, mesh, S.family_rules(model), min_size=0)
+    data = S.batch_sharding(mesh)
+    step = jax.jit(make_train_step(graphdef, tx), in_shardings=(shardings, data),
+                   out_shardings=(shardings, NamedSharding(mesh, P())))
+    with jax.set_mesh(mesh):
+        state, metrics = step(jax.device_put(state, shardings), jax.device_put(batch, data))
+    return state.params, metrics, state.batch_stats
+
+
+def test_rebuild_count_on_a_mesh_is_zero():
+    """A fixed-point RevViT stepped on a (1, 4, 2) mesh, every parameter split: the in-step
+    rebuild count (the ``rebuild_mismatches`` metric and the running count in batch_stats) is
+    there and 0: the backward rebuilt every unit's carries bit for bit from sharded weights."""
+    _, metrics, stats = _one_step("revvit_tiny", (1, 4, 2))
+    assert float(metrics["rebuild_mismatches"]) == 0.0
+    assert revjax.rebuild_mismatches(stats) == {"blocks/rebuild_mismatches": 0.0}
+
+
+@pytest.mark.usefixtures("forced_mismatch")
+def test_rebuild_count_on_a_mesh_counts_units_not_devices():
+    """With every unit's rebuild forced off the forward (`test_rebuild_train`'s nudge), a RevNet
+    stepped on a (2, 2, 2) mesh counts each stage's reversible units once, as one device
+    would: the checksums are whole-tensor sums, so a partitioned program neither misses a
+    shard nor counts a unit once per device."""
+    params, metrics, stats = _one_step("revnet_tiny", (2, 2, 2))
+    units = {}  # "stages/i/reversible/rebuild_mismatches" -> that sequence's unit count
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        name = S.param_path(path)
+        if name.endswith("reversible/f/conv1/kernel"):
+            units[name.replace("f/conv1/kernel", "rebuild_mismatches")] = float(leaf.shape[0])
+    assert len(units) == 2 and all(n > 1 for n in units.values())
+    assert revjax.rebuild_mismatches(stats) == units
+    assert float(metrics["rebuild_mismatches"]) == sum(units.values())
+
+
 def test_residual_function_on_a_small_map_equals_one_device():
     """A basic residual function (two 3x3 convolutions, kernels split over fsdp and tensor) on
     a 4x4 feature map on a (2, 2, 2) mesh: loss and gradients equal one device's. Without the
@@ -177,6 +225,28 @@ def test_residual_function_on_a_small_map_equals_one_device():
         sharded = jax.jit(loss_and_grad, in_shardings=(specs, None, S.batch_sharding(mesh)))(
             jax.device_put(params, specs), rest, x)
     assert _max_rel_l2(sharded, one) <= 1e-5
+
+
+def test_mesh_tool_compiles_a_language_model_per_device():
+    """`experiments.aot.mesh`'s sharded compile on this host's 8 devices with a token batch:
+    with fsdp = 8 the parameters + AdamW bytes per device fall to about 1/8 of the replicated
+    bytes (every large parameter split; the small ones whole), gathered inside the scan."""
+    from experiments.aot import mesh as aot_mesh
+    from experiments.aot.targets import SLICES, TARGETS
+
+    # float32 compute: the suite's strict dtype promotion rejects flax's bf16 LayerNorm
+    compile = functools.partial(
+        aot_mesh.compile_sharded, jax.devices(), "revgpt_char_cpu",
+        {"depth": 2, "embed_dim": 128, "num_heads": 2}, batch=1, size=16,
+        config={"compute_dtype": None, "arithmetic": "float"})
+    fsdp = compile(mesh_shape=(1, 8, 1))
+    assert fsdp["global_batch"] == 8
+    assert fsdp["state"] < 0.2 * fsdp["state_replicated"]
+    assert fsdp["gathers_in_loops"] > 0 and fsdp["total"] > 0
+    with pytest.raises(SystemExit, match=r"mesh \(2, 2, 1\) has 4 devices"):
+        compile(mesh_shape=(2, 2, 1))
+    for target in SLICES.values():  # a slice is a topology over one single-chip target
+        assert TARGETS[target.chip.name] is target.chip
 
 
 # ------------------------------------------------------------------------------------------

@@ -40,6 +40,10 @@ RESULT_PAGES: dict[str, tuple[str, ...]] = {
         "bench_models_tpu-v5e",
         "aot_mesh_vit_l16_tpu-v5e-2x4",
         "aot_mesh_vit_l16_h100x8",
+        "aot_mesh_vit_l16_tpu-v5p-8",
+        "aot_mesh_gpt_1b_tpu-v5e-2x4",
+        "aot_mesh_gpt_1b_h100x8",
+        "aot_mesh_gpt_1b_largest_tpu-v5e-2x4",
     ),
     "vit": ("bench_vit", "bench_vit_h100", "bench_vit_h100_batch128"),
     "language_models": (

@@ -1,5 +1,6 @@
-"""The devices `experiments.aot` compiles for (`Target`, `TARGETS`) and how table headers
-describe a compile for one (`describe`, `lower_bound_note`)."""
+"""The devices `experiments.aot` compiles for (`Target`, `TARGETS`; multi-chip slices of them:
+`Slice`, `SLICES`) and how table headers describe a compile for one (`describe`,
+`lower_bound_note`)."""
 
 from __future__ import annotations
 
@@ -174,16 +175,81 @@ TARGETS: dict[str, Target] = {
 }
 
 
-def get_target(name: str) -> Target:
-    """The `Target` called ``name``; a clear error naming the known ones otherwise."""
+@dataclasses.dataclass(frozen=True)
+class Slice:
+    """A multi-chip target: ``devices`` chips of a single-chip `Target` compiled for as one
+    device mesh (`experiments.aot.mesh`). Platform, memory per device, environment and install
+    are the chip's; only the topology describes the whole slice.
+
+    Attributes:
+      name: the ``--target`` name of `experiments.aot.mesh`.
+      chip: the single-chip `Target` (one entry of `TARGETS`).
+      description: the slice, for table headers.
+      devices: chips in the slice (the mesh's size).
+      topology: keyword arguments of `get_topology_desc` for the whole slice: TPU, the chip's
+        with the slice's shape; GPU, ``{"topology": "1x1x8"}`` (partitions x hosts x devices
+        per host).
+      accelerator: TPU only, the slice's ``TPU_ACCELERATOR_TYPE``.
+    """
+
+    name: str
+    chip: Target
+    description: str
+    devices: int
+    topology: Mapping[str, Any]
+    accelerator: str | None = None
+
+    @property
+    def platform(self) -> str:
+        return self.chip.platform
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The chip's environment, with the slice's accelerator type."""
+        env = dict(self.chip.env)
+        if self.accelerator:
+            env["TPU_ACCELERATOR_TYPE"] = self.accelerator
+        return env
+
+
+def _slice(name: str, chip: str, description: str, devices: int, accelerator: str | None = None,
+           **topology: Any) -> Slice:
+    """A `Slice` of ``devices`` chips of ``TARGETS[chip]``, its topology the chip's with
+    ``topology``'s changes."""
+    base = TARGETS[chip]
+    return Slice(name, base, description, devices, {**base.topology, **topology}, accelerator)
+
+
+SLICES: dict[str, Slice] = {
+    s.name: s
+    for s in (
+        _slice("tpu-v5e-2x4", "tpu-v5e", "TPU v5e 2x4 slice (8 chips, one host)", 8,
+               "v5litepod-8", topology_name="v5e:2x4", chips_per_host_bounds=(2, 4, 1)),
+        # The single-chip v5p target already describes the 2x2x1 host; the slice uses all 4.
+        _slice("tpu-v5p-8", "tpu-v5p", "TPU v5p-8 (4 megacore chips, one host)", 4, "v5p-8"),
+        _slice("h100x8", "h100", "8x NVIDIA H100 SXM 80 GB (one node)", 8, topology="1x1x8"),
+    )
+}
+
+
+def _named(table: Mapping[str, Any], name: str, kind: str, hint: str) -> Any:
     try:
-        return TARGETS[name]
+        return table[name]
     except KeyError:
         raise SystemExit(
-            f"unknown target {name!r}; known targets: {', '.join(TARGETS)} "
-            "(python -m experiments.aot --list)"
+            f"unknown {kind} {name!r}; known {kind}s: {', '.join(table)} ({hint})"
         ) from None
 
+
+def get_target(name: str) -> Target:
+    """The `Target` called ``name``; a clear error naming the known ones otherwise."""
+    return _named(TARGETS, name, "target", "python -m experiments.aot --list")
+
+
+def get_slice(name: str) -> Slice:
+    """The `Slice` called ``name``; a clear error naming the known ones otherwise."""
+    return _named(SLICES, name, "multi-chip target", "single chips: python -m experiments.aot "
+                  "--list")
 
 
 def describe(target: Target, info: Mapping[str, Any]) -> str:
