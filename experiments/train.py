@@ -252,6 +252,7 @@ def main(argv=None) -> dict:
         parser.error("--workdir is required to train")
 
     from revjax.data import DatasetNotPreparedError
+    from revjax.pretrained.checkpoint_files import CheckpointMismatch
     from revjax.train import Preempted, train_and_evaluate
 
     try:  # bad names and values stop here, before anything runs
@@ -261,8 +262,8 @@ def main(argv=None) -> dict:
     warnings.formatwarning = _format_warning
     try:
         _, result = train_and_evaluate(config, args.workdir, config_name=config_name(args))
-    except (DatasetNotPreparedError, ConfigError) as err:
-        if not isinstance(err, ConfigError):
+    except (DatasetNotPreparedError, CheckpointMismatch, ConfigError) as err:
+        if not isinstance(err, ConfigError):  # their messages name every problem and the fix
             _fail(str(err))
         how = ""
         if config.init_from is not None and "init_from=" in err.problem:

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from experiments.train import known_configs, main
@@ -101,6 +102,22 @@ def test_missing_fine_tuning_checkpoint_is_a_one_line_error_naming_how_to_make_i
     assert "python -m experiments.train --describe digits_revvit_finetune" in err
     assert "--save-source" in _describe("digits_revvit_finetune", capsys)
     assert not (tmp_path / "w").exists()
+
+
+def test_fine_tuning_checkpoint_that_does_not_fit_is_an_error_listing_the_differences(
+    tmp_path, capsys, monkeypatch
+):
+    from safetensors.numpy import save_file
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "workdirs").mkdir()
+    save_file({"not_a_vit_weight": np.zeros(3, np.float32)},
+              str(tmp_path / "workdirs" / "digits04_vit.safetensors"))
+    code, _, err = _run_main(["--config", "digits_revvit_finetune", "--quick", "--workdir", "w"],
+                             capsys)
+    assert code == 2 and err.startswith("error: "), err
+    assert "difference(s), nothing was loaded" in err and "missing key 'pos_embed'" in err, err
+    assert "Traceback" not in err
 
 
 def _describe(name: str, capsys) -> str:
