@@ -286,7 +286,7 @@ def main(argv=None) -> dict:
         "eval_accuracy": round(result["eval_accuracy"], 4),
         "images_per_second": round(result.get("images_per_second", float("nan")), 1),
     }
-    if "eval_loss" in result:  # a language model: its loss and perplexity say more
+    if "eval_perplexity" in result:  # a language model: its loss and perplexity say more
         summary["eval_loss"] = round(result["eval_loss"], 4)
         summary["eval_perplexity"] = round(result["eval_perplexity"], 2)
     mem = result.get("memory")
