@@ -56,7 +56,7 @@ RESULT_PAGES: dict[str, tuple[str, ...]] = {
     ),
     "finetune": ("bench_finetune", "bench_finetune_h100", "train_digits_revvit_finetune"),
     "drift": ("bench_arithmetic", "exact_hlo_cpu", "exact_hlo_h100", "bench_drift"),
-    "speed_input": ("bench_speed", "bench_memcnn", "bench_input", "bench_soak"),
+    "speed_input": ("bench_speed", "bench_memcnn", "bench_input", "bench_soak", "test_suite"),
 }
 
 _HEADER = re.compile(r"^(?P<title>[^(]+?) \((?P<meta>.*?)\): (?P<rest>.*)$")
