@@ -289,6 +289,8 @@ def main(argv=None) -> dict:
     if "eval_perplexity" in result:  # a language model: its loss and perplexity say more
         summary["eval_loss"] = round(result["eval_loss"], 4)
         summary["eval_perplexity"] = round(result["eval_perplexity"], 2)
+        # the trainer's rate counts examples, here sequences of the config's context
+        summary["sequences_per_second"] = summary.pop("images_per_second")
     mem = result.get("memory")
     if mem and "model_plain" in mem:
         summary["activation_memory_saved_vs_plain"] = f"{mem['model_plain'] / mem['model']:.2f}x"

@@ -133,7 +133,7 @@ def reversible_sequence(
         G, and the backward reuses them, so dropout gives plain autodiff's gradients.
       memory_saving: False runs plain autodiff through the same scan (the reference).
       unroll: ``lax.scan`` unroll; ``None``: `default_unroll` (full on CPU, where XLA:CPU runs
-        conv gradients in a rolled scan ~90x slower, jax-ml/jax#12868; rolled on GPU/TPU).
+        conv gradients in a rolled scan many times slower, jax-ml/jax#12868; rolled on GPU/TPU).
       remat: only with ``memory_saving=False``: `jax.checkpoint` each unit (the usual
         gradient-checkpointing baseline).
       exact_every: with memory saving, store the exact inputs of units ``n-k, n-2k, ...``
