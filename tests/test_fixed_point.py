@@ -25,6 +25,7 @@ import pytest
 import rebuild_cases
 from flax import nnx
 from jax import lax
+from rebuild_cases import nudged
 
 import revjax
 from revjax import _carry, _coupling, _sequence, _units
@@ -410,17 +411,6 @@ def test_layer_matches_plain_and_writes_state_once():
 # --------------------------------------------------------------------------------------------
 # The in-step rebuild check: a branch whose recomputation differs from its forward
 # --------------------------------------------------------------------------------------------
-
-
-@jax.custom_jvp
-def nudged(x):
-    """The identity, whose differentiated evaluation is three grid steps higher."""
-    return x
-
-
-@nudged.defjvp
-def _nudged_jvp(primals, tangents):
-    return primals[0] + 3 * 2.0**-16, tangents[0]
 
 
 class NudgedBranch(nnx.Module):

@@ -17,20 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import TINY
+from rebuild_cases import nudged
 
 import revjax
 from revjax import _blocks, _stages, data, layers, train
-
-
-@jax.custom_jvp
-def nudged(x):
-    """The identity, whose differentiated evaluation is three grid steps higher."""
-    return x
-
-
-@nudged.defjvp
-def _nudged_jvp(primals, tangents):
-    return primals[0] + 3 * 2.0**-16, tangents[0]
 
 
 @pytest.fixture
