@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +20,8 @@ import revjax
 from revjax import data, train
 from revjax.train import TrainConfig
 from revjax.train.report import format_memory_report
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _leaves_with_names(tree):
@@ -125,8 +131,9 @@ def test_reversible_trainer_equals_plain():
 
 @pytest.mark.slow
 def test_digits_reaches_95_percent(tmp_path):
-    """A real convergence check on real (tiny) data: ~11 epochs of 1,497 training digits, with
-    the RevNet's default fixed-point carries."""
+    """A real convergence check on real (tiny) data: 16 epochs of 1,497 training digits, with
+    the RevNet's default fixed-point carries. The run's time is execution: it trains in a child
+    process under XLA's optimisation level 1 (tests/train_worker.py)."""
     assert {f.name: f.default for f in dataclasses.fields(revjax.RevNetOptions)}[
         "arithmetic"
     ] == "fixed"
@@ -135,17 +142,29 @@ def test_digits_reaches_95_percent(tmp_path):
         TINY,
         model_overrides={"widths": (16, 16, 32)},
         batch_size=100,
-        num_steps=160,
-        lr_boundaries=(100, 140),
+        num_steps=240,
+        lr_boundaries=(150, 210),
         log_every=40,
-        eval_every=80,
+        eval_every=120,
     )
-    _, result = train.train_and_evaluate(cfg, tmp_path)
-    assert result["eval_accuracy"] >= 0.95, result
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    out = tmp_path / "result.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get(
+        "PYTHONPATH"))))}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "train_worker.py"), json.dumps(fields),
+         str(tmp_path / "work"), str(out)],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(out.read_text())
+    assert result["step"] == 240
+    assert result["eval_accuracy"] >= 0.95, result  # 0.96-0.99 on three XLA settings
+    work = tmp_path / "work"
+    records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
     assert any("eval_accuracy" in r for r in records)
     assert {"train_loss", "train_accuracy", "learning_rate", "images_per_second"} <= set(records[0])
-    assert any((tmp_path / "tensorboard").iterdir())
+    assert any((work / "tensorboard").iterdir())
 
 
 def test_resume_gives_identical_weights(tmp_path):
