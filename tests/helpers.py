@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 from revjax.train import TrainConfig
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # A tiny RevNet on digits: two stages of two units (one transition + one reversible unit each).
 TINY = TrainConfig(
@@ -16,3 +25,19 @@ TINY = TrainConfig(
     memory_report=False,
     num_devices=1,
 )
+
+
+def train_in_child(cfg: TrainConfig, workdir: Path) -> dict:
+    """Trains ``cfg`` in ``workdir`` in a child process (tests/train_worker.py: XLA's
+    optimisation level 1, for runs whose time is execution) and returns the summary dict of
+    `revjax.train.train_and_evaluate` (its numbers and strings)."""
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    out = Path(workdir).with_name(Path(workdir).name + ".result.json")
+    path = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "train_worker.py"), json.dumps(fields),
+         str(workdir), str(out)],
+        env={**os.environ, "PYTHONPATH": path}, capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads(out.read_text())

@@ -4,24 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import TINY
+from helpers import TINY, train_in_child
 
 import revjax
 from revjax import data, train
 from revjax.train import TrainConfig
 from revjax.train.report import format_memory_report
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _leaves_with_names(tree):
@@ -147,17 +141,7 @@ def test_digits_reaches_95_percent(tmp_path):
         log_every=40,
         eval_every=120,
     )
-    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
-    out = tmp_path / "result.json"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get(
-        "PYTHONPATH"))))}
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "train_worker.py"), json.dumps(fields),
-         str(tmp_path / "work"), str(out)],
-        env=env, capture_output=True, text=True, timeout=900,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    result = json.loads(out.read_text())
+    result = train_in_child(cfg, tmp_path / "work")
     assert result["step"] == 240
     assert result["eval_accuracy"] >= 0.95, result  # 0.96-0.99 on three XLA settings
     work = tmp_path / "work"
