@@ -1,7 +1,8 @@
 """Fixed-point rebuild exactness cases, shared by the suite and a subprocess.
 
-`tests/test_fixed_point.py` runs `CASES` in process, under the suite's XLA flags (backend
-optimisation level 0), and runs this file as a script under XLA's default optimisation level:
+`tests/test_fixed_point.py` runs `CASES` under the suite's XLA flags (backend optimisation
+level 0), and some of them again compiled with XLA's default debug options (``compiler_options``
+of `run_case`). Run as a script in a process of its own, under XLA's defaults,
 ``python tests/rebuild_cases.py [JSON list of cases]`` prints, per case, the rebuilt carry
 elements that differ from the forward's and the backward's own count of mismatched units, as
 JSON.
@@ -15,6 +16,7 @@ unrolled.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -34,7 +36,7 @@ from revjax import _sequence
 from revjax._carry import quantize
 
 B, HW, C = 2, 4, 4
-ROLLED, UNROLLED = 6, 3  # units: a rolled scan, a fully unrolled one
+ROLLED, UNROLLED = 6, 2  # units: a rolled scan, a fully unrolled one
 
 # (kind, compute dtype, halves dtype, unroll)
 CASES = [
@@ -116,8 +118,10 @@ def halves(kind, dtype):
     return x1, x2
 
 
-def train_step(seq, x1, x2):
+def train_step(seq, x1, x2, compiler_options=None):
     """One jitted value-and-grad of the sequence, differentiating its `RebuildMismatches` too.
+
+    ``compiler_options`` (XLA debug options by name) go to this step's compile only.
 
     Returns:
       ``(loss, grads, new_state)``; ``grads`` is a State with the parameters' gradients and
@@ -126,7 +130,7 @@ def train_step(seq, x1, x2):
     wrt = nnx.Any(nnx.Param, revjax.RebuildMismatches)
     graphdef, diff, rest = nnx.split(seq, wrt, ...)
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=compiler_options)
     def step(diff, rest, x1, x2):
         def loss(diff):
             m = nnx.merge(graphdef, diff, rest, copy=True)
@@ -154,8 +158,9 @@ def _nudged_jvp(primals, tangents):
     return primals[0] + 3 * 2.0**-16, tangents[0]
 
 
-def run_case(kind, compute, halves_dtype, unroll, **kw):
-    """Returns ``(elements off, units counted, grads, new_state)`` of one case's train step."""
+def run_case(kind, compute, halves_dtype, unroll, compiler_options=None, **kw):
+    """Returns ``(elements off, units counted, grads, new_state)`` of one case's train step,
+    compiled with ``compiler_options`` (see `train_step`)."""
     got = []
     original = _sequence.sequence_backward
 
@@ -169,7 +174,7 @@ def run_case(kind, compute, halves_dtype, unroll, **kw):
     try:
         seq = build(kind, compute, unroll, **kw)
         x1, x2 = halves(kind, jnp.dtype(halves_dtype))
-        _, grads, state = train_step(seq, x1, x2)
+        _, grads, state = train_step(seq, x1, x2, compiler_options)
         jax.effects_barrier()
     finally:
         _sequence.sequence_backward = original

@@ -207,8 +207,10 @@ def _assert_within_twice_plain(model, x, y):
 
 
 def test_18_units_float32_as_accurate_as_plain():
-    # One stage of 18 units (17 reversible), BatchNorm in train mode, batch 16.
-    model = _model(units_per_stage=(18,), widths=(32, 32), unroll=1)
+    # One stage of 18 units (17 reversible), BatchNorm in train mode, batch 16. 16 channels
+    # (halves of 8): the rolled scan's convolution gradients run slowly on XLA:CPU, and the
+    # comparison with plain does not depend on the width (at 32 channels the same margins).
+    model = _model(units_per_stage=(18,), widths=(16, 16), unroll=1)
     x, y = _images((16, 8, 8, 3), seed=2), jnp.arange(16) % 10
     rev64, plain64 = _assert_within_twice_plain(model, x, y)
     assert rev64["cos"] > 0.9999
@@ -217,11 +219,12 @@ def test_18_units_float32_as_accurate_as_plain():
 @pytest.mark.slow
 @pytest.mark.parametrize(("preset", "batch"), [("revnet110", 2), ("revnet164", 4)])
 def test_presets_float32_as_accurate_as_plain(preset, batch):
-    # 32x32 inputs; small batches to keep the CPU run short (float64 included).
+    # The presets' depth is the point: 16x16 inputs and small batches keep the CPU run short
+    # (float64 included; the rolled scans' conv gradients run slowly on XLA:CPU).
     model = reference.fill(
         nnx.eval_shape(lambda: getattr(models, preset)(rngs=nnx.Rngs(0), unroll=1))
     )
-    x, y = _images((batch, 32, 32, 3), seed=3), jnp.arange(batch) % 10
+    x, y = _images((batch, 16, 16, 3), seed=3), jnp.arange(batch) % 10
     _assert_within_twice_plain(model, x, y)
 
 
@@ -241,7 +244,7 @@ def test_exact_every_one_equals_plain(tiny):
     plain = reference.variant(tiny, memory_saving=False)
     g1, gp = _grads(every1, params, batch_stats, x, y), _grads(plain, params, batch_stats, x, y)
     # Every unit's input is the stored one: the plain computation up to operation order.
-    assert float(relative_error(g1, gp)) <= 1e-6
+    assert float(jax.jit(relative_error)(g1, gp)) <= 1e-6  # one compile, not one per leaf
 
 
 def test_exact_every_memory_grows_with_depth_over_k():
@@ -265,7 +268,10 @@ def test_carry_dtype_keeps_float32_reconstruction(tiny):
         bf16_carry = reference.variant(tiny, dtype=jnp.bfloat16)
         good = reconstruction_error(f32_carry, params, batch_stats, x)
         bad = reconstruction_error(bf16_carry, params, batch_stats, x)
-        logits, _ = models.apply(f32_carry, params, batch_stats, x, train=True)
+        # The output's dtype only: traced, not compiled.
+        logits, _ = jax.eval_shape(
+            lambda p, s, x: models.apply(f32_carry, p, s, x, train=True), params, batch_stats, x
+        )
     assert logits.dtype == jnp.float32
     for s in ("stage0", "stage1"):
         # Measured ~1e-7 (float32 rebuild) against ~1e-2 with bfloat16 halves.
