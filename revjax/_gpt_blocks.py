@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from revjax._lm_loss import resolve_chunk
 from revjax._partition import constrain_batch
 from revjax._vit_blocks import Branch, at_least_float32, dropout
 
@@ -57,6 +58,10 @@ def check_options(name: str, o: Any) -> None:
         rate = getattr(o, what)
         if not 0.0 <= rate < 1.0:
             raise ValueError(f"{name}: {what} must lie in [0, 1), got {rate!r}.")
+    try:
+        resolve_chunk(o.logits_chunk, o.vocab_size)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
 
 
 class BlockSetting(NamedTuple):
