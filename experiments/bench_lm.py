@@ -180,14 +180,15 @@ def eval_lm(model, tokens, windows: int = RECIPE["eval_windows"]) -> float:
     return sum(float(loss_sum(params, b)) for b in ev) / ev.num_windows
 
 
-def char_model(cls_name: str, seed: int, vocab_size: int):
-    """nanoGPT's CPU character model (4 blocks, 4 heads, width 128, context 64)."""
+def char_model(cls_name: str, seed: int, vocab_size: int, bias: bool = True):
+    """nanoGPT's CPU character model (4 blocks, 4 heads, width 128, context 64); ``bias=False``:
+    no biases in the linear layers and LayerNorms (nanoGPT's train.py default)."""
     return build(cls_name, seed, vocab_size=vocab_size, context_length=RECIPE["context"],
-                 embed_dim=128, depth=4, num_heads=4)
+                 embed_dim=128, depth=4, num_heads=4, bias=bias)
 
 
 def train_one(cls_name: str, seed: int, data, args) -> dict:
-    model = char_model(cls_name, seed, data.vocab_size)
+    model = char_model(cls_name, seed, data.vocab_size, getattr(args, "bias", True))
     model, loss, seconds = train_lm(model, data.train, steps=args.steps, seed=seed)
     return {"model": cls_name, "seed": seed, "val_loss": eval_lm(model, data.val),
             "train_loss": loss, "seconds": seconds, "steps": args.steps}
@@ -204,7 +205,7 @@ def run_accuracy(args) -> None:
         records = [r for r in json.loads(block) if r["seed"] not in args.seeds]
         args.merged_from = earlier.split("`", 2)[1]  # the earlier command, from the header
     for seed in args.seeds:
-        for cls_name in ("GPT", "RevGPT"):
+        for cls_name in args.models:
             rec = train_one(cls_name, seed, data, args)
             print(json.dumps(rec), flush=True)
             records.append(rec)
@@ -237,7 +238,8 @@ def _accuracy_report(args, data, records) -> None:
     seeds = sorted({r["seed"] for r in records})
     text = "\n\n".join([
         _report.header("RevGPT vs GPT, nanoGPT's CPU recipe on shakespeare_char",
-                       f"{args.steps} iterations, seeds {seeds}",
+                       f"{args.steps} iterations, seeds {seeds}"
+                       + ("" if args.bias else ", no biases (nanoGPT's train.py: bias=False)"),
                        _report.command_line(MODULE, args.argv)),
         _report.markdown_table(
             ["model", "validation loss per seed", "mean", "std", "train s / run"], rows),
@@ -247,7 +249,8 @@ def _accuracy_report(args, data, records) -> None:
            f"`{args.merged_from}` (--merge)." if args.merged_from else ""),
         "```json\n" + json.dumps(records) + "\n```",
     ])
-    _report.write_report(Path(args.out_dir), f"{NAME}_accuracy", text)
+    suffix = "" if args.bias else "_nobias"
+    _report.write_report(Path(args.out_dir), f"{NAME}_accuracy{suffix}", text)
 
 
 # --------------------------------------------------------------------------------------------
@@ -475,6 +478,9 @@ def main(argv=None) -> None:
     acc.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     acc.add_argument("--steps", type=int, default=RECIPE["steps"])
     acc.add_argument("--data-dir", default=None)
+    acc.add_argument("--models", nargs="+", choices=("GPT", "RevGPT"), default=["GPT", "RevGPT"])
+    acc.add_argument("--no-bias", dest="bias", action="store_false",
+                     help="no biases (nanoGPT's train.py); writes bench_lm_accuracy_nobias.md")
     acc.add_argument("--merge", default=None, metavar="REPORT",
                      help="keep the other seeds' runs of an earlier bench_lm_accuracy.md")
     ft = sub.add_parser("finetune")

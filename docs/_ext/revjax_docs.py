@@ -48,6 +48,7 @@ RESULT_PAGES: dict[str, tuple[str, ...]] = {
     "vit": ("bench_vit", "bench_vit_h100", "bench_vit_h100_batch128"),
     "language_models": (
         "bench_lm_accuracy",
+        "bench_lm_accuracy_nobias",
         "bench_lm_finetune",
         "bench_lm_memory_w768_grad_h100",
         "bench_lm_memory_w2048_grad_h100",
