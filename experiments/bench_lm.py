@@ -81,17 +81,17 @@ def lm_optimizer(steps: int, lr: float, min_lr: float, warmup: int, b2: float,
 
 
 def lm_loss(graphdef, params, rest, batch, key=None):
-    """Mean next-token cross-entropy of ``batch`` (``tokens``, ``targets`` [B, T])."""
+    """Mean next-token cross-entropy of ``batch`` (``tokens``, ``targets`` [B, T]), through the
+    model's ``token_losses`` (the head and the loss in chunks of its ``logits_chunk`` tokens,
+    as the trainer's step)."""
     import jax.numpy as jnp
-    import optax
     from flax import nnx
 
     model = nnx.merge(graphdef, params, rest, copy=True)
     train = key is not None and model.uses_dropout_rng
-    logits = model(batch["tokens"], train=train, rngs=key if train else None)
-    losses = optax.softmax_cross_entropy_with_integer_labels(
-        logits.astype(jnp.float32), batch["targets"])
-    return jnp.mean(losses)
+    losses, _ = model.token_losses(batch["tokens"], batch["targets"], train=train,
+                                   rngs=key if train else None)
+    return jnp.mean(losses.astype(jnp.float32))
 
 
 def make_step(graphdef, tx):
@@ -180,14 +180,15 @@ def eval_lm(model, tokens, windows: int = RECIPE["eval_windows"]) -> float:
     return sum(float(loss_sum(params, b)) for b in ev) / ev.num_windows
 
 
-def char_model(cls_name: str, seed: int, vocab_size: int):
-    """nanoGPT's CPU character model (4 blocks, 4 heads, width 128, context 64)."""
+def char_model(cls_name: str, seed: int, vocab_size: int, bias: bool = True):
+    """nanoGPT's CPU character model (4 blocks, 4 heads, width 128, context 64); ``bias=False``:
+    no biases in the linear layers and LayerNorms (nanoGPT's train.py default)."""
     return build(cls_name, seed, vocab_size=vocab_size, context_length=RECIPE["context"],
-                 embed_dim=128, depth=4, num_heads=4)
+                 embed_dim=128, depth=4, num_heads=4, bias=bias)
 
 
 def train_one(cls_name: str, seed: int, data, args) -> dict:
-    model = char_model(cls_name, seed, data.vocab_size)
+    model = char_model(cls_name, seed, data.vocab_size, getattr(args, "bias", True))
     model, loss, seconds = train_lm(model, data.train, steps=args.steps, seed=seed)
     return {"model": cls_name, "seed": seed, "val_loss": eval_lm(model, data.val),
             "train_loss": loss, "seconds": seconds, "steps": args.steps}
@@ -204,7 +205,7 @@ def run_accuracy(args) -> None:
         records = [r for r in json.loads(block) if r["seed"] not in args.seeds]
         args.merged_from = earlier.split("`", 2)[1]  # the earlier command, from the header
     for seed in args.seeds:
-        for cls_name in ("GPT", "RevGPT"):
+        for cls_name in args.models:
             rec = train_one(cls_name, seed, data, args)
             print(json.dumps(rec), flush=True)
             records.append(rec)
@@ -237,7 +238,8 @@ def _accuracy_report(args, data, records) -> None:
     seeds = sorted({r["seed"] for r in records})
     text = "\n\n".join([
         _report.header("RevGPT vs GPT, nanoGPT's CPU recipe on shakespeare_char",
-                       f"{args.steps} iterations, seeds {seeds}",
+                       f"{args.steps} iterations, seeds {seeds}"
+                       + ("" if args.bias else ", no biases (nanoGPT's train.py: bias=False)"),
                        _report.command_line(MODULE, args.argv)),
         _report.markdown_table(
             ["model", "validation loss per seed", "mean", "std", "train s / run"], rows),
@@ -247,7 +249,8 @@ def _accuracy_report(args, data, records) -> None:
            f"`{args.merged_from}` (--merge)." if args.merged_from else ""),
         "```json\n" + json.dumps(records) + "\n```",
     ])
-    _report.write_report(Path(args.out_dir), f"{NAME}_accuracy", text)
+    suffix = "" if args.bias else "_nobias"
+    _report.write_report(Path(args.out_dir), f"{NAME}_accuracy{suffix}", text)
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,12 +259,13 @@ def _accuracy_report(args, data, records) -> None:
 
 
 def memory_record(variant: str, width: int, depth: int, context: int, batch: int,
-                  attention: str, step_kind: str = "grad") -> dict:
+                  attention: str, step_kind: str = "grad", logits_chunk: int | None = None
+                  ) -> dict:
     """Compiles one step on shapes only; returns its memory_analysis() figures.
 
     ``step_kind``: ``"grad"`` (loss and parameter gradients: the gradients are outputs, so
     temp is the activations' working set) or ``"train"`` (with the AdamW update: temp also holds
-    the gradients).
+    the gradients). ``logits_chunk``: every variant's (None: the models' automatic chunk).
     """
     import jax
     import jax.numpy as jnp
@@ -270,7 +274,7 @@ def memory_record(variant: str, width: int, depth: int, context: int, batch: int
     _, cls_name, overrides = VARIANTS[variant]
     options = dict(vocab_size=50257, context_length=context, embed_dim=width, depth=depth,
                    num_heads=width // 64, dtype=jnp.bfloat16, unroll=1, attention=attention,
-                   **overrides)
+                   logits_chunk=logits_chunk, **overrides)
     holder = {}
 
     def init():
@@ -301,7 +305,7 @@ def memory_record(variant: str, width: int, depth: int, context: int, batch: int
     compiled = jax.jit(step, donate_argnums=donate).lower(params, rest, opt_state, batch).compile()
     m = compiled.memory_analysis()
     return {"variant": variant, "step": step_kind, "width": width, "depth": depth,
-            "context": context,
+            "context": context, "logits_chunk": logits_chunk,
             "batch": batch["tokens"].shape[0], "temp": m.temp_size_in_bytes,
             "argument": m.argument_size_in_bytes, "output": m.output_size_in_bytes,
             "alias": m.alias_size_in_bytes, "compile_s": time.perf_counter() - start}
@@ -327,6 +331,7 @@ def _target_devices():
 
 def run_memory(args) -> None:
     from experiments import _report
+    from revjax._lm_loss import resolve_chunk
 
     # Depth sweep at the first context, context sweep at --context-depth.
     grid = [(d, args.contexts[0]) for d in args.depths]
@@ -340,7 +345,8 @@ def run_memory(args) -> None:
         env.pop("XLA_FLAGS", None)
         for spec in specs:
             cmd = [args.python or sys.executable, "-m", MODULE, "memory-child",
-                   json.dumps([*spec, args.batch, "cudnn", args.step])]
+                   json.dumps([*spec, args.batch, "cudnn", args.step,
+                                                     args.logits_chunk])]
             done = subprocess.run(cmd, env=env, capture_output=True, text=True)
             lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
             if done.returncode or not lines:
@@ -352,7 +358,8 @@ def run_memory(args) -> None:
             print(lines[-1], flush=True)
     else:
         for spec in specs:
-            records.append(memory_record(*spec, args.batch, "xla", args.step))
+            records.append(memory_record(*spec, args.batch, "xla", args.step,
+                                         args.logits_chunk))
             print(json.dumps(records[-1]), flush=True)
     table = {(r["variant"], r["depth"], r["context"]): r["temp"] for r in records}
     rows = []
@@ -364,7 +371,8 @@ def run_memory(args) -> None:
     text = "\n\n".join([
         _report.header(f"LM train-step temp memory (MiB), {where}",
                        f"width {args.width}, heads {args.width // 64}, vocabulary 50257, batch "
-                       f"{args.batch}, bf16 compute, f32 params, rolled; step: {args.step} "
+                       f"{args.batch}, bf16 compute, f32 params, rolled, head and loss in chunks "
+                       f"of {resolve_chunk(args.logits_chunk, 50257)} tokens; step: {args.step} "
                        "(grad: loss and gradients, the gradients are outputs; train: with the "
                        "AdamW update, gradients in temp)",
                        _report.command_line(MODULE, args.argv)),
@@ -470,6 +478,9 @@ def main(argv=None) -> None:
     acc.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     acc.add_argument("--steps", type=int, default=RECIPE["steps"])
     acc.add_argument("--data-dir", default=None)
+    acc.add_argument("--models", nargs="+", choices=("GPT", "RevGPT"), default=["GPT", "RevGPT"])
+    acc.add_argument("--no-bias", dest="bias", action="store_false",
+                     help="no biases (nanoGPT's train.py); writes bench_lm_accuracy_nobias.md")
     acc.add_argument("--merge", default=None, metavar="REPORT",
                      help="keep the other seeds' runs of an earlier bench_lm_accuracy.md")
     ft = sub.add_parser("finetune")
@@ -494,6 +505,9 @@ def main(argv=None) -> None:
     mem.add_argument("--context-depth", type=int, default=12)
     mem.add_argument("--step", choices=("grad", "train"), default="grad")
     mem.add_argument("--batch", type=int, default=1)
+    mem.add_argument("--logits-chunk", type=int, default=None,
+                     help="tokens per chunk of every variant's head and loss (default: the "
+                     "models' automatic chunk)")
     mem.add_argument("--target", choices=("cpu", "h100"), default="cpu")
     mem.add_argument("--python", default=None, help="interpreter with jax[cuda12] for h100")
     child = sub.add_parser("memory-child")

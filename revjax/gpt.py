@@ -54,6 +54,7 @@ from jax import lax
 from revjax._carry import DEFAULT_FRAC_BITS, check_arithmetic, make_carry
 from revjax._coupling import get_coupling
 from revjax._gpt_blocks import BlockSetting, CausalAttention, Mlp, check_options, norm_layer
+from revjax._lm_loss import head_losses, resolve_chunk
 from revjax._options import (
     ModelOptions,
     OptionsModule,
@@ -117,6 +118,9 @@ class LanguageModelOptions(ModelOptions):
         cuDNN's fused kernel needs an NVIDIA GPU and bfloat16 / float16 compute) or ``"plain"``.
       unroll: scan unroll over the blocks; None: `revjax.default_unroll` (full on CPU, rolled
         on GPU/TPU). Also settable as an attribute.
+      logits_chunk: tokens per chunk of the head and loss in `token_losses` (the trainer's
+        loss; one chunk's logits exist at a time). None: the largest power of two whose
+        float32 logits hold at most 2**24 elements; one pass when the batch fits. Settable.
       dtype: compute dtype (default ``param_dtype``).
       param_dtype: parameter dtype.
       carry_dtype: dtype of the residual stream(s) (default: float32, or float64 for a float64
@@ -144,6 +148,7 @@ class LanguageModelOptions(ModelOptions):
     attention_dropout: float = 0.0
     attention: str = "xla"
     unroll: int | bool | None = settable(None)
+    logits_chunk: int | None = settable(None)
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
     carry_dtype: Dtype | None = None
@@ -282,6 +287,28 @@ class _LanguageModel(OptionsModule):
         h = self.norm(h.astype(self.dtype))
         return self.embed.attend(h).astype(at_least_float32(self.dtype))
 
+    def token_losses(self, tokens: Array, targets: Array, *, train: bool = False,
+                     rngs: Any = None, label_smoothing: float = 0.0) -> tuple[Array, Array]:
+        """Next-token cross-entropy, the head and the loss in chunks of ``logits_chunk`` tokens
+        (`LanguageModelOptions`): the full logits never exist. ``train``, ``rngs``: as
+        ``__call__``; ``label_smoothing``: as `revjax.train.cross_entropy`.
+
+        Returns ``(losses, correct)``: [N, T] cross-entropies of ``targets`` (int [N, T], the
+        token after each position; float32, float64 for a float64 model) and 1.0 where the
+        most likely token is the target. Raises ValueError as ``__call__``, and for targets
+        of another shape than ``tokens``.
+        """
+        targets = jnp.asarray(targets)
+        if targets.shape != jnp.shape(tokens):
+            raise ValueError(
+                f"{type(self).__name__}.token_losses: targets {targets.shape} must have the "
+                f"tokens' shape {jnp.shape(tokens)} (one next token per position)."
+            )
+        h = self.norm(self._stream(tokens, train=train, rngs=rngs).astype(self.dtype))
+        chunk = resolve_chunk(self.logits_chunk, self.vocab_size)
+        return head_losses(h, self.embed.embedding[...], targets, dtype=self.dtype,
+                           chunk=chunk, label_smoothing=label_smoothing)
+
     def _unroll(self) -> int | bool:
         return default_unroll(self.depth) if self.unroll is None else self.unroll
 
@@ -368,6 +395,10 @@ class GPT(_LanguageModel):
           ValueError: tokens that are not integer [N, T] or longer than the context; a
             training call with dropout and no ``rngs``; an unknown ``remat``.
         """
+        return self._logits(self._stream(tokens, train=train, rngs=rngs))
+
+    def _stream(self, tokens: Array, *, train: bool, rngs: Any) -> Array:
+        """The residual stream after the last block [N, T, D] (carry dtype)."""
         k_embed, key_data = self._keys(rngs, train)
         h = self._embed(tokens, k_embed)  # [N, T, D], carry dtype
         attn_def, attn_state = nnx.split(self.attn)
@@ -389,7 +420,7 @@ class GPT(_LanguageModel):
         elif self.remat is not None:
             raise ValueError(f"GPT: unknown remat {self.remat!r}; use one of {REMATS}.")
         h, _ = lax.scan(block, h, (attn_state, mlp_state), unroll=self._unroll())
-        return self._logits(h)
+        return h
 
     def _decode_blocks(self, h, cache, start):
         attn_def, attn_state = nnx.split(self.attn)
@@ -449,8 +480,12 @@ class RevGPT(_LanguageModel):
 
     def __call__(self, tokens: Array, *, train: bool = False, rngs: Any = None) -> Array:
         """Computes next-token logits; arguments, return value and errors as `GPT.__call__`."""
+        return self._logits(self._stream(tokens, train=train, rngs=rngs))
+
+    def _stream(self, tokens: Array, *, train: bool, rngs: Any) -> Array:
+        """The two streams' average after the last block [N, T, D] (carry dtype)."""
         y1, y2 = self.streams(tokens, train=train, rngs=rngs)
-        return self._logits((y1 + y2) * jnp.asarray(0.5, y1.dtype))
+        return (y1 + y2) * jnp.asarray(0.5, y1.dtype)
 
     def streams(
         self, tokens: Array, *, train: bool = False, rngs: Any = None

@@ -48,9 +48,11 @@ RESULT_PAGES: dict[str, tuple[str, ...]] = {
     "vit": ("bench_vit", "bench_vit_h100", "bench_vit_h100_batch128"),
     "language_models": (
         "bench_lm_accuracy",
+        "bench_lm_accuracy_nobias",
         "bench_lm_finetune",
         "bench_lm_memory_w768_grad_h100",
         "bench_lm_memory_w2048_grad_h100",
+        "aot_mesh_gpt2_small_largest_h100x1",
         "bench_lm_exact",
         "bench_lm_speed",
     ),

@@ -16,15 +16,16 @@ reserve).
     python -m experiments.aot.mesh --target tpu-v5e-2x4 --table vit_l16   # a results table
     python -m experiments.aot.mesh --target tpu-v5e-2x4 --table gpt_1b_largest \\
         --cache results/.aot-cache/tpu-v5e-2x4.jsonl   # the largest RevGPT that fits
+    python -m experiments.aot.mesh --target h100x1 --table gpt2_small_largest  # one H100
 
 Image models read ``--size`` x ``--size`` images, language models (GPT / RevGPT presets)
 ``--context`` tokens per sequence (default: the preset's context length). ``--batch`` is the
 batch per data shard (per data x fsdp index); the global batch is ``batch * data * fsdp``.
 
-A search table (``gpt_1b_largest``) doubles one architecture field (depth, context) from the
-preset's value until a compile no longer fits, then halves the gap between the last size that
-fit and the first that did not ``--bisect`` times, for each model at one mesh; the table lists
-every compile and the bracket.
+A search table (``gpt_1b_largest``, ``gpt2_small_largest``) doubles one field (depth,
+context, batch) from the table's value until a compile no longer fits, then halves the gap
+between the last size that fit and the first that did not ``--bisect`` times, for each model at
+one mesh; the table lists every compile and the bracket.
 
 The slice's environment is set before JAX is imported, so each target runs in its own process
 with the platform's plugin: the TPU targets need ``jax[tpu]``, the H100 node ``jax[cuda12]``
@@ -60,6 +61,14 @@ TABLES = {
         models=GPT_1B,
         meshes={8: ((8, 1, 1), (1, 8, 1), (2, 4, 1)), 4: ((4, 1, 1), (1, 4, 1), (2, 2, 1))},
         batch=1, size=2048,
+    ),
+    # The longest context (8 sequences) and the largest batch (of 1,024 tokens) of GPT-2 small
+    # that fit one chip, RevGPT against GPT with full remat.
+    "gpt2_small_largest": dict(
+        models=(("RevGPT-small", "revgpt2_small", {}),
+                ("GPT-small, full remat", "gpt2_small", {"remat": "full"})),
+        meshes={1: ((1, 1, 1),)},
+        batch=8, size=1024, grow=("context", "batch"),
     ),
     # The largest depth (at the preset's width) and context that fit, RevGPT against GPT with
     # full remat, fsdp over every chip.
@@ -215,20 +224,24 @@ def _fits(rec: dict, budget) -> bool:
 
 
 def _search(job: dict, field: str, compile_job, bisect: int) -> tuple[list, int, int | None]:
-    """Doubles ``field`` (``"depth"`` or ``"context"``) of ``job`` until a compile does not
-    fit, then bisects the gap ``bisect`` times. Returns ``(jobs and records tried, the largest
-    that fit (0: not even the start), the smallest that did not (None: never reached))``."""
+    """Doubles ``field`` (``"depth"``, ``"context"`` or ``"batch"``) of ``job`` until a compile
+    does not fit, then bisects the gap ``bisect`` times. Returns ``(jobs and records tried, the
+    largest that fit (0: not even the start), the smallest that did not (None: never
+    reached))``."""
     from revjax import presets
 
     arch = presets.get(job["model"]).architecture
-    start = job["size"] if field == "context" else job["overrides"].get("depth", arch["depth"])
-    step = 8 if field == "depth" else 256  # bisect to multiples of this
+    start = {"context": job["size"], "batch": job["batch"],
+             "depth": job["overrides"].get("depth", arch["depth"])}[field]
+    step = {"depth": 8, "context": 256, "batch": 1}[field]  # bisect to multiples of this
 
     def at(value):
         if value == start:  # the job itself (a table's compile of it is then reused)
             return job
         if field == "context":
             return {**job, "size": value}
+        if field == "batch":
+            return {**job, "batch": value}
         return {**job, "overrides": {**job["overrides"], "depth": value}}
 
     tried, good, bad, value = [], 0, None, start

@@ -228,6 +228,8 @@ SLICES: dict[str, Slice] = {
         # The single-chip v5p target already describes the 2x2x1 host; the slice uses all 4.
         _slice("tpu-v5p-8", "tpu-v5p", "TPU v5p-8 (4 megacore chips, one host)", 4, "v5p-8"),
         _slice("h100x8", "h100", "8x NVIDIA H100 SXM 80 GB (one node)", 8, topology="1x1x8"),
+        # One chip through the mesh tool: the searches of the largest model / context / batch.
+        _slice("h100x1", "h100", "one NVIDIA H100 SXM 80 GB", 1, topology="1x1x1"),
     )
 }
 

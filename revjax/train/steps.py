@@ -17,6 +17,7 @@ import optax
 from flax import nnx, struct
 
 from revjax import finetune, presets  # presets: filled by revjax.models and revjax.vit
+from revjax._lm_loss import cross_entropy as cross_entropy
 from revjax.layers import RebuildMismatches, add_rebuild_counts
 from revjax.train.optim import make_optimizer
 
@@ -45,19 +46,6 @@ class TrainState:
     params: nnx.State
     batch_stats: nnx.State
     opt_state: optax.OptState
-
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0):
-    """Per-example softmax cross-entropy against integer labels, optionally label-smoothed.
-
-    With smoothing ``a`` the target is ``(1 - a) * one_hot + a / classes``
-    (`optax.smooth_labels`); ``a = 0`` is `optax.softmax_cross_entropy_with_integer_labels`.
-    """
-    if not label_smoothing:
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
-    return optax.softmax_cross_entropy(logits, optax.smooth_labels(targets, label_smoothing))
 
 
 
@@ -176,30 +164,37 @@ def step_options(config: TrainConfig) -> dict[str, Any]:
     return {"label_smoothing": config.label_smoothing, "seed": config.seed}
 
 
-def _apply(graphdef, params, batch_stats, x, *, train, key=None):
+def _apply(graphdef, params, batch_stats, x, *, train, key=None, method=None, **kwargs):
     """`models.apply` for any model: returns every non-Param variable after the call, and gives
     ``key`` to models that draw random numbers in training (dropout, drop-path: `revjax.ViT` /
-    `revjax.RevViT`); other models never see it."""
+    `revjax.RevViT`); other models never see it. ``method``: the model's method to call (default
+    the model itself) with ``x`` and ``kwargs``."""
     model = nnx.merge(graphdef, params, batch_stats, copy=True)
+    fn = model if method is None else getattr(model, method)
     if train and key is not None and getattr(model, "uses_dropout_rng", False):
-        logits = model(x, train=True, rngs=key)
+        out = fn(x, train=True, rngs=key, **kwargs)
     else:
-        logits = model(x, train=train)
-    return logits, nnx.state(model, nnx.Not(nnx.Param))
+        out = fn(x, train=train, **kwargs)
+    return out, nnx.state(model, nnx.Not(nnx.Param))
 
 
 def _loss_and_metrics(graphdef, params, batch_stats, batch, train, key=None, label_smoothing=0.0):
     """Per-example losses and accuracies: of the image's label, or for a language model's batch
-    (``tokens`` / ``targets`` [N, T]) the mean over its positions of next-token prediction."""
-    text = "tokens" in batch
-    inputs, labels = (batch["tokens"], batch["targets"]) if text else (batch["image"],
-                                                                       batch["label"])
-    logits, new_stats = _apply(graphdef, params, batch_stats, inputs, train=train, key=key)
+    (``tokens`` / ``targets`` [N, T]) the mean over its positions of next-token prediction
+    (through the model's ``token_losses``: its head and loss in chunks of ``logits_chunk``
+    tokens)."""
+    if "tokens" in batch:
+        (losses, correct), new_stats = _apply(
+            graphdef, params, batch_stats, batch["tokens"], train=train, key=key,
+            method="token_losses", targets=batch["targets"], label_smoothing=label_smoothing,
+        )
+        # [N, T] -> [N]: every window weighs the same
+        losses = jnp.mean(losses.astype(jnp.float32), axis=-1)
+        return losses, jnp.mean(correct, axis=-1), new_stats
+    logits, new_stats = _apply(graphdef, params, batch_stats, batch["image"], train=train, key=key)
     logits = logits.astype(jnp.float32)
-    losses = cross_entropy(logits, labels, label_smoothing)
-    correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
-    if text:  # [N, T] -> [N]: every window weighs the same
-        losses, correct = jnp.mean(losses, axis=-1), jnp.mean(correct, axis=-1)
+    losses = cross_entropy(logits, batch["label"], label_smoothing)
+    correct = (jnp.argmax(logits, axis=-1) == batch["label"]).astype(jnp.float32)
     return losses, correct, new_stats
 
 
