@@ -9,6 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import numpy as np
+
 from revjax.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,3 +44,14 @@ def train_in_child(cfg: TrainConfig, workdir: Path) -> dict:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     return json.loads(out.read_text())
+
+
+def rel_l2(a, b) -> float:
+    """``||a - b|| / ||b||`` over every leaf of two pytrees, in float64 NumPy (no XLA compile:
+    op by op on device arrays, each leaf shape would compile its own small programs)."""
+    num = den = 0.0
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        num += float(np.sum((x - y) ** 2))
+        den += float(np.sum(y**2))
+    return (num / max(den, 1e-300)) ** 0.5

@@ -11,12 +11,12 @@ OUT_NPZ (``leaf_<i>``), with each parameter's sharding spec (``spec_<i>``).
 """
 
 import json
-import os
 import sys
 from pathlib import Path
 
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={int(sys.argv[1])}"
-os.environ["JAX_PLATFORMS"] = "cpu"
+from worker_env import use_host_devices
+
+use_host_devices(int(sys.argv[1]))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import rel_l2
 
 import revjax
 from revjax._lm_loss import resolve_chunk
@@ -34,10 +35,6 @@ def _loss_and_grads(model, tokens, targets, chunk, label_smoothing=0.0):
     return losses, correct, grads
 
 
-def _rel(a, b):
-    num = sum(float(jnp.sum((x - y) ** 2)) for x, y in
-              zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
-    return (num / sum(float(jnp.sum(y ** 2)) for y in jax.tree.leaves(b))) ** 0.5
 
 
 @pytest.mark.parametrize(
@@ -71,7 +68,7 @@ def test_chunked_loss_and_gradients_equal_unchunked(cls, dtype, tol):
         np.testing.assert_allclose(chunked[0], whole[0], rtol=tol, atol=0)
         np.testing.assert_array_equal(chunked[1], whole[1])
         np.testing.assert_array_equal(whole[1], hits)
-        err = _rel(chunked[2], whole[2])
+        err = rel_l2(chunked[2], whole[2])
         assert err < tol, err
 
 

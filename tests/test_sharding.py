@@ -299,20 +299,13 @@ def _three_steps(model, mesh_shape):
 # Relative L2 error per parameter. The RevViT's differences are reduction order (~4e-7 on 8
 # devices). The RevNet's BatchNorm statistics over the global batch move it by ~1.1e-6 with
 # pure data parallelism (8, 1, 1) already; parameter sharding adds less than that again.
+# Meshes per model: data only, fsdp only (8-way: every sharded axis divisible by 8), and all
+# three axes at once ((2, 2, 2): fsdp and tensor rules combined, as (1, 4, 2) would).
 @pytest.mark.slow
 @pytest.mark.parametrize("model, mesh_shape, rtol", [
-    ("revvit_tiny", (8, 1, 1), 1e-6),
-    ("revvit_tiny", (1, 8, 1), 1e-6),
-    ("revvit_tiny", (2, 2, 2), 1e-6),
-    ("revvit_tiny", (1, 4, 2), 1e-6),
-    ("revnet_tiny", (8, 1, 1), 3e-6),
-    ("revnet_tiny", (1, 8, 1), 3e-6),
-    ("revnet_tiny", (2, 2, 2), 3e-6),
-    ("revnet_tiny", (1, 4, 2), 3e-6),
-    ("revgpt_char_cpu", (8, 1, 1), 1e-5),
-    ("revgpt_char_cpu", (1, 8, 1), 1e-5),
-    ("revgpt_char_cpu", (2, 2, 2), 1e-5),
-    ("revgpt_char_cpu", (1, 4, 2), 1e-5),
+    (model, mesh, rtol)
+    for model, rtol in (("revvit_tiny", 1e-6), ("revnet_tiny", 3e-6), ("revgpt_char_cpu", 1e-5))
+    for mesh in ((8, 1, 1), (1, 8, 1), (2, 2, 2))
 ])
 def test_sharded_training_equals_one_device(model, mesh_shape, rtol):
     one, sharded = _three_steps(model, None), _three_steps(model, mesh_shape)

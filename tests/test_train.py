@@ -169,14 +169,15 @@ def test_resume_gives_identical_weights(tmp_path):
 
 
 # BatchNorm statistics are over the global batch in both; only reduction order differs. With
-# float carries that moves the state by ~1e-7. Fixed-point carries round every F/G output to a
-# grid of 2**-16: a last-bit difference that crosses a rounding boundary becomes one grid step,
-# which then moves ReLU masks of near-constant inputs (the digits' backgrounds), so the
-# fixed-point default is held to a looser bound (about 100x the float one on these images).
+# float carries that moves the state by ~1e-7: the trainer on 8 devices against one with float
+# carries is held to 3e-6 in tests/test_sharding.py (the checkpoint resumed on another mesh).
+# Fixed-point carries (the default, checked here) round every F/G output to a grid of 2**-16:
+# a last-bit difference that crosses a rounding boundary becomes one grid step, which then
+# moves ReLU masks of near-constant inputs (the digits' backgrounds), so the fixed-point
+# default is held to a looser bound (about 100x the float one on these images).
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "arithmetic, state_rtol, loss_rtol, accuracy_atol",
-    [("float", 1e-4, 1e-5, 1e-6), ("fixed", 3e-2, 1e-3, 0.02)],
+    "arithmetic, state_rtol, loss_rtol, accuracy_atol", [("fixed", 3e-2, 1e-3, 0.02)]
 )
 def test_eight_devices_match_one(tmp_path, arithmetic, state_rtol, loss_rtol, accuracy_atol):
     assert jax.device_count() >= 8

@@ -11,12 +11,12 @@ agreement on the stop flag) and exits with the command line's status (143).
 """
 
 import json
-import os
 import sys
 import time
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-os.environ["JAX_PLATFORMS"] = "cpu"
+from worker_env import use_host_devices
+
+use_host_devices(2)
 
 import jax  # noqa: E402
 
