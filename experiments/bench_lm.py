@@ -69,15 +69,29 @@ VARIANTS = {  # memory / speed lines: (label, class, overrides)
 
 def lm_optimizer(steps: int, lr: float, min_lr: float, warmup: int, b2: float,
                  weight_decay: float, clip: float):
-    import jax
     import optax
 
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps, end_value=min_lr)
-    decay = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
     return optax.chain(
         optax.clip_by_global_norm(clip),
-        optax.adamw(schedule, b1=0.9, b2=b2, weight_decay=weight_decay, mask=decay),
+        optax.adamw(schedule, b1=0.9, b2=b2, weight_decay=weight_decay,
+                    mask=decay_mask),
     )
+
+
+def decay_mask(params):
+    """nanoGPT's weight decay: on every matrix of the unstacked model (the linear layers'
+    kernels, the token and the position embedding), not on biases and norms. The blocks' weights
+    are stacked on a depth axis, so a rank test (``ndim >= 2``) would also decay their biases
+    and norm scales; the leaves' names decide instead."""
+    import jax
+
+    def decayed(path, _):
+        names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+        names = [n for n in names if n != "value"]
+        return bool(names) and names[-1] in ("kernel", "embedding", "pos_embed")
+
+    return jax.tree_util.tree_map_with_path(decayed, params)
 
 
 def lm_loss(graphdef, params, rest, batch, key=None):
@@ -181,10 +195,11 @@ def eval_lm(model, tokens, windows: int = RECIPE["eval_windows"]) -> float:
 
 
 def char_model(cls_name: str, seed: int, vocab_size: int, bias: bool = True):
-    """nanoGPT's CPU character model (4 blocks, 4 heads, width 128, context 64); ``bias=False``:
-    no biases in the linear layers and LayerNorms (nanoGPT's train.py default)."""
+    """nanoGPT's CPU character model (4 blocks, 4 heads, width 128, context 64, the exact erf
+    GELU of its ``nn.GELU()``); ``bias=False``: no biases in the linear layers and LayerNorms
+    (nanoGPT's train.py default)."""
     return build(cls_name, seed, vocab_size=vocab_size, context_length=RECIPE["context"],
-                 embed_dim=128, depth=4, num_heads=4, bias=bias)
+                 embed_dim=128, depth=4, num_heads=4, bias=bias, mlp="gelu_exact")
 
 
 def train_one(cls_name: str, seed: int, data, args) -> dict:
@@ -238,7 +253,8 @@ def _accuracy_report(args, data, records) -> None:
     seeds = sorted({r["seed"] for r in records})
     text = "\n\n".join([
         _report.header("RevGPT vs GPT, nanoGPT's CPU recipe on shakespeare_char",
-                       f"{args.steps} iterations, seeds {seeds}"
+                       f"{args.steps} iterations, seeds {seeds}, exact GELU, weight decay on "
+                       "the kernels and both embeddings"
                        + ("" if args.bias else ", no biases (nanoGPT's train.py: bias=False)"),
                        _report.command_line(MODULE, args.argv)),
         _report.markdown_table(

@@ -110,7 +110,8 @@ class LanguageModelOptions(ModelOptions):
       mlp_ratio: MLP hidden width / D (SwiGLU: two thirds of it, keeping the parameters).
       bias: biases in the linear layers and LayerNorms (GPT-2 has them).
       norm: ``"layernorm"`` or ``"rmsnorm"``.
-      mlp: ``"gelu"`` (tanh-approximated, GPT-2's) or ``"swiglu"``.
+      mlp: ``"gelu"`` (tanh-approximated, GPT-2's), ``"gelu_exact"`` (erf, nanoGPT's) or
+        ``"swiglu"``.
       position: ``"learned"`` (a position embedding, GPT-2's) or ``"rope"`` (rotary).
       dropout: dropout after the embedding, in the MLP and after each block's projection.
       attention_dropout: dropout on the attention weights (computed with the plain attention).
