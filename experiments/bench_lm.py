@@ -60,6 +60,9 @@ VARIANTS = {  # memory / speed lines: (label, class, overrides)
     "dots": ("GPT + dots saveable", "GPT", {"remat": "dots"}),
     "rev": ("RevGPT", "RevGPT", {}),
 }
+# The memory tables add RevGPT with float streams: the default fixed-point streams' rebuild
+# isolates F and G on GPUs, which holds more of a unit's activations at once.
+MEMORY_VARIANTS = {**VARIANTS, "rev_float": ("RevGPT, float", "RevGPT", {"arithmetic": "float"})}
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,7 +290,7 @@ def memory_record(variant: str, width: int, depth: int, context: int, batch: int
     import jax.numpy as jnp
     from flax import nnx
 
-    _, cls_name, overrides = VARIANTS[variant]
+    _, cls_name, overrides = MEMORY_VARIANTS[variant]
     options = dict(vocab_size=50257, context_length=context, embed_dim=width, depth=depth,
                    num_heads=width // 64, dtype=jnp.bfloat16, unroll=1, attention=attention,
                    logits_chunk=logits_chunk, **overrides)
@@ -352,7 +355,7 @@ def run_memory(args) -> None:
     # Depth sweep at the first context, context sweep at --context-depth.
     grid = [(d, args.contexts[0]) for d in args.depths]
     grid += [(args.context_depth, c) for c in args.contexts[1:]]
-    specs = [(v, args.width, d, c) for d, c in grid for v in VARIANTS]
+    specs = [(v, args.width, d, c) for d, c in grid for v in MEMORY_VARIANTS]
     records = []
     if args.target == "h100":
         env = dict(os.environ, CUDA_VISIBLE_DEVICES="-1", JAX_SKIP_CUDA_CONSTRAINTS_CHECK="1",
@@ -380,9 +383,11 @@ def run_memory(args) -> None:
     table = {(r["variant"], r["depth"], r["context"]): r["temp"] for r in records}
     rows = []
     for d, c in grid:
-        temps = {v: table.get((v, d, c)) for v in VARIANTS}
-        ratio = f"{temps['rev'] / temps['remat']:.2f}" if temps["rev"] and temps["remat"] else "-"
-        rows.append([f"{d} x {c}", *(_report.fmt_mib(temps[v]) for v in VARIANTS), ratio])
+        temps = {v: table.get((v, d, c)) for v in MEMORY_VARIANTS}
+        ratios = [f"{temps[v] / temps['remat']:.2f}" if temps[v] and temps["remat"] else "-"
+                  for v in ("rev", "rev_float")]
+        rows.append([f"{d} x {c}", *(_report.fmt_mib(temps[v]) for v in MEMORY_VARIANTS),
+                     *ratios])
     where = "H100 (deviceless AOT compile, cuDNN attention)" if args.target == "h100" else "CPU"
     text = "\n\n".join([
         _report.header(f"LM train-step temp memory (MiB), {where}",
@@ -392,12 +397,13 @@ def run_memory(args) -> None:
                        "(grad: loss and gradients, the gradients are outputs; train: with the "
                        "AdamW update, gradients in temp)",
                        _report.command_line(MODULE, args.argv)),
-        _report.markdown_table(["depth x context", *(v[0] for v in VARIANTS.values()),
-                                "RevGPT / full remat"], rows),
+        _report.markdown_table(["depth x context", *(v[0] for v in MEMORY_VARIANTS.values()),
+                                "RevGPT / full remat", "RevGPT, float / full remat"], rows),
         "```json\n" + json.dumps(records) + "\n```",
     ])
     suffix = f"_{args.target}" if args.target != "cpu" else ""
-    name = f"{NAME}_memory_w{args.width}_{args.step}{suffix}"
+    batch = f"_b{args.batch}" if args.batch != 1 else ""
+    name = f"{NAME}_memory_w{args.width}{batch}_{args.step}{suffix}"
     _report.write_report(Path(args.out_dir), name, text)
 
 
