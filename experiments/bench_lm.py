@@ -60,9 +60,15 @@ VARIANTS = {  # memory / speed lines: (label, class, overrides)
     "dots": ("GPT + dots saveable", "GPT", {"remat": "dots"}),
     "rev": ("RevGPT", "RevGPT", {}),
 }
-# The memory tables add RevGPT with float streams: the default fixed-point streams' rebuild
-# isolates F and G on GPUs, which holds more of a unit's activations at once.
-MEMORY_VARIANTS = {**VARIANTS, "rev_float": ("RevGPT, float", "RevGPT", {"arithmetic": "float"})}
+# The memory tables add two RevGPTs: with float streams, and with fixed-point streams rebuilt
+# from the pullback's recomputation (``blocks.rebuild="pullback"``). The default fixed-point
+# rebuild evaluates F and G in isolation (exact on any compiler), which on GPUs holds more of a
+# unit's activations at once.
+MEMORY_VARIANTS = {
+    **VARIANTS,
+    "rev_pullback": ("RevGPT, pullback rebuild", "RevGPT", {"rebuild": "pullback"}),
+    "rev_float": ("RevGPT, float", "RevGPT", {"arithmetic": "float"}),
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,7 +296,11 @@ def memory_record(variant: str, width: int, depth: int, context: int, batch: int
     import jax.numpy as jnp
     from flax import nnx
 
+    import revjax
+
     _, cls_name, overrides = MEMORY_VARIANTS[variant]
+    overrides = dict(overrides)
+    rebuild = overrides.pop("rebuild", None)  # the sequence's attribute, not a model option
     options = dict(vocab_size=50257, context_length=context, embed_dim=width, depth=depth,
                    num_heads=width // 64, dtype=jnp.bfloat16, unroll=1, attention=attention,
                    logits_chunk=logits_chunk, **overrides)
@@ -298,6 +308,8 @@ def memory_record(variant: str, width: int, depth: int, context: int, batch: int
 
     def init():
         model = build(cls_name, 0, **options)
+        if rebuild is not None:
+            model.blocks.rebuild = rebuild
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         tx = lm_optimizer(1000, 1e-3, 1e-4, 10, 0.99, 0.1, 1.0)
         holder["graphdef"], holder["tx"] = graphdef, tx
@@ -321,7 +333,11 @@ def memory_record(variant: str, width: int, depth: int, context: int, batch: int
         params, rest, opt_state, batch = jax.tree.map(place, (params, rest, opt_state, batch))
     start = time.perf_counter()
     donate = (0, 2) if step_kind == "train" else ()
-    compiled = jax.jit(step, donate_argnums=donate).lower(params, rest, opt_state, batch).compile()
+    # Traced as for the target's platform: the fixed-point rebuild's isolation differs between
+    # CPU (conditionals) and GPUs (barriers), and this process's backend is the CPU.
+    with revjax.compiling_for("cpu" if devices is None else "gpu"):
+        lowered = jax.jit(step, donate_argnums=donate).lower(params, rest, opt_state, batch)
+    compiled = lowered.compile()
     m = compiled.memory_analysis()
     return {"variant": variant, "step": step_kind, "width": width, "depth": depth,
             "context": context, "logits_chunk": logits_chunk,
@@ -385,7 +401,7 @@ def run_memory(args) -> None:
     for d, c in grid:
         temps = {v: table.get((v, d, c)) for v in MEMORY_VARIANTS}
         ratios = [f"{temps[v] / temps['remat']:.2f}" if temps[v] and temps["remat"] else "-"
-                  for v in ("rev", "rev_float")]
+                  for v in ("rev", "rev_pullback", "rev_float")]
         rows.append([f"{d} x {c}", *(_report.fmt_mib(temps[v]) for v in MEMORY_VARIANTS),
                      *ratios])
     where = "H100 (deviceless AOT compile, cuDNN attention)" if args.target == "h100" else "CPU"
@@ -398,7 +414,8 @@ def run_memory(args) -> None:
                        "AdamW update, gradients in temp)",
                        _report.command_line(MODULE, args.argv)),
         _report.markdown_table(["depth x context", *(v[0] for v in MEMORY_VARIANTS.values()),
-                                "RevGPT / full remat", "RevGPT, float / full remat"], rows),
+                                *(f"{MEMORY_VARIANTS[v][0]} / full remat"
+                                  for v in ("rev", "rev_pullback", "rev_float"))], rows),
         "```json\n" + json.dumps(records) + "\n```",
     ])
     suffix = f"_{args.target}" if args.target != "cpu" else ""
