@@ -277,11 +277,10 @@ class _LanguageModel(OptionsModule):
                 f"{name}: {tokens.shape[1]} tokens exceed context_length={self.context_length}; "
                 "pass the last context_length tokens, or build the model with a longer context."
             )
-        # Rows gathered from the parameter table, then cast: nnx.Embed would cast the whole
-        # [vocab, D] table to the compute dtype first, and its gradient would be a
-        # compute-dtype scatter over the whole vocabulary beside the float32 gradient.
-        table = self.embed.embedding[...]
-        h = jnp.take(table, tokens, axis=0).astype(self.dtype).astype(self.carry_dtype)
+        # The rows, then their cast (nnx.Embed casts the whole [vocab, D] table first, and its
+        # gradient is then a compute-dtype scatter over the whole vocabulary).
+        h = jnp.take(self.embed.embedding[...], tokens, axis=0).astype(self.dtype)
+        h = h.astype(self.carry_dtype)  # [N, T, D]
         if self.pos_embed is not None:
             pos = lax.dynamic_slice_in_dim(self.pos_embed[...], start, tokens.shape[1])
             h = h + pos.astype(self.carry_dtype)[None]
