@@ -60,6 +60,15 @@ VARIANTS = {  # memory / speed lines: (label, class, overrides)
     "dots": ("GPT + dots saveable", "GPT", {"remat": "dots"}),
     "rev": ("RevGPT", "RevGPT", {}),
 }
+# The memory tables add two RevGPTs: with float streams, and with fixed-point streams rebuilt
+# from the pullback's recomputation (``blocks.rebuild="pullback"``). The default fixed-point
+# rebuild evaluates F and G in isolation (exact on any compiler), which on GPUs holds more of a
+# unit's activations at once.
+MEMORY_VARIANTS = {
+    **VARIANTS,
+    "rev_pullback": ("RevGPT, pullback rebuild", "RevGPT", {"rebuild": "pullback"}),
+    "rev_float": ("RevGPT, float", "RevGPT", {"arithmetic": "float"}),
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -69,15 +78,29 @@ VARIANTS = {  # memory / speed lines: (label, class, overrides)
 
 def lm_optimizer(steps: int, lr: float, min_lr: float, warmup: int, b2: float,
                  weight_decay: float, clip: float):
-    import jax
     import optax
 
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps, end_value=min_lr)
-    decay = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
     return optax.chain(
         optax.clip_by_global_norm(clip),
-        optax.adamw(schedule, b1=0.9, b2=b2, weight_decay=weight_decay, mask=decay),
+        optax.adamw(schedule, b1=0.9, b2=b2, weight_decay=weight_decay,
+                    mask=decay_mask),
     )
+
+
+def decay_mask(params):
+    """nanoGPT's weight decay: on every matrix of the unstacked model (the linear layers'
+    kernels, the token and the position embedding), not on biases and norms. The blocks' weights
+    are stacked on a depth axis, so a rank test (``ndim >= 2``) would also decay their biases
+    and norm scales; the leaves' names decide instead."""
+    import jax
+
+    def decayed(path, _):
+        names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+        names = [n for n in names if n != "value"]
+        return bool(names) and names[-1] in ("kernel", "embedding", "pos_embed")
+
+    return jax.tree_util.tree_map_with_path(decayed, params)
 
 
 def lm_loss(graphdef, params, rest, batch, key=None):
@@ -181,10 +204,11 @@ def eval_lm(model, tokens, windows: int = RECIPE["eval_windows"]) -> float:
 
 
 def char_model(cls_name: str, seed: int, vocab_size: int, bias: bool = True):
-    """nanoGPT's CPU character model (4 blocks, 4 heads, width 128, context 64); ``bias=False``:
-    no biases in the linear layers and LayerNorms (nanoGPT's train.py default)."""
+    """nanoGPT's CPU character model (4 blocks, 4 heads, width 128, context 64, the exact erf
+    GELU of its ``nn.GELU()``); ``bias=False``: no biases in the linear layers and LayerNorms
+    (nanoGPT's train.py default)."""
     return build(cls_name, seed, vocab_size=vocab_size, context_length=RECIPE["context"],
-                 embed_dim=128, depth=4, num_heads=4, bias=bias)
+                 embed_dim=128, depth=4, num_heads=4, bias=bias, mlp="gelu_exact")
 
 
 def train_one(cls_name: str, seed: int, data, args) -> dict:
@@ -238,7 +262,8 @@ def _accuracy_report(args, data, records) -> None:
     seeds = sorted({r["seed"] for r in records})
     text = "\n\n".join([
         _report.header("RevGPT vs GPT, nanoGPT's CPU recipe on shakespeare_char",
-                       f"{args.steps} iterations, seeds {seeds}"
+                       f"{args.steps} iterations, seeds {seeds}, exact GELU, weight decay on "
+                       "the kernels and both embeddings"
                        + ("" if args.bias else ", no biases (nanoGPT's train.py: bias=False)"),
                        _report.command_line(MODULE, args.argv)),
         _report.markdown_table(
@@ -271,7 +296,11 @@ def memory_record(variant: str, width: int, depth: int, context: int, batch: int
     import jax.numpy as jnp
     from flax import nnx
 
-    _, cls_name, overrides = VARIANTS[variant]
+    import revjax
+
+    _, cls_name, overrides = MEMORY_VARIANTS[variant]
+    overrides = dict(overrides)
+    rebuild = overrides.pop("rebuild", None)  # the sequence's attribute, not a model option
     options = dict(vocab_size=50257, context_length=context, embed_dim=width, depth=depth,
                    num_heads=width // 64, dtype=jnp.bfloat16, unroll=1, attention=attention,
                    logits_chunk=logits_chunk, **overrides)
@@ -279,6 +308,8 @@ def memory_record(variant: str, width: int, depth: int, context: int, batch: int
 
     def init():
         model = build(cls_name, 0, **options)
+        if rebuild is not None:
+            model.blocks.rebuild = rebuild
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         tx = lm_optimizer(1000, 1e-3, 1e-4, 10, 0.99, 0.1, 1.0)
         holder["graphdef"], holder["tx"] = graphdef, tx
@@ -302,7 +333,11 @@ def memory_record(variant: str, width: int, depth: int, context: int, batch: int
         params, rest, opt_state, batch = jax.tree.map(place, (params, rest, opt_state, batch))
     start = time.perf_counter()
     donate = (0, 2) if step_kind == "train" else ()
-    compiled = jax.jit(step, donate_argnums=donate).lower(params, rest, opt_state, batch).compile()
+    # Traced as for the target's platform: the fixed-point rebuild's isolation differs between
+    # CPU (conditionals) and GPUs (barriers), and this process's backend is the CPU.
+    with revjax.compiling_for("cpu" if devices is None else "gpu"):
+        lowered = jax.jit(step, donate_argnums=donate).lower(params, rest, opt_state, batch)
+    compiled = lowered.compile()
     m = compiled.memory_analysis()
     return {"variant": variant, "step": step_kind, "width": width, "depth": depth,
             "context": context, "logits_chunk": logits_chunk,
@@ -336,7 +371,7 @@ def run_memory(args) -> None:
     # Depth sweep at the first context, context sweep at --context-depth.
     grid = [(d, args.contexts[0]) for d in args.depths]
     grid += [(args.context_depth, c) for c in args.contexts[1:]]
-    specs = [(v, args.width, d, c) for d, c in grid for v in VARIANTS]
+    specs = [(v, args.width, d, c) for d, c in grid for v in MEMORY_VARIANTS]
     records = []
     if args.target == "h100":
         env = dict(os.environ, CUDA_VISIBLE_DEVICES="-1", JAX_SKIP_CUDA_CONSTRAINTS_CHECK="1",
@@ -364,9 +399,11 @@ def run_memory(args) -> None:
     table = {(r["variant"], r["depth"], r["context"]): r["temp"] for r in records}
     rows = []
     for d, c in grid:
-        temps = {v: table.get((v, d, c)) for v in VARIANTS}
-        ratio = f"{temps['rev'] / temps['remat']:.2f}" if temps["rev"] and temps["remat"] else "-"
-        rows.append([f"{d} x {c}", *(_report.fmt_mib(temps[v]) for v in VARIANTS), ratio])
+        temps = {v: table.get((v, d, c)) for v in MEMORY_VARIANTS}
+        ratios = [f"{temps[v] / temps['remat']:.2f}" if temps[v] and temps["remat"] else "-"
+                  for v in ("rev", "rev_pullback", "rev_float")]
+        rows.append([f"{d} x {c}", *(_report.fmt_mib(temps[v]) for v in MEMORY_VARIANTS),
+                     *ratios])
     where = "H100 (deviceless AOT compile, cuDNN attention)" if args.target == "h100" else "CPU"
     text = "\n\n".join([
         _report.header(f"LM train-step temp memory (MiB), {where}",
@@ -376,12 +413,14 @@ def run_memory(args) -> None:
                        "(grad: loss and gradients, the gradients are outputs; train: with the "
                        "AdamW update, gradients in temp)",
                        _report.command_line(MODULE, args.argv)),
-        _report.markdown_table(["depth x context", *(v[0] for v in VARIANTS.values()),
-                                "RevGPT / full remat"], rows),
+        _report.markdown_table(["depth x context", *(v[0] for v in MEMORY_VARIANTS.values()),
+                                *(f"{MEMORY_VARIANTS[v][0]} / full remat"
+                                  for v in ("rev", "rev_pullback", "rev_float"))], rows),
         "```json\n" + json.dumps(records) + "\n```",
     ])
     suffix = f"_{args.target}" if args.target != "cpu" else ""
-    name = f"{NAME}_memory_w{args.width}_{args.step}{suffix}"
+    batch = f"_b{args.batch}" if args.batch != 1 else ""
+    name = f"{NAME}_memory_w{args.width}{batch}_{args.step}{suffix}"
     _report.write_report(Path(args.out_dir), name, text)
 
 

@@ -25,7 +25,7 @@ Dtype = Any
 
 LN_EPSILON = 1e-5  # GPT-2's LayerNorm epsilon (nanoGPT's too)
 NORMS = ("layernorm", "rmsnorm")
-MLPS = ("gelu", "swiglu")
+MLPS = ("gelu", "gelu_exact", "swiglu")
 POSITIONS = ("learned", "rope")
 ATTENTIONS = ("xla", "cudnn", "plain")
 ROPE_BASE = 10_000.0
@@ -75,7 +75,8 @@ class BlockSetting(NamedTuple):
         ``0.02 / sqrt(2 depth)``, GPT-2's).
       bias: biases in the linear layers and the LayerNorms.
       norm: ``"layernorm"`` or ``"rmsnorm"``.
-      mlp: ``"gelu"`` (tanh-approximated GELU, GPT-2's) or ``"swiglu"``.
+      mlp: ``"gelu"`` (tanh-approximated GELU, GPT-2's), ``"gelu_exact"`` (the erf form,
+        PyTorch's ``nn.GELU()`` default, nanoGPT's) or ``"swiglu"``.
       rope: rotary position embedding on queries and keys.
       attention: ``"xla"`` / ``"cudnn"`` (`jax.nn.dot_product_attention`'s implementations;
         cuDNN needs an NVIDIA GPU and 16-bit compute) or ``"plain"`` (einsum and a float32
@@ -257,8 +258,8 @@ class CausalAttention(Branch):
 class Mlp(Branch):
     """``dropout(fc2(dropout(act(fc1(norm(x))))))``: the G of a RevGPT unit.
 
-    ``act`` is the tanh-approximated GELU (GPT-2's ``gelu_new``), or SwiGLU: ``silu(gate(h)) *
-    fc1(h)``.
+    ``act`` is the tanh-approximated GELU (GPT-2's ``gelu_new``), the exact (erf) GELU, or
+    SwiGLU: ``silu(gate(h)) * fc1(h)``.
 
     Args:
       s: the blocks' static setting.
@@ -282,6 +283,6 @@ class Mlp(Branch):
         if self.gate is not None:
             h = jax.nn.silu(rows(self.gate, h)) * rows(self.fc1, h)  # [N, T, hidden]
         else:
-            h = jax.nn.gelu(rows(self.fc1, h), approximate=True)
+            h = jax.nn.gelu(rows(self.fc1, h), approximate=self.setting.mlp == "gelu")
         h = dropout(h, self.setting.dropout, k_hidden)
         return constrain_batch(dropout(rows(self.fc2, h), self.setting.dropout, k_out))

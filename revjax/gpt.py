@@ -110,7 +110,8 @@ class LanguageModelOptions(ModelOptions):
       mlp_ratio: MLP hidden width / D (SwiGLU: two thirds of it, keeping the parameters).
       bias: biases in the linear layers and LayerNorms (GPT-2 has them).
       norm: ``"layernorm"`` or ``"rmsnorm"``.
-      mlp: ``"gelu"`` (tanh-approximated, GPT-2's) or ``"swiglu"``.
+      mlp: ``"gelu"`` (tanh-approximated, GPT-2's), ``"gelu_exact"`` (erf, nanoGPT's) or
+        ``"swiglu"``.
       position: ``"learned"`` (a position embedding, GPT-2's) or ``"rope"`` (rotary).
       dropout: dropout after the embedding, in the MLP and after each block's projection.
       attention_dropout: dropout on the attention weights (computed with the plain attention).
@@ -276,7 +277,10 @@ class _LanguageModel(OptionsModule):
                 f"{name}: {tokens.shape[1]} tokens exceed context_length={self.context_length}; "
                 "pass the last context_length tokens, or build the model with a longer context."
             )
-        h = self.embed(tokens).astype(self.carry_dtype)  # [N, T, D]
+        # The rows, then their cast (nnx.Embed casts the whole [vocab, D] table first, and its
+        # gradient is then a compute-dtype scatter over the whole vocabulary).
+        h = jnp.take(self.embed.embedding[...], tokens, axis=0).astype(self.dtype)
+        h = h.astype(self.carry_dtype)  # [N, T, D]
         if self.pos_embed is not None:
             pos = lax.dynamic_slice_in_dim(self.pos_embed[...], start, tokens.shape[1])
             h = h + pos.astype(self.carry_dtype)[None]

@@ -170,6 +170,28 @@ def test_bad_input():
         revjax.GPT(rngs=nnx.Rngs(0), **TINY, dropout=0.1)(_tokens(), train=True)
 
 
+@pytest.mark.parametrize("mlp, approximate", [("gelu", True), ("gelu_exact", False)])
+def test_mlp_gelu_forms(mlp, approximate):
+    """``mlp="gelu"`` is GPT-2's tanh GELU, ``"gelu_exact"`` the erf GELU (nanoGPT's); the
+    two differ on these inputs by more than the tolerance."""
+    from revjax._gpt_blocks import BlockSetting, Mlp
+
+    s = BlockSetting(dim=8, num_heads=2, hidden=32, depth=1, bias=True, norm="layernorm",
+                     mlp=mlp, rope=False, attention="plain", dropout=0.0, attention_dropout=0.0,
+                     dtype=jnp.float32, param_dtype=jnp.float32)
+    block = Mlp(s, rngs=nnx.Rngs(0))
+    k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
+    # Unit-scale weights put the pre-activations where the two forms differ (|x| ~ 1 .. 3).
+    block.fc1.kernel[...] = jax.random.normal(k1, (8, 32)) / 8**0.5
+    block.fc2.kernel[...] = jax.random.normal(k2, (32, 8)) / 32**0.5
+    x = jax.random.normal(k3, (2, 5, 8))
+    pre = block.fc1(block.norm(x))
+    want = block.fc2(jax.nn.gelu(pre, approximate=approximate))
+    other = block.fc2(jax.nn.gelu(pre, approximate=not approximate))
+    np.testing.assert_allclose(block(x), want, rtol=1e-6, atol=1e-6)
+    assert float(jnp.max(jnp.abs(want - other))) > 1e-4  # 100x the tolerance above
+
+
 # --------------------------------------------------------------------------------------------
 # Generation
 # --------------------------------------------------------------------------------------------

@@ -51,6 +51,7 @@ RESULT_PAGES: dict[str, tuple[str, ...]] = {
         "bench_lm_accuracy_nobias",
         "bench_lm_finetune",
         "bench_lm_memory_w768_grad_h100",
+        "bench_lm_memory_w768_b8_grad_h100",
         "bench_lm_memory_w2048_grad_h100",
         "aot_mesh_gpt2_small_largest_h100x1",
         "bench_lm_exact",
