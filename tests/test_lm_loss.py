@@ -103,7 +103,7 @@ def test_tiled_head_equals_full_logits(dtype, tol):
             np.testing.assert_allclose(losses, losses0, rtol=tol, atol=0)
             np.testing.assert_array_equal(hits, hits0)
             for g, g0 in zip(grads, grads0, strict=True):
-                assert _rel(g, g0) < tol, (smoothing, _rel(g, g0))
+                assert rel_l2(g, g0) < tol, (smoothing, rel_l2(g, g0))
     assert vocab_tile(50257, 256, 768) == 4096 and vocab_tile(84, 256, 128) == 84
 
 
