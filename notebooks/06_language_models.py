@@ -189,7 +189,7 @@ print(dataset.decode(out))
 if QUICK:
     shape = dict(vocab_size=65, embed_dim=64, num_heads=2)
     depths, depth_context = (2, 4, 8, 16), 128
-    contexts, context_depth = (64, 128, 256, 512), 4
+    contexts, context_depth = (64, 128, 256), 4
     batch = 4
 else:
     shape = dict(vocab_size=50257, embed_dim=768, num_heads=12)
