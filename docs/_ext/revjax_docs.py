@@ -58,7 +58,9 @@ RESULT_PAGES: dict[str, tuple[str, ...]] = {
     ),
     "finetune": ("bench_finetune", "bench_finetune_h100", "bench_finetune_tpu-v5e",
                  "train_digits_revvit_finetune"),
-    "drift": ("bench_arithmetic", "exact_hlo_cpu", "exact_hlo_h100", "bench_drift"),
+    "drift": (
+        "bench_arithmetic", "exact_hlo_cpu", "exact_hlo_h100", "exact_hlo_tpu-v5e", "bench_drift"
+    ),
     "speed_input": ("bench_speed", "bench_memcnn", "bench_input", "bench_soak", "test_suite"),
 }
 
