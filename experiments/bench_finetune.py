@@ -324,8 +324,13 @@ def main(argv: list[str] | None = None) -> dict:
         "--save-source", type=Path, default=None,
         help="also save the ViT pretrained on digits 0-4 here (.safetensors, timm's layout)",
     )
+    parser.add_argument(
+        "--models", nargs="+", choices=[vit for _, vit, _ in PAIRS], default=None,
+        help="the memory part for these ViT presets only (default: all)",
+    )
     aot.add_target_arguments(parser)
     args = parser.parse_args(argv)
+    pairs = tuple(p for p in PAIRS if not args.models or p[1] in args.models)
     command = _report.command_line(MODULE, argv)
     partial = args.no_memory or args.no_transfer
     if args.out_dir is None and (args.target or not partial):
@@ -341,7 +346,7 @@ def main(argv: list[str] | None = None) -> dict:
             )
         else:
             batch, classes = args.batch, 1000
-            info, memory = measure_on_target(args, PAIRS, SIZES, batch=batch, classes=classes)
+            info, memory = measure_on_target(args, pairs, SIZES, batch=batch, classes=classes)
         text = to_markdown_target(
             memory, info, target, batch=batch, classes=classes, command=command
         )
@@ -352,7 +357,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.quick:
             memory = measure_memory(PAIRS[:1], (32,), batch=2, classes=10, small=QUICK_MODEL)
         else:
-            memory = measure_memory(PAIRS, SIZES, batch=args.batch)
+            memory = measure_memory(pairs, SIZES, batch=args.batch)
     if not args.no_transfer:
         settings = QUICK_TRANSFER if args.quick else TRANSFER
         result = transfer(**settings, save_source=args.save_source)

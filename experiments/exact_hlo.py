@@ -79,7 +79,9 @@ def compiled_text(kind: str, dtype: str, target: str, units: int = 4) -> str:
     args = (jax.tree.map(abstract, params), jax.tree.map(abstract, rest), half, half)
     with jax.numpy_dtype_promotion("standard"), revjax.compiling_for(AOT_TARGETS[target].platform):
         text = jax.jit(grad).lower(*args).compile().as_text()
-    dumped = _before_barrier_expansion() if AOT_TARGETS[target].platform == "cuda" else None
+    platform = AOT_TARGETS[target].platform
+    dumped = {"cuda": _before_barrier_expansion, "tpu": _last_with_barriers}.get(platform)
+    dumped = dumped() if dumped is not None else None
     return dumped if dumped is not None else text
 
 
@@ -100,6 +102,32 @@ def _before_barrier_expansion() -> str | None:
     text = files[-1].read_text()
     shutil.rmtree(DUMP_DIR, ignore_errors=True)
     return text
+
+
+# libtpu's final program has neither barriers nor conditionals left, and which of its passes
+# removes the barriers is not named: every pass's output is dumped (`TPU_DUMP_FLAGS`, through
+# XLA_FLAGS) and the last module that still has its barriers is read.
+TPU_DUMP_FLAGS = f"--xla_dump_to={DUMP_DIR} --xla_dump_hlo_pass_re=.*"
+
+
+def _last_with_barriers() -> str | None:
+    """The last dumped module (in pass order) of the gradient that still holds ``opt-barrier``
+    instructions, then deletes the dumps; None when there is none."""
+    # Dump names: module_<id>.jit_grad.cl_<n>.<pass number>.<pipeline>.after_<pass>...: in pass
+    # order (the unnumbered before_ / after_optimizations files are left out). In libtpu 0.0.42
+    # the last one with barriers enters `cse_barrier_expander` (final rematerialisation).
+    numbered = (
+        re.search(r"\.jit_grad\.(?:cl_\d+\.)?(\d+)\.", f.name) for f in DUMP_DIR.glob("*.txt")
+    )
+    files = sorted((int(m.group(1)), m.string) for m in numbered if m)
+    found = None
+    for _, name in reversed(files):
+        text = (DUMP_DIR / name).read_text()
+        if "opt-barrier(" in text and "ENTRY" in text:
+            found = text
+            break
+    shutil.rmtree(DUMP_DIR, ignore_errors=True)
+    return found
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,6 +310,10 @@ def report(target: str, cases: Sequence[tuple[str, str]], argv: Sequence[str]) -
         if target == "cpu"
         else "the instructions between two `opt-barrier`s; on GPU in the module as it enters "
         "XLA's rematerialisation pass, fused and scheduled, just before the barriers are removed"
+        if AOT_TARGETS[target].platform == "cuda"
+        else "the instructions between two `opt-barrier`s; on TPU in the last module of "
+        "libtpu's pass pipeline that still holds them (as it enters the barrier expander of its "
+        "final rematerialisation, fused and scheduled)"
     )
     lines = [
         _report.header(
@@ -338,6 +370,9 @@ if __name__ == "__main__":
         name = sys.argv[sys.argv.index("--target") + 1]
         for var, value in getattr(AOT_TARGETS.get(name), "env", {}).items():
             os.environ.setdefault(var, value)  # before JAX is imported
-        if getattr(AOT_TARGETS.get(name), "platform", "") == "cuda":
+        platform = getattr(AOT_TARGETS.get(name), "platform", "")
+        if platform == "cuda":
             os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {DUMP_FLAGS}"
+        elif platform == "tpu":  # compile options from XLA_FLAGS reach libtpu's compiler
+            os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TPU_DUMP_FLAGS}"
     main()

@@ -164,29 +164,34 @@ def shortcut_unit_segment(
         return (d1, d2), (aux_f, aux_g), (((c1, c2) if keep else None), checks), peak
 
     def branch_vjp(arith, branch, params, c):
-        # (h, pullback of (params, view of c), q or None): on CPU with rebuild="isolated",
-        # the isolated evaluation's own residuals, rounded output included.
+        # (h, pullback of (params, view of c), q or None), as `sequence_backward`'s branch: on
+        # CPU with rebuild="isolated", the isolated evaluation's own residuals, rounded output
+        # included; on GPU / TPU the isolated rebuild first, then the pullback's recomputation.
         if isolates(arith) and isolation_keeps_pullback():
             q, pullback, h = isolated_pullback(arith, branch, params, c, None, None)
             return h, lambda ct: pullback(ct)[:2], q
-        h, pullback = vjp_inexact(lambda p, a: branch(p, a, None)[0], params, arith.view(c))
-        return h, pullback, None
-
-    def rebuilt(arith, d, h, params, branch, c, q=None):
-        # The segment's input half from output d: P^-1(d (-) q(branch(c))), and q itself.
-        if q is None and isolates(arith):
+        q = None
+        if isolates(arith):
             q = rebuilt_output(arith, branch, params, c, None, None)
-        elif q is None and arith.fixed:
+            # The pullback's recomputation starts once the isolated evaluation is done, so
+            # their intermediates are never alive at once.
+            q, params, c = lax.optimization_barrier((q, params, c))
+        h, pullback = vjp_inexact(lambda p, a: branch(p, a, None)[0], params, arith.view(c))
+        if arith.fixed and q is None:
             q = quantize(h, arith.frac_bits)
+        return h, pullback, q
+
+    def rebuilt(arith, d, h, q):
+        # The segment's input half from output d: P^-1(d (-) q(branch(c))).
         r = d - q if q is not None else arith.uncombine(additive_coupling, d, h)
-        return shortcut_inverse(r), q
+        return shortcut_inverse(r)
 
     def backward(params, kept, d1, d2, dy1, dy2, stored_units, k, arith):
         fp, gp = params
         stored, checks = kept
         d1, d2 = after(d1, d2, dy1, dy2)
         h_g, g_vjp, q_g = branch_vjp(arith, g_branch, gp, d1)
-        c2, q_g = rebuilt(arith, d2, h_g, gp, g_branch, d1, q_g)
+        c2 = rebuilt(arith, d2, h_g, q_g)
         if stored is not None:
             c2 = stored[1]
         dx2, dh_g = jax.vjp(float_combine, arith.view(c2), h_g)[1](dy2)
@@ -198,7 +203,7 @@ def shortcut_unit_segment(
         # F's pullback.
         c2, dy1 = lax.optimization_barrier((c2, dy1))
         h_f, f_vjp, q_f = branch_vjp(arith, f_branch, fp, c2)
-        c1, q_f = rebuilt(arith, d1, h_f, fp, f_branch, c2, q_f)
+        c1 = rebuilt(arith, d1, h_f, q_f)
         if stored is not None:
             c1 = stored[0]
         dx1, dh_f = jax.vjp(float_combine, arith.view(c1), h_f)[1](dy1)

@@ -12,6 +12,7 @@ import pytest
 from jax import lax
 from jax.ad_checkpoint import print_saved_residuals
 
+import revjax
 from revjax import relative_error
 from revjax._blocks import InvertibleShortcut
 from revjax._carry import FloatCarry
@@ -179,6 +180,35 @@ def test_entry_unit_backward_orders_g_before_f():
     # x2 [2, 8, 8, 2], dy1 [2, 4, 4, 8]
     shapes = re.findall(r"f32\[([\d,]+)\]", barriers[0].split("=")[0])
     assert shapes == ["2,8,8,2", "2,4,4,8"], barriers
+
+
+def test_entry_unit_rebuild_precedes_its_pullback_on_gpu():
+    """Traced for a GPU, the fixed-point entry unit's backward rounds each branch's isolated
+    rebuild, then (after a barrier over the rounded output, the branch's parameters and its
+    input carry) recomputes the branch for the pullback, as a sequence unit does: left free,
+    XLA:GPU held both evaluations' intermediates at once (RevNet-164 with invertible
+    downsampling on the H100 target). Run here, it rebuilds every unit exactly and its
+    gradients are the CPU trace's."""
+    segments, params, x1, x2 = _chain(n_first=1, n_last=1, dtype=jnp.float32)
+
+    def loss(params, x1, x2, probes):
+        (y1, y2), _ = reversible_chain(
+            segments, params, x1, x2, arithmetic="fixed", rebuild_probes=probes
+        )
+        return jnp.sum(jnp.sin(y1) * y2)
+
+    probes = [jnp.zeros((), jnp.float32)] * len(segments)
+    grad = jax.grad(loss, argnums=(0, 1, 2, 3))
+    with revjax.compiling_for("gpu"):
+        text = str(jax.make_jaxpr(grad)(params, x1, x2, probes))
+        *on_gpu, counts = jax.jit(grad)(params, x1, x2, probes)
+    barriers = [line.split("=")[0] for line in text.splitlines() if "optimization_barrier" in line]
+    # F's: q(F(x2)) [2, 4, 4, 8] int32, F's two kernels, the carry x2 [2, 8, 8, 2] int32.
+    f_rebuild = "i32[2,4,4,8] f32[3,3,2,2] f32[3,3,2,8] i32[2,8,8,2]"
+    assert [b for b in barriers if re.sub(r"\w+:", "", b).split() == f_rebuild.split()], barriers
+    assert [float(c) for c in counts] == [0.0] * len(segments)
+    *on_cpu, _ = jax.jit(grad)(params, x1, x2, probes)
+    assert float(relative_error(on_gpu, on_cpu)) <= 1e-6
 
 
 def test_chain_errors():

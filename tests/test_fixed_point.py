@@ -326,7 +326,9 @@ def test_chain_gradients_equal_plain_float64(x64):
     segments, params, x1, x2 = _chain(3, jnp.float64)
     v1, g1 = _chain_grad(segments)(params, x1, x2)
     v2, g2 = _chain_grad(segments, memory_saving=False)(params, x1, x2)
-    assert float(v1) == float(v2)
+    # Two XLA programs: the loss's float64 sum may differ in its last bit (XLA's default
+    # optimisation level) although the output carries are equal.
+    assert abs(float(v1 - v2)) <= 1e-12 * abs(float(v2))
     assert float(revjax.relative_error(g1, g2)) <= 1e-12
 
 

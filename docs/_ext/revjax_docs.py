@@ -57,8 +57,11 @@ RESULT_PAGES: dict[str, tuple[str, ...]] = {
         "bench_lm_exact",
         "bench_lm_speed",
     ),
-    "finetune": ("bench_finetune", "bench_finetune_h100", "train_digits_revvit_finetune"),
-    "drift": ("bench_arithmetic", "exact_hlo_cpu", "exact_hlo_h100", "bench_drift"),
+    "finetune": ("bench_finetune", "bench_finetune_h100", "bench_finetune_tpu-v5e",
+                 "train_digits_revvit_finetune"),
+    "drift": (
+        "bench_arithmetic", "exact_hlo_cpu", "exact_hlo_h100", "exact_hlo_tpu-v5e", "bench_drift"
+    ),
     "speed_input": ("bench_speed", "bench_memcnn", "bench_input", "bench_soak", "test_suite"),
 }
 
