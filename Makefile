@@ -1,6 +1,6 @@
 # The README's quickstart: `make run` (main job) and `make test` (the core test suite, light
 # install); `make test-all` installs everything and runs every test; CI (.ci/run) installs
-# everything and runs `make test`; `make docs` builds the documentation site into docs/_build/html.
+# everything and runs `make test-all`; `make docs` builds the documentation site into docs/_build/html.
 # Each target creates .venv if needed and installs what it needs, so both work on a fresh clone.
 PYTHON ?= python3
 VENV ?= .venv
