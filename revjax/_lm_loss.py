@@ -154,7 +154,8 @@ def _forward(hs, embedding, ys, static):
             top_new = jnp.maximum(top, tile_top)
             total = total * jnp.exp(top - top_new) + jnp.sum(
                 jnp.exp(masked - top_new[:, None]), axis=-1)
-            logit_sum = logit_sum + jnp.sum(jnp.where(new, z, 0), axis=-1)
+            if smoothing:  # the uniform part of the smoothed target needs every logit's sum
+                logit_sum = logit_sum + jnp.sum(jnp.where(new, z, 0), axis=-1)
             hit = new & (ids[None, :] == y[:, None])
             target_logit = target_logit + jnp.sum(jnp.where(hit, z, 0), axis=-1)
             best = jnp.where(tile_top > top, ids[jnp.argmax(masked, axis=-1)], best)
