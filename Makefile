@@ -36,11 +36,11 @@ run: $(VENV)/.experiments
 # MemCNN or transformers skip with the reason (`make test-all` installs and runs them).
 test: $(VENV)/.test
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -n 2 -m "not slow"
+	$(PY) -m pytest -q -n 2 --dist worksteal -m "not slow"
 
 test-all: $(VENV)/.test-all
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -n 2
+	$(PY) -m pytest -q -n 2 --dist worksteal
 
 # The package as users get it: sdist and wheel built in isolation, the wheel (not editable)
 # installed in a clean venv with its dependencies plus grain (`python -m revjax.prepare` reads

@@ -188,7 +188,7 @@ print(dataset.decode(out))
 # %%
 if QUICK:
     shape = dict(vocab_size=65, embed_dim=64, num_heads=2)
-    depths, depth_context = (2, 4, 8, 16), 128
+    depths, depth_context = (2, 4, 8), 128
     contexts, context_depth = (64, 128, 256), 4
     batch = 4
 else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +45,20 @@ def train_in_child(cfg: TrainConfig, workdir: Path) -> dict:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     return json.loads(out.read_text())
+
+
+def one_device_env() -> dict[str, str]:
+    """The environment of a child process with one CPU device, as a user has: the suite's other
+    XLA flags (or XLA's defaults when the suite runs without them) and its compilation cache.
+
+    The notebooks' kernels and the drift benchmark's child share it: a cache entry is keyed by
+    the flags and the device count, so programs one of them compiled are cache hits for the
+    other when they run one after the other (their tests share an xdist group)."""
+    inherited = os.environ.get("XLA_FLAGS", "")
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", inherited)
+    path = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
+    return {**os.environ, "XLA_FLAGS": " ".join(flags.split()), "JAX_PLATFORMS": "cpu",
+            "PYTHONPATH": path}
 
 
 def rel_l2(a, b) -> float:

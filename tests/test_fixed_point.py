@@ -554,6 +554,7 @@ def test_trainer_names_an_overflowed_carry(tmp_path):
         train.train_and_evaluate(cfg, tmp_path)
 
 
+@pytest.mark.slow  # 120 training steps; the core set checks the bf16 fixed-point gradients
 def test_revvit_bfloat16_fixed_point_trains_on_digits(tmp_path):
     import dataclasses
 

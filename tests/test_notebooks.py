@@ -8,11 +8,11 @@ and fails on the first cell that raises.
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
 from pathlib import Path
 
 import pytest
+from helpers import one_device_env
 
 nbformat = pytest.importorskip("nbformat")
 jupytext = pytest.importorskip("jupytext")
@@ -33,13 +33,6 @@ NOTEBOOKS = [
 REPO_URL = "https://github.com/revjax/revjax"
 KERNEL_NAME = "revjax-test-python3"
 CELL_TIMEOUT_S = 300
-
-# XLA:CPU spends most of a quick notebook's time compiling; these flags compile faster
-# and only make the (tiny) compiled code run slower.
-FAST_COMPILE_XLA_FLAGS = (
-    "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-)
-
 
 def _sources(nb) -> list[tuple[str, str]]:
     return [(cell.cell_type, cell.source.strip()) for cell in nb.cells]
@@ -117,14 +110,11 @@ def _execute_module():
 
 
 def _kernel_env() -> dict[str, str]:
-    env = dict(os.environ)
+    # One CPU device as a user has (the suite's conftest asks for 8), the suite's compile
+    # settings and cache; the checkout on the path (the notebooks import `experiments`).
+    env = one_device_env()
     env.update(
         REVJAX_QUICK="1",
-        JAX_PLATFORMS="cpu",
-        # The notebooks import `experiments` (configs, benchmarks) from the checkout.
-        PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p),
-        # One CPU device as a user has (the test suite's conftest asks for 8), fast compiles.
-        XLA_FLAGS=FAST_COMPILE_XLA_FLAGS,
         MPLBACKEND="module://matplotlib_inline.backend_inline",
         TF_CPP_MIN_LOG_LEVEL="2",
         PYDEVD_DISABLE_FILE_VALIDATION="1",
@@ -132,8 +122,17 @@ def _kernel_env() -> dict[str, str]:
     return env
 
 
+# Notebook 03 runs the drift benchmark's quick measurements: on one worker after (or before)
+# that benchmark's test, one of the two finds the other's programs in the compilation cache.
+QUICK_RUNS = [
+    pytest.param(name, marks=pytest.mark.xdist_group("drift_quick"))
+    if name == "03_memory_and_drift" else name
+    for name in NOTEBOOKS
+]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", NOTEBOOKS)
+@pytest.mark.parametrize("name", QUICK_RUNS)
 def test_notebook_runs_in_quick_mode(name, jupyter_path, tmp_path, monkeypatch):
     monkeypatch.setenv("JUPYTER_PATH", str(jupyter_path))  # where the kernelspec is found
     nb = nbformat.read(NOTEBOOK_DIR / f"{name}.ipynb", as_version=4)

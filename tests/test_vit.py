@@ -321,6 +321,7 @@ def test_compute_dtype_option_builds_mixed_precision():
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a whole training run; the core set checks RevViT's gradients and one step
 def test_revvit_digits_reaches_90_percent(tmp_path):
     from experiments.configs.digits_revvit import get_config
 
