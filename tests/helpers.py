@@ -31,11 +31,16 @@ TINY = TrainConfig(
 )
 
 
+def config_fields(cfg: TrainConfig) -> dict:
+    """``cfg``'s fields by name: JSON for a child process, ``TrainConfig(**fields)`` there."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
 def train_in_child(cfg: TrainConfig, workdir: Path) -> dict:
     """Trains ``cfg`` in ``workdir`` in a child process (tests/train_worker.py: XLA's
     optimisation level 1, for runs whose time is execution) and returns the summary dict of
     `revjax.train.train_and_evaluate` (its numbers and strings)."""
-    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    fields = config_fields(cfg)
     out = Path(workdir).with_name(Path(workdir).name + ".result.json")
     path = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
     done = subprocess.run(

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 import pytest
 from helpers import TINY as HELPERS_TINY
+from helpers import config_fields
 
 from revjax import train
 from revjax.train import TrainConfig, resilience
@@ -184,7 +185,7 @@ def test_sigterm_saves_checkpoint_and_resume_is_bit_identical(uninterrupted, tmp
     """The CLI in a subprocess gets SIGTERM mid-run: it finishes its step, saves, prints the
     resume command and exits 143; the resumed run equals the uninterrupted one bit for bit."""
     config_file = tmp_path / "tiny_config.py"
-    fields = {f.name: getattr(TINY, f.name) for f in dataclasses.fields(TINY)}
+    fields = config_fields(TINY)
     fields.update(num_steps=1000, checkpoint_every=0)
     config_file.write_text(
         "from revjax.train import TrainConfig\n\n\ndef get_config(quick=False):\n"
@@ -326,7 +327,7 @@ def test_two_processes_match_one_and_stop_together(tmp_path):
     # (Fixed-point rounding can turn such a last-bit difference into a grid step; the
     # fixed-point default across device counts is checked in test_train.)
     cfg = dataclasses.replace(TINY, checkpoint_every=0, num_devices=None, arithmetic="float")
-    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    fields = config_fields(cfg)
     workdir, prefix = tmp_path / "work", str(tmp_path / "out")
     port = _free_port()
     procs = []

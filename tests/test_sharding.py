@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import TINY
+from helpers import TINY, config_fields
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from test_rebuild_train import forced_mismatch  # noqa: F401 - a fixture
@@ -354,7 +354,7 @@ SHARDED = dataclasses.replace(TINY, num_devices=None, arithmetic="float", eval_b
 
 
 def _fields(config):
-    return json.dumps({f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
+    return json.dumps(config_fields(config))
 
 
 def _env():
