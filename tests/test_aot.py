@@ -325,6 +325,7 @@ def test_bench_vit_compiles_for_a_target(tmp_path):
     assert results["temp"]["vit"][4] > results["temp"]["vit"][2]  # the twin grows with depth
 
 
+@pytest.mark.slow  # a benchmark script's quick run (experiments/, not the library)
 def test_bench_finetune_compiles_for_a_target(tmp_path):
     """bench_finetune --target: the fine-tuning recipe (AdamW, layer decay, frozen embedding)
     reaches the child, whose figures are those of the same donated step compiled here."""

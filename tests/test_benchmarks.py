@@ -54,6 +54,7 @@ def test_bench_memory_quick(tmp_path):
     assert slopes["res_ckpt"] < slopes["res"]
 
 
+@pytest.mark.slow  # a benchmark script's quick run (experiments/, not the library)
 def test_bench_transitions_quick(tmp_path):
     """Stored vs recomputed transitions with rolled scans (memory and flops only: timing is
     skipped to keep the suite fast): recomputing adds flops, saves memory and keeps the
@@ -68,6 +69,7 @@ def test_bench_transitions_quick(tmp_path):
     assert r["remat"]["temp"] < r["store"]["temp"]
 
 
+@pytest.mark.slow  # a benchmark script's quick run (experiments/, not the library)
 def test_bench_speed_quick(tmp_path):
     rows = bench_speed.main(["--quick", "--out-dir", str(tmp_path)])
     text = _check_outputs(tmp_path, "bench_speed", "python -m experiments.bench_speed --quick")
@@ -89,6 +91,7 @@ def test_bench_batch_refuses_cpu(tmp_path, capsys):
     assert not (tmp_path / "bench_batch.md").exists()
 
 
+@pytest.mark.slow  # a benchmark script's quick run (experiments/, not the library)
 def test_bench_batch_quick_on_cpu(tmp_path):
     rows = bench_batch.main(["--quick", "--allow-cpu", "--out-dir", str(tmp_path)])
     text = _check_outputs(tmp_path, "bench_batch", "--quick --allow-cpu")
@@ -116,6 +119,7 @@ def test_largest_power_of_two(threshold, start, cap, expected):
     assert all(ok == (b <= threshold) for b, ok in tries)
 
 
+@pytest.mark.slow  # a benchmark script's quick run (experiments/, not the library)
 def test_bench_batch_probe_worker_runs_in_a_fresh_process():
     """The path every GPU try takes: a worker process printing one JSON record."""
     overrides = json.dumps({"units_per_stage": [1], "widths": [4, 8]})
@@ -148,6 +152,7 @@ def test_report_helpers(tmp_path):
     )
 
 
+@pytest.mark.slow  # a benchmark script's quick run (experiments/, not the library)
 def test_bench_core_quick(tmp_path):
     out = tmp_path / "bench_core.md"
     rows = bench_core.main(["--quick", "--out", str(out)])

@@ -102,6 +102,7 @@ def test_init_from_resamples_to_a_larger_image(tmp_path, vit):
     assert np.isfinite(np.asarray(big(jnp.ones((1, 16, 16, 3))))).all()
 
 
+@pytest.mark.slow  # a benchmark script's quick run (experiments/, not the library)
 def test_bench_finetune_quick_memory_table(tmp_path):
     from experiments import bench_finetune
 
