@@ -4,7 +4,8 @@ Four measurements, each its own subcommand, each writing ``<out-dir>/bench_lm_<w
 
 * ``accuracy``: nanoGPT's CPU recipe (4 blocks, 4 heads, width 128, context 64, batch 12,
   2000 iterations, dropout 0, AdamW lr 1e-3 -> 1e-4 cosine after 100 warmup steps, beta2 0.99,
-  weight decay 0.1 on matrices, gradient clip 1.0) on ``shakespeare_char`` (prepare it first:
+  weight decay 0.1 on the kernels and both embeddings as the trainer's, gradient clip 1.0, the
+  exact GELU) on ``shakespeare_char`` (prepare it first:
   ``python -m revjax.prepare shakespeare_char``), GPT and RevGPT for each seed; validation loss
   over 2,400 fixed windows of the validation split (nanoGPT: 200 random batches of 12).
   Target: RevGPT within 0.03 of GPT, both <= 1.88 (nanoGPT's figure on tiny-shakespeare).
@@ -78,29 +79,22 @@ MEMORY_VARIANTS = {
 
 def lm_optimizer(steps: int, lr: float, min_lr: float, warmup: int, b2: float,
                  weight_decay: float, clip: float):
+    """nanoGPT's optimizer: clipping, then AdamW on a warmup-cosine schedule, weight decay on
+    what the trainer decays for a language model (`revjax.train.weight_decay_mask`: the
+    kernels and both embeddings)."""
+    import functools
+
     import optax
+
+    from revjax import GPT
+    from revjax.train import weight_decay_mask
 
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps, end_value=min_lr)
     return optax.chain(
         optax.clip_by_global_norm(clip),
         optax.adamw(schedule, b1=0.9, b2=b2, weight_decay=weight_decay,
-                    mask=decay_mask),
+                    mask=functools.partial(weight_decay_mask, model=GPT)),
     )
-
-
-def decay_mask(params):
-    """nanoGPT's weight decay: on every matrix of the unstacked model (the linear layers'
-    kernels, the token and the position embedding), not on biases and norms. The blocks' weights
-    are stacked on a depth axis, so a rank test (``ndim >= 2``) would also decay their biases
-    and norm scales; the leaves' names decide instead."""
-    import jax
-
-    def decayed(path, _):
-        names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
-        names = [n for n in names if n != "value"]
-        return bool(names) and names[-1] in ("kernel", "embedding", "pos_embed")
-
-    return jax.tree_util.tree_map_with_path(decayed, params)
 
 
 def lm_loss(graphdef, params, rest, batch, key=None):
@@ -223,11 +217,13 @@ def run_accuracy(args) -> None:
 
     data = load_text_dataset("shakespeare_char", args.data_dir)
     records, args.merged_from = [], None
-    if args.merge:  # the runs of other seeds from an earlier report (its JSON block)
+    if args.merge:  # the runs of other seeds or models from an earlier report (its JSON block)
         earlier = Path(args.merge).read_text()
         block = earlier.split("```json\n", 1)[1].split("\n```", 1)[0]
-        records = [r for r in json.loads(block) if r["seed"] not in args.seeds]
+        records = [r for r in json.loads(block)
+                   if r["seed"] not in args.seeds or r["model"] not in args.models]
         args.merged_from = earlier.split("`", 2)[1]  # the earlier command, from the header
+        args.merged_runs = ", ".join(f"{r['model']} seed {r['seed']}" for r in records)
     for seed in args.seeds:
         for cls_name in args.models:
             rec = train_one(cls_name, seed, data, args)
@@ -270,8 +266,8 @@ def _accuracy_report(args, data, records) -> None:
             ["model", "validation loss per seed", "mean", "std", "train s / run"], rows),
         f"{diff}Unigram entropy of the validation split: {h:.4f} nats. Train seconds include "
         "the compile and a shared machine's load."
-        + (f" Seeds {sorted({r['seed'] for r in records} - set(args.seeds))} are the runs of "
-           f"`{args.merged_from}` (--merge)." if args.merged_from else ""),
+        + (f" The runs {args.merged_runs} are those of `{args.merged_from}` (--merge)."
+           if args.merged_from else ""),
         "```json\n" + json.dumps(records) + "\n```",
     ])
     suffix = "" if args.bias else "_nobias"
@@ -521,7 +517,7 @@ def main(argv=None) -> None:
     acc.add_argument("--no-bias", dest="bias", action="store_false",
                      help="no biases (nanoGPT's train.py); writes bench_lm_accuracy_nobias.md")
     acc.add_argument("--merge", default=None, metavar="REPORT",
-                     help="keep the other seeds' runs of an earlier bench_lm_accuracy.md")
+                     help="keep the runs of other seeds or models of an earlier report")
     ft = sub.add_parser("finetune")
     ft.add_argument("--seeds", type=int, nargs="+", default=[0])
     ft.add_argument("--pretrain-steps", type=int, default=RECIPE["steps"])

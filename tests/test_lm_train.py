@@ -148,3 +148,135 @@ def test_gpu_check_language_model_stage_on_the_cpu(trained, tmp_path):
     config, model, loss, step_ms, _ = (c.strip() for c in row.strip("|").split("|"))
     assert (config, model) == ("shakespeare_char_revgpt_gpu", "revgpt_char")
     assert 0 < float(loss) < 10 and float(step_ms) > 0
+
+
+# --------------------------------------------------------------------------------------------
+# The recipe: nanoGPT's weight decay, GELU and hyperparameters in the configs
+# --------------------------------------------------------------------------------------------
+
+
+def _decayed_paths(model, owner=None):
+    """(decayed, kept) parameter paths of ``model`` under `weight_decay_mask`."""
+    from flax import nnx
+
+    from revjax.train import weight_decay_mask
+    from revjax.train.sharding import param_path
+
+    params = nnx.state(model, nnx.Param)
+    mask = weight_decay_mask(params, model if owner is None else owner)
+    flags = jax.tree_util.tree_flatten_with_path(mask)[0]
+    decayed = {param_path(p) for p, flag in flags if flag}
+    return decayed, {param_path(p) for p, flag in flags if not flag}
+
+
+@pytest.mark.parametrize("cls_name", ["GPT", "RevGPT"])
+def test_language_models_decay_kernels_and_embeddings(cls_name):
+    """nanoGPT's rule: every linear kernel, the token and the position embedding; no bias or
+    norm scale (the blocks' are stacked [depth, ...], so their rank would not tell)."""
+    from flax import nnx
+
+    import revjax
+
+    small = dict(vocab_size=11, context_length=8, embed_dim=8, depth=2, num_heads=2)
+    model = nnx.eval_shape(lambda: getattr(revjax, cls_name)(rngs=nnx.Rngs(0), **small))
+    decayed, kept = _decayed_paths(model)
+    attn, mlp = ("blocks/f", "blocks/g") if cls_name == "RevGPT" else ("attn", "mlp")
+    assert decayed == {"embed/embedding", "pos_embed", f"{attn}/qkv/kernel",
+                       f"{attn}/proj/kernel", f"{mlp}/fc1/kernel", f"{mlp}/fc2/kernel"}
+    kept_in_blocks = [f"{attn}/{n}" for n in ("norm/scale", "norm/bias", "qkv/bias", "proj/bias")]
+    kept_in_blocks += [f"{mlp}/{n}" for n in ("norm/scale", "norm/bias", "fc1/bias", "fc2/bias")]
+    assert kept == {"norm/scale", "norm/bias", *kept_in_blocks}
+    # The same rule by preset name (the trainer's config.model), and for SwiGLU / RoPE models.
+    assert _decayed_paths(model, owner=cls_name.lower() + "_char_cpu")[0] == decayed
+    variant = nnx.eval_shape(lambda: getattr(revjax, cls_name)(
+        rngs=nnx.Rngs(0), **small, mlp="swiglu", position="rope", norm="rmsnorm", bias=False))
+    decayed, kept = _decayed_paths(variant)
+    assert decayed == {"embed/embedding", f"{attn}/qkv/kernel", f"{attn}/proj/kernel",
+                       f"{mlp}/fc1/kernel", f"{mlp}/gate/kernel", f"{mlp}/fc2/kernel"}
+    assert kept == {"norm/scale", f"{attn}/norm/scale", f"{mlp}/norm/scale"}
+
+
+def test_image_models_decay_kernels_only():
+    """A ViT's position embedding, norms and biases keep no decay (timm's rule), by class,
+    preset name or no model at all."""
+    from flax import nnx
+
+    from revjax import ViT
+    from revjax.train import weight_decay_mask
+
+    vit = nnx.eval_shape(lambda: ViT(rngs=nnx.Rngs(0), image_size=8, patch_size=4, embed_dim=8,
+                                     depth=1, num_heads=2, num_classes=3))
+    decayed, kept = _decayed_paths(vit)
+    assert decayed and all(p.endswith("/kernel") for p in decayed), decayed
+    assert "pos_embed" in kept and "patch_embed/conv/bias" in kept, kept
+    assert not any(p.endswith("/kernel") for p in kept), kept
+    params = nnx.state(vit, nnx.Param)
+    for owner in ("vit_ti16", None):
+        assert weight_decay_mask(params, owner) == weight_decay_mask(params, vit)
+
+
+def test_trainer_decays_a_language_models_embeddings():
+    """The trainer's AdamW (`make_optimizer` of the shakespeare config) decays the token and
+    position embeddings by ``lr * weight_decay * w``; an image model's does not."""
+    import dataclasses as dc
+
+    import jax.numpy as jnp
+    import numpy as np
+
+    from revjax.train import make_optimizer
+
+    config = dc.replace(get_config(), warmup_steps=0, learning_rate=0.1)  # lr 0.1 at step 0
+    params = {"embed": {"embedding": jnp.array([2.0])}, "pos_embed": jnp.array([-4.0]),
+              "mlp": {"fc1": {"kernel": jnp.array([1.0]), "bias": jnp.array([1.0])},
+                      "norm": {"scale": jnp.array([1.0])}}}
+    zeros = jax.tree.map(jnp.zeros_like, params)  # Adam's step is 0: only the decay moves
+    image = dc.replace(config, model="revnet38", dataset="digits")
+    for cfg, decays_embeddings in ((config, True), (image, False)):
+        tx = make_optimizer(cfg)
+        updates, _ = tx.update(zeros, tx.init(params), params)
+        step = -0.1 * 0.1  # -lr * weight_decay
+        np.testing.assert_allclose(updates["mlp"]["fc1"]["kernel"], [step], rtol=1e-6)
+        want = [step * 2.0, step * -4.0] if decays_embeddings else [0.0, 0.0]
+        got = [updates["embed"]["embedding"][0], updates["pos_embed"][0]]
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+        assert float(updates["mlp"]["fc1"]["bias"][0]) == 0.0
+        assert float(updates["mlp"]["norm"]["scale"][0]) == 0.0
+
+
+# nanoGPT's shakespeare_char recipes (its config file and README's CPU command line).
+NANOGPT_CPU = dict(batch_size=12, num_steps=2000, optimizer="adamw", learning_rate=1e-3,
+                   end_learning_rate=1e-4, lr_schedule="cosine", warmup_steps=100, adam_b1=0.9,
+                   adam_b2=0.99, adam_eps=1e-8, weight_decay=0.1, grad_clip_norm=1.0)
+NANOGPT_GPU = dict(NANOGPT_CPU, batch_size=64, num_steps=5000)
+
+
+@pytest.mark.parametrize("name, recipe, shape, mlp", [
+    ("shakespeare_char_gpt", NANOGPT_CPU, (4, 4, 128, 64, 0.0), "gelu_exact"),
+    ("shakespeare_char_revgpt", NANOGPT_CPU, (4, 4, 128, 64, 0.0), "gelu_exact"),
+    ("shakespeare_char_gpt_gpu", NANOGPT_GPU, (6, 6, 384, 256, 0.2), "gelu_exact"),
+    ("shakespeare_char_revgpt_gpu", NANOGPT_GPU, (6, 6, 384, 256, 0.2), "gelu_exact"),
+    # Through a GPT-2 checkpoint, whose export writes GPT-2's tanh GELU only.
+    ("shakespeare_char_gpt_pretrain", NANOGPT_CPU, (4, 4, 128, 64, 0.0), "gelu"),
+])
+def test_configs_are_nanogpts_recipe(name, recipe, shape, mlp):
+    from experiments.train import load_config
+    from revjax import presets
+
+    config = load_config(name, False)
+    assert {k: getattr(config, k) for k in recipe} == recipe
+    arch = {**presets.get(config.model).architecture, **config.model_overrides}
+    assert (arch["depth"], arch["num_heads"], arch["embed_dim"], arch["context_length"],
+            arch.get("dropout", 0.0)) == shape
+    assert arch.get("mlp", "gelu") == mlp
+    assert load_config(name, True).model_overrides.get("mlp", "gelu") == mlp
+
+
+def test_gpt2_export_refuses_the_exact_gelu():
+    from flax import nnx
+
+    from revjax import GPT, pretrained
+
+    gpt = nnx.eval_shape(lambda: GPT(rngs=nnx.Rngs(0), vocab_size=5, context_length=4,
+                                     embed_dim=4, depth=1, num_heads=1, mlp="gelu_exact"))
+    with pytest.raises(ValueError, match="gelu_exact"):
+        pretrained.gpt2_state_dict(gpt)

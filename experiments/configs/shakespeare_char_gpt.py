@@ -3,8 +3,9 @@
 nanoGPT's ``shakespeare_char`` CPU command line (4 blocks, 4 heads, width 128, context 64;
 812,288 parameters with the 84 characters of the prepared text), batch 12, 2,000 iterations,
 dropout 0, AdamW with lr 1e-3 after 100 warmup steps, cosine to 1e-4 at the end, beta2 0.99,
-weight decay 0.1 (on kernels; nanoGPT also decays the embeddings), gradient clipping at norm 1.
-Prepare the data once, then::
+weight decay 0.1 on the linear layers' kernels and the token and position embeddings (nanoGPT's
+rule; `revjax.train.weight_decay_mask`), gradient clipping at norm 1, and nanoGPT's exact (erf)
+GELU (``mlp="gelu_exact"``; the presets keep GPT-2's tanh GELU). Prepare the data once, then::
 
     python -m revjax.prepare shakespeare_char
     python -m experiments.train --config shakespeare_char_gpt --workdir workdirs/sc_gpt
@@ -42,17 +43,26 @@ CPU_RECIPE = dict(
 )
 GPU_RECIPE = dict(CPU_RECIPE, batch_size=64, num_steps=5000, eval_every=250,
                   checkpoint_every=1000, log_every=50)
+# nanoGPT's model beyond the presets' shapes: the erf GELU of PyTorch's nn.GELU() (the presets
+# keep GPT-2's tanh GELU, which GPT-2 checkpoints need).
+NANOGPT_MODEL = {"mlp": "gelu_exact"}
 # A few steps of a tiny model on one device: seconds, for tests and smoke runs.
 QUICK = dict(num_steps=30, warmup_steps=3, batch_size=8, eval_batch_size=32, log_every=10,
              eval_every=0, checkpoint_every=0, num_devices=1)
 QUICK_MODEL = {"embed_dim": 32, "depth": 2, "num_heads": 2, "context_length": 32, "unroll": 1}
 
 
-def make_lm_config(model: str, quick: bool = False, gpu: bool = False) -> TrainConfig:
-    """nanoGPT's CPU recipe (``gpu``: its GPU recipe) for the preset ``model``."""
-    config = TrainConfig(model=model, **(GPU_RECIPE if gpu else CPU_RECIPE))
+def make_lm_config(model: str, quick: bool = False, gpu: bool = False,
+                   gelu_exact: bool = True) -> TrainConfig:
+    """nanoGPT's CPU recipe (``gpu``: its GPU recipe) for the preset ``model``, with nanoGPT's
+    exact GELU (``gelu_exact=False``: the preset's tanh GELU, for a model that travels as a
+    GPT-2 checkpoint: `revjax.pretrained.save_gpt2` writes only that GELU)."""
+    overrides = dict(NANOGPT_MODEL) if gelu_exact else {}
+    config = TrainConfig(model=model, model_overrides=overrides,
+                         **(GPU_RECIPE if gpu else CPU_RECIPE))
     if quick:
-        config = dataclasses.replace(config, model_overrides=QUICK_MODEL, **QUICK)
+        config = dataclasses.replace(config, model_overrides={**overrides, **QUICK_MODEL},
+                                     **QUICK)
     return config
 
 

@@ -1,7 +1,8 @@
 """gpt_char on character-level Shakespeare: nanoGPT's GPU recipe.
 
 6 blocks, 6 heads, width 384, context 256, dropout 0.2, batch 64, 5,000 iterations, AdamW lr
-1e-3 -> 1e-4 (cosine, 100 warmup steps), beta2 0.99, weight decay 0.1, clipping 1::
+1e-3 -> 1e-4 (cosine, 100 warmup steps), beta2 0.99, weight decay 0.1 (kernels and embeddings),
+clipping 1, the exact GELU::
 
     python -m experiments.train --config shakespeare_char_gpt_gpu --workdir workdirs/sc_gpt_gpu
 

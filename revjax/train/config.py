@@ -66,7 +66,9 @@ class TrainConfig:
       lr_boundaries: steps at which the learning rate is multiplied by ``lr_decay``.
       lr_decay: the factor at each boundary.
       momentum: SGD momentum.
-      weight_decay: L2 coefficient added to the gradient of conv and dense kernels.
+      weight_decay: L2 coefficient added to the gradient of conv and dense kernels (a
+        language model's: also of its token and position embeddings, as nanoGPT;
+        `revjax.train.weight_decay_mask`).
       log_every: steps between train-metric records.
       eval_every: steps between evaluations (0: only at the end).
       checkpoint_every: steps between checkpoints (0: only at the end).
@@ -98,7 +100,8 @@ class TrainConfig:
         SIGTERM/SIGINT (one all-gather of an int); one process checks after every step for free.
       optimizer: ``"sgd"`` (the paper's recipe) or ``"adamw"`` (Adam with decoupled weight decay,
         Loshchilov & Hutter: each step also subtracts ``lr_t * weight_decay * w`` from the
-        kernels, outside the adaptive scaling; ``weight_decay`` then means that coefficient).
+        decayed leaves, outside the adaptive scaling; ``weight_decay`` then means that
+        coefficient).
       adam_b1: AdamW's first-moment decay.
       adam_b2: AdamW's second-moment decay.
       adam_eps: AdamW's epsilon.

@@ -3,7 +3,8 @@
 
 The paper's recipe is `sgd`: momentum 0.9, weight decay added to the gradient before momentum
 and applied to conv and dense kernels only, with a `piecewise_constant` learning rate. The
-transformer recipe is `adamw` with `with_warmup` around `cosine_decay`.
+transformer recipe is `adamw` with `with_warmup` around `cosine_decay`; language models also
+decay their token and position embeddings (nanoGPT's rule, `weight_decay_mask`).
 
 Schedules are written out rather than taken from optax, whose piecewise and cosine schedules mix
 float and int dtypes and so fail under ``jax_numpy_dtype_promotion="strict"``.
@@ -11,6 +12,7 @@ float and int dtypes and so fail under ``jax_numpy_dtype_promotion="strict"``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -24,10 +26,14 @@ if TYPE_CHECKING:
     from revjax.train.config import TrainConfig
 
 __all__ = [
+    "DECAYED_LEAVES",
+    "KERNELS",
     "LR_SCHEDULES",
     "OPTIMIZERS",
     "adamw",
+    "config_decay_mask",
     "cosine_decay",
+    "decayed_leaves",
     "learning_rate_schedule",
     "make_optimizer",
     "piecewise_constant",
@@ -38,16 +44,56 @@ __all__ = [
 ]
 
 
-def weight_decay_mask(params: Any) -> Any:
-    """True for conv and dense kernels (leaves named ``kernel``), False for everything else
-    (BatchNorm scale and bias, dense bias)."""
+#: The leaves weight decay applies to, by their last name: conv and dense kernels for image
+#: models (the paper's recipe; timm / DeiT leave biases, norms, position embeddings and class
+#: tokens alone).
+KERNELS: tuple[str, ...] = ("kernel",)
 
-    def is_kernel(path, _):
+#: Model families (class names; subclasses follow their base) that decay more than `KERNELS`.
+#: Language models decay what nanoGPT decays, every matrix of the model: the linear layers'
+#: kernels and the token and position embeddings (the token embedding is also the tied output
+#: head). Their blocks' weights are stacked on a depth axis, so a rank rule (``ndim >= 2``)
+#: would also decay the biases and norm scales; the names decide.
+DECAYED_LEAVES: dict[str, tuple[str, ...]] = {
+    "GPT": ("kernel", "embedding", "pos_embed"),
+    "RevGPT": ("kernel", "embedding", "pos_embed"),
+}
+
+
+def decayed_leaves(model: Any = None) -> tuple[str, ...]:
+    """The leaf names weight decay applies to for ``model`` (a `revjax.presets` name, a model
+    class or module; ``None``: an image model): `DECAYED_LEAVES` of its family, else
+    `KERNELS`."""
+    if model is None:
+        return KERNELS
+    if isinstance(model, str):
+        from revjax import presets
+
+        model = presets.get(model).cls
+    cls = model if isinstance(model, type) else type(model)
+    for base in cls.__mro__:
+        if base.__name__ in DECAYED_LEAVES:
+            return DECAYED_LEAVES[base.__name__]
+    return KERNELS
+
+
+def weight_decay_mask(params: Any, model: Any = None) -> Any:
+    """True for the leaves of ``params`` that weight decay applies to, False for the others.
+
+    Image models (``model`` None or an image preset / class): conv and dense kernels (leaves
+    named ``kernel``); not BatchNorm / LayerNorm scales and biases, dense biases, position
+    embeddings or class tokens. Language models (``model`` a `revjax.GPT` / `revjax.RevGPT`
+    preset name, class or module): also the token embedding (``embedding``, the tied head) and
+    the position embedding (``pos_embed``), as nanoGPT (`decayed_leaves`).
+    """
+    decayed = decayed_leaves(model)
+
+    def is_decayed(path, _):
         names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
         names = [n for n in names if n != "value"]
-        return bool(names) and names[-1] == "kernel"
+        return bool(names) and names[-1] in decayed
 
-    return jax.tree_util.tree_map_with_path(is_kernel, params)
+    return jax.tree_util.tree_map_with_path(is_decayed, params)
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,12 +151,12 @@ def with_warmup(base: optax.Schedule, warmup_steps: int) -> optax.Schedule:
 # --------------------------------------------------------------------------------------------
 
 
-def sgd(learning_rate: optax.ScalarOrSchedule, momentum: float,
-        weight_decay: float) -> optax.GradientTransformation:
-    """SGD + momentum with weight decay on kernels (`weight_decay_mask`) added to the gradient
-    before momentum."""
+def sgd(learning_rate: optax.ScalarOrSchedule, momentum: float, weight_decay: float,
+        mask: Callable[[Any], Any] = weight_decay_mask) -> optax.GradientTransformation:
+    """SGD + momentum with weight decay on the leaves ``mask`` selects (default: kernels,
+    `weight_decay_mask`) added to the gradient before momentum."""
     return optax.chain(
-        optax.add_decayed_weights(weight_decay, mask=weight_decay_mask),
+        optax.add_decayed_weights(weight_decay, mask=mask),
         optax.sgd(learning_rate, momentum=momentum),
     )
 
@@ -130,16 +176,19 @@ def _standard_promotion(tx: optax.GradientTransformation) -> optax.GradientTrans
 
 
 def adamw(learning_rate: optax.ScalarOrSchedule, b1: float, b2: float, eps: float,
-          weight_decay: float) -> optax.GradientTransformation:
-    """AdamW with decoupled weight decay on kernels only (`weight_decay_mask`).
+          weight_decay: float,
+          mask: Callable[[Any], Any] = weight_decay_mask) -> optax.GradientTransformation:
+    """AdamW with decoupled weight decay on the leaves ``mask`` selects.
 
-    ``w -= lr_t * (adam_update + weight_decay * w)`` for conv and dense kernels; biases,
+    ``w -= lr_t * (adam_update + weight_decay * w)`` for those leaves. The default mask
+    (`weight_decay_mask` of an image model) decays conv and dense kernels only: biases,
     LayerNorm / BatchNorm scales and offsets, position embeddings and class tokens are not
-    decayed (their leaves are not named ``kernel``), as in timm / DeiT.
+    decayed, as in timm / DeiT. A language model's mask (``weight_decay_mask(params, model)``)
+    also decays the token and position embeddings, as nanoGPT.
     """
     return _standard_promotion(
         optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-                    mask=weight_decay_mask)
+                    mask=mask)
     )
 
 
@@ -155,10 +204,16 @@ LR_SCHEDULES: dict[str, Callable[[TrainConfig], optax.Schedule]] = {
 }
 
 OPTIMIZERS: dict[str, Callable[[TrainConfig, optax.Schedule], optax.GradientTransformation]] = {
-    "sgd": lambda c, lr: sgd(lr, momentum=c.momentum, weight_decay=c.weight_decay),
+    "sgd": lambda c, lr: sgd(lr, momentum=c.momentum, weight_decay=c.weight_decay,
+                             mask=config_decay_mask(c)),
     "adamw": lambda c, lr: adamw(lr, b1=c.adam_b1, b2=c.adam_b2, eps=c.adam_eps,
-                                 weight_decay=c.weight_decay),
+                                 weight_decay=c.weight_decay, mask=config_decay_mask(c)),
 }
+
+
+def config_decay_mask(config: TrainConfig) -> Callable[[Any], Any]:
+    """The weight-decay mask of ``config``'s model: `weight_decay_mask` for its preset."""
+    return functools.partial(weight_decay_mask, model=config.model)
 
 
 def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
@@ -176,7 +231,9 @@ def warmup_schedule(config: TrainConfig) -> optax.Schedule:
 
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    """The optimizer of ``config``: `sgd` or `adamw` on `learning_rate_schedule`.
+    """The optimizer of ``config``: `sgd` or `adamw` on `learning_rate_schedule`, weight decay
+    on the leaves `weight_decay_mask` selects for ``config.model`` (kernels; a language model's
+    embeddings too).
 
     With ``grad_clip_norm``: the gradient is first clipped to that global norm
     (`optax.clip_by_global_norm`), before weight decay and momentum.
