@@ -19,7 +19,6 @@ import jax.numpy as jnp
 from jax import lax
 
 from revjax._coupling import Coupling
-from revjax._platform import target_platform
 
 Array = jax.Array
 PyTree = Any
@@ -295,30 +294,19 @@ def in_range(arith, peak: Array | None, *outputs: Array) -> tuple[Array, ...]:
     return tuple(jnp.where(ok, y, jnp.asarray(jnp.nan, y.dtype)) for y in outputs)
 
 
-def keeps_outputs(arith) -> bool:
-    """Whether `output_residual` keeps float outputs plus int8 corrections (else the carries):
-    fixed point with float32 halves, traced for a CPU or a GPU (`target_platform`).
-
-    On TPUs int8 arrays are tiled in blocks of 32 x 128 elements on their two minor
-    dimensions: the padding makes the corrections as large as the int32 carries they would
-    replace, and the carries give the smaller train step (the presets tables).
-    """
-    return arith.fixed and jnp.dtype(arith.dtype) == jnp.float32 and target_platform() != "tpu"
-
-
 def output_residual(arith, outputs: tuple[Array, Array], carries: tuple[Array, Array]) -> Any:
     """What a custom VJP keeps of its output carries, for `output_carries` to restore exactly.
 
-    Float carries are the outputs. Fixed-point carries with float32 outputs are kept, where
-    `keeps_outputs`, as the float outputs plus an int8 correction ``c - q(y)``: the outputs
-    are what the next layer's autodiff stores anyway (the next stage's rematerialised entry
-    unit, a BatchNorm), so XLA keeps one float buffer where int32 carries would be a second
-    copy of the same values, and the correction, a quarter of its size, holds the low bits
-    float32 cannot (an int32 carry has at most 7 significant bits beyond float32's 24:
-    ``|c - q(y)| <= 64``). Otherwise the int32 carries (float64 outputs would be twice their
-    size, bfloat16 ones lose too many bits, TPUs pad int8 arrays).
+    Float carries are the outputs. Fixed-point carries with float32 outputs are kept as the
+    float outputs plus an int8 correction ``c - q(y)``: the outputs are what the next layer's
+    autodiff stores anyway (the next stage's rematerialised entry unit, a BatchNorm), so XLA
+    keeps one float buffer where int32 carries would be a second copy of the same values, and
+    the correction, a quarter of its size, holds the low bits float32 cannot (an int32 carry
+    has at most 7 significant bits beyond float32's 24: ``|c - q(y)| <= 64``). Other dtypes
+    keep the int32 carries (float64 outputs would be twice their size, bfloat16 ones lose
+    too many bits).
     """
-    if not keeps_outputs(arith):
+    if not arith.fixed or jnp.dtype(arith.dtype) != jnp.float32:
         return carries
     corrections = tuple(
         (c - quantize(y, arith.frac_bits)).astype(jnp.int8)
@@ -332,7 +320,7 @@ def output_residual(arith, outputs: tuple[Array, Array], carries: tuple[Array, A
 def output_carries(arith, saved: Any) -> tuple[Array, Array]:
     """The output carries `output_residual` kept, bit for bit (while they are in range: out of
     range the outputs are NaN, see `in_range`)."""
-    if not keeps_outputs(arith):
+    if not arith.fixed or jnp.dtype(arith.dtype) != jnp.float32:
         return saved
     outputs, corrections = saved
     return tuple(

@@ -30,7 +30,6 @@ from revjax._blocks import (
     residual_function,
 )
 from revjax._chain import reversible_chain, sequence_segment, shortcut_unit_segment
-from revjax._platform import target_platform
 from revjax._units import default_unroll, tie_to_cotangent
 from revjax.layers import (
     ReversibleSequence,
@@ -101,9 +100,7 @@ def call_entry_rematerialised(
     value only), pulls the cotangent of ``y2`` back through G at ``y1``, then, after an
     optimisation barrier, recomputes F at ``x2`` and pulls back through it, and the shortcuts
     last: as a reversible unit's backward does, so the peak holds one branch's activations.
-    The price is one more F forward per entry unit. Traced for a TPU (`target_platform`) the
-    unit is `call_rematerialised` instead: XLA:TPU's train step is smaller that way (the
-    presets tables).
+    The price is one more F forward per entry unit.
 
     The recomputation waits for the cotangent through the parameters (`tie_to_cotangent` on
     the unit's state), not through the inputs: tying the inputs would make input-sized
@@ -112,8 +109,6 @@ def call_entry_rematerialised(
     merged with the forward's.
     Batch statistics are written back once, from the forward pass.
     """
-    if target_platform() == "tpu":
-        return call_rematerialised(entry, x1, x2, train=train)
     graphdef, state = nnx.split(entry)
     call = pure_call(graphdef)
 
