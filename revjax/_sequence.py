@@ -31,6 +31,7 @@ from revjax._carry import (
 from revjax._coupling import Coupling, get_coupling
 from revjax._units import (
     Branch,
+    UnitParams,
     add_cotangents,
     after,
     check_context,
@@ -42,10 +43,12 @@ from revjax._units import (
     isolates,
     isolation_keeps_pullback,
     rebuilt_output,
+    slices_inside,
     split_unit_key,
     tie_to_cotangent,
     unit_forward,
     unit_inverse,
+    unit_params,
     unit_slice,
     vjp_inexact,
 )
@@ -280,10 +283,14 @@ def scan_forward(
         if count
         else None
     )  # [count, *half.shape] each
+    # Isolated evaluations behind barriers slice their unit's parameters themselves.
+    lazy = slices_inside(s.arith)
 
     def body(carry, xs):
         (a1, a2), bufs, peak = carry
         i, p_f, p_g, key = xs
+        if lazy:
+            p_f, p_g = UnitParams(fp, i), UnitParams(gp, i)
         if bufs is not None:
             keep, slot = exact_slot(i, first, count, k)
             bufs = tuple(
@@ -297,8 +304,9 @@ def scan_forward(
 
     if remat:
         body = jax.checkpoint(body)
+    xs = (jnp.arange(n), None, None, keys) if lazy else (jnp.arange(n), fp, gp, keys)
     ((y1, y2), bufs, peak), (aux, checks) = lax.scan(
-        body, ((c1, c2), bufs, peak), (jnp.arange(n), fp, gp, keys), unroll=s.unroll
+        body, ((c1, c2), bufs, peak), xs, unroll=s.unroll
     )
     return (y1, y2), aux, bufs, peak, checks
 
@@ -404,10 +412,11 @@ def sequence_backward(
         if isolates(arith):
             q = rebuilt_output(arith, fn, params, c, key, context)
             # The pullback's recomputation starts once the isolated evaluation is done, so
-            # their intermediates are never alive at once.
+            # their intermediates are never alive at once (with `UnitParams`, nor is its
+            # slice of the parameters).
             q, params, c = lax.optimization_barrier((q, params, c))
         h, pullback = vjp_inexact(
-            lambda p, a, ctx: fn(p, a, key, ctx)[0], params, arith.view(c), context
+            lambda p, a, ctx: fn(p, a, key, ctx)[0], unit_params(params), arith.view(c), context
         )
         if arith.fixed and q is None:
             q = quantize(h, arith.frac_bits)
@@ -416,9 +425,13 @@ def sequence_backward(
     def rebuild(c, h, q):
         return c - q if q is not None else arith.uncombine(cpl, c, h)
 
+    lazy = slices_inside(arith)
+
     def body(carry, xs):
         b1, b2, db1, db2, dctx, bad = carry
         i, p_f, p_g, key, check = xs
+        if lazy:
+            p_f, p_g = UnitParams(fp, i), UnitParams(gp, i)
         kf, kg = split_unit_key(key)
         b1, b2 = after(b1, b2, db1, db2)
         # G(y1): rebuilds x2, pulls back the cotangent of y2.
@@ -445,10 +458,11 @@ def sequence_backward(
         return (a1, a2, da1, da2, dctx, bad), (dfp, dgp)
 
     bad = jnp.zeros((), jnp.int32)
+    units = (None, None) if lazy else (fp, gp)
     (x1, x2, dx1, dx2, dcontext, bad), (dfp, dgp) = lax.scan(
         body,
         (y1, y2, dy1, dy2, dcontext, bad),
-        (jnp.arange(n), fp, gp, keys, checks),
+        (jnp.arange(n), *units, keys, checks),
         reverse=True,
         unroll=s.unroll,
     )
@@ -550,14 +564,18 @@ def inverse_sequence(
     g_branch = Branch(g, has_aux, keys is not None, context is not None)
     arith = make_carry(arithmetic, frac_bits, jnp.result_type(y1))
 
+    lazy = slices_inside(arith)
+
     def body(carry, xs):
-        fp, gp, key = xs
+        i, fp, gp, key = xs
+        if lazy:  # as the forward's isolated evaluations take them
+            fp, gp = UnitParams(f_params, i), UnitParams(g_params, i)
         return unit_inverse(arith, cpl, f_branch, g_branch, fp, gp, key, context, *carry), None
 
     (c1, c2), _ = lax.scan(
         body,
         (arith.enter(y1), arith.enter(y2)),
-        (f_params, g_params, keys),
+        (jnp.arange(n), None, None, keys) if lazy else (jnp.arange(n), f_params, g_params, keys),
         reverse=True,
         unroll=unroll,
     )

@@ -74,6 +74,32 @@ def unit_slice(tree: PyTree, i: int) -> PyTree:
     return jax.tree.map(lambda a: a[i], tree)
 
 
+class UnitParams(NamedTuple):
+    """Unit ``index``'s parameters, still inside ``stacked`` (leaves with a leading unit axis).
+
+    A scan over units hands its isolated evaluations (`isolated_branch`) this instead of the
+    unit's slice where the isolation is a pair of optimisation barriers (GPU, TPU): the slice
+    is taken after the input barrier, inside the evaluation, so XLA fuses it with the
+    branch's cast of its parameters to the compute dtype. A slice taken before the barrier
+    is held in the parameters' own dtype (float32 beside bfloat16 compute: twice the bytes)
+    through the isolated evaluation and, in the backward, the pullback's recomputation.
+    """
+
+    stacked: PyTree
+    index: Array
+
+    def get(self) -> PyTree:
+        """The unit's slice of every leaf."""
+        return jax.tree.map(
+            lambda a: lax.dynamic_index_in_dim(a, self.index, keepdims=False), self.stacked
+        )
+
+
+def unit_params(params: PyTree) -> PyTree:
+    """The parameters a branch is called with: `UnitParams.get`, or ``params`` as given."""
+    return params.get() if isinstance(params, UnitParams) else params
+
+
 def split_unit_key(key: Array | None) -> tuple[Array | None, Array | None]:
     """One key per unit, split into independent keys for F and G."""
     if key is None:
@@ -172,6 +198,13 @@ def isolation_keeps_pullback() -> bool:
     return target_platform() == "cpu"
 
 
+def slices_inside(arith) -> bool:
+    """Whether scans over units pass `UnitParams` to ``arith``'s isolated evaluations: fixed
+    point with ``rebuild="isolated"`` where the isolation is barriers (not CPU: there the
+    conditional also yields the pullback's residuals with respect to the unit's slice)."""
+    return isolates(arith) and not isolation_keeps_pullback()
+
+
 def _zeros(s: jax.ShapeDtypeStruct) -> Array:
     if jax.dtypes.issubdtype(s.dtype, jax.dtypes.prng_key):
         data = jax.eval_shape(jax.random.key_data, s)
@@ -225,12 +258,14 @@ def _evaluate(arith, branch, operands, linearised=None):
 
 def _isolated(arith, branch, params, c, key, context):
     """``(q, aux, magnitude, residuals, linearised)`` of one isolated evaluation (see
-    `isolated_branch`); residuals and linearised only where `isolation_keeps_pullback`."""
-    operands = (params, arith.view(c), key, context)
+    `isolated_branch`); residuals and linearised only where `isolation_keeps_pullback`.
+    ``params``: the unit's parameters or `UnitParams` (sliced after the input barrier)."""
     if not isolation_keeps_pullback():
-        run = lambda ops: _evaluate(arith, branch, ops)[:3]
-        out = lax.optimization_barrier(run(lax.optimization_barrier(operands)))
+        operands = lax.optimization_barrier((params, arith.view(c), key, context))
+        operands = (unit_params(operands[0]), *operands[1:])
+        out = lax.optimization_barrier(_evaluate(arith, branch, operands)[:3])
         return (*out, (), None)
+    operands = (unit_params(params), arith.view(c), key, context)
     linearised = {}
     run = lambda ops: _evaluate(arith, branch, ops, linearised)
     if not operands[1].size:  # an empty batch: nothing to compute, nothing to isolate
@@ -263,7 +298,8 @@ def isolated_branch(arith, branch, params, c, key, context):
     result times zero), so XLA compiles the two conditionals alike. On GPU and TPU, where a
     conditional costs a predicate read and more memory (RevNet-164's train step on the H100
     target), `lax.optimization_barrier` on the branch's inputs and outputs isolates it, and
-    the backward's pullback recomputes the branch. The choice follows `target_platform` (set
+    the backward's pullback recomputes the branch; there ``params`` may be `UnitParams` (a
+    scan's stacked parameters, sliced inside). The choice follows `target_platform` (set
     `revjax.compiling_for` to trace for another device); the in-step check (`checksum`)
     counts any unit where the isolation did not hold.
 
