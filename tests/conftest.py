@@ -58,42 +58,13 @@ def x64():
         yield
 
 
-def _group(item) -> str | None:
-    mark = item.get_closest_marker("xdist_group")
-    return None if mark is None else str(mark.args[0] if mark.args else mark.kwargs["name"])
-
-
 def pytest_collection_modifyitems(config, items):
-    """Deals the slow tests to the fronts of both halves of the run.
-
-    `make test` runs `pytest -n 2 --dist worksteal`: xdist gives the first half of the list to
-    one worker and the second half to the other, and a worker that runs out takes the end of
-    the other's queue. Slow tests at the front of both halves start early on both workers and
-    leave quick tests, which move freely, for the end. Tests of one `xdist_group` (tests that
-    compile the same programs) stay together, one after the other, so that the second finds
-    the first's programs in the compilation cache. The other tests keep their order (a
-    module's tests on one worker share its module-scoped fixtures).
-    """
-    slow = [item for item in items if item.get_closest_marker("slow") is not None]
-    if not slow:
-        return
-    rest = [item for item in items if item.get_closest_marker("slow") is None]
-    units: list[list] = []
-    grouped: dict[str, list] = {}
-    for item in slow:
-        name = _group(item)
-        if name is None:
-            units.append([item])
-        elif name in grouped:
-            grouped[name].append(item)
-        else:
-            grouped[name] = [item]
-            units.append(grouped[name])
-    halves: tuple[list, list] = ([], [])
-    for unit in units:
-        min(halves, key=len).extend(unit)
-    first = max(0, len(items) // 2 - len(halves[0]))
-    items[:] = halves[0] + rest[:first] + halves[1] + rest[first:]
+    """Tests marked slow first (a stable sort). `make test-all` runs `pytest -n 2` (xdist's
+    `load` scheduling), whose first chunk of a worker holds them: one worker runs the slow
+    tests one after another while the other runs the quick ones (measured faster than dealing
+    them to both workers with `--dist worksteal`, where two heavy multi-process tests at once
+    oversubscribe two cores). `make test` (no slow tests) uses `--dist worksteal`."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 def pytest_unconfigure(config):

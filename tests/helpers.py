@@ -53,12 +53,11 @@ def train_in_child(cfg: TrainConfig, workdir: Path) -> dict:
 
 
 def one_device_env() -> dict[str, str]:
-    """The environment of a child process with one CPU device, as a user has: the suite's other
-    XLA flags (or XLA's defaults when the suite runs without them) and its compilation cache.
-
-    The notebooks' kernels and the drift benchmark's child share it: a cache entry is keyed by
-    the flags and the device count, so programs one of them compiled are cache hits for the
-    other when they run one after the other (their tests share an xdist group)."""
+    """The environment of a child process with one CPU device, as a user has (the notebooks'
+    kernels): the suite's other XLA flags (or XLA's defaults when the suite runs without them),
+    its compilation cache (an entry belongs to one device count, so such children share
+    programs with each other, not with the eight-device workers) and the checkout on the
+    path."""
     inherited = os.environ.get("XLA_FLAGS", "")
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", inherited)
     path = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))

@@ -9,17 +9,12 @@ unrolled 18-unit backward for minutes.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from flax import nnx
-from helpers import ROOT, one_device_env
 
 from experiments import bench_drift
 from revjax import models, reference, relative_error
@@ -294,20 +289,8 @@ def test_exact_every_validated():
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("drift_quick")  # notebook 03 measures the same programs
 def test_bench_drift_quick(tmp_path):
-    # In a child with one device, as notebook 03's kernel: see helpers.one_device_env.
-    out = tmp_path / "results.json"
-    code = (
-        "import json, sys; from experiments import bench_drift; "
-        f"json.dump(bench_drift.main(sys.argv[1:]), open({str(out)!r}, 'w'), default=float)"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code, "--quick", "--out-dir", str(tmp_path)],
-        cwd=ROOT, env=one_device_env(), capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
-    results = json.loads(out.read_text())
+    results = bench_drift.main(["--quick", "--out-dir", str(tmp_path)])
     md, png = tmp_path / "bench_drift.md", tmp_path / "bench_drift.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = md.read_text()

@@ -122,17 +122,8 @@ def _kernel_env() -> dict[str, str]:
     return env
 
 
-# Notebook 03 runs the drift benchmark's quick measurements: on one worker after (or before)
-# that benchmark's test, one of the two finds the other's programs in the compilation cache.
-QUICK_RUNS = [
-    pytest.param(name, marks=pytest.mark.xdist_group("drift_quick"))
-    if name == "03_memory_and_drift" else name
-    for name in NOTEBOOKS
-]
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("name", QUICK_RUNS)
+@pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs_in_quick_mode(name, jupyter_path, tmp_path, monkeypatch):
     monkeypatch.setenv("JUPYTER_PATH", str(jupyter_path))  # where the kernelspec is found
     nb = nbformat.read(NOTEBOOK_DIR / f"{name}.ipynb", as_version=4)
