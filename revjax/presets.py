@@ -25,7 +25,7 @@ from typing import Any
 
 from flax import nnx
 
-__all__ = ["Preset", "build", "get", "names", "register", "twins"]
+__all__ = ["Preset", "build", "family_entry", "get", "names", "register", "twins"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +140,22 @@ def register(
         f"  **overrides: any other {cls.__name__} argument (memory_saving, dropout, dtype, ...).\n"
     )
     return build
+
+
+def family_entry(model: Any, table: Mapping[str, Any]) -> Any:
+    """The entry of ``table`` (keyed by model class name) for ``model`` (a preset name, a model
+    class or a module): its class's, else its nearest base's; None when no class has one.
+
+    Per-family tables (the trainer's sharding rules and weight-decay leaves) look models up
+    through it, so a subclass follows its base.
+    """
+    if isinstance(model, str):
+        model = get(model).cls
+    cls = model if isinstance(model, type) else type(model)
+    for base in cls.__mro__:
+        if base.__name__ in table:
+            return table[base.__name__]
+    return None
 
 
 def names() -> list[str]:

@@ -66,15 +66,9 @@ def decayed_leaves(model: Any = None) -> tuple[str, ...]:
     `KERNELS`."""
     if model is None:
         return KERNELS
-    if isinstance(model, str):
-        from revjax import presets
+    from revjax import presets
 
-        model = presets.get(model).cls
-    cls = model if isinstance(model, type) else type(model)
-    for base in cls.__mro__:
-        if base.__name__ in DECAYED_LEAVES:
-            return DECAYED_LEAVES[base.__name__]
-    return KERNELS
+    return presets.family_entry(model, DECAYED_LEAVES) or KERNELS
 
 
 def weight_decay_mask(params: Any, model: Any = None) -> Any:

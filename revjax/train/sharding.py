@@ -140,14 +140,13 @@ def family_rules(model: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
     Raises:
       ValueError: no table for the model's class (or any of its bases).
     """
-    if isinstance(model, str):
-        from revjax import presets
+    from revjax import presets
 
-        model = presets.get(model).cls
-    cls = model if isinstance(model, type) else type(model)
-    for base in cls.__mro__:
-        if base.__name__ in FAMILY_RULES:
-            return FAMILY_RULES[base.__name__]
+    rules = presets.family_entry(model, FAMILY_RULES)
+    if rules is not None:
+        return rules
+    cls = presets.get(model).cls if isinstance(model, str) else model
+    cls = cls if isinstance(cls, type) else type(cls)
     raise ValueError(
         f"No sharding rules for {cls.__name__}; known families: {', '.join(FAMILY_RULES)}. Add "
         "its table to revjax.train.sharding.FAMILY_RULES or pass rules= explicitly."
