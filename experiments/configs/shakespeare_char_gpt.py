@@ -44,7 +44,7 @@ CPU_RECIPE = dict(
 GPU_RECIPE = dict(CPU_RECIPE, batch_size=64, num_steps=5000, eval_every=250,
                   checkpoint_every=1000, log_every=50)
 # nanoGPT's model beyond the presets' shapes: the erf GELU of PyTorch's nn.GELU() (the presets
-# keep GPT-2's tanh GELU, which GPT-2 checkpoints need).
+# keep GPT-2's tanh GELU; a GPT-2 checkpoint names either in its activation_function).
 NANOGPT_MODEL = {"mlp": "gelu_exact"}
 # A few steps of a tiny model on one device: seconds, for tests and smoke runs.
 QUICK = dict(num_steps=30, warmup_steps=3, batch_size=8, eval_batch_size=32, log_every=10,
@@ -52,12 +52,10 @@ QUICK = dict(num_steps=30, warmup_steps=3, batch_size=8, eval_batch_size=32, log
 QUICK_MODEL = {"embed_dim": 32, "depth": 2, "num_heads": 2, "context_length": 32, "unroll": 1}
 
 
-def make_lm_config(model: str, quick: bool = False, gpu: bool = False,
-                   gelu_exact: bool = True) -> TrainConfig:
+def make_lm_config(model: str, quick: bool = False, gpu: bool = False) -> TrainConfig:
     """nanoGPT's CPU recipe (``gpu``: its GPU recipe) for the preset ``model``, with nanoGPT's
-    exact GELU (``gelu_exact=False``: the preset's tanh GELU, for a model that travels as a
-    GPT-2 checkpoint: `revjax.pretrained.save_gpt2` writes only that GELU)."""
-    overrides = dict(NANOGPT_MODEL) if gelu_exact else {}
+    exact GELU."""
+    overrides = dict(NANOGPT_MODEL)
     config = TrainConfig(model=model, model_overrides=overrides,
                          **(GPU_RECIPE if gpu else CPU_RECIPE))
     if quick:

