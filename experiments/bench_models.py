@@ -390,6 +390,17 @@ def to_markdown_target(results: dict, head: str, target: aot.Target) -> str:
         for rev, r in results.items()
         if "donated" in r["lines"].get("rev", {})
     ]
+    # A compile whose temporaries libtpu keeps out of `temp_size_in_bytes` (it reports 0) still
+    # has a peak: name it, so that a 0.0 in the table is not read as no activation memory.
+    unreported = [
+        f"{(rev, r['twin'])[which]}, {label}: {_report.fmt_mib(m['peak'])} MiB peak, "
+        f"{_report.fmt_mib(m['argument'] + m['output'])} MiB arguments + outputs"
+        for rev, r in results.items()
+        for key, (label, which, _) in MEMORY_LINES.items()
+        if (m := r["lines"].get(key, {}).get("memory")) is not None
+        and m["temp"] == 0
+        and m.get("peak", 0) > m["argument"] + m["output"]
+    ]
     memory = target.memory_label
     notes = [
         f"Temp MiB: compiled temporary bytes of the trainer's full train step (forward, backward, "
@@ -407,6 +418,14 @@ def to_markdown_target(results: dict, head: str, target: aot.Target) -> str:
             "Temp MiB of the defaults' step with the state donated, as the training loop and "
             "`python -m experiments.aot --target NAME --model PRESET --batch N` compile it "
             "(donation changes XLA's buffer assignment): " + ", ".join(donated) + ".",
+        ]
+    if unreported:
+        notes += [
+            "",
+            "Temp 0.0: the compiler reported no temporary bytes (`temp_size_in_bytes` 0) although "
+            "the program's peak (`peak_memory_in_bytes`) exceeds its arguments and outputs, so "
+            "its temporaries are held where that count does not look; they need at least the peak "
+            "minus arguments and outputs: " + "; ".join(unreported) + ".",
         ]
     out = [head, "", _report.markdown_table(columns, rows), "", *notes]
     if flops_rows:
@@ -452,6 +471,12 @@ def main(argv: list[str] | None = None) -> dict:
         f"{' '.join(MEMORY_LINES)}",
     )
     parser.add_argument(
+        "--suffix",
+        default="",
+        help="with --target: appended to the table's file name (bench_models_TARGET_SUFFIX.md), "
+        "for a table of some presets beside the full one",
+    )
+    parser.add_argument(
         "--flops",
         action="store_true",
         help="with --target: also FLOPs of the RevNets with transitions stored vs recomputed",
@@ -482,7 +507,7 @@ def main(argv: list[str] | None = None) -> dict:
             head = _report.target_header(
                 NAME, details, _report.command_line(MODULE, argv), aot.describe(target, info)
             )
-            name = f"{NAME}_{target.name}"
+            name = f"{NAME}_{target.name}" + (f"_{args.suffix}" if args.suffix else "")
             _report.write_report(args.out, name, to_markdown_target(results, head, target))
 
         info, results = measure_on_target(pairs, datasets, base, args, on_partial=write)

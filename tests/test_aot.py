@@ -231,6 +231,35 @@ def test_memory_lines_name_the_arithmetic():
         assert "rev_float" not in lines
 
 
+def test_bench_models_table_names_the_peak_of_an_unreported_temp():
+    """A compile whose temp libtpu reports as 0 although its peak exceeds its arguments and
+    outputs gets a note with that peak; a row with temp counted gets none."""
+    mib = 2**20
+
+    def record(temp, peak):
+        return {"params": 10, "temp": temp * mib, "peak": peak * mib, "argument": 3 * mib,
+                "output": 2 * mib, "trace_lower_s": 1.0, "compile_s": 2.0}  # fmt: skip
+
+    results = {
+        "revnet38": {
+            "twin": "resnet32",
+            "batch": 128,
+            "lines": {
+                "rev": {"memory": record(84, 80)},
+                "rev_invertible": {"memory": record(0, 92.5)},
+                "res": {"memory": record(300, 290)},
+            },
+        }
+    }
+    text = bench_models.to_markdown_target(results, "head", aot.get_target("tpu-v5e"))
+    note = text.split("Temp 0.0:")[1]
+    assert "downsample='invertible': 92.5 MiB peak, 5.0 MiB arguments + outputs" in note
+    assert "defaults" not in note and "ResNet twin" not in note
+    results["revnet38"]["lines"]["rev_invertible"]["memory"] = record(70, 92.5)
+    text = bench_models.to_markdown_target(results, "head", aot.get_target("tpu-v5e"))
+    assert "Temp 0.0:" not in text
+
+
 @pytest.mark.slow
 def test_benchmarks_compile_for_a_target(tmp_path, capsys):
     """bench_models and bench_batch with ``--target cpu``: compiled in the child, the tables

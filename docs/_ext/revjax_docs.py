@@ -38,6 +38,7 @@ RESULT_PAGES: dict[str, tuple[str, ...]] = {
         "bench_models_a100-40",
         "bench_batch_tpu-v5e",
         "bench_models_tpu-v5e",
+        "bench_models_tpu-v5e_revnet38_110",
         "aot_mesh_vit_l16_tpu-v5e-2x4",
         "aot_mesh_vit_l16_h100x8",
         "aot_mesh_vit_l16_tpu-v5p-8",
