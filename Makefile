@@ -40,7 +40,7 @@ test: $(VENV)/.test
 
 test-all: $(VENV)/.test-all
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -n 2
+	$(PY) -m pytest -q -n 2 --dist worksteal
 
 # The package as users get it: sdist and wheel built in isolation, the wheel (not editable)
 # installed in a clean venv with its dependencies plus grain (`python -m revjax.prepare` reads

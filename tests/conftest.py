@@ -59,12 +59,29 @@ def x64():
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked slow first (a stable sort). `make test-all` runs `pytest -n 2` (xdist's
-    `load` scheduling), whose first chunk of a worker holds them: one worker runs the slow
-    tests one after another while the other runs the quick ones (measured faster than dealing
-    them to both workers with `--dist worksteal`, where two heavy multi-process tests at once
-    oversubscribe two cores). `make test` (no slow tests) uses `--dist worksteal`."""
+    """Tests marked slow first (a stable sort). Both `make` targets run `pytest -n 2 --dist
+    worksteal`: each worker gets a contiguous half of this order, so one starts on the slow
+    tests and the other on quick ones, and an idle worker takes the end of the other's queue
+    (quick tests first, the last slow ones at the end). xdist's default `load` scheduling
+    hands each worker a first chunk of a quarter of its share, which put every slow test on
+    one worker for the whole run."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+@pytest.fixture(autouse=True)
+def _one_multi_process_test_at_a_time(request, tmp_path_factory):
+    """Tests marked `two_processes` start two JAX processes that wait on each other's
+    collectives; two such tests at once on two cores would each run at a fraction of their
+    speed. A file lock shared by the xdist workers (the run's common temporary directory)
+    lets one run at a time; every other test runs beside them."""
+    if request.node.get_closest_marker("two_processes") is None:
+        yield
+        return
+    import filelock
+
+    shared = tmp_path_factory.getbasetemp().parent
+    with filelock.FileLock(str(shared / "two_processes.lock")):
+        yield
 
 
 def pytest_unconfigure(config):

@@ -319,6 +319,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.two_processes
 def test_two_processes_match_one_and_stop_together(tmp_path):
     """2 processes x 2 CPU devices (jax.distributed, Gloo), each reading its own shard: train to
     a checkpoint at step 2, resume, and get SIGTERM at process 1 only: both stop at the same

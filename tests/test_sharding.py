@@ -415,6 +415,7 @@ def test_checkpoint_restores_on_another_mesh_and_device_count(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.two_processes
 def test_two_processes_of_four_devices_equal_one_of_eight(tmp_path):
     """A (1, 8, 1) mesh over 2 processes x 4 CPU devices (jax.distributed, each process
     reading its own half of the batch, fsdp across the processes) trains to the checkpoint
