@@ -372,15 +372,18 @@ class Flat:
 
 def _cone(flat: Flat, root) -> set:
     """The nodes ``root`` depends on, not crossing integer values (the int32 carries a branch
-    reads, loop indices) nor the loop's parameters."""
+    reads, loop indices) nor the loop's parameters (an element of one included)."""
     cone, todo = set(), [root]
     while todo:
         node = todo.pop()
         if node is None or node in cone:
             continue
         instr = flat.instr(node)
-        boundary = instr.shape.startswith(("s32", "u32"))
-        if node != root and (boundary or instr.opcode in ("parameter", "get-tuple-element")):
+        boundary = instr.shape.startswith(("s32", "u32")) or instr.opcode == "parameter"
+        if instr.opcode == "get-tuple-element":  # of a custom call's or a loop's result
+            source = flat.operands(node)[0]
+            boundary = boundary or source is None or flat.instr(source).opcode == "parameter"
+        if node != root and boundary:
             continue
         cone.add(node)
         todo.extend(flat.operands(node))
