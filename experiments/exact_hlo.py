@@ -1,26 +1,29 @@
 """Is the backward's rebuild of F and G the forward's computation? Compiled HLO, per target.
 
-Compiles the gradient of a fixed-point `revjax.ReversibleSequence` (``rebuild="isolated"``,
-rolled: ``unroll=1``, as GPUs and TPUs run it) for a GPU or TPU target without the device
-(deviceless ahead-of-time compilation, as ``experiments.aot``, traced inside
-`revjax.compiling_for` the target's platform), for a conv unit (F = G = conv + BatchNorm +
-ReLU + conv, bfloat16 compute) and a transformer unit (F = LayerNorm + attention, G = LayerNorm
-+ exact-GELU MLP, float32 and bfloat16 compute). In the optimised HLO an isolated branch
-evaluation is, on CPU, a ``conditional`` whose true branch computation is the F or G
-evaluation, and on GPU and TPU the instructions between two ``opt-barrier``s: those the output
-barrier's int32 rounded output depends on, back to the input barrier. The script prints, per
-case, each while-loop body's isolated branches as op sequences (opcodes, fusion kinds and the
-fused computations' ops, custom-call targets, shapes; names stripped; only what the int32
-rounded output depends on) and whether the forward loop's and the backward loop's are
-identical.
+Compiles the gradient of a fixed-point `revjax.ReversibleSequence` (rolled: ``unroll=1``, as
+GPUs and TPUs run it) for a GPU or TPU target without the device (deviceless ahead-of-time
+compilation, as ``experiments.aot``, traced inside `revjax.compiling_for` the target's
+platform), for a conv unit (F = G = conv + BatchNorm + ReLU + conv, bfloat16 compute) and a
+transformer unit (F = LayerNorm + attention, G = LayerNorm + exact-GELU MLP, float32 and
+bfloat16 compute), in both rebuild modes:
 
-Run it with the target's interpreter (it needs the CUDA or TPU plugin)::
+- ``rebuild="isolated"``: an isolated branch evaluation is, on CPU, a ``conditional`` whose
+  true branch computation is the F or G evaluation, and on GPU and TPU the instructions
+  between two ``opt-barrier``s that the output barrier's int32 rounded output depends on.
+- ``rebuild="pullback"``: no barriers; in the final program, the computation each rounding to
+  the grid depends on (`rounding_cones`): F and G in the forward loop, the pullback's
+  recomputation (from which the rebuild is taken) in the backward loop.
+
+It prints, per case, each while-loop body's evaluations as op sequences (opcodes, fusion kinds
+and the fused ops, custom-call targets, shapes; names stripped) and whether the forward loop's
+and the backward loop's are identical. Run it with the target's interpreter (it needs the CUDA
+or TPU plugin)::
 
     PYTHONPATH=. .venv-aot-cuda/bin/python -m experiments.exact_hlo --target h100
     PYTHONPATH=. .venv-aot-tpu/bin/python -m experiments.exact_hlo --target tpu-v5e
 
-``--target cpu`` compiles for this host (no plugin needed; the tests' smoke run). Writes
-``<out-dir>/exact_hlo_<target>.md``.
+``--target cpu`` compiles for this host (no plugin needed); ``--rebuild`` picks the modes.
+Writes ``<out-dir>/exact_hlo_<target>.md``.
 """
 
 from __future__ import annotations
@@ -47,8 +50,14 @@ def _devices(target: str):
     return target_devices(AOT_TARGETS[target])
 
 
-def compiled_text(kind: str, dtype: str, target: str, units: int = 4) -> str:
-    """Optimised HLO of one jitted gradient of a fixed-point sequence, compiled for ``target``."""
+def compiled_text(
+    kind: str, dtype: str, target: str, units: int = 4, rebuild: str = "isolated"
+) -> str:
+    """Optimised HLO of one jitted gradient of a fixed-point sequence, compiled for ``target``:
+    with ``rebuild="isolated"`` the module the isolated branches are read from (see
+    `_before_barrier_expansion`, `_last_with_barriers`), with ``"pullback"`` the final program.
+    The gradient includes the `revjax.RebuildMismatches` count, as a training step's does, so
+    the rebuild checksums are part of the program."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -60,9 +69,9 @@ def compiled_text(kind: str, dtype: str, target: str, units: int = 4) -> str:
     width = 64
     make_f, make_g = _branches(kind, jnp.dtype(dtype), width)
     seq = revjax.ReversibleSequence(
-        make_f, make_g, units, rngs=nnx.Rngs(0), arithmetic="fixed", unroll=1
+        make_f, make_g, units, rngs=nnx.Rngs(0), arithmetic="fixed", unroll=1, rebuild=rebuild
     )
-    graphdef, params, rest = nnx.split(seq, nnx.Param, ...)
+    graphdef, params, rest = nnx.split(seq, nnx.Any(nnx.Param, revjax.RebuildMismatches), ...)
     shape = (32, 16, 16, width) if kind == "conv" else (8, 128, width)
 
     def grad(params, rest, x1, x2):
@@ -81,7 +90,10 @@ def compiled_text(kind: str, dtype: str, target: str, units: int = 4) -> str:
         text = jax.jit(grad).lower(*args).compile().as_text()
     platform = AOT_TARGETS[target].platform
     dumped = {"cuda": _before_barrier_expansion, "tpu": _last_with_barriers}.get(platform)
-    dumped = dumped() if dumped is not None else None
+    if rebuild == "pullback" or dumped is None:
+        shutil.rmtree(DUMP_DIR, ignore_errors=True)
+        return text
+    dumped = dumped()
     return dumped if dumped is not None else text
 
 
@@ -163,7 +175,7 @@ def _split_top(text: str) -> list[str]:
 
 def parse(text: str) -> dict[str, list[Instr]]:
     """Computations of an HLO module: name -> instructions in text order."""
-    comps, current = {}, None
+    comps, current, roots = {}, None, {}
     for line in text.splitlines():
         head = re.match(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
         if head and " = " not in line:
@@ -183,9 +195,16 @@ def parse(text: str) -> dict[str, list[Instr]]:
             continue
         opcode = m.group(1)
         end = _balanced(rest, m.end() - 1)
-        operands = [p.split()[-1].lstrip("%") for p in _split_top(rest[m.end() : end - 1])]
-        current.append(Instr(name, re.sub(r"\{[^}]*\}", "", shape), opcode, operands,
-                             rest[end:]))  # fmt: skip
+        args = re.sub(r"/\*.*?\*/", "", rest[m.end() : end - 1])  # /*index=5*/ comments
+        operands = [p.split()[-1].lstrip("%") for p in _split_top(args)]
+        instr = Instr(name, re.sub(r"\{[^}]*\}", "", shape), opcode, operands, rest[end:])
+        roots[id(current)] = instr if lhs.lstrip().startswith("ROOT") else roots.get(id(current))
+        current.append(instr)
+    for body in comps.values():  # the root last, as `_rounded_output_cone` reads it
+        root = roots.get(id(body))
+        if root is not None and body[-1] is not root:
+            body.remove(root)
+            body.append(root)
     return comps
 
 
@@ -285,6 +304,162 @@ def barrier_branches(comp: list[Instr], comps) -> list[list[str]]:
     return found
 
 
+# ---------------------------------------------------------------------------------------------
+# rebuild="pullback": the roundings' dependency cones in the final program
+# ---------------------------------------------------------------------------------------------
+
+
+class Flat:
+    """A computation's dataflow with its fusions opened.
+
+    A node is ``(path, name)``: ``path`` the fusion instructions entered from the top
+    computation, ``name`` an instruction of the computation there. A fused computation's
+    parameter is its fusion's operand, and a tuple element taken from a fusion is the operand
+    of the fused root tuple: `value` follows both.
+    """
+
+    def __init__(self, comps: dict[str, list[Instr]], top: str):
+        self.comps, self.top, self._tables = comps, top, {}
+
+    def table(self, path: tuple) -> dict[str, Instr]:
+        if path not in self._tables:
+            if path:
+                fusion = self.table(path[:-1])[path[-1]]
+                body = self.comps.get(_attr(fusion, "calls") or "", [])
+            else:
+                body = self.comps[self.top]
+            self._tables[path] = {i.name: i for i in body}
+        return self._tables[path]
+
+    def instr(self, node) -> Instr:
+        return self.table(node[0])[node[1]]
+
+    def value(self, path: tuple, name: str):
+        """The node that computes ``name`` (in the computation at ``path``); None if unknown."""
+        instr = self.table(path).get(name)
+        if instr is None:
+            return None
+        if instr.opcode == "parameter" and path:
+            fusion = self.table(path[:-1])[path[-1]]
+            return self.value(path[:-1], fusion.operands[int(instr.operands[0])])
+        if instr.opcode == "fusion":
+            body = self.comps.get(_attr(instr, "calls") or "", [])
+            return self.value(path + (name,), body[-1].name) if body else (path, name)
+        if instr.opcode == "get-tuple-element":
+            src = self.value(path, instr.operands[0])
+            if src is not None and self.instr(src).opcode == "tuple":
+                index = int(re.search(r"index=(\d+)", instr.attrs).group(1))
+                return self.value(src[0], self.instr(src).operands[index])
+        return (path, name)
+
+    def operands(self, node) -> list:
+        return [self.value(node[0], op) for op in self.instr(node).operands]
+
+    def nodes(self, path: tuple = ()):
+        """Every node in text order, each fusion opened where it stands."""
+        for instr in self.table(path).values():
+            if instr.opcode == "fusion":
+                yield from self.nodes(path + (instr.name,))
+            elif not path or instr.opcode not in ("parameter", "tuple", "get-tuple-element"):
+                yield (path, instr.name)
+
+    def kinds(self, path: tuple) -> str:
+        """The fusion kinds along ``path``, outermost first (``kOutput>kLoop``)."""
+        return ">".join(
+            _attr(self.table(path[:i])[path[i]], "kind") or "?" for i in range(len(path))
+        )
+
+
+def _cone(flat: Flat, root) -> set:
+    """The nodes ``root`` depends on, not crossing integer values (the int32 carries a branch
+    reads, loop indices) nor the loop's parameters (an element of one included)."""
+    cone, todo = set(), [root]
+    while todo:
+        node = todo.pop()
+        if node is None or node in cone:
+            continue
+        instr = flat.instr(node)
+        boundary = instr.shape.startswith(("s32", "u32")) or instr.opcode == "parameter"
+        if instr.opcode == "get-tuple-element":  # of a custom call's or a loop's result
+            source = flat.operands(node)[0]
+            boundary = boundary or source is None or flat.instr(source).opcode == "parameter"
+        if node != root and boundary:
+            continue
+        cone.add(node)
+        todo.extend(flat.operands(node))
+    return cone
+
+
+def _cone_signature(flat: Flat, root, cone: set) -> str:
+    """A digest of the cone that does not depend on instruction order or names: each node
+    hashed with its opcode, shape, enclosing fusion kinds and its operands' hashes (inputs from
+    outside the cone by shape), and the cone's partition into top-level fusions."""
+    memo = {}
+
+    def node_hash(node):
+        if node not in memo:
+            instr = flat.instr(node)
+            ops = ",".join(
+                node_hash(o) if o in cone else f"in {flat.instr(o).shape if o else '?'}"
+                for o in flat.operands(node)
+            )
+            memo[node] = digest([f"{instr.opcode} {instr.shape} @{flat.kinds(node[0])}({ops})"])
+        return memo[node]
+
+    groups = collections.defaultdict(list)
+    for node in cone:
+        groups[node[0][:1] or (node[1],)].append(node_hash(node))
+    return digest([node_hash(root), *sorted(",".join(sorted(g)) for g in groups.values())])
+
+
+def _cone_listing(flat: Flat, cone: set) -> list[str]:
+    """The cone, one line per top-level instruction (a fusion: its kind and the ops of the
+    cone inside it, nested fusions' kinds in parentheses), in text order."""
+    lines, group = [], None
+    for node in flat.nodes():
+        if node not in cone:
+            continue
+        instr = flat.instr(node)
+        op = f"{instr.opcode} {instr.shape}"
+        if instr.opcode == "custom-call":
+            op += f" [{_attr(instr, 'custom_call_target')}]"
+        top = node[0][:1]
+        if len(node[0]) > 1:
+            op = f"({flat.kinds(node[0]).split('>', 1)[1]}) {op}"
+        if not top or top != group:
+            lines.append(f"fusion [{flat.kinds(top)}]: {op}" if top else op)
+        else:
+            lines[-1] += f", {op}"
+        group = top
+    return lines
+
+
+def rounding_cones(text: str) -> list[tuple[str, list[tuple[str, list[str]]]]]:
+    """``(while body, [(signature, listing), ...])`` for every loop body that rounds a float
+    to the grid: one entry per ``round-nearest-even``, the computation its rounded value
+    depends on (`_cone`), from the carries' float view to the rounding. With
+    ``rebuild="pullback"`` the forward loop's are F and G of the forward, the backward loop's
+    the pullback's recomputation, which the rebuild takes."""
+    comps = parse(text)
+    bodies = [
+        (_attr(i, "body") or "").lstrip("%")
+        for comp in comps.values() for i in comp if i.opcode == "while"
+    ]  # fmt: skip
+    out = []
+    for body in bodies:
+        if body not in comps:
+            continue
+        flat = Flat(comps, body)
+        found = []
+        for node in flat.nodes():
+            if flat.instr(node).opcode == "round-nearest-even":
+                cone = _cone(flat, node)
+                found.append((_cone_signature(flat, node, cone), _cone_listing(flat, cone)))
+        if found:
+            out.append((body, found))
+    return out
+
+
 def analyse(text: str) -> list[tuple[str, list[list[str]]]]:
     """``(computation, its isolated branches)`` for every computation that has any
     (conditionals on CPU, barrier-delimited regions on GPU and TPU)."""
@@ -301,7 +476,47 @@ def digest(ops: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(ops).encode()).hexdigest()[:10]
 
 
-def report(target: str, cases: Sequence[tuple[str, str]], argv: Sequence[str]) -> str:
+def _isolated_section(kind: str, dtype: str, target: str) -> list[str]:
+    found = analyse(compiled_text(kind, dtype, target))
+    lines, sigs = [f"### {kind}, {dtype} compute", ""], []
+    for name, regions in found:
+        sig = sorted(digest(r) for r in regions)
+        sigs.append(sig)
+        listed = ", ".join(f"{digest(r)} ({len(r)} ops)" for r in regions)
+        lines.append(f"- `{name}`: {listed}")
+    loops = [s for s in sigs if len(s) >= 2]
+    same = len(loops) >= 2 and all(s == loops[0] for s in loops)
+    lines += ["", f"same: **{'yes' if same else 'no'}** ({len(loops)} loop bodies)", ""]
+    if found:
+        for r in found[0][1]:
+            lines += [f"<details><summary>{digest(r)}</summary>", "", "```"]
+            lines += r + ["```", "", "</details>", ""]
+    print(f"  isolated {kind} {dtype}: same={same} {sigs}", flush=True)
+    return lines
+
+
+def _pullback_section(kind: str, dtype: str, target: str) -> list[str]:
+    found = rounding_cones(compiled_text(kind, dtype, target, rebuild="pullback"))
+    lines, sigs, listings = [f"### {kind}, {dtype} compute", ""], [], {}
+    for name, cones in found:
+        sigs.append(sorted(sig for sig, _ in cones))
+        listed = ", ".join(f"{sig} ({len(listing)} top-level ops)" for sig, listing in cones)
+        lines.append(f"- `{name}`: {listed}")
+        listings.update(cones)
+    loops = [s for s in sigs if len(s) >= 2]
+    same = len(loops) >= 2 and all(s == loops[0] for s in loops)
+    lines += ["", f"same: **{'yes' if same else 'no'}** ({len(loops)} loop bodies)", ""]
+    for sig, listing in listings.items():
+        lines += [f"<details><summary>{sig}</summary>", "", "```", *listing, "```", ""]
+        lines += ["</details>", ""]
+    print(f"  pullback {kind} {dtype}: same={same} {sigs}", flush=True)
+    return lines
+
+
+def report(
+    target: str, cases: Sequence[tuple[str, str]], argv: Sequence[str],
+    rebuilds: Sequence[str] = ("isolated", "pullback"),
+) -> str:  # fmt: skip
     from experiments import _report  # imports jax: after the target's environment is set
 
     label = {"cpu": "CPU"}.get(target, target)
@@ -317,39 +532,48 @@ def report(target: str, cases: Sequence[tuple[str, str]], argv: Sequence[str]) -
     )
     lines = [
         _report.header(
-            f"Isolated F/G in the compiled forward and backward, {label} target",
-            "op sequences of the forward's and the backward's isolated branches",
+            f"F/G in the compiled forward and the backward's rebuild, {label} target",
+            "op sequences of the forward's F/G and the backward's rebuilding F/G, "
+            + " and ".join(f"rebuild={r!r}" for r in rebuilds),
             _report.command_line("experiments.exact_hlo", argv),
         ),
         "",
-        "Gradient of a fixed-point `ReversibleSequence` of 4 units (width 64; conv: batch 32, "
-        "16x16; transformer: batch 8, 128 tokens, 4 heads), `unroll=1`. Per while-loop body "
-        f"holding isolated branch evaluations ({where}): each branch's op sequence digest and "
-        "length "
-        "(opcodes, shapes, fusion kinds with their fused ops, custom-call targets; names "
-        "stripped; the instructions the int32 rounded output depends on). `same`: the forward "
-        "loop's branches and the backward loop's are the same "
-        "op sequences (as multisets).",
+        "Gradient (parameters and the rebuild-mismatch count, as a training step takes it) of "
+        "a fixed-point `ReversibleSequence` of 4 units (width 64; conv: batch 32, 16x16; "
+        "transformer: batch 8, 128 tokens, 4 heads), `unroll=1`. `same`: the forward loop's "
+        "and the backward loop's are the same op sequences (as multisets).",
         "",
     ]
-    for kind, dtype in cases:
-        found = analyse(compiled_text(kind, dtype, target))
-        lines += [f"## {kind}, {dtype} compute", ""]
-        sigs = []
-        for name, regions in found:
-            sig = sorted(digest(r) for r in regions)
-            sigs.append(sig)
-            listed = ", ".join(f"{digest(r)} ({len(r)} ops)" for r in regions)
-            lines.append(f"- `{name}`: {listed}")
-        loops = [s for s in sigs if len(s) >= 2]
-        same = len(loops) >= 2 and all(s == loops[0] for s in loops)
-        lines += ["", f"same: **{'yes' if same else 'no'}** ({len(loops)} loop bodies)", ""]
-        if found:
-            first = found[0][1]
-            for r in first:
-                lines += [f"<details><summary>{digest(r)}</summary>", "", "```"]
-                lines += r + ["```", "", "</details>", ""]
-        print(f"  {kind} {dtype}: same={same} {sigs}", flush=True)
+    if "isolated" in rebuilds:
+        lines += [
+            "## rebuild='isolated'",
+            "",
+            f"Per while-loop body holding isolated branch evaluations ({where}): each branch's "
+            "op sequence digest and length (opcodes, shapes, fusion kinds with their fused ops, "
+            "custom-call targets; names stripped; the instructions the int32 rounded output "
+            "depends on).",
+            "",
+        ]
+        for kind, dtype in cases:
+            lines += _isolated_section(kind, dtype, target)
+    if "pullback" in rebuilds:
+        lines += [
+            "## rebuild='pullback'",
+            "",
+            "No barriers: the final compiled program. Per while-loop body, one entry per "
+            "rounding to the grid (`round-nearest-even`): the computation the rounded value "
+            "depends on, from the int32 carries' float view to the rounding (fusions opened, "
+            "not crossing int32 values), as a digest of its dataflow (opcodes, shapes, the "
+            "enclosing fusions' kinds, operands; names and instruction order left out) and of "
+            "its partition into top-level fusions; the count of those. In the forward loop "
+            "they are F and G of the forward, in the backward loop the pullback's "
+            "recomputation, from which this mode rebuilds. Each distinct one is listed: one "
+            "line per top-level instruction, a fusion with its kind and the cone's ops inside "
+            "it (nested fusions' kinds in parentheses).",
+            "",
+        ]
+        for kind, dtype in cases:
+            lines += _pullback_section(kind, dtype, target)
     return "\n".join(lines)
 
 
@@ -358,9 +582,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", choices=TARGETS, default="h100")
     parser.add_argument("--out-dir", type=Path, default=Path("results"))
+    parser.add_argument(
+        "--rebuild", nargs="+", choices=("isolated", "pullback"), default=["isolated", "pullback"]
+    )
     args = parser.parse_args(argv)
     cases = [("conv", "bfloat16"), ("transformer", "float32"), ("transformer", "bfloat16")]
-    text = report(args.target, cases, argv)
+    text = report(args.target, cases, argv, args.rebuild)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / f"exact_hlo_{args.target}.md").write_text(text)
 
