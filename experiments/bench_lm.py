@@ -3,9 +3,9 @@
 Four measurements, each its own subcommand, each writing ``<out-dir>/bench_lm_<what>.md``:
 
 * ``accuracy``: nanoGPT's CPU recipe (4 blocks, 4 heads, width 128, context 64, batch 12,
-  2000 iterations, dropout 0, AdamW lr 1e-3 -> 1e-4 cosine after 100 warmup steps, beta2 0.99,
-  weight decay 0.1 on the kernels and both embeddings as the trainer's, gradient clip 1.0, the
-  exact GELU) on ``shakespeare_char`` (prepare it first:
+  2000 iterations, dropout 0, AdamW lr 1e-3 -> 1e-4 cosine after nanoGPT's 100 warmup steps
+  (from lr / 101), beta2 0.99, weight decay 0.1 on the kernels and both embeddings as the
+  trainer's, gradient clip 1.0, the exact GELU) on ``shakespeare_char`` (prepare it first:
   ``python -m revjax.prepare shakespeare_char``), GPT and RevGPT for each seed; validation loss
   over 2,400 fixed windows of the validation split (nanoGPT: 200 random batches of 12).
   Target: RevGPT within 0.03 of GPT, both <= 1.88 (nanoGPT's figure on tiny-shakespeare).
@@ -79,17 +79,20 @@ MEMORY_VARIANTS = {
 
 def lm_optimizer(steps: int, lr: float, min_lr: float, warmup: int, b2: float,
                  weight_decay: float, clip: float):
-    """nanoGPT's optimizer: clipping, then AdamW on a warmup-cosine schedule, weight decay on
-    what the trainer decays for a language model (`revjax.train.weight_decay_mask`: the
-    kernels and both embeddings)."""
+    """nanoGPT's optimizer: clipping, then AdamW on its schedule (the update at step t, from 0,
+    runs at ``lr * (t + 1) / (warmup + 1)`` during the warmup, then a cosine from ``lr`` at
+    ``warmup`` to ``min_lr`` at ``steps``: the trainer's ``warmup_start="nanogpt"``), weight
+    decay on what the trainer decays for a language model (`revjax.train.weight_decay_mask`:
+    the kernels and both embeddings)."""
     import functools
 
     import optax
 
     from revjax import GPT
     from revjax.train import weight_decay_mask
+    from revjax.train.optim import cosine_decay, with_warmup
 
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps, end_value=min_lr)
+    schedule = with_warmup(cosine_decay(lr, min_lr, warmup, steps), warmup, start="nanogpt")
     return optax.chain(
         optax.clip_by_global_norm(clip),
         optax.adamw(schedule, b1=0.9, b2=b2, weight_decay=weight_decay,
@@ -258,8 +261,9 @@ def _accuracy_report(args, data, records) -> None:
     seeds = sorted({r["seed"] for r in records})
     text = "\n\n".join([
         _report.header("RevGPT vs GPT, nanoGPT's CPU recipe on shakespeare_char",
-                       f"{args.steps} iterations, seeds {seeds}, exact GELU, weight decay on "
-                       "the kernels and both embeddings"
+                       f"{args.steps} iterations, seeds {seeds}, nanoGPT's warmup (lr / 101 "
+                       "at the first step), exact GELU, weight decay on the kernels and both "
+                       "embeddings"
                        + ("" if args.bias else ", no biases (nanoGPT's train.py: bias=False)"),
                        _report.command_line(MODULE, args.argv)),
         _report.markdown_table(

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from experiments.configs.shakespeare_char_revgpt import get_config
@@ -248,8 +251,9 @@ def test_trainer_decays_a_language_models_embeddings():
 
 # nanoGPT's shakespeare_char recipes (its config file and README's CPU command line).
 NANOGPT_CPU = dict(batch_size=12, num_steps=2000, optimizer="adamw", learning_rate=1e-3,
-                   end_learning_rate=1e-4, lr_schedule="cosine", warmup_steps=100, adam_b1=0.9,
-                   adam_b2=0.99, adam_eps=1e-8, weight_decay=0.1, grad_clip_norm=1.0)
+                   end_learning_rate=1e-4, lr_schedule="cosine", warmup_steps=100,
+                   warmup_start="nanogpt", adam_b1=0.9, adam_b2=0.99, adam_eps=1e-8,
+                   weight_decay=0.1, grad_clip_norm=1.0)
 NANOGPT_GPU = dict(NANOGPT_CPU, batch_size=64, num_steps=5000)
 
 
@@ -272,3 +276,48 @@ def test_configs_are_nanogpts_recipe(name, recipe, shape, mlp):
             arch.get("dropout", 0.0)) == shape
     assert arch.get("mlp", "gelu") == mlp
     assert load_config(name, True).model_overrides.get("mlp", "gelu") == mlp
+
+
+def nanogpt_lr(it: int, lr: float, min_lr: float, warmup: int, decay_iters: int) -> float:
+    """nanoGPT's train.py ``get_lr(it)``, in plain Python floats: the rate of the update at
+    iteration ``it`` (from 0; its evaluation at iteration n follows n updates, as the trainer's
+    after n steps)."""
+    if it < warmup:
+        return lr * (it + 1) / (warmup + 1)
+    if it > decay_iters:
+        return min_lr
+    ratio = (it - warmup) / (decay_iters - warmup)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
+
+
+@pytest.mark.parametrize("name", ["shakespeare_char_gpt", "shakespeare_char_revgpt_gpu",
+                                  "shakespeare_char_revgpt_finetune"])
+def test_lm_schedule_is_nanogpts(name):
+    """The learning rate of each update of an LM config (optax counts them from 0) is nanoGPT's
+    ``get_lr`` with ``lr_decay_iters = max_iters = num_steps``: step 0 at lr / (warmup + 1)."""
+    from experiments.train import load_config
+    from revjax.train import learning_rate_schedule
+
+    c = load_config(name, False)
+    schedule = learning_rate_schedule(c)
+    w, n = c.warmup_steps, c.num_steps
+    steps = [0, 1, w // 2, w - 1, w, w + 1, n // 2, n - 1]
+    want = [nanogpt_lr(t, c.learning_rate, c.end_learning_rate, w, n) for t in steps]
+    got = [float(schedule(jnp.int32(t))) for t in steps]
+    np.testing.assert_allclose(got, want, rtol=1e-6)  # float32 arithmetic
+    assert got[0] > 0.0 and got[steps.index(w - 1)] < c.learning_rate
+
+
+def test_image_configs_keep_the_warmup_from_zero():
+    """Only the language-model configs start their warmup nanoGPT's way; every image config
+    keeps ``warmup_start="zero"`` (step 0 at rate 0 where it warms up)."""
+    from experiments.train import known_configs, load_config
+    from revjax import presets
+
+    starts = {}
+    for name in known_configs():
+        config = load_config(name, False)
+        language_model = presets.get(config.model).accepts("vocab_size")
+        starts.setdefault((language_model, config.warmup_start), []).append(name)
+    assert set(starts) == {(False, "zero"), (True, "nanogpt")}, starts
+    assert len(starts[False, "zero"]) > 20 and len(starts[True, "nanogpt"]) == 7

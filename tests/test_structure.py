@@ -144,3 +144,4 @@ def test_the_config_names_match_the_trainer_tables():
 
     assert list(optim.OPTIMIZERS) == list(config.OPTIMIZER_NAMES)
     assert list(optim.LR_SCHEDULES) == list(config.LR_SCHEDULE_NAMES)
+    assert list(optim.WARMUP_OFFSETS) == list(config.WARMUP_STARTS)

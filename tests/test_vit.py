@@ -236,6 +236,23 @@ def test_warmup_cosine_schedule_matches_optax():
     assert got[-1] == pytest.approx(1e-5)
 
 
+def test_warmup_start_nanogpt_ramps_from_one_step_above_zero():
+    """``warmup_start="nanogpt"``: step t of the warmup at (t + 1) / (warmup + 1) of the rate;
+    the default starts at 0; an unknown start is refused by the config and by `with_warmup`."""
+    cfg = TrainConfig(learning_rate=0.1, warmup_steps=4, lr_boundaries=(10,), lr_decay=0.1,
+                      warmup_start="nanogpt")
+    lr = train.learning_rate_schedule(cfg)
+    got = [float(lr(s)) for s in (0, 1, 3, 4, 9, 10)]
+    np.testing.assert_allclose(got, [0.02, 0.04, 0.08, 0.1, 0.1, 0.01], rtol=1e-6)
+    with pytest.raises(train.ConfigError, match="warmup_start='one' is invalid: expected a "
+                       "known warmup start: zero, nanogpt"):
+        TrainConfig(warmup_start="one")
+    from revjax.train.optim import with_warmup
+
+    with pytest.raises(ValueError, match="start='one' is not a warmup start"):
+        with_warmup(lambda t: 1.0, 4, start="one")
+
+
 def test_warmup_then_piecewise():
     cfg = TrainConfig(learning_rate=0.1, warmup_steps=4, lr_boundaries=(10,), lr_decay=0.1)
     lr = train.learning_rate_schedule(cfg)

@@ -2,7 +2,8 @@
 
 nanoGPT's ``shakespeare_char`` CPU command line (4 blocks, 4 heads, width 128, context 64;
 812,288 parameters with the 84 characters of the prepared text), batch 12, 2,000 iterations,
-dropout 0, AdamW with lr 1e-3 after 100 warmup steps, cosine to 1e-4 at the end, beta2 0.99,
+dropout 0, AdamW with lr 1e-3 after 100 warmup steps (nanoGPT's ramp: step t of the warmup at
+(t + 1) / 101 of it), cosine to 1e-4 at the end, beta2 0.99,
 weight decay 0.1 on the linear layers' kernels and the token and position embeddings (nanoGPT's
 rule; `revjax.train.weight_decay_mask`), gradient clipping at norm 1, and nanoGPT's exact (erf)
 GELU (``mlp="gelu_exact"``; the presets keep GPT-2's tanh GELU). Prepare the data once, then::
@@ -33,6 +34,7 @@ CPU_RECIPE = dict(
     end_learning_rate=1e-4,
     lr_schedule="cosine",
     warmup_steps=100,
+    warmup_start="nanogpt",
     adam_b2=0.99,
     weight_decay=0.1,
     grad_clip_norm=1.0,

@@ -26,18 +26,21 @@ __all__ = [
     "INPUT_PIPELINES",
     "LR_SCHEDULE_NAMES",
     "OPTIMIZER_NAMES",
+    "WARMUP_STARTS",
     "ConfigError",
     "TrainConfig",
     "check_init_from",
     "validate_config",
 ]
 
-# The names `TrainConfig.input_pipeline`, `optimizer` and `lr_schedule` accept. The trainer's
-# modules implement one entry per name (`revjax.train.inputs.resolve_input_pipeline`,
-# `revjax.train.optim.OPTIMIZERS` and `LR_SCHEDULES`); this module imports none of them.
+# The names `TrainConfig.input_pipeline`, `optimizer`, `lr_schedule` and `warmup_start` accept.
+# The trainer's modules implement one entry per name (`revjax.train.inputs.resolve_input_pipeline`,
+# `revjax.train.optim.OPTIMIZERS`, `LR_SCHEDULES` and `WARMUP_OFFSETS`); this module imports none
+# of them.
 INPUT_PIPELINES: tuple[str, ...] = ("auto", "device", "grain", "dali")
 OPTIMIZER_NAMES: tuple[str, ...] = ("sgd", "adamw")
 LR_SCHEDULE_NAMES: tuple[str, ...] = ("piecewise", "cosine")
+WARMUP_STARTS: tuple[str, ...] = ("zero", "nanogpt")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +110,11 @@ class TrainConfig:
       adam_eps: AdamW's epsilon.
       lr_schedule: ``"piecewise"`` (``lr_boundaries`` / ``lr_decay``) or ``"cosine"`` (from
         ``learning_rate`` after the warmup to ``end_learning_rate`` at ``num_steps``).
-      warmup_steps: linear warmup from 0 to the schedule over the first steps (0: none).
+      warmup_steps: linear warmup to the schedule over the first steps (0: none).
+      warmup_start: where the warmup starts: ``"zero"`` (step t of the warmup runs at
+        ``t / warmup_steps`` of the schedule's rate, step 0 at 0, as optax's
+        ``warmup_cosine_decay_schedule``) or ``"nanogpt"`` (``(t + 1) / (warmup_steps + 1)``,
+        step 0 above 0, as nanoGPT's train.py); the full rate from step ``warmup_steps`` on.
       end_learning_rate: the cosine schedule's final value.
       label_smoothing: training targets ``(1 - a) * one_hot + a / classes`` (0: plain labels;
         evaluation always reports the plain cross-entropy).
@@ -169,6 +176,7 @@ class TrainConfig:
     adam_eps: float = 1e-8
     lr_schedule: str = "piecewise"
     warmup_steps: int = 0
+    warmup_start: str = "zero"
     end_learning_rate: float = 0.0
     label_smoothing: float = 0.0
     grad_clip_norm: float | None = None
@@ -392,6 +400,7 @@ FIELD_CHECKS: dict[str, Callable[[Any], Any]] = {
     "adam_eps": _number(0.0, open_min=True),
     "lr_schedule": _name(lambda: list(LR_SCHEDULE_NAMES), "learning-rate schedule"),
     "warmup_steps": _integer(0),
+    "warmup_start": _name(lambda: list(WARMUP_STARTS), "warmup start"),
     "end_learning_rate": _number(0.0),
     "label_smoothing": _number(0.0, 1.0, open_max=True),
     "grad_clip_norm": _optional(_number(0.0, open_min=True)),

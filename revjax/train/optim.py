@@ -30,6 +30,7 @@ __all__ = [
     "KERNELS",
     "LR_SCHEDULES",
     "OPTIMIZERS",
+    "WARMUP_OFFSETS",
     "adamw",
     "config_decay_mask",
     "cosine_decay",
@@ -125,17 +126,31 @@ def cosine_decay(peak: float, end: float, warmup_steps: int, num_steps: int) -> 
     return schedule
 
 
-def with_warmup(base: optax.Schedule, warmup_steps: int) -> optax.Schedule:
-    """``base(t) * min(t / warmup_steps, 1)``: a linear warmup from 0 (``base`` itself when
-    ``warmup_steps`` is 0)."""
-    warmup = int(warmup_steps)
+#: The warmup ramps `TrainConfig.warmup_start` names, as the offset ``k`` of `with_warmup`'s
+#: factor ``min((t + k) / (warmup_steps + k), 1)`` at step ``t`` (counted from 0): ``"zero"``
+#: starts at 0 (optax's `optax.warmup_cosine_decay_schedule`), ``"nanogpt"`` one ramp step
+#: above it, ``1 / (warmup_steps + 1)`` of the rate at step 0 (nanoGPT's train.py ``get_lr``).
+#: Both reach the full rate at step ``warmup_steps``.
+WARMUP_OFFSETS: dict[str, int] = {"zero": 0, "nanogpt": 1}
+
+
+def with_warmup(base: optax.Schedule, warmup_steps: int, start: str = "zero") -> optax.Schedule:
+    """``base(t) * min((t + k) / (warmup_steps + k), 1)``: a linear warmup over the first
+    ``warmup_steps`` steps, from 0 (``start="zero"``, ``k = 0``) or from ``1 / (warmup_steps +
+    1)`` (``start="nanogpt"``, ``k = 1``; `WARMUP_OFFSETS`); ``base`` itself when
+    ``warmup_steps`` is 0."""
+    if start not in WARMUP_OFFSETS:
+        raise ValueError(f"start={start!r} is not a warmup start: expected one of "
+                         f"{', '.join(map(repr, WARMUP_OFFSETS))}")
+    warmup, offset = int(warmup_steps), WARMUP_OFFSETS[start]
     if not warmup:
         return base
 
     def schedule(count):
         count = jnp.asarray(count, jnp.int32)
         lr = jnp.asarray(base(count), jnp.float32)
-        return lr * jnp.minimum(count.astype(jnp.float32) / float(warmup), 1.0)
+        ramp = (count.astype(jnp.float32) + float(offset)) / float(warmup + offset)
+        return lr * jnp.minimum(ramp, 1.0)
 
     return schedule
 
@@ -214,8 +229,9 @@ def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
     """The learning rate of ``config`` by step: ``lr_schedule`` (``"piecewise"``:
     ``learning_rate * lr_decay**k`` from the k-th of ``lr_boundaries`` on; ``"cosine"``:
     `cosine_decay` to ``end_learning_rate`` at ``num_steps``), after a linear warmup over
-    ``warmup_steps`` (`with_warmup`)."""
-    return with_warmup(LR_SCHEDULES[config.lr_schedule](config), config.warmup_steps)
+    ``warmup_steps`` from ``warmup_start`` (`with_warmup`)."""
+    return with_warmup(LR_SCHEDULES[config.lr_schedule](config), config.warmup_steps,
+                       config.warmup_start)
 
 
 def warmup_schedule(config: TrainConfig) -> optax.Schedule:
