@@ -476,6 +476,19 @@ def digest(ops: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(ops).encode()).hexdigest()[:10]
 
 
+def _verdict(sigs: Sequence[Sequence[str]]) -> tuple[bool, list[str]]:
+    """Whether every loop body with two or more evaluations (the forward's and the backward's)
+    holds the same multiset of signatures, and the report's line saying so."""
+    loops = [s for s in sigs if len(s) >= 2]
+    same = len(loops) >= 2 and all(s == loops[0] for s in loops)
+    return same, ["", f"same: **{'yes' if same else 'no'}** ({len(loops)} loop bodies)", ""]
+
+
+def _details(summary: str, body: Sequence[str]) -> list[str]:
+    """A collapsed block listing one evaluation's ops."""
+    return [f"<details><summary>{summary}</summary>", "", "```", *body, "```", "", "</details>", ""]
+
+
 def _isolated_section(kind: str, dtype: str, target: str) -> list[str]:
     found = analyse(compiled_text(kind, dtype, target))
     lines, sigs = [f"### {kind}, {dtype} compute", ""], []
@@ -484,13 +497,11 @@ def _isolated_section(kind: str, dtype: str, target: str) -> list[str]:
         sigs.append(sig)
         listed = ", ".join(f"{digest(r)} ({len(r)} ops)" for r in regions)
         lines.append(f"- `{name}`: {listed}")
-    loops = [s for s in sigs if len(s) >= 2]
-    same = len(loops) >= 2 and all(s == loops[0] for s in loops)
-    lines += ["", f"same: **{'yes' if same else 'no'}** ({len(loops)} loop bodies)", ""]
+    same, verdict = _verdict(sigs)
+    lines += verdict
     if found:
         for r in found[0][1]:
-            lines += [f"<details><summary>{digest(r)}</summary>", "", "```"]
-            lines += r + ["```", "", "</details>", ""]
+            lines += _details(digest(r), r)
     print(f"  isolated {kind} {dtype}: same={same} {sigs}", flush=True)
     return lines
 
@@ -503,12 +514,10 @@ def _pullback_section(kind: str, dtype: str, target: str) -> list[str]:
         listed = ", ".join(f"{sig} ({len(listing)} top-level ops)" for sig, listing in cones)
         lines.append(f"- `{name}`: {listed}")
         listings.update(cones)
-    loops = [s for s in sigs if len(s) >= 2]
-    same = len(loops) >= 2 and all(s == loops[0] for s in loops)
-    lines += ["", f"same: **{'yes' if same else 'no'}** ({len(loops)} loop bodies)", ""]
+    same, verdict = _verdict(sigs)
+    lines += verdict
     for sig, listing in listings.items():
-        lines += [f"<details><summary>{sig}</summary>", "", "```", *listing, "```", ""]
-        lines += ["</details>", ""]
+        lines += _details(sig, listing)
     print(f"  pullback {kind} {dtype}: same={same} {sigs}", flush=True)
     return lines
 
