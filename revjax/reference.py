@@ -80,6 +80,22 @@ def variant(model: nnx.Module, **overrides) -> nnx.GraphDef:
     defaults otherwise (memory saving, dtypes, BatchNorm).
     """
     config = architecture(model, overrides)
+    key = tuple(sorted(config.items()))
+    try:
+        hash(key)
+    except TypeError:  # an unhashable option value (a list): built without the cache
+        return _build_graphdef(config)
+    return _variant_graphdef(key)
+
+
+@functools.lru_cache(maxsize=256)
+def _variant_graphdef(config: tuple[tuple[str, Any], ...]) -> nnx.GraphDef:
+    """One build per architecture: building a RevNet, even abstractly, costs about as much as
+    tracing it, and a graphdef is immutable."""
+    return _build_graphdef(dict(config))
+
+
+def _build_graphdef(config: Mapping[str, Any]) -> nnx.GraphDef:
     abstract = nnx.eval_shape(lambda: models.RevNet(**config, rngs=nnx.Rngs(0)))
     graphdef, _, _ = models.functional(abstract)
     return graphdef
