@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -167,6 +168,13 @@ def measure_range(quick: bool) -> list[dict]:
     return rows
 
 
+def run_folder(workdir: Path, arithmetic: str) -> Path:
+    """A new folder under ``workdir`` for one digits run: each run trains from the first step
+    (a folder holding an earlier run's checkpoint would resume it and measure nothing)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"{arithmetic}-", dir=workdir))
+
+
 def measure_digits(quick: bool, workdir: Path) -> list[dict]:
     import dataclasses
 
@@ -179,7 +187,7 @@ def measure_digits(quick: bool, workdir: Path) -> list[dict]:
             digits.get_config(quick=quick), arithmetic=arithmetic, memory_report=False,
             checkpoint_every=0,
         )  # fmt: skip
-        result_state, result = train.train_and_evaluate(cfg, workdir / arithmetic)
+        result_state, result = train.train_and_evaluate(cfg, run_folder(workdir, arithmetic))
         rows.append(
             {
                 "arithmetic": arithmetic,
@@ -560,7 +568,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         "--gradients", action="store_true", help="reversible and remat gradients vs plain"
     )
     parser.add_argument("--no-speed", dest="speed", action="store_false", help="skip step time")
-    parser.add_argument("--workdir", type=Path, default=Path("workdirs/bench_arithmetic"))
+    parser.add_argument(
+        "--workdir", type=Path, default=Path("workdirs/bench_arithmetic"),
+        help="where --digits trains (a new folder per run and arithmetic)",
+    )
     args = parser.parse_args(argv)
     models = ["revnet_tiny"] if args.quick else args.models
     batch, size, repeats = (4, 8, 2) if args.quick else (args.batch, args.size, args.repeats)

@@ -8,6 +8,7 @@ import pytest
 from experiments import (
     _batch_device,
     _report,
+    bench_arithmetic,
     bench_batch,
     bench_core,
     bench_memory,
@@ -150,6 +151,15 @@ def test_report_helpers(tmp_path):
     assert _report.command_line("experiments.x", ["--quick", "a b"]) == (
         "python -m experiments.x --quick 'a b'"
     )
+
+
+def test_bench_arithmetic_digits_runs_train_from_the_first_step(tmp_path):
+    # A rerun in the same --workdir must train again, not resume the finished run's checkpoint.
+    first = bench_arithmetic.run_folder(tmp_path / "w", "fixed")
+    (first / "checkpoints").mkdir()
+    second = bench_arithmetic.run_folder(tmp_path / "w", "fixed")
+    assert first != second and second.parent == first.parent == tmp_path / "w"
+    assert second.name.startswith("fixed-") and not any(second.iterdir())
 
 
 @pytest.mark.slow  # a benchmark script's quick run (experiments/, not the library)
