@@ -553,36 +553,28 @@ def report(
         "and the backward loop's are the same op sequences (as multisets).",
         "",
     ]
-    if "isolated" in rebuilds:
-        lines += [
-            "## rebuild='isolated'",
-            "",
-            f"Per while-loop body holding isolated branch evaluations ({where}): each branch's "
-            "op sequence digest and length (opcodes, shapes, fusion kinds with their fused ops, "
-            "custom-call targets; names stripped; the instructions the int32 rounded output "
-            "depends on).",
-            "",
-        ]
-        for kind, dtype in cases:
-            lines += _isolated_section(kind, dtype, target)
-    if "pullback" in rebuilds:
-        lines += [
-            "## rebuild='pullback'",
-            "",
-            "No barriers: the final compiled program. Per while-loop body, one entry per "
-            "rounding to the grid (`round-nearest-even`): the computation the rounded value "
-            "depends on, from the int32 carries' float view to the rounding (fusions opened, "
-            "not crossing int32 values), as a digest of its dataflow (opcodes, shapes, the "
-            "enclosing fusions' kinds, operands; names and instruction order left out) and of "
-            "its partition into top-level fusions; the count of those. In the forward loop "
-            "they are F and G of the forward, in the backward loop the pullback's "
-            "recomputation, from which this mode rebuilds. Each distinct one is listed: one "
-            "line per top-level instruction, a fusion with its kind and the cone's ops inside "
-            "it (nested fusions' kinds in parentheses).",
-            "",
-        ]
-        for kind, dtype in cases:
-            lines += _pullback_section(kind, dtype, target)
+    intros = {
+        "isolated": f"Per while-loop body holding isolated branch evaluations ({where}): each "
+        "branch's op sequence digest and length (opcodes, shapes, fusion kinds with their fused "
+        "ops, custom-call targets; names stripped; the instructions the int32 rounded output "
+        "depends on).",
+        "pullback": "No barriers: the final compiled program. Per while-loop body, one entry per "
+        "rounding to the grid (`round-nearest-even`): the computation the rounded value "
+        "depends on, from the int32 carries' float view to the rounding (fusions opened, "
+        "not crossing int32 values), as a digest of its dataflow (opcodes, shapes, the "
+        "enclosing fusions' kinds, operands; names and instruction order left out) and of "
+        "its partition into top-level fusions; the count of those. In the forward loop "
+        "they are F and G of the forward, in the backward loop the pullback's "
+        "recomputation, from which this mode rebuilds. Each distinct one is listed: one "
+        "line per top-level instruction, a fusion with its kind and the cone's ops inside "
+        "it (nested fusions' kinds in parentheses).",
+    }
+    sections = {"isolated": _isolated_section, "pullback": _pullback_section}
+    for mode in ("isolated", "pullback"):
+        if mode in rebuilds:
+            lines += [f"## rebuild={mode!r}", "", intros[mode], ""]
+            for kind, dtype in cases:
+                lines += sections[mode](kind, dtype, target)
     return "\n".join(lines)
 
 
