@@ -359,6 +359,12 @@ def to_markdown_target(results: dict, head: str, target: aot.Target) -> str:
         "argument + output MiB",
         "compile s",
     ]
+    # libtpu's own count of the step's HBM: what its compile-time out-of-memory check compares
+    # with the chip, where temp_size_in_bytes can exceed the chip's memory for a program it
+    # accepts (the exact-arithmetic guide has the measurement). GPU backends report no peak.
+    by_peak = target.platform == "tpu"
+    if by_peak:
+        columns[6:6] = ["peak MiB", "peak / ResNet twin"]
     rows, flops_rows = [], []
     for rev, r in results.items():
         res = r["lines"].get("res", {}).get("memory")
@@ -366,18 +372,22 @@ def to_markdown_target(results: dict, head: str, target: aot.Target) -> str:
             m = r["lines"].get(key, {}).get("memory")
             if m is None:
                 continue
-            rows.append(
-                [
-                    (rev, r["twin"])[which],
-                    label,
-                    r["batch"],
-                    f"{m['params']:,}",
-                    _report.fmt_mib(m["temp"]),
-                    "-" if res is None else f"{m['temp'] / res['temp']:.3f}",
-                    _report.fmt_mib(m["argument"] + m["output"]),
-                    f"{m['trace_lower_s'] + m['compile_s']:.1f}",
+            row = [
+                (rev, r["twin"])[which],
+                label,
+                r["batch"],
+                f"{m['params']:,}",
+                _report.fmt_mib(m["temp"]),
+                "-" if res is None else f"{m['temp'] / res['temp']:.3f}",
+                _report.fmt_mib(m["argument"] + m["output"]),
+                f"{m['trace_lower_s'] + m['compile_s']:.1f}",
+            ]
+            if by_peak:
+                row[6:6] = [
+                    _report.fmt_mib(m["peak"]),
+                    "-" if res is None else f"{m['peak'] / res['peak']:.3f}",
                 ]
-            )
+            rows.append(row)
         if all("flops" in r["lines"].get(k, {}) for k in ("rev", "rev_transitions")):
             base = r["lines"]["rev"]["flops"]["lowered_flops"]
             other = r["lines"]["rev_transitions"]["flops"]["lowered_flops"]
@@ -386,9 +396,10 @@ def to_markdown_target(results: dict, head: str, target: aot.Target) -> str:
                 [rev, r["batch"], f"{off / 1e9:.1f}", f"{on / 1e9:.1f}", f"{(on / off - 1):+.1%}"]
             )
     donated = [
-        f"{rev} {_report.fmt_mib(r['lines']['rev']['donated']['temp'])} MiB"
+        f"{rev} {_report.fmt_mib(d['temp'])} MiB"
+        + (f" (peak {_report.fmt_mib(d['peak'])} MiB)" if by_peak else "")
         for rev, r in results.items()
-        if "donated" in r["lines"].get("rev", {})
+        if (d := r["lines"].get("rev", {}).get("donated")) is not None
     ]
     # A compile whose temporaries libtpu keeps out of `temp_size_in_bytes` (it reports 0) still
     # has a peak: name it, so that a 0.0 in the table is not read as no activation memory.
@@ -412,6 +423,14 @@ def to_markdown_target(results: dict, head: str, target: aot.Target) -> str:
         "",
         aot.lower_bound_note(target),
     ]
+    if by_peak:
+        notes[1:1] = [
+            "",
+            "Peak MiB: libtpu's count of the step's device memory (`peak_memory_in_bytes`, "
+            "arguments included), the figure its compile-time out-of-memory check compares with "
+            "the chip's memory; temp MiB (`temp_size_in_bytes`) can exceed the chip's memory for "
+            "a step libtpu compiles, so on a TPU the peak is the figure that decides what fits.",
+        ]
     if donated:
         notes += [
             "",

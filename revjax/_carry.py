@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from revjax._coupling import Coupling
+from revjax._platform import target_platform
 
 Array = jax.Array
 PyTree = Any
@@ -294,8 +295,11 @@ def in_range(arith, peak: Array | None, *outputs: Array) -> tuple[Array, ...]:
     return tuple(jnp.where(ok, y, jnp.asarray(jnp.nan, y.dtype)) for y in outputs)
 
 
-def output_residual(arith, outputs: tuple[Array, Array], carries: tuple[Array, Array]) -> Any:
-    """What a custom VJP keeps of its output carries, for `output_carries` to restore exactly.
+def output_residual(
+    arith, outputs: tuple[Array, Array], carries: tuple[Array, Array]
+) -> tuple[tuple[Array, Array], Any]:
+    """What a custom VJP keeps of its output carries, for `output_carries` to restore exactly,
+    and the outputs it returns: ``(outputs, saved)``.
 
     Float carries are the outputs. Fixed-point carries with float32 outputs are kept as the
     float outputs plus an int8 correction ``c - q(y)``: the outputs are what the next layer's
@@ -305,16 +309,27 @@ def output_residual(arith, outputs: tuple[Array, Array], carries: tuple[Array, A
     has at most 7 significant bits beyond float32's 24: ``|c - q(y)| <= 64``). Other dtypes
     keep the int32 carries (float64 outputs would be twice their size, bfloat16 ones lose
     too many bits).
+
+    The corrections are materialised behind an optimisation barrier: otherwise XLA fuses the
+    subtraction into the backward's restore, which then reads the int32 carries, kept alive all
+    along. For a TPU (`target_platform`) the float outputs pass through the same barrier and the
+    layer returns those: XLA:TPU otherwise fuses the outputs' dequantisation into their uses,
+    and the int32 carries stay alive to the backward beside them. By libtpu's own accounting
+    of the step's HBM (`peak_memory_in_bytes`, what its compile-time out-of-memory check uses)
+    that lowers RevNet-164's train step on a TPU v5e; on GPUs it raises the temporary bytes
+    XLA allocates, so there the outputs stay outside the barrier.
     """
     if not arith.fixed or jnp.dtype(arith.dtype) != jnp.float32:
-        return carries
+        return outputs, carries
     corrections = tuple(
         (c - quantize(y, arith.frac_bits)).astype(jnp.int8)
         for y, c in zip(outputs, carries, strict=True)
     )
-    # Materialised here: otherwise XLA fuses the subtraction into the backward's restore,
-    # which then reads the int32 carries, kept alive all along.
-    return outputs, lax.optimization_barrier(corrections)
+    if target_platform() == "tpu":
+        outputs, corrections = lax.optimization_barrier((tuple(outputs), corrections))
+    else:
+        corrections = lax.optimization_barrier(corrections)
+    return outputs, (outputs, corrections)
 
 
 def output_carries(arith, saved: Any) -> tuple[Array, Array]:

@@ -510,8 +510,8 @@ def _make_memory_saving(setting: SequenceSetting):
         # rebuilds from the int32 carries, not from the rounded float outputs; see
         # `output_residual`), the keys, the side inputs, with exact_every the exact input
         # carries of `exact_units`, and four int32 checks per unit. No other activation.
-        saved = output_residual(arith, out[0], (c1, c2))
-        return out, (f_params, g_params, saved, keys, context, stored, checks)
+        outputs, saved = output_residual(arith, out[0], (c1, c2))
+        return (outputs, *out[1:]), (f_params, g_params, saved, keys, context, stored, checks)
 
     def run_bwd(residuals, cotangents):
         f_params, g_params, saved, keys, context, stored, checks = residuals

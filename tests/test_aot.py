@@ -155,6 +155,14 @@ def test_batch_ends_with_the_fits_verdict(tmp_path, capsys):
     budget = aot.budget_for(aot.TARGETS["h100"])
     assert budget.bytes == aot.TARGETS["h100"].memory_bytes * (1 - aot.DEFAULT_RESERVE)
     assert budget.verdict(budget.bytes) == "fits" and budget.verdict(budget.bytes + 1) != "fits"
+    # For a TPU also libtpu's peak, the count its out-of-memory check uses; not for a GPU.
+    record = {**entry["record"], "peak": 3 * 2**20}
+    from experiments.aot import cli
+
+    cli.print_record(record, aot.TARGETS["tpu-v5e"])
+    assert "     peak:        3.0 MiB (libtpu's count)" in capsys.readouterr().out
+    cli.print_record(record, aot.TARGETS["h100"])
+    assert "peak" not in capsys.readouterr().out
 
 
 def _fake_totals(fixed, per_image, budget, oom_above=None):
@@ -255,9 +263,15 @@ def test_bench_models_table_names_the_peak_of_an_unreported_temp():
     note = text.split("Temp 0.0:")[1]
     assert "downsample='invertible': 92.5 MiB peak, 5.0 MiB arguments + outputs" in note
     assert "defaults" not in note and "ResNet twin" not in note
+    # On a TPU the peak decides what fits: its own columns, its ratio to the twin's peak.
+    header, _, default = text.splitlines()[2:5]
+    assert "| peak MiB | peak / ResNet twin |" in header
+    assert "| 84.0 | 0.280 | 80.0 | 0.276 |" in default
     results["revnet38"]["lines"]["rev_invertible"]["memory"] = record(70, 92.5)
     text = bench_models.to_markdown_target(results, "head", aot.get_target("tpu-v5e"))
     assert "Temp 0.0:" not in text
+    text = bench_models.to_markdown_target(results, "head", aot.get_target("h100"))
+    assert "peak" not in text.splitlines()[2]  # GPU backends report no peak
 
 
 @pytest.mark.slow

@@ -68,17 +68,56 @@ def test_output_residual_restores_carries_bit_for_bit():
     c = jax.random.randint(jax.random.key(0), (4096,), -limit, limit, jnp.int32)
     c = jnp.concatenate([c, jnp.array([0, 1, -1, 2**24 + 1, -(2**24) - 1, limit], jnp.int32)])
     y = arith.leave(c)
-    outputs, corrections = output_residual(arith, (y, -y), (c, -c))
-    assert outputs[0] is y and corrections[0].dtype == jnp.int8
+    returned, (outputs, corrections) = output_residual(arith, (y, -y), (c, -c))
+    assert returned[0] is outputs[0] is y and corrections[0].dtype == jnp.int8
     assert int(jnp.sum(corrections[0] != 0)) > 1000  # most of these need the low bits
     restored = output_carries(arith, (outputs, corrections))
     np.testing.assert_array_equal(restored[0], c)
     np.testing.assert_array_equal(restored[1], -c)
     # Float carries are their outputs; bfloat16 halves keep the int32 carries.
     floats = _carry.make_carry("float", 16, jnp.float32)
-    assert output_residual(floats, (y, y), (y, y)) == (y, y)
+    assert output_residual(floats, (y, y), (y, y)) == ((y, y), (y, y))
     bf16 = _carry.make_carry("fixed", 16, jnp.bfloat16)
-    assert output_residual(bf16, (y, y), (c, c)) == (c, c)
+    assert output_residual(bf16, (y, y), (c, c)) == ((y, y), (c, c))
+
+
+def test_outputs_pass_the_corrections_barrier_on_tpu_only():
+    """Traced for a TPU, a fixed-point sequence returns its float outputs from the barrier that
+    materialises the int8 corrections (one barrier holds both); for a GPU or the CPU the outputs
+    stay outside it. Run here, the TPU trace's values and gradients are the CPU trace's and
+    every unit is rebuilt exactly."""
+    f = g = lambda p, x: jnp.tanh(x * p)
+    params = jnp.linspace(0.5, 1.5, 8, dtype=jnp.float32)
+    x = jnp.sin(jnp.arange(16, dtype=jnp.float32)).reshape(2, 8)
+
+    def loss(p, x, probe):
+        y1, y2 = revjax.reversible_sequence(
+            f, g, p, p, x, -x, arithmetic="fixed", unroll=1, rebuild_probe=probe
+        )
+        return jnp.sum(jnp.sin(y1) * y2)
+
+    def grad():  # a new function per trace: JAX caches a function's trace (see compiling_for)
+        return jax.value_and_grad(lambda *a: loss(*a), argnums=(0, 1, 2))
+
+    probe = jnp.zeros((), jnp.float32)
+
+    def output_barriers(platform):
+        with revjax.compiling_for(platform):
+            text = str(jax.make_jaxpr(grad())(params, x, probe))
+        return [line.split("=")[0] for line in text.splitlines()
+                if "optimization_barrier" in line and "i8[2,8]" in line.split("=")[0]]
+
+    (tpu,) = output_barriers("tpu")
+    assert tpu.count("f32[2,8]") == 2 and tpu.count("i8[2,8]") == 2, tpu
+    for platform in ("gpu", "cpu"):
+        (other,) = output_barriers(platform)
+        assert "f32" not in other, other
+    with revjax.compiling_for("tpu"):
+        value, (*on_tpu, count) = jax.jit(grad())(params, x, probe)
+    expected, (*on_cpu, _) = jax.jit(grad())(params, x, probe)
+    assert float(count) == 0.0
+    assert float(value) == float(expected)  # the same forward bits
+    assert float(revjax.relative_error(on_tpu, on_cpu)) <= 1e-6
 
 
 def test_isolation_follows_the_platform_compiled_for():

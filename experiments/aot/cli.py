@@ -63,6 +63,21 @@ def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def print_record(record: Mapping[str, Any], target: Target) -> None:
+    """The compiled bytes of ``--batch N`` (MiB), FLOPs where reported, compile time; on a TPU
+    also libtpu's peak, the count its compile-time out-of-memory check uses."""
+    for field in ("temp", "argument", "output", "alias", "total"):
+        print(f"{field:>9s}: {record[field] / 2**20:10.1f} MiB")
+    if target.platform == "tpu" and "peak" in record:
+        print(f"{'peak':>9s}: {record['peak'] / 2**20:10.1f} MiB (libtpu's count)")
+    if record.get("flops") is not None:
+        print(f"    flops: {record['flops']:.4g} (a rolled loop's body counts once)")
+    print(
+        f"  compile: {record['trace_lower_s']:.1f} s trace + lower, "
+        f"{record.get('compile_s', 0):.1f} s"
+    )
+
+
 def print_verdict(record: Mapping[str, Any], budget: Budget | None, target: Target) -> None:
     """The last line of ``--batch N``: whether the compiled step fits ``budget``."""
     if budget is None:
@@ -133,13 +148,6 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise SystemExit(record["error"])
         print(record["error"].splitlines()[0][:300])
     else:
-        for field in ("temp", "argument", "output", "alias", "total"):
-            print(f"{field:>9s}: {record[field] / 2**20:10.1f} MiB")
-        if record.get("flops") is not None:
-            print(f"    flops: {record['flops']:.4g} (a rolled loop's body counts once)")
-        print(
-            f"  compile: {record['trace_lower_s']:.1f} s trace + lower, "
-            f"{record.get('compile_s', 0):.1f} s"
-        )
+        print_record(record, target)
     print_verdict(record, budget, target)
 
