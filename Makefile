@@ -32,15 +32,17 @@ $(VENV)/.docs: $(VENV)/bin/python pyproject.toml
 run: $(VENV)/.experiments
 	$(PY) -m experiments.train --config digits --workdir workdirs/digits
 
+# Three xdist workers on two cores: the third fills the time the others wait on subprocesses,
+# checkpoint writes and collectives (results/test_suite.md: the runs side by side).
 # The core suite: tests marked slow are deselected; tests needing torch, timm, TensorFlow, DALI,
 # MemCNN or transformers skip with the reason (`make test-all` installs and runs them).
 test: $(VENV)/.test
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -n 2 --dist worksteal -m "not slow"
+	$(PY) -m pytest -q -n 3 --dist worksteal -m "not slow"
 
 test-all: $(VENV)/.test-all
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -n 2 --dist worksteal
+	$(PY) -m pytest -q -n 3 --dist worksteal
 
 # The package as users get it: sdist and wheel built in isolation, the wheel (not editable)
 # installed in a clean venv with its dependencies plus grain (`python -m revjax.prepare` reads

@@ -59,10 +59,10 @@ def x64():
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked slow first (a stable sort). Both `make` targets run `pytest -n 2 --dist
-    worksteal`: each worker gets a contiguous half of this order, so one starts on the slow
-    tests and the other on quick ones, and an idle worker takes the end of the other's queue
-    (quick tests first, the last slow ones at the end). xdist's default `load` scheduling
+    """Tests marked slow first (a stable sort). Both `make` targets run `pytest -n 3 --dist
+    worksteal`: each worker gets a contiguous third of this order, so the first starts on the
+    slow tests and the others on quick ones, and an idle worker takes the end of another's
+    queue (quick tests first, the last slow ones at the end). xdist's default `load` scheduling
     hands each worker a first chunk of a quarter of its share, which put every slow test on
     one worker for the whole run."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
