@@ -1,12 +1,13 @@
 """The platform a traced program is compiled for, read by revjax's trace-time choices.
 
-Two choices depend on the device a program will run on and are made while JAX traces it: the
-default scan unroll (`revjax.default_unroll`: full on CPU, rolled on GPU and TPU) and how a
+Three choices depend on the device a program will run on and are made while JAX traces it:
+the default scan unroll (`revjax.default_unroll`: full on CPU, rolled on GPU and TPU), how a
 fixed-point sequence isolates F and G for an exact rebuild (`_units.isolated_branch`: on CPU a
-conditional that also yields the pullback's residuals, on GPU and TPU optimisation barriers).
-Both follow `target_platform`: `jax.default_backend()`, unless a program is traced inside
-`compiling_for`, as an ahead-of-time compile for a device the host does not have must be (its
-process's default backend is the CPU).
+conditional that also yields the pullback's residuals, on GPU and TPU optimisation barriers),
+and whether its float outputs pass through the barrier that keeps the int8 corrections
+(`_carry.output_residual`: on TPU only). All follow `target_platform`: `jax.default_backend()`,
+unless a program is traced inside `compiling_for`, as an ahead-of-time compile for a device the
+host does not have must be (its process's default backend is the CPU).
 """
 
 from __future__ import annotations
@@ -51,10 +52,11 @@ def compiling_for(platform: str) -> Iterator[str]:
 
     For ahead-of-time compiles for another device: ``with revjax.compiling_for("tpu"):
     jax.jit(step).lower(*abstract_args).compile()``. It sets the trace-time choices of
-    `target_platform` (default unroll, how fixed-point F and G are isolated); it does not
-    choose where the program is compiled for (the arguments' shardings do). Read while
-    tracing: a jitted function traced before, outside the block, keeps its trace (and its
-    choices).
+    `target_platform` (default unroll, how fixed-point F and G are isolated and their outputs
+    kept); it does not choose where the program is compiled for (the arguments' shardings
+    do). Read while tracing: a function traced before, outside the block, keeps its trace
+    (and its choices), even passed to `jax.make_jaxpr` anew (JAX caches traces by function
+    object): trace a new function object inside the block.
 
     Raises:
       ValueError: an unknown platform.
