@@ -363,8 +363,9 @@ def to_markdown_target(results: dict, head: str, target: aot.Target) -> str:
     # with the chip, where temp_size_in_bytes can exceed the chip's memory for a program it
     # accepts (the exact-arithmetic guide has the measurement). GPU backends report no peak.
     by_peak = target.platform == "tpu"
+    peak_at = columns.index("argument + output MiB")  # the peak columns go before it
     if by_peak:
-        columns[6:6] = ["peak MiB", "peak / ResNet twin"]
+        columns[peak_at:peak_at] = ["peak MiB", "peak / ResNet twin"]
     rows, flops_rows = [], []
     for rev, r in results.items():
         res = r["lines"].get("res", {}).get("memory")
@@ -383,7 +384,7 @@ def to_markdown_target(results: dict, head: str, target: aot.Target) -> str:
                 f"{m['trace_lower_s'] + m['compile_s']:.1f}",
             ]
             if by_peak:
-                row[6:6] = [
+                row[peak_at:peak_at] = [
                     _report.fmt_mib(m["peak"]),
                     "-" if res is None else f"{m['peak'] / res['peak']:.3f}",
                 ]
