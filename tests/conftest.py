@@ -84,6 +84,45 @@ def _one_multi_process_test_at_a_time(request, tmp_path_factory):
         yield
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--cpu-times",
+        metavar="PATH",
+        help="append each test's wall seconds and CPU seconds (its worker's, and its finished "
+        "child processes': subprocesses, notebook kernels) to PATH, one JSON line per test; "
+        "`python tests/cpu_times.py PATH` sums them by test and by file",
+    )
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """With ``--cpu-times``: where a run's CPU time goes. On two busy cores a test's wall time
+    depends on what runs beside it; its CPU seconds much less."""
+    path = item.config.getoption("--cpu-times")
+    if not path:
+        yield
+        return
+    import json
+    import time
+
+    before, start = os.times(), time.perf_counter()
+    yield
+    after = os.times()
+    record = {
+        "test": item.nodeid,
+        "slow": item.get_closest_marker("slow") is not None,
+        "wall": time.perf_counter() - start,
+        "cpu": after.user - before.user + after.system - before.system,
+        "children_cpu": after.children_user - before.children_user
+        + after.children_system - before.children_system,
+    }
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:  # one write per line: the xdist workers append to the same file
+        os.write(fd, (json.dumps(record) + "\n").encode())
+    finally:
+        os.close(fd)
+
+
 def pytest_unconfigure(config):
     if _CACHE_MADE_HERE is not None:
         shutil.rmtree(_CACHE_MADE_HERE, ignore_errors=True)
