@@ -498,12 +498,19 @@ def _isolated_section(kind: str, dtype: str, target: str) -> list[str]:
         listed = ", ".join(f"{digest(r)} ({len(r)} ops)" for r in regions)
         lines.append(f"- `{name}`: {listed}")
     same, verdict = _verdict(sigs)
-    lines += verdict
-    if found:
-        for r in found[0][1]:
-            lines += _details(digest(r), r)
+    lines += verdict + _distinct_details(found)
     print(f"  isolated {kind} {dtype}: same={same} {sigs}", flush=True)
     return lines
+
+
+def _distinct_details(found: Sequence[tuple[str, list[list[str]]]]) -> list[str]:
+    """Each distinct evaluation's listing once, in order of appearance across the loop bodies
+    (where the forward's and the backward's differ, both are shown)."""
+    listings = {}
+    for _, regions in found:
+        for r in regions:
+            listings.setdefault(digest(r), r)
+    return [line for d, r in listings.items() for line in _details(d, r)]
 
 
 def _pullback_section(kind: str, dtype: str, target: str) -> list[str]:

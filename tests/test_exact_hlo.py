@@ -2,6 +2,7 @@
 rounding depends on, through fusions, as an order-free signature (hand-written HLO, no compile).
 """
 
+from experiments import exact_hlo
 from experiments.exact_hlo import parse, rounding_cones
 
 # A loop body computing q = round(gemm(view(a)) * view(b)) and b + q: the views are top-level
@@ -80,3 +81,12 @@ def test_rounding_cone_signature_ignores_order_but_not_fusion():
     # The same ops, with the product not fused: another program.
     ((_, ((unfused, _),)),) = rounding_cones(module(fused=False))
     assert unfused != same
+
+
+def test_isolated_report_lists_each_distinct_evaluation_once():
+    forward, backward = ["add s32[]", "fusion f32[64] [kLoop: multiply]"], ["add s32[]"]
+    found = [("body_a", [forward, forward]), ("body_b", [backward, forward])]
+    text = "\n".join(exact_hlo._distinct_details(found))
+    assert text.count("<details>") == 2
+    assert f"<summary>{exact_hlo.digest(forward)}</summary>" in text
+    assert f"<summary>{exact_hlo.digest(backward)}</summary>" in text
