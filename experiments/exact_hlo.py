@@ -57,7 +57,8 @@ def compiled_text(
     with ``rebuild="isolated"`` the module the isolated branches are read from (see
     `_before_barrier_expansion`, `_last_with_barriers`), with ``"pullback"`` the final program.
     The gradient includes the `revjax.RebuildMismatches` count, as a training step's does, so
-    the rebuild checksums are part of the program."""
+    the rebuild checksums are part of the program, and returns the updated non-parameter state
+    (BatchNorm statistics), as a training step does."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -76,10 +77,15 @@ def compiled_text(
 
     def grad(params, rest, x1, x2):
         def loss(params):
-            y1, y2 = nnx.merge(graphdef, params, rest, copy=True)(x1, x2)
-            return jnp.sum(y1 * jnp.cos(y2))
+            model = nnx.merge(graphdef, params, rest, copy=True)
+            y1, y2 = model(x1, x2)
+            # The updated rest (BatchNorm statistics) is an output, as in a training step:
+            # left unused, XLA drops the forward's running-average update, which the backward's
+            # rebuild keeps (`rebuilt_output`), and the two loops' evaluations would differ by it.
+            rest_after = nnx.split(model, nnx.Any(nnx.Param, revjax.RebuildMismatches), ...)[2]
+            return jnp.sum(y1 * jnp.cos(y2)), rest_after
 
-        return jax.grad(loss)(params)
+        return jax.grad(loss, has_aux=True)(params)
 
     mesh = Mesh(_devices(target), ("d",))
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -554,8 +560,9 @@ def report(
             _report.command_line("experiments.exact_hlo", argv),
         ),
         "",
-        "Gradient (parameters and the rebuild-mismatch count, as a training step takes it) of "
-        "a fixed-point `ReversibleSequence` of 4 units (width 64; conv: batch 32, 16x16; "
+        "Gradient (parameters and the rebuild-mismatch count, with the updated BatchNorm "
+        "statistics as an output, as a training step takes them) of a fixed-point "
+        "`ReversibleSequence` of 4 units (width 64; conv: batch 32, 16x16; "
         "transformer: batch 8, 128 tokens, 4 heads), `unroll=1`. `same`: the forward loop's "
         "and the backward loop's are the same op sequences (as multisets).",
         "",

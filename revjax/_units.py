@@ -301,14 +301,18 @@ def isolated_branch(arith, branch, params, c, key, context):
     the backward's pullback recomputes the branch; there ``params`` may be `UnitParams` (a
     scan's stacked parameters, sliced inside). The choice follows `target_platform` (set
     `revjax.compiling_for` to trace for another device); the in-step check (`checksum`)
-    counts any unit where the isolation did not hold.
+    counts any unit where the isolation did not hold. Aux and magnitude feed ``q`` (times
+    zero) here as in `rebuilt_output`: a caller that drops them (a gradient that discards the
+    updated BatchNorm statistics) would otherwise let XLA drop their computation from the
+    forward's evaluation only, and fuse the rest differently from the rebuild's (XLA:TPU did,
+    for conv + BatchNorm).
 
     Returns:
       ``(q, aux, magnitude)``: the int32 rounded output ``q(h)``, the branch's aux, and
       ``max |h|`` (float32, NaN if h has a NaN, which rounding to int32 would hide).
     """
     q, aux, magnitude, residuals, _ = _isolated(arith, branch, params, c, key, context)
-    return q + _zero_of(residuals), aux, magnitude
+    return q + _zero_of((aux, magnitude, residuals)), aux, magnitude
 
 
 def rebuilt_output(arith, branch, params, c, key, context) -> Array:
