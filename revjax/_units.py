@@ -259,7 +259,22 @@ def _evaluate(arith, branch, operands, linearised=None):
 def _isolated(arith, branch, params, c, key, context):
     """``(q, aux, magnitude, residuals, linearised)`` of one isolated evaluation (see
     `isolated_branch`); residuals and linearised only where `isolation_keeps_pullback`.
-    ``params``: the unit's parameters or `UnitParams` (sliced after the input barrier)."""
+    ``params``: the unit's parameters or `UnitParams` (sliced after the input barrier).
+
+    Aux, magnitude and every residual feed ``q`` times zero (which XLA does not fold for
+    floats), in the forward's evaluation as in the rebuild's: whichever outputs a caller
+    drops (a rebuild needs neither aux nor magnitude; a gradient may discard the updated
+    BatchNorm statistics), XLA cannot drop their computation from one evaluation only and
+    fuse the rest of the branch differently from the other (XLA:TPU did, for conv +
+    BatchNorm), and on CPU every output of the conditional stays used."""
+    q, aux, magnitude, residuals, linearised = _evaluate_isolated(
+        arith, branch, params, c, key, context
+    )
+    return q + _zero_of((aux, magnitude, residuals)), aux, magnitude, residuals, linearised
+
+
+def _evaluate_isolated(arith, branch, params, c, key, context):
+    """`_isolated` before the fold: barriers (GPU, TPU) or a conditional (CPU)."""
     if not isolation_keeps_pullback():
         operands = lax.optimization_barrier((params, arith.view(c), key, context))
         operands = (unit_params(operands[0]), *operands[1:])
@@ -301,27 +316,19 @@ def isolated_branch(arith, branch, params, c, key, context):
     the backward's pullback recomputes the branch; there ``params`` may be `UnitParams` (a
     scan's stacked parameters, sliced inside). The choice follows `target_platform` (set
     `revjax.compiling_for` to trace for another device); the in-step check (`checksum`)
-    counts any unit where the isolation did not hold. Aux and magnitude feed ``q`` (times
-    zero) here as in `rebuilt_output`: a caller that drops them (a gradient that discards the
-    updated BatchNorm statistics) would otherwise let XLA drop their computation from the
-    forward's evaluation only, and fuse the rest differently from the rebuild's (XLA:TPU did,
-    for conv + BatchNorm).
+    counts any unit where the isolation did not hold.
 
     Returns:
       ``(q, aux, magnitude)``: the int32 rounded output ``q(h)``, the branch's aux, and
       ``max |h|`` (float32, NaN if h has a NaN, which rounding to int32 would hide).
     """
-    q, aux, magnitude, residuals, _ = _isolated(arith, branch, params, c, key, context)
-    return q + _zero_of((aux, magnitude, residuals)), aux, magnitude
+    return _isolated(arith, branch, params, c, key, context)[:3]
 
 
 def rebuilt_output(arith, branch, params, c, key, context) -> Array:
     """The rounded output of `isolated_branch` for a rebuild, which needs neither aux nor
-    magnitude: both still feed the result (times zero, which XLA does not fold for floats), so
-    the backward computes everything the forward's evaluation computes. Left unused, XLA would
-    drop them, and could then fuse the rest of the branch differently from the forward."""
-    q, aux, magnitude, residuals, _ = _isolated(arith, branch, params, c, key, context)
-    return q + _zero_of((aux, magnitude, residuals))
+    magnitude (both still computed: `_isolated` folds them into it)."""
+    return _isolated(arith, branch, params, c, key, context)[0]
 
 
 def isolated_pullback(arith, branch, params, c, key, context):
@@ -329,10 +336,8 @@ def isolated_pullback(arith, branch, params, c, key, context):
     `isolation_keeps_pullback`): ``(q, pullback, h)``. ``pullback(dh)`` gives the cotangents
     of ``(params, view of c, context)`` (None for leaves that are not inexact, as
     `vjp_inexact`); ``h`` is zeros of the output's shape and dtype (the additive combine's
-    pullback needs no values). Aux, magnitude and every residual feed ``q`` times zero, so the
-    conditional's outputs are all used, as in the forward."""
-    q, aux, magnitude, residuals, lin = _isolated(arith, branch, params, c, key, context)
-    q = q + _zero_of((aux, magnitude, residuals))
+    pullback needs no values)."""
+    q, _, _, residuals, lin = _isolated(arith, branch, params, c, key, context)
     vjp = jax.tree.unflatten(lin.residuals, residuals)
 
     def pullback(ct):

@@ -74,3 +74,19 @@ def rel_l2(a, b) -> float:
         num += float(np.sum((x - y) ** 2))
         den += float(np.sum(y**2))
     return (num / max(den, 1e-300)) ** 0.5
+
+
+def restore_on_mesh(workdir: Path, config: TrainConfig):
+    """The latest checkpoint in ``workdir`` restored onto ``config``'s mesh (every device of
+    this process, or of every process under jax.distributed): ``(step, state, shardings)``."""
+    from revjax import train
+    from revjax.train import resilience
+
+    _, target, _, shardings = train.create_sharded_train_state(
+        config, 10, 1, train.make_mesh(config.num_devices, config.mesh))
+    manager = resilience.checkpoint_manager(Path(workdir).absolute(), 6)
+    try:
+        step, state, _ = resilience.restore_latest(manager, target, Path(workdir).absolute())
+    finally:
+        manager.close()
+    return step, state, shardings

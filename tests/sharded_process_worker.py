@@ -24,9 +24,10 @@ import numpy as np  # noqa: E402
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
+from helpers import restore_on_mesh  # noqa: E402
+
 from revjax import train  # noqa: E402
-from revjax.train import resilience  # noqa: E402
-from revjax.train.inputs import make_mesh, maybe_initialize_distributed  # noqa: E402
+from revjax.train.inputs import maybe_initialize_distributed  # noqa: E402
 
 
 def main() -> int:
@@ -36,13 +37,7 @@ def main() -> int:
     if mode == "train":
         train.train_and_evaluate(config, workdir)
         return 0
-    mesh = make_mesh(config.num_devices, config.mesh)
-    _, target, _, _ = train.create_sharded_train_state(config, 10, 1, mesh)
-    manager = resilience.checkpoint_manager(workdir.absolute(), 6)
-    try:
-        _, state, _ = resilience.restore_latest(manager, target, workdir.absolute())
-    finally:
-        manager.close()
+    _, state, _ = restore_on_mesh(workdir, config)
     leaves = jax.tree.leaves(state)
     np.savez(sys.argv[5], **{f"leaf_{i}": np.asarray(x) for i, x in enumerate(leaves)},
              **{f"spec_{i}": str(x.sharding.spec) for i, x in enumerate(leaves)})

@@ -16,14 +16,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import TINY, config_fields
+from helpers import TINY, config_fields, restore_on_mesh
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from test_rebuild_train import forced_mismatch  # noqa: F401 - a fixture
 
 import revjax
 from revjax import presets, train
-from revjax.train import TrainConfig, resilience
+from revjax.train import TrainConfig
 from revjax.train import sharding as S
 from revjax.train.steps import create_train_state, make_train_step
 
@@ -371,19 +371,6 @@ def _max_rel_l2(a, b):
     return max(errors)
 
 
-def _restore(workdir, config):
-    """The latest checkpoint in ``workdir`` restored onto ``config``'s mesh in this process:
-    ``(step, state, shardings)``."""
-    _, target, _, shardings = train.create_sharded_train_state(
-        config, 10, 1, train.make_mesh(None, config.mesh))
-    manager = resilience.checkpoint_manager(workdir.absolute(), 6)
-    try:
-        step, state, _ = resilience.restore_latest(manager, target, workdir.absolute())
-    finally:
-        manager.close()
-    return step, state, shardings
-
-
 @pytest.mark.slow
 @pytest.mark.two_processes
 def test_sharded_checkpoints_across_processes_meshes_and_device_counts(tmp_path):
@@ -421,14 +408,14 @@ def test_sharded_checkpoints_across_processes_meshes_and_device_counts(tmp_path)
     assert [p.returncode for p in procs] == [0, 0], outs
     work = tmp_path / "one"
     one, _ = train.train_and_evaluate(config, work)
-    step, two, _ = _restore(tmp_path / "two", config)
+    step, two, _ = restore_on_mesh(tmp_path / "two", config)
     assert step == config.num_steps == 2
     # Whole state (BatchNorm statistics and momentum included); cross-process reductions (Gloo)
     # sum in another order than in-process ones: 2.9e-6 measured.
     assert _max_rel_l2(two, one) <= 1e-5
 
     saved = jax.tree.leaves(one)
-    step, restored, shardings = _restore(work, dataclasses.replace(SHARDED, mesh=(2, 2, 2)))
+    step, restored, shardings = restore_on_mesh(work, dataclasses.replace(SHARDED, mesh=(2, 2, 2)))
     assert step == 2
     for a, b, sharding in zip(jax.tree.leaves(restored), saved, jax.tree.leaves(shardings),
                               strict=True):
