@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -36,17 +37,39 @@ def config_fields(cfg: TrainConfig) -> dict:
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
 
 
+def child_env() -> dict[str, str]:
+    """This process's environment (the suite's XLA flags, its compilation cache) with the
+    checkout first on the path: for a child process running a worker script or the CLI."""
+    path = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
+    return {**os.environ, "PYTHONPATH": path}
+
+
+def start_two_processes(args: list[str]) -> list[subprocess.Popen]:
+    """``python *args`` as processes 0 and 1 of a jax.distributed run on localhost (a free
+    port for the coordinator), output piped to their ``stdout``."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        address = f"localhost:{s.getsockname()[1]}"
+    return [
+        subprocess.Popen(
+            [sys.executable, *args],
+            env={**child_env(), "JAX_COORDINATOR_ADDRESS": address, "JAX_NUM_PROCESSES": "2",
+                 "JAX_PROCESS_ID": str(index)},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for index in range(2)
+    ]
+
+
 def train_in_child(cfg: TrainConfig, workdir: Path) -> dict:
     """Trains ``cfg`` in ``workdir`` in a child process (tests/train_worker.py: XLA's
     optimisation level 1, for runs whose time is execution) and returns the summary dict of
     `revjax.train.train_and_evaluate` (its numbers and strings)."""
     fields = config_fields(cfg)
     out = Path(workdir).with_name(Path(workdir).name + ".result.json")
-    path = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
     done = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "train_worker.py"), json.dumps(fields),
          str(workdir), str(out)],
-        env={**os.environ, "PYTHONPATH": path}, capture_output=True, text=True, timeout=900,
+        env=child_env(), capture_output=True, text=True, timeout=900,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     return json.loads(out.read_text())
@@ -60,9 +83,7 @@ def one_device_env() -> dict[str, str]:
     path."""
     inherited = os.environ.get("XLA_FLAGS", "")
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", inherited)
-    path = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
-    return {**os.environ, "XLA_FLAGS": " ".join(flags.split()), "JAX_PLATFORMS": "cpu",
-            "PYTHONPATH": path}
+    return {**child_env(), "XLA_FLAGS": " ".join(flags.split()), "JAX_PLATFORMS": "cpu"}
 
 
 def rel_l2(a, b) -> float:

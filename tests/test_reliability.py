@@ -9,7 +9,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 from helpers import TINY as HELPERS_TINY
-from helpers import config_fields
+from helpers import child_env, config_fields, start_two_processes
 
 from revjax import train
 from revjax.train import TrainConfig, resilience
@@ -34,12 +33,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # The tests' tiny RevNet on digits (tests/helpers.py) with a checkpoint after every step.
 TINY = dataclasses.replace(HELPERS_TINY, num_steps=6, checkpoint_every=1, keep_checkpoints=6)
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)  # keeps conftest's XLA_FLAGS (8 CPU devices) and JAX_PLATFORMS
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    return env
 
 
 def _records(workdir: Path) -> list[dict]:
@@ -194,7 +187,7 @@ def test_sigterm_saves_checkpoint_and_resume_is_bit_identical(uninterrupted, tmp
     workdir = tmp_path / "work"
     cmd = [sys.executable, "-m", "experiments.train", "--config", str(config_file),
            "--workdir", str(workdir)]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=child_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
         _wait_for_step(workdir, 2, [proc])
@@ -312,12 +305,6 @@ def test_checkpoint_of_another_model_is_a_clear_error(uninterrupted, tmp_path):
 # ------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.two_processes
 def test_two_processes_match_one_and_stop_together(tmp_path):
@@ -330,17 +317,8 @@ def test_two_processes_match_one_and_stop_together(tmp_path):
     cfg = dataclasses.replace(TINY, checkpoint_every=0, num_devices=None, arithmetic="float")
     fields = config_fields(cfg)
     workdir, prefix = tmp_path / "work", str(tmp_path / "out")
-    port = _free_port()
-    procs = []
-    for index in range(2):
-        env = _env()
-        env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
-                   JAX_PROCESS_ID=str(index))
-        procs.append(subprocess.Popen(
-            [sys.executable, str(ROOT / "tests" / "two_process_worker.py"), json.dumps(fields),
-             str(workdir), prefix],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        ))
+    procs = start_two_processes(
+        [str(ROOT / "tests" / "two_process_worker.py"), json.dumps(fields), str(workdir), prefix])
     try:
         deadline = time.monotonic() + 600
         while not all(Path(f"{prefix}.{i}.ready").exists() for i in range(2)):

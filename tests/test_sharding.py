@@ -5,8 +5,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import TINY, config_fields, restore_on_mesh
+from helpers import TINY, child_env, config_fields, restore_on_mesh, start_two_processes
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from test_rebuild_train import forced_mismatch  # noqa: F401 - a fixture
@@ -357,12 +355,6 @@ def _fields(config):
     return json.dumps(config_fields(config))
 
 
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    return env
-
-
 def _max_rel_l2(a, b):
     errors = [np.linalg.norm(np.asarray(x, np.float64) - np.asarray(y, np.float64))
               / max(np.linalg.norm(np.asarray(y, np.float64)), 1e-30)
@@ -388,18 +380,7 @@ def test_sharded_checkpoints_across_processes_meshes_and_device_counts(tmp_path)
     One test, so that the 8-device run serves as the two processes' reference and as the
     checkpoint the other meshes read."""
     config = dataclasses.replace(SHARDED, mesh=(1, 8, 1), num_steps=2)
-    port = socket.socket()
-    port.bind(("localhost", 0))
-    address = f"localhost:{port.getsockname()[1]}"
-    port.close()
-    procs = []
-    for index in range(2):
-        env = _env()
-        env.update(JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2",
-                   JAX_PROCESS_ID=str(index))
-        procs.append(subprocess.Popen(
-            [sys.executable, str(WORKER), "4", "train", _fields(config), str(tmp_path / "two")],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    procs = start_two_processes([str(WORKER), "4", "train", _fields(config), str(tmp_path / "two")])
     try:
         outs = [p.communicate(timeout=600)[0] for p in procs]
     finally:
@@ -426,7 +407,7 @@ def test_sharded_checkpoints_across_processes_meshes_and_device_counts(tmp_path)
     four = dataclasses.replace(SHARDED, mesh=(1, 2, 2))
     out = tmp_path / "four.npz"
     subprocess.run([sys.executable, str(WORKER), "4", "restore", _fields(four), str(work),
-                    str(out)], env=_env(), check=True, timeout=600)
+                    str(out)], env=child_env(), check=True, timeout=600)
     with np.load(out) as four_devices:
         for i, b in enumerate(saved):
             np.testing.assert_array_equal(four_devices[f"leaf_{i}"], np.asarray(b))
